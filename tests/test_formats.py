@@ -1,0 +1,248 @@
+"""torchvision's on-disk formats: tiny real files read back exactly, and one-line errors."""
+
+from __future__ import annotations
+
+import pickle
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+import torchvision.datasets
+from fixtures_formats import (
+    WRITERS,
+    pattern_images,
+    pattern_labels,
+    write_cifar10,
+    write_idx,
+    write_mnist,
+    write_svhn,
+)
+
+from lbs_tune.errors import UserError
+from lbs_tune.formats import DATASET_NAMES, read_torchvision
+
+FOLDERS = {
+    "cifar10": "cifar-10-batches-py",
+    "cifar100": "cifar-100-python",
+    "mnist": "MNIST/raw",
+    "fashion_mnist": "FashionMNIST/raw",
+    "svhn": "",
+}
+SHAPES = {
+    "cifar10": (3, 32, 32),
+    "cifar100": (3, 32, 32),
+    "mnist": (1, 28, 28),
+    "fashion_mnist": (1, 28, 28),
+    "svhn": (3, 32, 32),
+}
+CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10, "svhn": 10}
+
+
+def _one_line_error(name: str, root: Path, *needles: str) -> str:
+    """Read `name` from `root`, expect a one-line UserError containing every needle, return it."""
+    with pytest.raises(UserError) as info:
+        read_torchvision(name, root, download=False)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{name}: ")
+    for needle in needles:
+        assert needle in message
+    return message
+
+
+def test_names_match_writers() -> None:
+    assert set(DATASET_NAMES) == set(WRITERS) == set(FOLDERS)
+
+
+@pytest.mark.parametrize("name", DATASET_NAMES)
+def test_reads_back_exactly(name: str, tmp_path: Path) -> None:
+    expected = WRITERS[name](tmp_path, n_train=20, n_test=10)
+    data = read_torchvision(name, tmp_path, download=False)
+    shape = SHAPES[name]
+    assert data.num_classes == CLASSES[name]
+    for split, n in (("train", 20), ("test", 10)):
+        x, y = getattr(data, f"{split}_x"), getattr(data, f"{split}_y")
+        assert x.shape == (n, *shape) and x.dtype == np.uint8 and x.flags.c_contiguous
+        assert y.shape == (n,) and y.dtype == np.int64
+        np.testing.assert_array_equal(x, getattr(expected, f"{split}_x"))
+        np.testing.assert_array_equal(y, getattr(expected, f"{split}_y"))
+    # Pixel [i, c, h, w] of pattern_images is (37 i + 101 c + 7 h + 3 w) mod 256; test images
+    # continue the numbering after the 20 train images.
+    c = shape[0] - 1
+    assert data.train_x[3, c, 5, 9] == (37 * 3 + 101 * c + 7 * 5 + 3 * 9) % 256
+    assert data.train_x[19, 0, 27, 1] == (37 * 19 + 7 * 27 + 3 * 1) % 256
+    assert data.test_x[0, c, 2, 20] == (37 * 20 + 101 * c + 7 * 2 + 3 * 20) % 256
+    assert data.train_y[:4].tolist() == [0, 7, 14 % CLASSES[name], 21 % CLASSES[name]]
+
+
+def test_cifar_rows_are_r_then_g_then_b_planes(tmp_path: Path) -> None:
+    write_cifar10(tmp_path)
+    data = read_torchvision("cifar10", tmp_path, download=False)
+    with (tmp_path / "cifar-10-batches-py" / "data_batch_1").open("rb") as f:
+        row = pickle.load(f, encoding="latin1")["data"][2]
+    for channel in range(3):
+        plane = row[1024 * channel : 1024 * (channel + 1)].reshape(32, 32)
+        np.testing.assert_array_equal(data.train_x[2, channel], plane)
+    assert data.train_x[2, 1, 4, 6] == row[1024 + 32 * 4 + 6]
+
+
+def test_cifar_fixture_is_a_python2_pickle(tmp_path: Path) -> None:
+    # Like the real files: Python 2 byte-string keys and array bytes that only latin1 decodes.
+    write_cifar10(tmp_path)
+    raw = (tmp_path / "cifar-10-batches-py" / "data_batch_1").read_bytes()
+    assert raw.startswith(b"\x80\x02}") and b"cnumpy.core.multiarray\n_reconstruct" in raw
+    assert set(pickle.loads(raw, encoding="bytes")) >= {b"data", b"labels"}
+    with pytest.raises(UnicodeDecodeError):
+        pickle.loads(raw)
+
+
+def test_cifar10_batches_concatenate_in_order(tmp_path: Path) -> None:
+    write_cifar10(tmp_path, n_train=7, n_test=3)
+    data = read_torchvision("cifar10", tmp_path, download=False)
+    np.testing.assert_array_equal(data.train_x, pattern_images(0, 7, (3, 32, 32)))
+
+
+def test_mnist_idx_layout(tmp_path: Path) -> None:
+    write_mnist(tmp_path)
+    data = read_torchvision("mnist", tmp_path, download=False)
+    raw = (tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte").read_bytes()
+    assert raw[:16] == bytes.fromhex("00000803 00000014 0000001c 0000001c")
+    assert data.train_x[4, 0, 10, 3] == raw[16 + 4 * 784 + 10 * 28 + 3]
+    labels = (tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").read_bytes()
+    assert labels[:8] == bytes.fromhex("00000801 0000000a")
+    assert data.test_y.tolist() == list(labels[8:])
+
+
+def test_svhn_layout_and_ten_means_zero(tmp_path: Path) -> None:
+    write_svhn(tmp_path)
+    data = read_torchvision("svhn", tmp_path, download=False)
+    mat = scipy.io.loadmat(tmp_path / "train_32x32.mat")
+    assert mat["X"].shape == (32, 32, 3, 20) and mat["y"].shape == (20, 1)
+    assert data.train_x[6, 2, 1, 30] == mat["X"][1, 30, 2, 6]
+    assert mat["y"][0, 0] == 10 and data.train_y[0] == 0
+    assert 0 not in mat["y"]
+
+
+@pytest.mark.parametrize("name", DATASET_NAMES)
+def test_missing_folder_names_path_and_fix(name: str, tmp_path: Path) -> None:
+    folder = tmp_path / FOLDERS[name]
+    _one_line_error(name, tmp_path, f"{folder}:", "data.dir or LBS_DATA_DIR", "data.download")
+
+
+def test_missing_one_file_is_named(tmp_path: Path) -> None:
+    write_cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_4").unlink()
+    message = _one_line_error("cifar10", tmp_path, "data_batch_4")
+    assert "data_batch_3" not in message
+
+
+def test_gzipped_mnist_says_gunzip(tmp_path: Path) -> None:
+    write_mnist(tmp_path)
+    raw = tmp_path / "MNIST" / "raw"
+    images = raw / "train-images-idx3-ubyte"
+    images.rename(raw / "train-images-idx3-ubyte.gz")
+    _one_line_error("mnist", tmp_path, "train-images-idx3-ubyte (only its .gz is there: gunzip")
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    ("name", "file", "damage"),
+    [
+        ("cifar10", "cifar-10-batches-py/data_batch_3", _truncate),
+        ("cifar10", "cifar-10-batches-py/batches.meta", lambda p: p.write_bytes(b"junk")),
+        ("cifar100", "cifar-100-python/test", _truncate),
+        ("mnist", "MNIST/raw/train-images-idx3-ubyte", _truncate),
+        ("mnist", "MNIST/raw/t10k-labels-idx1-ubyte", lambda p: p.write_bytes(b"\0\0\x08\x03")),
+        ("fashion_mnist", "FashionMNIST/raw/t10k-images-idx3-ubyte", lambda p: p.write_bytes(b"")),
+        ("svhn", "test_32x32.mat", lambda p: p.write_bytes(b"not a MATLAB file" * 20)),
+        ("svhn", "train_32x32.mat", _truncate),
+    ],
+)
+def test_corrupted_file_is_named(name: str, file: str, damage, tmp_path: Path) -> None:
+    WRITERS[name](tmp_path)
+    path = tmp_path / file
+    damage(path)
+    _one_line_error(name, tmp_path, f"{path} is corrupted", "delete it")
+    assert path.exists()
+
+
+def test_label_count_mismatch_is_corrupt(tmp_path: Path) -> None:
+    write_mnist(tmp_path)
+    raw = tmp_path / "MNIST" / "raw"
+    labels = raw / "train-labels-idx1-ubyte"
+    write_idx(labels, pattern_labels(0, 19, 10).astype(np.uint8))
+    _one_line_error("mnist", tmp_path, f"{labels} is corrupted", "19 labels for 20 images")
+
+
+def test_cifar_batch_without_labels_is_corrupt(tmp_path: Path) -> None:
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    with path.open("wb") as f:
+        pickle.dump({"data": np.zeros((2, 3072), np.uint8)}, f, protocol=2)
+    _one_line_error("cifar10", tmp_path, f"{path} is corrupted", "labels")
+
+
+def test_labels_out_of_range_are_corrupt(tmp_path: Path) -> None:
+    write_svhn(tmp_path)
+    path = tmp_path / "test_32x32.mat"
+    mat = scipy.io.loadmat(path)
+    mat["y"][3] = 11
+    scipy.io.savemat(path, {"X": mat["X"], "y": mat["y"]})
+    _one_line_error("svhn", tmp_path, f"{path} is corrupted", "0..9")
+
+
+def test_unknown_name_is_a_bug(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="imagenet"):
+        read_torchvision("imagenet", tmp_path, download=False)
+
+
+def test_download_skipped_when_files_are_there(tmp_path: Path, monkeypatch) -> None:
+    def no_network(*args, **kwargs):
+        raise AssertionError("downloaded although the files were there")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_network)
+    write_cifar10(tmp_path)
+    assert read_torchvision("cifar10", tmp_path, download=True).train_x.shape[0] == 20
+
+
+def test_download_uses_torchvision_then_reads(tmp_path: Path, monkeypatch) -> None:
+    calls = []
+
+    class FakeMNIST:
+        def __init__(self, root: str, train: bool, download: bool) -> None:
+            calls.append((root, train, download))
+            write_mnist(Path(root))
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", FakeMNIST)
+    data = read_torchvision("mnist", tmp_path, download=True)
+    assert calls == [(str(tmp_path), True, True)]
+    assert data.train_x.shape == (20, 1, 28, 28)
+
+
+def test_svhn_downloads_only_the_missing_split(tmp_path: Path, monkeypatch) -> None:
+    splits = []
+
+    class FakeSVHN:
+        def __init__(self, root: str, split: str, download: bool) -> None:
+            splits.append(split)
+            write_svhn(Path(root))
+
+    write_svhn(tmp_path)
+    (tmp_path / "test_32x32.mat").unlink()
+    monkeypatch.setattr(torchvision.datasets, "SVHN", FakeSVHN)
+    read_torchvision("svhn", tmp_path, download=True)
+    assert splits == ["test"]
+
+
+def test_download_failure_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
+    with pytest.raises(UserError, match=r"^cifar100: downloading CIFAR-100 into .* failed"):
+        read_torchvision("cifar100", tmp_path, download=True)
