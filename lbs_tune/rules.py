@@ -1,0 +1,51 @@
+"""Learning-rate rules: scaling with batch size, gradual warmup, decay. Pure functions of the step.
+
+The rule: a base LR is tuned at a base batch size; for batch size B with k = B / base_batch_size the
+peak LR is base (`none`), base x k (`linear`, Goyal et al. 2017) or base x sqrt(k) (`sqrt`,
+Krizhevsky 2014; Hoffer et al. 2017). Warmup raises the LR linearly per step over `warmup_epochs`
+from the base LR (or from zero) to the peak; then the peak is held (`constant`) or decayed
+(`step`, `cosine`, `linear` to zero) over the rest of the budget.
+"""
+
+from __future__ import annotations
+
+import math
+
+from lbs_tune.spec import LRConfig
+
+
+def peak_lr(rule: LRConfig, batch_size: int) -> float:
+    """The scaled LR for this batch size: base x {1, k, sqrt(k)} with k = B / base_batch_size."""
+    k = batch_size / rule.base_batch_size
+    factor = {"none": 1.0, "linear": k, "sqrt": math.sqrt(k)}[rule.scaling]
+    return rule.base * factor
+
+
+def warmup_steps(rule: LRConfig, steps_per_epoch: int) -> int:
+    """Steps of warmup: `warmup_epochs` worth of steps, rounded to the nearest step."""
+    return round(rule.warmup_epochs * steps_per_epoch)
+
+
+def lr_at(
+    step: int, rule: LRConfig, batch_size: int, total_steps: int, steps_per_epoch: int
+) -> float:
+    """The LR used by the update of 0-based `step` out of `total_steps`.
+
+    Warmup (steps 0..W-1) rises linearly and reaches the peak at its last step W-1:
+    start + (peak - start) x (step + 1) / W. Decay then runs over steps W..total_steps-1 with
+    progress p = (step - W) / (total_steps - W), so no step trains with an LR of zero.
+    """
+    peak = peak_lr(rule, batch_size)
+    warm = min(warmup_steps(rule, steps_per_epoch), total_steps)
+    if step < warm:
+        start = 0.0 if rule.warmup_from == "zero" else min(rule.base, peak)
+        return start + (peak - start) * (step + 1) / warm
+    if rule.decay == "constant":
+        return peak
+    if rule.decay == "step":
+        passed = sum(step >= m * total_steps for m in rule.milestones)
+        return peak * rule.gamma**passed
+    progress = (step - warm) / max(1, total_steps - warm)
+    if rule.decay == "cosine":
+        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return peak * (1.0 - progress)

@@ -1,0 +1,78 @@
+"""Learning-rate rules against numbers worked out by hand."""
+
+import math
+
+import pytest
+
+from lbs_tune.rules import lr_at, peak_lr, warmup_steps
+from lbs_tune.spec import LRConfig, steps_per_epoch
+
+
+def test_linear_rule_goyal_example():
+    # Goyal et al. 2017: 0.1 per 256 images; at 8192 the LR is 0.1 x 32 = 3.2.
+    assert peak_lr(
+        LRConfig(base=0.1, base_batch_size=256, scaling="linear"), 8192
+    ) == pytest.approx(3.2)
+
+
+def test_sqrt_rule_scales_by_sqrt_k_not_sqrt_of_product():
+    rule = LRConfig(base=0.1, base_batch_size=256, scaling="sqrt")
+    # k = 8192 / 256 = 32: 0.1 x sqrt(32) = 0.5657, not sqrt(0.1 x 32) = 1.789.
+    assert peak_lr(rule, 8192) == pytest.approx(0.1 * math.sqrt(32))
+    assert peak_lr(rule, 8192) != pytest.approx(math.sqrt(0.1 * 32))
+    assert peak_lr(rule, 1024) == pytest.approx(0.2)  # k = 4
+
+
+def test_no_scaling_keeps_base():
+    assert peak_lr(LRConfig(base=0.05, scaling="none"), 4096) == 0.05
+
+
+def test_warmup_over_five_epochs_of_50000_examples():
+    rule = LRConfig(base=0.1, base_batch_size=256, scaling="linear", warmup_epochs=5)
+    spe = steps_per_epoch(50_000, 8192)  # 6 full batches per epoch
+    assert spe == 6
+    assert warmup_steps(rule, spe) == 30
+    total = 600
+    # lr(t) = 0.1 + (3.2 - 0.1) x (t + 1) / 30 during warmup.
+    assert lr_at(0, rule, 8192, total, spe) == pytest.approx(0.1 + 3.1 / 30)
+    assert lr_at(14, rule, 8192, total, spe) == pytest.approx(0.1 + 3.1 * 15 / 30)  # 1.65
+    assert lr_at(29, rule, 8192, total, spe) == pytest.approx(3.2)
+    assert lr_at(30, rule, 8192, total, spe) == pytest.approx(3.2)  # constant after
+
+
+def test_warmup_from_zero():
+    rule = LRConfig(
+        base=0.1, base_batch_size=256, scaling="linear", warmup_epochs=5, warmup_from="zero"
+    )
+    # Batch 1024: 48 steps per epoch, 240 warmup steps to 0.4.
+    spe = steps_per_epoch(50_000, 1024)
+    assert spe == 48
+    assert lr_at(0, rule, 1024, 1000, spe) == pytest.approx(0.4 / 240)
+    assert lr_at(119, rule, 1024, 1000, spe) == pytest.approx(0.2)
+    assert lr_at(239, rule, 1024, 1000, spe) == pytest.approx(0.4)
+
+
+def test_step_decay_at_budget_fractions():
+    rule = LRConfig(base=1.0, decay="step", milestones=(0.5, 0.75), gamma=0.1)
+    assert lr_at(49, rule, 256, 100, 10) == 1.0
+    assert lr_at(50, rule, 256, 100, 10) == pytest.approx(0.1)
+    assert lr_at(74, rule, 256, 100, 10) == pytest.approx(0.1)
+    assert lr_at(75, rule, 256, 100, 10) == pytest.approx(0.01)
+
+
+def test_cosine_and_linear_decay_after_warmup():
+    cosine = LRConfig(base=1.0, decay="cosine", warmup_epochs=1)
+    # 10 warmup steps, then 90 decay steps: halfway (step 55) cosine gives 0.5.
+    assert lr_at(10, cosine, 256, 100, 10) == pytest.approx(1.0)
+    assert lr_at(55, cosine, 256, 100, 10) == pytest.approx(0.5)
+    assert lr_at(99, cosine, 256, 100, 10) > 0
+    linear = LRConfig(base=1.0, decay="linear")
+    assert lr_at(0, linear, 256, 100, 10) == 1.0
+    assert lr_at(25, linear, 256, 100, 10) == pytest.approx(0.75)
+    assert lr_at(99, linear, 256, 100, 10) == pytest.approx(0.01)
+
+
+def test_warmup_never_goes_down_for_small_batches():
+    # Below the base batch size the sqrt rule gives a peak under the base LR: hold the peak.
+    rule = LRConfig(base=0.1, base_batch_size=256, scaling="sqrt", warmup_epochs=1)
+    assert lr_at(0, rule, 64, 1000, 100) == pytest.approx(0.05)
