@@ -1,0 +1,143 @@
+"""`lbs-tune train`: one trial in this process, without Ray, in a folder it can resume from.
+
+The folder holds `config.json` (the resolved trial config), `metrics.jsonl` (one JSON object per
+report) and `checkpoints/step_XXXXXXXX.pt`. Running again in the same folder resumes from the
+newest readable checkpoint, also after `kill -9`; reports made after that checkpoint are dropped
+from `metrics.jsonl` and made again, so the history stays continuous.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lbs_tune.checkpoints import load_checkpoint, save_checkpoint
+from lbs_tune.errors import UserError
+from lbs_tune.progress import Progress
+from lbs_tune.spec import TrialConfig, flatten
+from lbs_tune.training import train
+
+CHECKPOINT_NAME = re.compile(r"^step_(\d+)\.pt$")
+# Keys that may differ between a run and its resumption.
+RESUMABLE_KEYS = {"device"}
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that a crash leaves the old or the new content."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".tmp-", delete=False) as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
+def checkpoint_files(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the checkpoints in `folder`, newest first."""
+    found = []
+    for path in folder.glob("step_*.pt"):
+        match = CHECKPOINT_NAME.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def newest_checkpoint(folder: Path) -> dict[str, Any] | None:
+    """The newest readable checkpoint; corrupted ones are reported and skipped, never deleted."""
+    files = checkpoint_files(folder)
+    for i, (_, path) in enumerate(files):
+        try:
+            return load_checkpoint(path)
+        except UserError as exc:
+            if i + 1 == len(files):
+                raise UserError(
+                    f"{exc}; no earlier checkpoint to fall back to: move {path} aside to "
+                    "start this run from the beginning"
+                ) from None
+            print(
+                f"lbs-tune: warning: {exc}; resuming from {files[i + 1][1].name}", file=sys.stderr
+            )
+    return None
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The reports in a metrics.jsonl file; an unfinished last line (crash mid-write) is dropped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+class LocalReporter:
+    """Appends reports to metrics.jsonl, writes checkpoints, shows progress."""
+
+    def __init__(self, out: Path, keep: int | None, progress: Progress):
+        self.metrics_path = out / "metrics.jsonl"
+        self.checkpoints = out / "checkpoints"
+        self.keep = keep
+        self.progress = progress
+
+    def step(self, step: int, total: int) -> None:
+        self.progress.step(step, total)
+
+    def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
+        # The report goes first: a crash before the checkpoint only makes the resume redo it.
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, self.checkpoints / f"step_{checkpoint['step']:08d}.pt")
+            if self.keep:
+                for _, old in checkpoint_files(self.checkpoints)[self.keep :]:
+                    old.unlink()
+        self.progress.report(metrics)
+
+
+def _check_same_config(out: Path, config: TrialConfig) -> None:
+    path = out / "config.json"
+    if not path.exists():
+        write_text_atomic(path, json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+        return
+    try:
+        old = flatten(json.loads(path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg}); use another --out") from None
+    new = flatten(config.model_dump(mode="json"))
+    changed = [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if k not in RESUMABLE_KEYS and old.get(k) != new.get(k)
+    ]
+    if changed:
+        raise UserError(
+            f"{out} holds a run of another config ({'; '.join(changed[:3])}); "
+            "use another --out, or delete that folder to start over"
+        )
+
+
+def run_local(config: TrialConfig, out: Path) -> dict[str, Any]:
+    """Run (or resume, or confirm finished) the trial in folder `out`; return its last metrics."""
+    out = out.expanduser().resolve()
+    _check_same_config(out, config)
+    resume = newest_checkpoint(out / "checkpoints")
+    metrics_path = out / "metrics.jsonl"
+    done_step = resume["step"] if resume else 0
+    kept = [row for row in read_metrics(metrics_path) if row["step"] <= done_step]
+    if resume and resume["finished"]:
+        print(f"{out}: this run already finished at step {done_step}; metrics in {metrics_path}")
+        return kept[-1] if kept else {}
+    write_text_atomic(metrics_path, "".join(json.dumps(row) + "\n" for row in kept))
+    if resume:
+        print(f"{out}: resuming from the checkpoint of step {done_step}")
+    progress = Progress()
+    try:
+        return train(config, LocalReporter(out, config.keep_checkpoints, progress), resume)
+    finally:
+        progress.close()

@@ -1,0 +1,217 @@
+"""The training loop: one trial from a `TrialConfig`, reporting to a `Reporter`; no Ray here.
+
+The loop keeps every split on the device, runs each step without host-device synchronisation
+(losses and accuracies accumulate on the device) and synchronises only at evaluation time,
+every `eval_every` epochs, where it reports the metrics of ARCHITECTURE.md and, every
+`checkpoint_every` epochs, a checkpoint that lets a resumed run continue exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lbs_tune.checkpoints import rng_states, set_rng_states
+from lbs_tune.data import BatchSampler, DeviceData, Split, load_dataset
+from lbs_tune.errors import UserError
+from lbs_tune.models import build_model
+from lbs_tune.optim import build_optimizer
+from lbs_tune.rules import lr_at
+from lbs_tune.spec import TrialConfig, steps_per_epoch, total_steps
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+class Reporter(Protocol):
+    """Where the loop's results go: JSON lines for `lbs-tune train`, `tune.report` under Ray."""
+
+    def step(self, step: int, total: int) -> None:
+        """Called after every optimizer step; must be cheap (progress bars)."""
+
+    def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
+        """Called at every evaluation with the metrics and, every checkpoint_every, the state."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is a UserError."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: cuda was asked for but torch sees no GPU; use --device cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def resolve_precision(config: TrialConfig, device: torch.device) -> str:
+    """'auto' -> bf16 on CUDA, fp32 on the CPU."""
+    if config.precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return config.precision
+
+
+def derived_seeds(seed: int) -> tuple[int, int, int]:
+    """Independent seeds for model init, data order and augmentation from the trial seed."""
+    init, order, augment = np.random.SeedSequence(seed).generate_state(3)
+    return int(init), int(order), int(augment)
+
+
+def _autocast(device: torch.device, precision: str):
+    dtype = AMP_DTYPES[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(
+    model, data: DeviceData, split: Split, batch_size: int, precision: str
+) -> tuple[float, float]:
+    """(mean loss, accuracy) of `model` on `split`, in eval mode; one synchronisation."""
+    was_training = model.training
+    model.eval()
+    device = split.y.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    for x, y in data.eval_batches(split, batch_size):
+        with _autocast(device, precision):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    model.train(was_training)
+    return loss_sum.item() / len(split), correct.item() / len(split)
+
+
+def finite_or_none(metrics: dict[str, Any]) -> dict[str, Any]:
+    """NaN and inf become None (JSON null): a diverged run's loss is 'no value', not NaN."""
+    return {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()
+    }
+
+
+def train(
+    config: TrialConfig, reporter: Reporter, resume: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Run one trial to the end of its budget (or its divergence); return the last metrics.
+
+    `resume` is a checkpoint state written by an earlier run of the same config; the run then
+    continues exactly where that one stopped (bit for bit on the CPU).
+    """
+    # ---------------------------------------------------------------- Setup
+    device = resolve_device(config.device)
+    precision = resolve_precision(config, device)
+    channels_last = (
+        config.channels_last if config.channels_last is not None else device.type == "cuda"
+    )
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    init_seed, order_seed, augment_seed = derived_seeds(config.seed)
+    torch.manual_seed(init_seed)
+
+    data = load_dataset(config, device, channels_last)
+    model = build_model(config.model, data.num_classes, data.input_shape, config.ghost_batch_size)
+    model = model.to(device)
+    if data.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, config.optimizer)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    batch_size, micro = config.batch_size, config.micro_batch_size
+    train_size = len(data.train)
+    epoch_steps = steps_per_epoch(train_size, batch_size)
+    budget = total_steps(config, train_size)
+    eval_interval = max(1, round(config.eval_every * epoch_steps))
+    # Checkpoints fall on evaluations, so every checkpoint has a report of the same step.
+    checkpoint_interval = eval_interval * max(
+        1, round(config.checkpoint_every * epoch_steps / eval_interval)
+    )
+    sampler = BatchSampler(train_size, batch_size, order_seed, device)
+    augment = torch.Generator(device=device).manual_seed(augment_seed)
+
+    step, elapsed = 0, 0.0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        sampler.load_state_dict(resume["sampler"])
+        augment.set_state(resume["augment"])
+        set_rng_states(resume["rng"])
+        step, elapsed = resume["step"], resume["elapsed"]
+
+    def state(finished: bool) -> dict[str, Any]:
+        return {
+            "step": step,
+            "finished": finished,
+            "elapsed": elapsed,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "sampler": sampler.state_dict(),
+            "augment": augment.get_state(),
+            "rng": rng_states(),
+        }
+
+    # ---------------------------------------------------------------- Training
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen, metrics = 0, {}
+    started = time.perf_counter()
+    while step < budget:
+        lr = lr_at(step, config.lr, batch_size, budget, epoch_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        index = sampler.batch(step)
+        inputs, labels = data.train_batch(index, augment), data.train.y[index]
+        # Micro-batches of one step share one augmentation draw, so accumulation changes nothing.
+        for x, y in zip(inputs.split(micro), labels.split(micro), strict=True):
+            with _autocast(device, precision):
+                logits = model(data.normalise(x))
+                loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+            scaler.scale(loss * (len(y) / batch_size)).backward()
+            loss_sum += loss.detach().float() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        seen += batch_size
+        reporter.step(step, budget)
+        if step % eval_interval and step != budget:
+            continue
+
+        # ------------------------------------------------------------ Evaluation
+        train_loss = loss_sum.item() / seen
+        train_time = time.perf_counter() - started
+        diverged = not math.isfinite(train_loss) or (
+            config.divergence_loss is not None and train_loss > config.divergence_loss
+        )
+        metrics = {
+            "step": step,
+            "epoch": round(step * batch_size / train_size, 6),
+            "examples": step * batch_size,
+            "lr": lr,
+            "train/loss": train_loss,
+            "train/accuracy": correct.item() / seen,
+        }
+        for name, split in (("val", data.val), ("test", data.test)):
+            if split is not None:
+                loss, accuracy = evaluate(model, data, split, config.eval_batch_size, precision)
+                metrics[f"{name}/loss"], metrics[f"{name}/accuracy"] = loss, accuracy
+        elapsed += time.perf_counter() - started
+        metrics.update(images_per_s=seen / train_time, diverged=diverged, time_s=round(elapsed, 3))
+        metrics = finite_or_none(metrics)
+        finished = diverged or step == budget
+        due = finished or step % checkpoint_interval == 0
+        reporter.report(metrics, state(finished) if due else None)
+        loss_sum.zero_()
+        correct.zero_()
+        seen = 0
+        started = time.perf_counter()
+        if diverged:
+            break
+    return metrics

@@ -1,0 +1,185 @@
+"""`lbs-tune train`: one trial in-process, resume after kill -9, corrupted checkpoints, results."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import read_jsonl, tiny_base, write_spec
+
+from lbs_tune.local import checkpoint_files
+
+TIMING = {"images_per_s", "time_s"}
+
+
+def same_results(a: list[dict], b: list[dict]) -> bool:
+    """Equal reports, bit for bit, apart from the timing fields."""
+    strip = [{k: v for k, v in row.items() if k not in TIMING} for row in a]
+    return strip == [{k: v for k, v in row.items() if k not in TIMING} for row in b]
+
+
+@pytest.fixture
+def spec(tmp_path, data_dir):
+    return write_spec(tmp_path / "tiny.yaml", tiny_base())
+
+
+def test_train_writes_config_metrics_and_checkpoints(cli, spec, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, _ = cli("train", spec, "--out", out)
+    assert code == 0
+    rows = read_jsonl(out / "metrics.jsonl")
+    # 2000 samples -> 1600 train -> 1440 after the 10% validation split: 45 steps per epoch.
+    assert [r["step"] for r in rows] == [22, 44, 66, 88, 90]
+    assert rows[-1]["epoch"] == pytest.approx(90 * 32 / 1440)
+    assert rows[-1]["examples"] == 90 * 32
+    for key in ("lr", "train/loss", "train/accuracy", "val/loss", "val/accuracy", "test/loss"):
+        assert key in rows[-1]
+    assert rows[-1]["diverged"] is False
+    assert rows[-1]["val/accuracy"] > 0.3  # chance is 0.1
+    assert [s for s, _ in checkpoint_files(out / "checkpoints")] == [90, 88, 66, 44, 22]
+    assert "step 90/90" in stdout  # plain lines when stdout is not a terminal
+
+    code, stdout, _ = cli("train", spec, "--out", out)
+    assert code == 0 and "already finished at step 90" in stdout
+
+
+def test_set_overrides_dotted_keys(cli, spec, tmp_path):
+    out = tmp_path / "run"
+    code, _, _ = cli(
+        "train",
+        spec,
+        "--out",
+        out,
+        "--set",
+        "batch_size=64",
+        "--set",
+        "lr.scaling=linear",
+        "--set",
+        "steps=5",
+    )
+    assert code == 0
+    row = read_jsonl(out / "metrics.jsonl")[-1]
+    assert row["step"] == 5 and row["examples"] == 320
+    assert row["lr"] == pytest.approx(0.1)  # 0.05 x 64 / 32
+
+
+def _train_cmd(spec: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "lbs_tune.cli", "train", str(spec), "--out", str(out)]
+
+
+def test_kill_9_midway_then_rerun_gives_the_same_metrics(cli, tmp_path, data_dir):
+    spec = write_spec(tmp_path / "long.yaml", tiny_base(epochs=12, checkpoint_every=1))
+    whole = tmp_path / "whole"
+    assert cli("train", spec, "--out", whole)[0] == 0
+    expected = read_jsonl(whole / "metrics.jsonl")
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _train_cmd(spec, out), stdout=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        done = checkpoint_files(out / "checkpoints")
+        if len(done) >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = read_jsonl(out / "metrics.jsonl")
+    assert 0 < len(killed_at) < len(expected), "the kill must land mid-run"
+
+    result = subprocess.run(_train_cmd(spec, out), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "resuming from the checkpoint of step" in result.stdout
+    assert same_results(read_jsonl(out / "metrics.jsonl"), expected)
+
+
+def test_corrupted_newest_checkpoint_falls_back_to_the_previous(cli, spec, tmp_path):
+    whole = tmp_path / "whole"
+    assert cli("train", spec, "--out", whole)[0] == 0
+    expected = read_jsonl(whole / "metrics.jsonl")
+
+    # Roll a finished run back to its state at step 66, then damage that checkpoint.
+    out = tmp_path / "damaged"
+    assert cli("train", spec, "--out", out)[0] == 0
+    files = dict(checkpoint_files(out / "checkpoints"))
+    for step in (90, 88):
+        files[step].unlink()
+    damaged = files[66]
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    code, _stdout, stderr = cli("train", spec, "--out", out)
+    assert code == 0
+    assert f"{damaged}: corrupted or truncated checkpoint" in stderr
+    assert "resuming from step_00000044.pt" in stderr
+    assert damaged.exists(), "nothing is deleted"
+    assert same_results(read_jsonl(out / "metrics.jsonl"), expected)
+
+
+def test_only_checkpoint_corrupted_is_a_clear_error(cli, spec, tmp_path):
+    out = tmp_path / "run"
+    assert cli("train", spec, "--out", out)[0] == 0
+    files = checkpoint_files(out / "checkpoints")
+    for _, path in files[1:]:
+        path.unlink()
+    files[0][1].write_bytes(b"not a checkpoint")
+    code, _, stderr = cli("train", spec, "--out", out)
+    assert code == 2
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
+    assert "no earlier checkpoint to fall back to" in stderr and str(files[0][1]) in stderr
+
+
+def test_other_config_in_the_same_folder_is_refused(cli, spec, tmp_path):
+    out = tmp_path / "run"
+    assert cli("train", spec, "--out", out, "--set", "steps=3")[0] == 0
+    code, _, stderr = cli("train", spec, "--out", out, "--set", "steps=4")
+    assert code == 2 and "steps: 3 -> 4" in stderr
+
+
+def test_divergence_is_a_finished_result(cli, tmp_path, data_dir):
+    spec = write_spec(tmp_path / "hot.yaml", tiny_base(lr__base=1e4, epochs=1))
+    out = tmp_path / "run"
+    code, _stdout, _ = cli("train", spec, "--out", out)
+    assert code == 0
+    last = read_jsonl(out / "metrics.jsonl")[-1]
+    assert last["diverged"] is True
+    assert last["train/loss"] is None or not math.isfinite(last["train/loss"])
+    assert last["step"] < 45, "a diverged run stops at the report that sees it"
+    assert "already finished" in cli("train", spec, "--out", out)[1]
+
+
+def test_gradient_accumulation_matches_one_large_batch(cli, tmp_path, data_dir):
+    spec = write_spec(tmp_path / "acc.yaml", tiny_base(batch_size=64, epochs=1))
+    whole, micro = tmp_path / "whole", tmp_path / "micro"
+    assert cli("train", spec, "--out", whole)[0] == 0
+    assert cli("train", spec, "--out", micro, "--set", "max_device_batch=16")[0] == 0
+    a, b = read_jsonl(whole / "metrics.jsonl"), read_jsonl(micro / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert x["train/loss"] == pytest.approx(y["train/loss"], rel=1e-4)
+        assert x["val/loss"] == pytest.approx(y["val/loss"], rel=1e-4)
+
+
+def test_gradient_accumulation_with_ghost_batch_norm(cli, tmp_path, data_dir):
+    # With ghost batch norm of 8, BN statistics no longer depend on how the batch is split.
+    base = tiny_base(
+        dataset="synthetic",
+        model="resnet20",
+        batch_size=32,
+        steps=3,
+        eval_every=100,
+        ghost_batch_size=8,
+    )
+    base["data"] = {"samples": 96, "shape": [3, 8, 8], "val_fraction": 0.25}
+    spec = write_spec(tmp_path / "ghost.yaml", base)
+    whole, micro = tmp_path / "whole", tmp_path / "micro"
+    assert cli("train", spec, "--out", whole)[0] == 0
+    assert cli("train", spec, "--out", micro, "--set", "max_device_batch=16")[0] == 0
+    a, b = read_jsonl(whole / "metrics.jsonl")[-1], read_jsonl(micro / "metrics.jsonl")[-1]
+    assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4)
+    assert a["val/loss"] == pytest.approx(b["val/loss"], rel=1e-4)
