@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,38 @@ def _train(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / load_spec(args.spec).name
     run_local(config, Path(out))
     return 0
+
+
+def _ray_args(args: argparse.Namespace) -> dict:
+    return {"address": args.address, "cpus": args.cpus, "gpus": args.gpus}
+
+
+def _run(args: argparse.Namespace) -> int:
+    from lbs_tune.runner import run
+
+    return run(
+        args.spec,
+        overrides=args.set or [],
+        storage=args.storage,
+        name=args.name,
+        fresh=args.fresh,
+        dry_run=args.dry_run,
+        **_ray_args(args),
+    )
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from lbs_tune.runner import resume
+
+    return resume(args.experiment, **_ray_args(args))
+
+
+def _add_ray_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gpus", type=int, help="GPUs of the local Ray (default: all)")
+    parser.add_argument("--cpus", type=int, help="CPUs of the local Ray (default: all)")
+    parser.add_argument(
+        "--address", help="join this Ray cluster instead of starting one (auto, ray://host:port)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +80,42 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, help="run folder (default: runs/<sweep name>)")
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], help="training device")
     train.set_defaults(func=_train)
+
+    run = commands.add_parser(
+        "run",
+        help="run a sweep on Ray Tune (resumes it if it is unfinished)",
+        description="Run every grid point of a sweep file as a Ray Tune trial. Running the same "
+        "spec again resumes the sweep where it stopped.",
+    )
+    run.add_argument("spec", type=Path, help="sweep file (YAML)")
+    _add_ray_options(run)
+    run.add_argument(
+        "--storage",
+        default="results",
+        help="folder or URI (s3://, gs://, file://) that holds experiments (default: ./results)",
+    )
+    run.add_argument("--name", help="experiment name (default: the spec's name)")
+    run.add_argument(
+        "--fresh", action="store_true", help="move an old sweep of this name aside and start over"
+    )
+    run.add_argument("--dry-run", action="store_true", help="print the trials and exit")
+    run.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a key of the sweep file, e.g. --set base.epochs=2 --set grid.seed=[0,1]",
+    )
+    run.set_defaults(func=_run)
+
+    resume = commands.add_parser(
+        "resume",
+        help="resume the sweep in an experiment folder",
+        description="Resume a sweep "
+        "from its experiment folder alone (its lbs_sweep.json holds the spec).",
+    )
+    resume.add_argument("experiment", help="experiment folder or URI")
+    _add_ray_options(resume)
+    resume.set_defaults(func=_resume)
     return parser
 
 
@@ -61,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lbs-tune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`lbs-tune run ... --dry-run | head`): not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import hashlib
 import itertools
 import json
 import math
-from os.path import commonpath
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +43,14 @@ METRICS = (
     "images_per_s",
     "diverged",
 )
+
+
+class KeyedError(ValueError):
+    """A config error that belongs to one key although a whole-model validator found it."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
 
 
 class _Strict(BaseModel):
@@ -143,22 +151,25 @@ class TrialConfig(_Strict):
 
         budgets = [k for k in BUDGET_KEYS if getattr(self, k) is not None]
         if len(budgets) > 1:
-            raise ValueError(f"give one budget, not {' and '.join(budgets)}")
+            raise KeyedError(budgets[-1], f"give one budget, not {' and '.join(budgets)}")
         if not budgets:
             raise ValueError("no budget: set one of epochs, steps or examples")
         train_size = DATASETS[self.dataset].train_size(self.data)
         if self.batch_size > train_size:
-            raise ValueError(
+            raise KeyedError(
+                "batch_size",
                 f"batch_size {self.batch_size} is larger than the {train_size} training "
-                f"examples of {self.dataset}; use at most {train_size}"
+                f"examples of {self.dataset}; use at most {train_size}",
             )
         for key in ("max_device_batch", "ghost_batch_size"):
             size = getattr(self, key)
             if size is not None and size < self.batch_size and self.batch_size % size:
-                raise ValueError(f"{key} {size} must divide batch_size {self.batch_size}")
+                raise KeyedError(key, f"{key} {size} must divide batch_size {self.batch_size}")
         micro, ghost = self.micro_batch_size, self.ghost_batch_size
         if ghost is not None and ghost < micro and micro % ghost:
-            raise ValueError(f"ghost_batch_size {ghost} must divide max_device_batch {micro}")
+            raise KeyedError(
+                "ghost_batch_size", f"ghost_batch_size {ghost} must divide max_device_batch {micro}"
+            )
         return self
 
     @property
@@ -190,7 +201,8 @@ def did_you_mean(value: str, candidates) -> str:
 
 
 def _common_prefix(a: str, b: str) -> int:
-    return len(commonpath([a, b]))
+    same = itertools.takewhile(lambda pair: pair[0] == pair[1], zip(a, b, strict=False))
+    return sum(1 for _ in same)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -233,6 +245,12 @@ class Resources(_Strict):
 
     cpu: float = Field(1.0, gt=0)
     gpu: float | dict[str, float] = 0.0
+
+    @field_validator("gpu", mode="before")
+    @classmethod
+    def _keys_as_text(cls, value: Any) -> Any:
+        # YAML reads `{16: 0.25}` with int keys; keep them as text so JSON round-trips.
+        return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
 
     @field_validator("gpu")
     @classmethod
@@ -282,14 +300,6 @@ class SweepSpec(_Strict):
     resources: Resources = Resources()
     max_concurrent: int | None = Field(None, gt=0)
     max_failures: int = Field(2, ge=0)
-
-    @field_validator("grid")
-    @classmethod
-    def _grid(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        for key, values in grid.items():
-            if not values:
-                raise ValueError(f"grid key '{key}' has no values")
-        return grid
 
     def points(self) -> list[dict[str, Any]]:
         """The grid points in order: one {dotted key: value} dict each (one {} for no grid)."""
@@ -358,6 +368,9 @@ class _Source:
 def _describe(error: dict[str, Any], model: type[BaseModel]) -> tuple[str, str]:
     """(dotted key, message) for one pydantic error, with did-you-mean for unknown keys."""
     loc = [str(p) for p in error["loc"] if not str(p).startswith("function-")]
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, KeyedError):
+        loc = [*loc, *cause.key.split(".")]
     key = ".".join(loc)
     if error["type"] == "extra_forbidden":
         fields = _fields_at(model, loc[:-1])
@@ -386,29 +399,52 @@ def validation_message(exc: ValidationError, model: type[BaseModel], where) -> s
     return f"{where(key)}: {key or 'config'}: {message}{more}"
 
 
-def load_spec(path: str | Path) -> SweepSpec:
-    """Load and validate a sweep file, including every grid point as a `TrialConfig`."""
+def load_spec(path: str | Path, overrides: list[str] = ()) -> SweepSpec:
+    """Load and validate a sweep file, including every grid point as a `TrialConfig`.
+
+    `overrides` are 'KEY=VALUE' texts on the file's own dotted keys (`base.steps=2`,
+    `grid.batch_size=[16,32]`, `max_concurrent=4`); a grid key keeps its dots (`grid.lr.scaling`).
+    """
     source = _Source(Path(path))
+    for text in overrides:
+        key, value = parse_override(text)
+        section, _, rest = key.partition(".")
+        try:
+            if section in ("grid", "base") and rest:
+                if not isinstance(source.data.get(section), dict):
+                    source.data[section] = {}
+                if section == "grid":
+                    source.data["grid"][rest] = value
+                else:
+                    set_dotted(source.data["base"], rest, value)
+            else:
+                set_dotted(source.data, key, value)
+        except ValueError as exc:
+            raise UserError(f"--set {text}: {exc}") from None
+    return check_spec(source.data, source.where)
+
+
+def check_spec(data: dict[str, Any], where: Callable[[str], str]) -> SweepSpec:
+    """Validate a sweep as loaded from YAML or JSON; `where(key)` places a key in its file."""
     try:
-        spec = SweepSpec.model_validate(source.data)
+        spec = SweepSpec.model_validate(data)
     except ValidationError as exc:
-        raise UserError(validation_message(exc, SweepSpec, source.where)) from None
-    points = spec.points()
-    for point in points:
-        _trial_config(spec.trial_dict(point), source.where, point)
-    _check_metric_names(spec, source)
-    return spec
-
-
-def _check_metric_names(spec: SweepSpec, source: _Source) -> None:
+        raise UserError(validation_message(exc, SweepSpec, where)) from None
+    for key, values in spec.grid.items():
+        if not values:
+            fix = "list at least one or remove the key"
+            raise UserError(f"{where(f'grid.{key}')}: grid.{key}: no values; {fix}")
+    for point in spec.points():
+        _trial_config(spec.trial_dict(point), where, point)
     for key, name in (
         ("metric.name", spec.metric.name),
         ("target.metric", spec.target and spec.target.metric),
     ):
         if name and name not in METRICS:
             raise UserError(
-                f"{source.where(key)}: {key}: unknown metric '{name}'{did_you_mean(name, METRICS)}"
+                f"{where(key)}: {key}: unknown metric '{name}'{did_you_mean(name, METRICS)}"
             )
+    return spec
 
 
 def _trial_config(tree: dict[str, Any], where, point: dict[str, Any]) -> TrialConfig:

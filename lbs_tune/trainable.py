@@ -1,0 +1,100 @@
+"""The Ray Tune adapter: TrialConfig in, `tune.report` out, `tune.Checkpoint` in and out.
+
+The only training code that imports Ray. Each report also carries where the trial ran (host, the
+GPU ids Ray assigned, the device it trained on) and sets gauges that the Ray dashboard and its
+Prometheus endpoint show (images/s, step, train loss; tagged with sweep, trial and batch size).
+"""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+from ray.util.metrics import Gauge
+
+from lbs_tune.checkpoints import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from lbs_tune.spec import TrialConfig
+from lbs_tune.training import resolve_device, train
+
+GAUGE_TAGS = ("sweep", "trial", "batch_size")
+GAUGES = {
+    "images_per_s": "lbs_images_per_s",
+    "step": "lbs_step",
+    "train/loss": "lbs_train_loss",
+}
+
+
+def placement(config: dict[str, Any], cpu: float, gpu_by_batch) -> tune.PlacementGroupFactory:
+    """The resources of one trial: CPUs always explicit (a bare {'GPU': 1} gets no CPU)."""
+    bundle = {"CPU": cpu}
+    gpu = gpu_by_batch(config["batch_size"])
+    if gpu:
+        bundle["GPU"] = gpu
+    return tune.PlacementGroupFactory([bundle])
+
+
+class RayReporter:
+    """Sends the loop's reports to Ray Tune, with checkpoints, host/GPU facts and gauges."""
+
+    def __init__(self, where: dict[str, Any], tags: dict[str, str]):
+        self.where = where
+        self.tags = tags
+        self.gauges = {
+            key: Gauge(name, description=f"lbs-tune trial {key}", tag_keys=GAUGE_TAGS)
+            for key, name in GAUGES.items()
+        }
+
+    def step(self, step: int, total: int) -> None:
+        """Nothing per step: Ray hears from the trial at reports only."""
+
+    def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
+        for key, gauge in self.gauges.items():
+            if metrics.get(key) is not None:
+                gauge.set(float(metrics[key]), tags=self.tags)
+        result = {**metrics, **self.where}
+        if checkpoint is None:
+            tune.report(result)
+            return
+        with tempfile.TemporaryDirectory(prefix="lbs-ckpt-") as folder:
+            save_checkpoint(checkpoint, Path(folder) / CHECKPOINT_FILE)
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def _device(config: TrialConfig) -> torch.device:
+    # Ray narrows CUDA_VISIBLE_DEVICES to the GPUs it assigned; with none, train on the CPU.
+    if config.device == "auto" and not ray.get_gpu_ids():
+        return torch.device("cpu")
+    return resolve_device(config.device)
+
+
+def train_trial(params: dict[str, Any], cpus: float = 1.0) -> None:
+    """Ray Tune function trainable: train one grid point, resuming from Tune's checkpoint."""
+    config = TrialConfig.model_validate(params)
+    torch.set_num_threads(max(1, int(cpus)))
+    device = _device(config)
+    config = config.model_copy(update={"device": device.type})
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+    context = tune.get_context()
+    name = device.type
+    if device.type == "cuda":
+        name = f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})"
+    where = {
+        "host": socket.gethostname(),
+        "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
+        "device": name,
+    }
+    tags = {
+        "sweep": context.get_experiment_name(),
+        "trial": context.get_trial_id(),
+        "batch_size": str(config.batch_size),
+    }
+    train(config, RayReporter(where, tags), resume)

@@ -1,0 +1,122 @@
+"""Sweep files and trial configs: validation, line numbers, did-you-mean, grid expansion."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_base, write_spec
+
+from lbs_tune.errors import UserError
+from lbs_tune.spec import Resources, TrialConfig, load_spec, total_steps, trial_from_spec
+
+
+def error_of(path) -> str:
+    with pytest.raises(UserError) as info:
+        load_spec(path)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_unknown_key_names_file_line_and_suggestion(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("name: typo\nbase:\n  model: mlp\n  epochs: 1\n  optimiser:\n    name: sgd\n")
+    assert error_of(path) == (
+        f"{path}:5: optimiser: unknown key 'optimiser' (did you mean 'optimizer'?)"
+    )
+
+
+def test_nested_unknown_key(tmp_path):
+    path = tmp_path / "nested.yaml"
+    path.write_text("name: n\nbase:\n  epochs: 1\n  lr:\n    scalling: linear\n")
+    assert (
+        error_of(path) == f"{path}:5: lr.scalling: unknown key 'scalling' (did you mean 'scaling'?)"
+    )
+
+
+def test_unknown_model_and_dataset(tmp_path):
+    path = write_spec(tmp_path / "m.yaml", tiny_base(model="resnet21"))
+    assert "unknown model 'resnet21' (did you mean 'resnet20'?)" in error_of(path)
+    path = write_spec(tmp_path / "d.yaml", tiny_base(dataset="cifar"))
+    assert "unknown dataset 'cifar' (did you mean 'cifar10'?)" in error_of(path)
+
+
+def test_bad_value_in_the_grid_points_at_the_grid_line(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(
+        "name: g\nbase:\n  epochs: 1\n  data: {samples: 2000}\n"
+        "grid:\n  batch_size: [16, 999999]\n  lr.scaling: [none, sqrt]\n"
+    )
+    message = error_of(path)
+    assert message.startswith(f"{path}:6: batch_size: batch_size 999999 is larger than the 1440")
+    assert "(grid point batch_size=999999, lr.scaling=none)" in message
+
+
+def test_literal_error_lists_choices(tmp_path):
+    path = tmp_path / "lit.yaml"
+    path.write_text("name: l\nbase:\n  epochs: 1\ngrid:\n  lr.scaling: [quadratic]\n")
+    message = error_of(path)
+    assert message.startswith(f"{path}:5: lr.scaling: got 'quadratic'")
+    assert "'none', 'linear' or 'sqrt'" in message
+
+
+def test_malformed_yaml_gives_its_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: bad\nbase:\n  model: mlp\n  lr: {base: 0.1\n")
+    message = error_of(path)
+    assert message.startswith(f"{path}:") and "malformed YAML" in message
+
+
+def test_empty_grid_value_list(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("name: e\nbase:\n  epochs: 1\ngrid:\n  batch_size: []\n")
+    assert error_of(path) == (
+        f"{path}:5: grid.batch_size: no values; list at least one or remove the key"
+    )
+
+
+def test_budget_must_be_one(tmp_path):
+    path = write_spec(tmp_path / "b.yaml", {**tiny_base(), "steps": 10, "epochs": 1})
+    assert "give one budget, not epochs and steps" in error_of(path)
+    path = write_spec(tmp_path / "n.yaml", {"model": "mlp"})
+    assert "no budget" in error_of(path)
+
+
+def test_missing_file(tmp_path):
+    assert "cannot read the sweep file" in error_of(tmp_path / "nope.yaml")
+
+
+def test_grid_points_and_first_point_for_train(tmp_path):
+    path = write_spec(
+        tmp_path / "s.yaml", tiny_base(), {"batch_size": [16, 64], "lr.scaling": ["none", "linear"]}
+    )
+    spec = load_spec(path)
+    assert spec.points() == [
+        {"batch_size": 16, "lr.scaling": "none"},
+        {"batch_size": 16, "lr.scaling": "linear"},
+        {"batch_size": 64, "lr.scaling": "none"},
+        {"batch_size": 64, "lr.scaling": "linear"},
+    ]
+    config = trial_from_spec(path, ["lr.scaling=sqrt", "epochs=3"])
+    assert (config.batch_size, config.lr.scaling, config.epochs) == (16, "sqrt", 3)
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        trial_from_spec(path, ["batch_size"])
+
+
+def test_budget_in_steps():
+    config = TrialConfig(batch_size=1024, examples=400_000)
+    assert total_steps(config, 40_000) == 390  # the ANCHORS table's 390 steps
+    config = TrialConfig(batch_size=16, epochs=10)
+    assert total_steps(config, 40_000) == 25_000
+
+
+def test_gpu_fraction_by_batch_size():
+    resources = Resources(cpu=2, gpu={"16": 0.25, "128": 0.5, "default": 1})
+    assert [resources.for_batch(b)[1] for b in (8, 16, 32, 128, 256, 4096)] == [
+        0.25,
+        0.25,
+        0.5,
+        0.5,
+        1,
+        1,
+    ]
+    assert resources.for_batch(64)[0] == 2

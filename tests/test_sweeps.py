@@ -1,0 +1,285 @@
+"""Sweeps on Ray Tune, end to end, on one Ray head shared by the test run.
+
+Faults are injected for real: the driver is killed with SIGKILL and run again, a trial's worker
+process is killed mid-run, and every trial's history and final metrics are checked exactly
+against an uninterrupted sweep of the same spec.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import tiny_base, write_spec
+from fixtures_formats import write_cifar10
+
+from lbs_tune.runner import run
+from lbs_tune.spec import load_spec
+
+SWEEPS = sorted(Path(__file__).parent.parent.joinpath("sweeps").glob("*.yaml"))
+TIMING = {"images_per_s", "time_s"}
+
+
+def histories(experiment: Path) -> dict[tuple, list[dict]]:
+    """Per trial (keyed by its grid values): its reports, a re-made step replacing the earlier."""
+    found = {}
+    for params in experiment.glob("*/params.json"):
+        config = json.loads(params.read_text())
+        key = (config["batch_size"], config["lr"]["scaling"], config["seed"])
+        rows = {}
+        for line in (params.parent / "result.json").read_text().splitlines():
+            row = json.loads(line)
+            rows[row["step"]] = row
+        found[key] = [rows[s] for s in sorted(rows)]
+    return found
+
+
+def raw_steps(experiment: Path) -> dict[str, list[int]]:
+    return {
+        p.parent.name: [json.loads(line)["step"] for line in p.read_text().splitlines()]
+        for p in experiment.glob("*/result.json")
+    }
+
+
+def metrics_only(row: dict) -> dict:
+    from lbs_tune.spec import METRICS
+
+    return {k: row.get(k) for k in METRICS if k not in TIMING}
+
+
+def sweep_spec(tmp_path: Path, name: str, **changes) -> Path:
+    """Four tiny MNIST-1D trials: batch 32/64 x none/linear, 4 epochs, reports every half epoch."""
+    base = tiny_base(epochs=4, checkpoint_every=1, **changes)
+    grid = {"batch_size": [32, 64], "lr.scaling": ["none", "linear"]}
+    return write_spec(tmp_path / f"{name}.yaml", base, grid, resources={"cpu": 0.5})
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, tmp_path_factory):
+    """An uninterrupted run of the four-trial sweep: what every faulted run must reproduce."""
+    folder = tmp_path_factory.mktemp("reference")
+    spec = sweep_spec(folder, "tiny")
+    assert run(spec, storage=str(folder / "results"), address=ray_cluster.address) == 0
+    return folder / "results" / "tiny"
+
+
+def test_reference_sweep_files_and_reports(reference):
+    meta = json.loads((reference / "lbs_sweep.json").read_text())
+    assert meta["name"] == "tiny" and meta["digest"] and meta["ended"]
+    assert meta["spec"]["grid"] == {"batch_size": [32, 64], "lr.scaling": ["none", "linear"]}
+    assert meta["lbs_tune_version"] and meta["started"] <= meta["ended"]
+    found = histories(reference)
+    assert sorted(found) == [(32, "linear", 0), (32, "none", 0), (64, "linear", 0), (64, "none", 0)]
+    # 1440 training examples: 45 steps per epoch at batch 32, 22 at batch 64.
+    assert [r["step"] for r in found[(32, "none", 0)]] == [22, 44, 66, 88, 110, 132, 154, 176, 180]
+    assert [r["step"] for r in found[(64, "none", 0)]][-1] == 88
+    last = found[(64, "linear", 0)][-1]
+    assert last["lr"] == pytest.approx(0.1) and last["diverged"] is False
+    assert last["host"] and last["device"] == "cpu" and last["gpu_ids"] == ""
+    assert (list(reference.glob("*/checkpoint_*")) != []) and list(reference.glob("tuner.pkl"))
+
+
+@pytest.mark.parametrize("spec", SWEEPS, ids=lambda p: p.name)
+def test_every_sweep_file_dry_runs(cli, spec, tmp_path):
+    code, out, _ = cli("run", spec, "--dry-run", "--storage", tmp_path)
+    grid = load_spec(spec).points()
+    assert code == 0 and f"{len(grid)} trials" in out
+    assert out.count("[cpu ") == len(grid)
+
+
+def test_quickstart_file_runs_tiny(ray_cluster, tmp_path, data_dir):
+    overrides = [
+        f"base.data.samples={2000}",
+        "base.examples=2000",
+        "grid.batch_size=[16, 256]",
+        "grid.lr.scaling=[sqrt]",
+    ]
+    spec = Path(__file__).parent.parent / "sweeps" / "quickstart.yaml"
+    code = run(spec, overrides, storage=str(tmp_path), address=ray_cluster.address)
+    assert code == 0
+    found = histories(tmp_path / "quickstart")
+    assert sorted(found) == [(16, "sqrt", 0), (256, "sqrt", 0)]
+    assert found[(256, "sqrt", 0)][-1]["lr"] == pytest.approx(0.01 * 4)
+
+
+@pytest.mark.parametrize("name", ["cifar10.yaml", "cifar10_wrn.yaml"])
+def test_cifar_files_run_tiny_on_real_cifar_files(ray_cluster, tmp_path, name):
+    write_cifar10(tmp_path / "data", n_train=40, n_test=8)
+    overrides = [
+        f"base.data.dir={tmp_path / 'data'}",
+        "base.data.val_fraction=0.2",
+        "base.steps=1",
+        "base.eval_batch_size=8",
+        "base.max_device_batch=null",
+        "base.ghost_batch_size=null",
+        "grid.batch_size=[8]",
+        "grid.seed=[0]",
+        "grid.lr.scaling=[linear]",
+        "resources.cpu=1",
+    ]
+    spec = Path(__file__).parent.parent / "sweeps" / name
+    assert run(spec, overrides, storage=str(tmp_path / "results"), address=ray_cluster.address) == 0
+    (rows,) = histories(tmp_path / "results" / load_spec(spec, overrides).name).values()
+    assert rows[-1]["step"] == 1 and rows[-1]["gpu_ids"] != "", "the 0.25/0.5 GPU request is kept"
+
+
+def _driver(spec: Path, storage: Path, address: str, *extra: str) -> list[str]:
+    return [
+        *(sys.executable, "-m", "lbs_tune.cli", "run", str(spec)),
+        *("--storage", str(storage), "--address", address, *extra),
+    ]
+
+
+def test_driver_killed_with_sigkill_then_rerun_completes_exactly(ray_cluster, reference, tmp_path):
+    spec = sweep_spec(tmp_path, "tiny")
+    storage = tmp_path / "results"
+    driver = subprocess.Popen(
+        _driver(spec, storage, ray_cluster.address),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    # Kill once some trial has checkpointed and reported past its checkpoint.
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and driver.poll() is None:
+        if any(len(s) >= 3 for s in raw_steps(storage / "tiny").values()):
+            break
+        time.sleep(0.1)
+    assert driver.poll() is None, "the driver finished before it could be killed"
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    killed_at = raw_steps(storage / "tiny")
+
+    # The same command again resumes and completes the sweep.
+    assert run(spec, storage=str(storage), address=ray_cluster.address) == 0
+    expected, found = histories(reference), histories(storage / "tiny")
+    assert sorted(found) == sorted(expected)
+    for key, rows in expected.items():
+        assert [metrics_only(r) for r in found[key]] == [metrics_only(r) for r in rows], key
+    # Reports made after the last checkpoint were made again: result.json may hold a step twice
+    # (the analysis keeps the last); none of them is lost and none is missing.
+    for trial, steps in raw_steps(storage / "tiny").items():
+        assert steps[: len(killed_at.get(trial, []))] == killed_at.get(trial, [])
+    meta = json.loads((storage / "tiny" / "lbs_sweep.json").read_text())
+    assert len(meta["runs"]) == 2 and meta["ended"]
+
+
+def test_resume_command_and_finished_sweep(cli, ray_cluster, reference):
+    code, out, _ = cli("resume", reference, "--address", ray_cluster.address)
+    assert code == 0 and "finished 4, diverged 0, errored 0" in out
+
+
+def test_other_spec_under_the_same_name_is_refused_then_fresh_moves_it_aside(
+    cli, ray_cluster, reference, tmp_path
+):
+    spec = sweep_spec(tmp_path, "tiny", lr__base=0.07)
+    storage = reference.parent
+    code, _, err = cli("run", spec, "--storage", storage, "--address", ray_cluster.address)
+    assert code == 2 and "with another spec (base.lr.base: 0.05 -> 0.07)" in err
+    assert "--fresh" in err and "Traceback" not in err
+    before = sorted(p.name for p in storage.iterdir())
+    code, _, _ = cli("run", spec, "--storage", storage, "--dry-run")
+    assert code == 0 and sorted(p.name for p in storage.iterdir()) == before
+
+
+def test_fake_gpus_are_assigned_and_fractions_pack(ray_cluster, tmp_path):
+    import ray.util.state
+
+    base = tiny_base(steps=60, eval_every=0.25)
+    grid = {"seed": list(range(12))}
+    spec = write_spec(
+        tmp_path / "gpus.yaml",
+        base,
+        grid,
+        resources={"cpu": 0.25, "gpu": {"32": 0.5, "default": 1}},
+    )
+    alive, names, stop = [0], set(), threading.Event()
+    trainables = {"ImplicitFunc", "ResourceTrainable", "train_trial"}
+
+    def watch():
+        while not stop.is_set():
+            actors = ray.util.state.list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+            names.update(a.class_name for a in actors)
+            alive[0] = max(alive[0], sum(a.class_name in trainables for a in actors))
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        assert run(spec, storage=str(tmp_path), address=ray_cluster.address) == 0
+    finally:
+        stop.set()
+        watcher.join()
+    ids = [
+        json.loads(p.read_text().splitlines()[-1])["gpu_ids"]
+        for p in tmp_path.glob("gpus/*/result.json")
+    ]
+    assert len(ids) == 12 and all(i in {"0", "1", "2", "3"} for i in ids)
+    # 4 GPUs / 0.5 per trial: 8 trials at once, so fractions packed two to a GPU.
+    assert alive[0] == 8, names
+    assert set(ids) == {"0", "1", "2", "3"}
+
+
+def test_trial_killed_mid_run_is_retried_from_its_checkpoint(ray_cluster, reference, tmp_path):
+    spec = sweep_spec(tmp_path, "tiny")
+    storage = tmp_path / "results"
+    killed = []
+
+    def kill_one_worker():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            for path in (storage / "tiny").glob("*/result.json"):
+                lines = path.read_text().splitlines()
+                if len(lines) >= 3 and list(path.parent.glob("checkpoint_*")):
+                    pid = json.loads(lines[-1])["pid"]
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(path.parent)
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one_worker, daemon=True)
+    killer.start()
+    assert run(spec, storage=str(storage), address=ray_cluster.address) == 0
+    killer.join()
+    assert killed, "no trial was killed"
+    expected, found = histories(reference), histories(storage / "tiny")
+    for key, rows in expected.items():
+        assert [metrics_only(r) for r in found[key]] == [metrics_only(r) for r in rows], key
+    state = json.loads(sorted((storage / "tiny").glob("experiment_state-*.json"))[-1].read_text())
+    failures = {
+        json.loads(t)["trial_id"]: json.loads(m)["num_failures"] for t, m in state["trial_data"]
+    }
+    assert sorted(failures.values()) == [0, 0, 0, 1]
+
+
+def test_gauges_reach_the_prometheus_endpoint(ray_cluster, reference):
+    deadline = time.monotonic() + 60
+    text = ""
+    while time.monotonic() < deadline:
+        url = f"http://127.0.0.1:{ray_cluster.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        if "ray_lbs_images_per_s{" in text:
+            break
+        time.sleep(2)
+    lines = [line for line in text.splitlines() if line.startswith("ray_lbs_")]
+    assert any('sweep="tiny"' in line and 'batch_size="32"' in line for line in lines), lines[:5]
+    assert any(line.startswith("ray_lbs_step{") for line in lines)
+    assert any(line.startswith("ray_lbs_train_loss{") for line in lines)
+
+
+def test_dashboard_is_on_and_needs_the_token(ray_cluster):
+    url = f"{ray_cluster.dashboard}/api/version"
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(url, timeout=10)
+    assert info.value.code == 401
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    assert json.loads(urllib.request.urlopen(request, timeout=10).read())["ray_version"]
