@@ -1,8 +1,9 @@
 """The Ray Tune adapter: TrialConfig in, `tune.report` out, `tune.Checkpoint` in and out.
 
-The only training code that imports Ray. Each report also carries where the trial ran (host, the
-GPU ids Ray assigned, the device it trained on) and sets gauges that the Ray dashboard and its
-Prometheus endpoint show (images/s, step, train loss; tagged with sweep, trial and batch size).
+The only training code that imports Ray. Each report also carries where the trial ran (host, Ray
+node id, the GPU ids Ray assigned, the device it trained on) and sets gauges that the Ray
+dashboard and its Prometheus endpoint show (images/s, step, train loss; tagged with sweep, trial
+and batch size).
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def train_trial(params: dict[str, Any], cpus: float = 1.0) -> None:
         name = f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})"
     where = {
         "host": socket.gethostname(),
+        "node_id": ray.get_runtime_context().get_node_id(),
         "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
         "device": name,
     }

@@ -168,12 +168,17 @@ def train(
         index = sampler.batch(step)
         inputs, labels = data.train_batch(index, augment), data.train.y[index]
         # Micro-batches of one step share one augmentation draw, so accumulation changes nothing.
-        for x, y in zip(inputs.split(micro), labels.split(micro), strict=True):
+        chunks = (
+            [(inputs, labels)]
+            if micro == batch_size
+            else zip(inputs.split(micro), labels.split(micro), strict=True)
+        )
+        for x, y in chunks:
             with _autocast(device, precision):
                 logits = model(data.normalise(x))
                 loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
-            scaler.scale(loss * (len(y) / batch_size)).backward()
-            loss_sum += loss.detach().float() * len(y)
+            scaler.scale(loss if micro == batch_size else loss * (len(y) / batch_size)).backward()
+            loss_sum.add_(loss.detach(), alpha=len(y))
             correct += (logits.argmax(1) == y).sum()
         scaler.step(optimizer)
         scaler.update()

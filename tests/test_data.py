@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import read_jsonl, tiny_base, write_spec
@@ -105,3 +106,12 @@ def test_cuda_without_gpu_is_a_user_error(cli, tmp_path, data_dir):
     spec = write_spec(tmp_path / "t.yaml", tiny_base(steps=1))
     code, _, err = cli("train", spec, "--out", tmp_path / "run", "--device", "cuda")
     assert code == 2 and "use --device cpu" in err
+
+
+def test_channel_stats_equal_numpy():
+    from lbs_tune.data import channel_stats
+
+    images = np.random.default_rng(0).integers(0, 256, (50, 3, 4, 5), dtype=np.uint8)
+    mean, std = channel_stats(images)
+    np.testing.assert_allclose(mean, images.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(std, images.std(axis=(0, 2, 3)), rtol=1e-12)
