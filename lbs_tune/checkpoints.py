@@ -6,7 +6,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -28,10 +28,13 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     os.replace(f.name, path)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint with `weights_only=True`; a corrupted or truncated file is a UserError."""
+def load_checkpoint(path: Path | str, stream: BinaryIO | None = None) -> dict[str, Any]:
+    """Load a checkpoint with `weights_only=True`; a corrupted or truncated file is a UserError.
+
+    `stream`, if given, is the open file (e.g. from a storage URI); `path` then only names it.
+    """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(stream or path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{path}: checkpoint not found") from None
     except Exception as exc:  # torch raises many types for a damaged zip or pickle stream

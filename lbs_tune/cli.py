@@ -48,6 +48,45 @@ def _resume(args: argparse.Namespace) -> int:
     return resume(args.experiment, **_ray_args(args))
 
 
+def _status(args: argparse.Namespace) -> int:
+    from lbs_tune.status import status
+
+    print(status(args.experiment))
+    return 0
+
+
+def _where(args: argparse.Namespace) -> int:
+    from lbs_tune.status import where
+
+    for folder in where(args.experiment, args.filters):
+        print(folder)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from analysis.report import parse_target, write_report
+
+    target = parse_target(args.target) if args.target else None
+    path = write_report(args.experiment, args.o, target, args.x, args.static)
+    print(f"report written to {path}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from analysis import export
+
+    for path in export(args.experiment, args.o):
+        print(path)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from lbs_tune.evaluate import evaluate_experiment, parse_splits
+
+    evaluate_experiment(args.experiment, parse_splits(args.splits), args.device)
+    return 0
+
+
 def _add_ray_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", type=int, help="GPUs of the local Ray (default: all)")
     parser.add_argument("--cpus", type=int, help="CPUs of the local Ray (default: all)")
@@ -116,6 +155,44 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("experiment", help="experiment folder or URI")
     _add_ray_options(resume)
     resume.set_defaults(func=_resume)
+
+    status = commands.add_parser(
+        "status", help="table of the trials of a sweep (while it runs or after)"
+    )
+    status.add_argument("experiment", help="experiment folder or URI")
+    status.set_defaults(func=_status)
+
+    where = commands.add_parser(
+        "where", help="folders of the trials whose config matches KEY=VALUE ..."
+    )
+    where.add_argument("experiment", help="experiment folder or URI")
+    where.add_argument("filters", nargs="*", metavar="KEY=VALUE", help="e.g. batch_size=32")
+    where.set_defaults(func=_where)
+
+    report = commands.add_parser("report", help="write the sweep's HTML report")
+    report.add_argument("experiment", help="experiment folder or URI")
+    report.add_argument("-o", type=Path, metavar="FILE", help="default: <experiment>/report.html")
+    report.add_argument("--target", metavar="METRIC=VALUE", help="default: the spec's target")
+    report.add_argument(
+        "--x", choices=["step", "examples", "epoch"], default="step", help="learning-curve axis"
+    )
+    report.add_argument(
+        "--static", type=Path, metavar="DIR", help="also write each figure as PNG, PDF and SVG"
+    )
+    report.set_defaults(func=_report)
+
+    export = commands.add_parser("export", help="write the trials and history tables as Parquet")
+    export.add_argument("experiment", help="experiment folder or URI")
+    export.add_argument("-o", required=True, metavar="DIR", help="output folder or URI")
+    export.set_defaults(func=_export)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="evaluate every checkpoint of every trial into evaluation.parquet"
+    )
+    evaluate.add_argument("experiment", help="experiment folder or URI")
+    evaluate.add_argument("--splits", default="train,val,test", help="comma-separated splits")
+    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    evaluate.set_defaults(func=_evaluate)
     return parser
 
 

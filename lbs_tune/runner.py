@@ -205,7 +205,9 @@ def start_ray(address: str | None = None, cpus: int | None = None, gpus: int | N
                 f"--address {address}: cannot join the Ray cluster ({reason})"
             ) from None
     else:
+        # address="local": always a new cluster, never one that happens to run on this machine.
         context = ray.init(
+            address="local",
             num_cpus=cpus,
             num_gpus=gpus,
             include_dashboard=True,
@@ -268,6 +270,7 @@ def execute(spec: SweepSpec, experiment: Location, recorded: dict | None, **ray_
                 metric=spec.metric.name,
                 mode=spec.metric.mode,
                 max_concurrent_trials=spec.max_concurrent,
+                reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=experiment.name,

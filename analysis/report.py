@@ -1,0 +1,310 @@
+"""`lbs-tune report`: one self-contained HTML file per sweep, readable offline.
+
+plotly.js is inlined once; each figure travels as JSON in `<script type="application/json"
+id="fig-NAME">` and a few lines of JavaScript draw it, so tests (and anyone) can read the data
+back. Every value from a config, a spec or an error message is HTML-escaped, and embedded JSON
+has `<`, `>` and `&` escaped, so no value can end a script element or start one.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib.util
+import json
+import shlex
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+import plotly.io
+import plotly.offline
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from analysis import figures
+from analysis.load import Results, experiment_location, load
+from analysis.metrics import to_target
+from lbs_tune.errors import UserError
+from lbs_tune.spec import METRICS, did_you_mean
+
+REPORT_FILE = "report.html"
+X_AXES = ("step", "examples", "epoch")
+STATIC_FORMATS = ("png", "pdf", "svg")
+_JSON_ESCAPES = {ord("<"): "\\u003c", ord(">"): "\\u003e", ord("&"): "\\u0026"}
+
+
+def parse_target(text: str) -> tuple[str, float]:
+    """'val/accuracy=0.7' -> ('val/accuracy', 0.7), for `--target METRIC=VALUE`."""
+    metric, sep, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if not sep or number is None:
+        raise UserError(f"--target {text}: expected METRIC=VALUE, e.g. --target val/accuracy=0.7")
+    if metric not in METRICS:
+        raise UserError(
+            f"--target {text}: unknown metric '{metric}'{did_you_mean(metric, METRICS)}"
+        )
+    return metric, number
+
+
+def write_report(
+    source: Any,
+    out: Path | None = None,
+    target: tuple[str, float] | None = None,
+    x: str = "step",
+    static: Path | None = None,
+) -> Path:
+    """Write the HTML report of an experiment (folder path, URI or ResultGrid); return its path.
+
+    `out` defaults to `<experiment>/report.html` (`./<name>-report.html` for remote storage);
+    `target` (metric, value) defaults to the sweep spec's target; `x` is the learning curves'
+    axis (step, examples or epoch). With `static`, every figure is also written there as
+    PNG, PDF and SVG when kaleido and Chrome are available; otherwise one line on stderr says
+    what is missing. Works on a running sweep (whatever results exist so far).
+    """
+    if x not in X_AXES:
+        raise UserError(f"x axis '{x}': choose one of {', '.join(X_AXES)}")
+    where = experiment_location(source)
+    results = load(source)
+    spec = (results.sweep or {}).get("spec") or {}
+    metric = (spec.get("metric") or {}).get("name") or "val/accuracy"
+    if target is None and spec.get("target"):
+        target = (spec["target"]["metric"], spec["target"]["value"])
+    drawn = build_figures(results, metric, target, x)
+    if out is None:
+        remote = Path(f"{where.name}-report.html")
+        out = Path(where.path) / REPORT_FILE if where.is_local else remote
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_html(results, drawn, where.uri, metric, target, x), encoding="utf-8")
+    if static is not None:
+        problem = write_static(drawn, Path(static))
+        if problem:
+            print(f"lbs-tune: {problem}", file=sys.stderr)
+    return out
+
+
+def build_figures(
+    results: Results, metric: str, target: tuple[str, float] | None, x: str = "step"
+) -> dict[str, go.Figure]:
+    """The report's figures by id, in page order (steps-to-target only with a target)."""
+    trials, history = results
+    drawn = {
+        "learning-curves": figures.plot_learning_curves(
+            figures.learning_curves(trials, history, metric, x)
+        )
+    }
+    if metric != "train/loss":
+        drawn["loss-curves"] = figures.plot_learning_curves(
+            figures.learning_curves(trials, history, "train/loss", x)
+        )
+    drawn["metric-vs-batch-size"] = figures.plot_metric_vs_batch_size(
+        figures.metric_vs_batch_size(trials, metric)
+    )
+    if target is not None:
+        drawn["steps-to-target"] = figures.plot_steps_to_target(
+            figures.steps_to_target(trials, history, *target)
+        )
+    drawn["learning-rate"] = figures.plot_learning_rates(figures.learning_rates(trials, history))
+    drawn["throughput"] = figures.plot_throughput(figures.throughput(trials, history))
+    drawn["parallel-coordinates"] = figures.plot_parallel_coordinates(
+        figures.parallel_coordinates(trials, metric)
+    )
+    return drawn
+
+
+def write_static(drawn: dict[str, go.Figure], folder: Path) -> str | None:
+    """Write each figure as PNG, PDF and SVG into `folder`; None when done, else one line that
+    says what is missing (kaleido, or the Chrome it drives)."""
+    if importlib.util.find_spec("kaleido") is None:
+        return (
+            "static figures skipped: kaleido is not installed "
+            "(pip install kaleido; it also needs Chrome or Chromium)"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [
+        (fig, folder / f"{name}.{fmt}") for name, fig in drawn.items() for fmt in STATIC_FORMATS
+    ]
+    try:
+        plotly.io.write_images([f for f, _ in names], [p for _, p in names])
+    except RuntimeError as exc:
+        reason = " ".join(str(exc).split())
+        return f"static figures skipped: {reason}"
+    return None
+
+
+def trial_counts(trials: pa.Table) -> dict[str, int]:
+    """Trials by outcome: finished, diverged, errored, and running or pending (the rest)."""
+    states = trials["state"].to_pylist()
+    diverged = trials["diverged"].to_pylist()
+    counts = {"finished": 0, "diverged": 0, "errored": 0, "running or pending": 0}
+    for state, hit in zip(states, diverged, strict=True):
+        if state == "ERROR":
+            counts["errored"] += 1
+        elif hit:
+            counts["diverged"] += 1
+        elif state == "TERMINATED":
+            counts["finished"] += 1
+        else:
+            counts["running or pending"] += 1
+    return counts
+
+
+# ============================================================================ HTML
+
+
+def script_json(value: Any) -> str:
+    """JSON text that is safe inside <script>: no `<`, `>` or `&` can close or open an element."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text.translate(_JSON_ESCAPES)
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def render_html(
+    results: Results,
+    drawn: dict[str, go.Figure],
+    experiment: str,
+    metric: str,
+    target: tuple[str, float] | None,
+    x: str = "step",
+) -> str:
+    """The whole report page as text; `experiment` is the folder's path or URI."""
+    sweep = results.sweep or {}
+    name = sweep.get("name") or experiment.rstrip("/").rsplit("/", 1)[-1]
+    plots = "\n".join(
+        f'<div class="plot" id="plot-{_e(key)}"></div>\n'
+        f'<script type="application/json" id="fig-{_e(key)}">{script_json(fig.to_json())}</script>'
+        for key, fig in drawn.items()
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{_e(name)} · lbs-tune report</title>
+<style>{_STYLE}</style>
+<script>{plotly.offline.get_plotlyjs()}</script>
+</head>
+<body>
+{_header(results, name, experiment, target)}
+<h2>Figures</h2>
+{plots}
+<h2>Trials</h2>
+{_table(results, metric, target, x)}
+<script>{_SCRIPT}</script>
+</body>
+</html>
+"""
+
+
+def _header(results: Results, name: str, experiment: str, target: tuple[str, float] | None) -> str:
+    sweep = results.sweep or {}
+    counts = trial_counts(results.trials)
+    facts = {
+        "experiment": experiment,
+        "git commit": sweep.get("git_commit"),
+        "lbs-tune": sweep.get("lbs_tune_version"),
+        "command": sweep.get("command") and shlex.join(sweep["command"]),
+        "started": sweep.get("started"),
+        "ended": sweep.get("ended") or ("running (not ended)" if sweep else None),
+        "runs": len(sweep["runs"]) if sweep.get("runs") else None,
+        "target": target and f"{target[0]} {figures.comparison(target[0])} {target[1]:g}",
+        "report written": datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    rows = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts.items() if v is not None)
+    summary = ", ".join(f"{n} {label}" for label, n in counts.items())
+    spec = sweep.get("spec")
+    spec_block = (
+        f"<details><summary>sweep spec</summary><pre>{_e(json.dumps(spec, indent=2))}</pre>"
+        "</details>"
+        if spec
+        else ""
+    )
+    return (
+        f"<header><h1>{_e(name)}</h1>"
+        f"<p>{_e((sweep.get('spec') or {}).get('description'))}</p>"
+        f"<dl>{rows}</dl>"
+        f'<p class="counts">{results.trials.num_rows} trials: {_e(summary)}</p>'
+        f"{spec_block}</header>"
+    )
+
+
+def _table(results: Results, metric: str, target: tuple[str, float] | None, x: str) -> str:
+    trials, history = results
+    columns = ["trial_id", "state", *figures.varying_keys(trials), "diverged"]
+    columns += [c for c in (f"final/{metric}", f"best/{metric}") if c in trials.column_names]
+    table = trials
+    if target is not None:
+        reached = to_target(history, target[0], target[1], x)
+        index = pc.index_in(trials["trial_id"], reached["trial_id"])
+        label = f"{x} to reach {target[0]} {figures.comparison(target[0])} {target[1]:g}"
+        table = table.append_column(label, reached[x].take(index))
+        columns.append(label)
+    columns += ["reports", "final/time_s", "final/device", "error"]
+    columns = [c for c in columns if c in table.column_names]
+    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+    body = "\n".join(
+        "<tr>" + "".join(_cell(row[c]) for c in columns) + "</tr>"
+        for row in table.select(columns).to_pylist()
+    )
+    return (
+        f'<table class="sortable">\n<thead><tr>{head}</tr></thead>\n'
+        f"<tbody>\n{body}\n</tbody></table>"
+    )
+
+
+def _cell(value: Any) -> str:
+    """A table cell whose data-v holds the value to sort by (numbers as numbers)."""
+    if value is None:
+        return '<td data-v=""></td>'
+    if isinstance(value, bool):
+        return f'<td data-v="{int(value)}">{"yes" if value else ""}</td>'
+    if isinstance(value, float):
+        return f'<td data-v="{value!r}">{value:.4g}</td>'
+    return f'<td data-v="{_e(value)}">{_e(value)}</td>'
+
+
+_STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }
+dl { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; }
+dt { font-weight: 600; } dd { margin: 0; font-family: monospace; }
+.plot { width: 100%; min-height: 480px; }
+table { border-collapse: collapse; font-size: 13px; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; }
+th { cursor: pointer; background: #f4f4f4; position: sticky; top: 0; }
+th[data-order="asc"]::after { content: " ▲"; } th[data-order="desc"]::after { content: " ▼"; }
+pre { background: #f8f8f8; padding: 1em; overflow: auto; }
+"""
+
+_SCRIPT = """
+for (const node of document.querySelectorAll('script[type="application/json"][id^="fig-"]')) {
+  const figure = JSON.parse(node.textContent);
+  Plotly.newPlot("plot-" + node.id.slice(4), figure.data, figure.layout,
+                 {responsive: true, displaylogo: false});
+}
+function sortBy(th) {
+  const body = th.closest("table").tBodies[0], i = th.cellIndex;
+  const up = th.dataset.order !== "asc";
+  for (const other of th.parentNode.children) delete other.dataset.order;
+  th.dataset.order = up ? "asc" : "desc";
+  const key = (row) => {
+    const v = row.cells[i].dataset.v;
+    return v === "" ? null : isNaN(v) ? v : Number(v);
+  };
+  const rows = Array.from(body.rows).sort((a, b) => {
+    const p = key(a), q = key(b);
+    if (p === null || q === null) return (p === null) - (q === null);
+    return (p < q ? -1 : p > q ? 1 : 0) * (up ? 1 : -1);
+  });
+  body.append(...rows);
+}
+for (const th of document.querySelectorAll("table.sortable th")) {
+  th.addEventListener("click", () => sortBy(th));
+}
+"""
