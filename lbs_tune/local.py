@@ -2,8 +2,9 @@
 
 The folder holds `config.json` (the resolved trial config), `metrics.jsonl` (one JSON object per
 report) and `checkpoints/step_XXXXXXXX.pt`. Running again in the same folder resumes from the
-newest readable checkpoint, also after `kill -9`; reports made after that checkpoint are dropped
-from `metrics.jsonl` and made again, so the history stays continuous.
+newest readable checkpoint, also after `kill -9`: `metrics.jsonl` is rewritten from the reports
+that checkpoint holds, and the reports made after it are made again, so the history stays
+continuous.
 """
 
 from __future__ import annotations
@@ -63,27 +64,19 @@ def newest_checkpoint(folder: Path) -> dict[str, Any] | None:
     return None
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The reports in a metrics.jsonl file; an unfinished last line (crash mid-write) is dropped."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return rows
-
-
 class LocalReporter:
-    """Appends reports to metrics.jsonl, writes checkpoints, shows progress."""
+    """Appends reports to metrics.jsonl, writes checkpoints, shows progress.
 
-    def __init__(self, out: Path, keep: int | None, progress: Progress):
+    Each checkpoint also holds every report made up to it (`reports`), so a resumed run rewrites
+    metrics.jsonl from its checkpoint, whatever happened to the file after it.
+    """
+
+    def __init__(self, out: Path, keep: int | None, progress: Progress, sent: list[dict]):
         self.metrics_path = out / "metrics.jsonl"
         self.checkpoints = out / "checkpoints"
         self.keep = keep
         self.progress = progress
+        self.sent = sent
 
     def step(self, step: int, total: int) -> None:
         self.progress.step(step, total)
@@ -92,8 +85,10 @@ class LocalReporter:
         # The report goes first: a crash before the checkpoint only makes the resume redo it.
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
+        self.sent.append(metrics)
         if checkpoint is not None:
-            save_checkpoint(checkpoint, self.checkpoints / f"step_{checkpoint['step']:08d}.pt")
+            path = self.checkpoints / f"step_{checkpoint['step']:08d}.pt"
+            save_checkpoint({**checkpoint, "reports": self.sent}, path)
             if self.keep:
                 for _, old in checkpoint_files(self.checkpoints)[self.keep :]:
                     old.unlink()
@@ -128,16 +123,18 @@ def run_local(config: TrialConfig, out: Path) -> dict[str, Any]:
     _check_same_config(out, config)
     resume = newest_checkpoint(out / "checkpoints")
     metrics_path = out / "metrics.jsonl"
-    done_step = resume["step"] if resume else 0
-    kept = [row for row in read_metrics(metrics_path) if row["step"] <= done_step]
+    kept = list(resume["reports"]) if resume else []
     if resume and resume["finished"]:
-        print(f"{out}: this run already finished at step {done_step}; metrics in {metrics_path}")
+        print(
+            f"{out}: this run already finished at step {resume['step']}; metrics in {metrics_path}"
+        )
         return kept[-1] if kept else {}
     write_text_atomic(metrics_path, "".join(json.dumps(row) + "\n" for row in kept))
     if resume:
-        print(f"{out}: resuming from the checkpoint of step {done_step}")
+        print(f"{out}: resuming from the checkpoint of step {resume['step']}")
     progress = Progress()
     try:
-        return train(config, LocalReporter(out, config.keep_checkpoints, progress), resume)
+        reporter = LocalReporter(out, config.keep_checkpoints, progress, kept)
+        return train(config, reporter, resume)
     finally:
         progress.close()

@@ -25,6 +25,7 @@ from lbs_tune.storage import Location, locate
 
 SWEEP_FILE = "lbs_sweep.json"
 DEFAULT_STORAGE = "results"
+SYNC_PERIOD_S = 10
 
 
 def now_iso() -> str:
@@ -277,6 +278,9 @@ def execute(spec: SweepSpec, experiment: Location, recorded: dict | None, **ray_
                 storage_path=experiment.parent().uri,
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
+                # Trial files reach the storage from the driver's staging folder at most every
+                # sync_period (Ray's default is 5 minutes): keep status and reports current.
+                sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
             ),
         )
     results = tuner.fit()

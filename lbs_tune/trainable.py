@@ -42,9 +42,10 @@ def placement(config: dict[str, Any], cpu: float, gpu_by_batch) -> tune.Placemen
 class RayReporter:
     """Sends the loop's reports to Ray Tune, with checkpoints, host/GPU facts and gauges."""
 
-    def __init__(self, where: dict[str, Any], tags: dict[str, str]):
+    def __init__(self, where: dict[str, Any], tags: dict[str, str], sent: list[dict[str, Any]]):
         self.where = where
         self.tags = tags
+        self.sent = sent
         self.gauges = {
             key: Gauge(name, description=f"lbs-tune trial {key}", tag_keys=GAUGE_TAGS)
             for key, name in GAUGES.items()
@@ -58,11 +59,12 @@ class RayReporter:
             if metrics.get(key) is not None:
                 gauge.set(float(metrics[key]), tags=self.tags)
         result = {**metrics, **self.where}
+        self.sent.append(result)
         if checkpoint is None:
             tune.report(result)
             return
         with tempfile.TemporaryDirectory(prefix="lbs-ckpt-") as folder:
-            save_checkpoint(checkpoint, Path(folder) / CHECKPOINT_FILE)
+            save_checkpoint({**checkpoint, "reports": self.sent}, Path(folder) / CHECKPOINT_FILE)
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
@@ -99,4 +101,10 @@ def train_trial(params: dict[str, Any], cpus: float = 1.0) -> None:
         "trial": context.get_trial_id(),
         "batch_size": str(config.batch_size),
     }
-    train(config, RayReporter(where, tags), resume)
+    sent = list(resume["reports"]) if resume else []
+    # Ray's result.json on the storage may lag the trial (it is synced from the driver now and
+    # then, and a restart copies the storage's copy back): send again every report up to the
+    # checkpoint, so none is lost. Readers keep the last report of each step.
+    for row in sent:
+        tune.report({**row, "replayed": True})
+    train(config, RayReporter(where, tags, sent), resume)

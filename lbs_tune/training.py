@@ -99,8 +99,11 @@ def train(
     """Run one trial to the end of its budget (or its divergence); return the last metrics.
 
     `resume` is a checkpoint state written by an earlier run of the same config; the run then
-    continues exactly where that one stopped (bit for bit on the CPU).
+    continues exactly where that one stopped (bit for bit on the CPU). A finished state (its
+    budget done, or diverged) returns at once, with no report.
     """
+    if resume is not None and resume["finished"]:
+        return {}
     # ---------------------------------------------------------------- Setup
     device = resolve_device(config.device)
     precision = resolve_precision(config, device)

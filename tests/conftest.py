@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,10 +146,146 @@ def ray_cluster(data_dir, tmp_path_factory):
                 time.sleep(1)
         yield cluster
     finally:
-        ray.shutdown()
-        os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
+            ray.shutdown()
+        finally:
+            # Ray's processes may ignore SIGTERM while they shut down; a test run leaves none.
             os.killpg(head.pid, signal.SIGKILL)
-        log.close()
+            head.wait()
+            log.close()
+
+
+# ---------------------------------------------------------------------------- Real sweeps
+
+QUICKSTART = Path(__file__).parent.parent / "sweeps" / "quickstart.yaml"
+# A string that must reach every page as text, never as markup.
+HOSTILE = "<script>alert(1)</script>"
+# quickstart.yaml, tiny: 12 trials of 4 epochs (5760 examples) on 1440 training examples.
+# lr.base 0.1 scaled linearly to 1.6 at B=256 pushes seed 0's train loss past the bound of 3
+# at step 6 (deterministic on the CPU); every other trial stays below 2.6. Two at a time: two
+# actors, each importing torch once, train all twelve, one torch thread each. 0.25 of a (fake)
+# GPU each, so that trials carry GPU ids. eval_batch_size 64: a key that ends in batch_size.
+QUICKSTART_TINY = [
+    f"base.data.samples={TINY_MNIST1D}",
+    "base.examples=5760",
+    "base.eval_batch_size=64",
+    "base.lr.base=0.1",
+    "base.divergence_loss=3",
+    "grid.batch_size=[16, 64, 256]",
+    "grid.lr.scaling=[none, linear]",
+    "grid.seed=[0, 1]",
+    "target.value=0.3",
+    "max_concurrent=2",
+    "resources.gpu=0.25",
+    f"description=quickstart, tiny {HOSTILE}",
+]
+
+
+@pytest.fixture(scope="session")
+def quickstart_experiment(ray_cluster, tmp_path_factory) -> Path:
+    """sweeps/quickstart.yaml run once per test run (QUICKSTART_TINY); copy it to change it."""
+    from lbs_tune.runner import run
+
+    storage = tmp_path_factory.mktemp("quickstart")
+    assert run(QUICKSTART, QUICKSTART_TINY, storage=str(storage), address=ray_cluster.address) == 0
+    return storage / "quickstart"
+
+
+@dataclass(frozen=True)
+class WatchedSweep:
+    """A sweep's folder, and what `status` and `where batch_size=16` answered while it ran."""
+
+    folder: Path
+    snapshots: list[tuple[str, list[str]]]
+    failures: list[Exception]
+
+
+@pytest.fixture(scope="session")
+def broken_sweep(ray_cluster, tmp_path_factory) -> WatchedSweep:
+    """Two trials, one at a time, with a data folder whose path holds HOSTILE: 720 steps on
+    synthetic data finish, then a CIFAR-10 trial fails for real (no CIFAR-10 files there) and
+    ends in ERROR. A thread asks `status` and `where` every 0.1 s while the sweep runs."""
+    from lbs_tune.runner import run
+    from lbs_tune.status import status, where
+
+    storage = tmp_path_factory.mktemp("broken")
+    folder = storage / "broken"
+    data = storage / f"data {HOSTILE}"
+    data.mkdir(parents=True)
+    overrides = [
+        *QUICKSTART_TINY,
+        "name=broken",
+        f"base.data.dir={data}",
+        "base.data.shape=[40]",
+        "base.examples=11520",
+        "grid.batch_size=[16]",
+        "grid.lr.scaling=[none]",
+        "grid.seed=[0]",
+        "grid.dataset=[synthetic, cifar10]",
+        "max_concurrent=1",
+        "max_failures=0",
+    ]
+    snapshots, failures, stop = [], [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            if (folder / "lbs_sweep.json").exists():
+                # An exception raised in this thread would vanish: keep it for the tests.
+                try:
+                    snapshots.append((status(str(folder)), where(str(folder), ["batch_size=16"])))
+                except Exception as exc:
+                    failures.append(exc)
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    with pytest.MonkeyPatch.context() as patch:
+        # Ray copies trial results and states into the experiment folder when it saves the
+        # experiment state, every 10 s or more by default: every second here, for a short sweep.
+        patch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "1")
+        try:
+            code = run(QUICKSTART, overrides, storage=str(storage), address=ray_cluster.address)
+        finally:
+            stop.set()
+            watcher.join()
+    assert code == 1
+    return WatchedSweep(folder, snapshots, failures)
+
+
+@pytest.fixture(scope="session")
+def broken_experiment(broken_sweep) -> Path:
+    """The folder of `broken_sweep`: one finished trial, one in ERROR."""
+    return broken_sweep.folder
+
+
+@dataclass(frozen=True)
+class RawTrial:
+    """One trial of an experiment folder as read with plain json, for expected values."""
+
+    trial_id: str
+    state: str
+    folder: Path
+    config: dict
+    reports: list[dict]  # result.json in step order; of a step reported twice, the last
+
+    @property
+    def key(self) -> tuple:
+        return (self.config["batch_size"], self.config["lr"]["scaling"], self.config["seed"])
+
+
+def raw_trials(experiment: Path) -> list[RawTrial]:
+    """The trials of Ray's newest experiment state, ordered by trial id."""
+    state = json.loads(max(experiment.glob("experiment_state-*.json")).read_text())
+    found = []
+    for trial_json, _ in state["trial_data"]:
+        trial = json.loads(trial_json)
+        folder = experiment / trial["relative_logdir"]
+        result = folder / "result.json"
+        by_step = {}
+        for line in result.read_text().splitlines() if result.exists() else []:
+            row = json.loads(line)
+            by_step[row["step"]] = row
+        config = json.loads((folder / "params.json").read_text())
+        reports = [by_step[s] for s in sorted(by_step)]
+        found.append(RawTrial(trial["trial_id"], trial["status"], folder, config, reports))
+    return sorted(found, key=lambda t: t.trial_id)
