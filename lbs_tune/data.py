@@ -292,15 +292,16 @@ class BatchSampler:
     def __init__(self, size: int, batch_size: int, seed: int, device: torch.device):
         self.size, self.batch_size, self.device = size, batch_size, device
         self.steps_per_epoch = steps_per_epoch(size, batch_size)
-        self.generator = torch.Generator().manual_seed(seed)
+        # On the training device: a new epoch's order costs no host-device transfer.
+        self.generator = torch.Generator(device=device).manual_seed(seed)
         self.epoch = -1
-        self.perm = torch.empty(0, dtype=torch.int64)
+        self.perm = torch.empty(0, dtype=torch.int64, device=device)
 
     def batch(self, step: int) -> torch.Tensor:
         """The training-set indices of the batch of 0-based `step`, on the device."""
         epoch, i = divmod(step, self.steps_per_epoch)
         while self.epoch < epoch:
-            self.perm = torch.randperm(self.size, generator=self.generator).to(self.device)
+            self.perm = torch.randperm(self.size, generator=self.generator, device=self.device)
             self.epoch += 1
         return self.perm[i * self.batch_size : (i + 1) * self.batch_size]
 
