@@ -39,6 +39,8 @@ SEED = "seed"
 # What a trial config without these keys means (the TrialConfig defaults).
 DEFAULTS = {RULE: LRConfig().scaling, BATCH: TrialConfig.model_fields[BATCH].default}
 DIVERGED_MARKER = {"symbol": "x", "size": 11, "color": "crimson"}
+EVALUATION_SPLITS = ("train", "val", "test")
+RULE_DASHES = ("solid", "dash", "dot", "dashdot")
 
 
 class Curve(NamedTuple):
@@ -78,6 +80,14 @@ class LearningCurves(NamedTuple):
     x: str
     panels: list[str]
     curves: list[Curve]
+
+
+class EvaluationCurves(NamedTuple):
+    """The checkpoints' metrics (`lbs-tune evaluate`): one LearningCurves per `<split>/loss` and
+    `<split>/accuracy` present, losses first, splits in train, val, test order."""
+
+    splits: list[str]
+    curves: list[LearningCurves]
 
 
 class MetricVsBatchSize(NamedTuple):
@@ -240,38 +250,64 @@ def plot_learning_curves(data: LearningCurves) -> go.Figure:
     for curve in data.curves:
         col = panels.index(curve.panel) + 1
         colour = _batch_colour(curve.batch_size, sizes)
-        group = f"B={curve.batch_size}"
-        fig.add_trace(
-            go.Scatter(
-                x=curve.x + curve.x[::-1],
-                y=curve.high + curve.low[::-1],
-                fill="toself",
-                fillcolor=_transparent(colour),
-                line={"width": 0},
-                hoverinfo="skip",
-                name=f"{group} min–max",
-                legendgroup=group,
-                showlegend=False,
-            ),
-            row=1,
-            col=col,
-        )
-        fig.add_trace(
-            go.Scatter(
-                x=curve.x,
-                y=curve.median,
-                mode="lines",
-                line={"color": colour},
-                name=group,
-                legendgroup=group,
-                showlegend=col == 1,
-            ),
-            row=1,
-            col=col,
-        )
+        for part in _curve_traces(curve, f"B={curve.batch_size}", {"color": colour}, col == 1):
+            fig.add_trace(part, row=1, col=col)
     fig.update_xaxes(title_text=data.x)
     fig.update_yaxes(title_text=data.metric, col=1)
     fig.update_layout(title=f"{data.metric} during training (median and min–max over seeds)")
+    return fig
+
+
+# ============================================================================ Checkpoints
+
+
+def evaluation_curves(trials: pa.Table, evaluation: pa.Table) -> EvaluationCurves:
+    """Loss and accuracy of every evaluated checkpoint (rows of evaluation.parquet: trial_id,
+    step, split, loss, accuracy) against its step, per split; as in `learning_curves`, a curve
+    per LR rule and batch size with median and band over seeds."""
+    present = set(evaluation["split"].to_pylist())
+    splits = [s for s in EVALUATION_SPLITS if s in present]
+    metrics = [f"{split}/{kind}" for kind in ("loss", "accuracy") for split in splits]
+    wide: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in evaluation.to_pylist():
+        row = wide.setdefault(
+            (r["trial_id"], r["step"]),
+            {"trial_id": r["trial_id"], "step": r["step"]} | dict.fromkeys(metrics),
+        )
+        row[f"{r['split']}/loss"], row[f"{r['split']}/accuracy"] = r["loss"], r["accuracy"]
+    schema = pa.schema(
+        [("trial_id", pa.string()), ("step", pa.int64())] + [(m, pa.float64()) for m in metrics]
+    )
+    table = pa.Table.from_pylist([wide[k] for k in sorted(wide)], schema)
+    return EvaluationCurves(splits, [learning_curves(trials, table, m) for m in metrics])
+
+
+def plot_evaluation_curves(data: EvaluationCurves) -> go.Figure:
+    """Losses in the top row, accuracies below, a column per split; colour runs over
+    log2(batch size), the dash tells the LR rule."""
+    columns = len(data.splits) or 1
+    fig = make_subplots(
+        rows=2, cols=columns, subplot_titles=[c.metric for c in data.curves], shared_xaxes=True
+    )
+    sizes = sorted({c.batch_size for lc in data.curves for c in lc.curves})
+    rules = sorted({c.panel for lc in data.curves for c in lc.curves})
+    for number, lc in enumerate(data.curves):
+        row, col = divmod(number, columns)
+        for curve in lc.curves:
+            line = {
+                "color": _batch_colour(curve.batch_size, sizes),
+                "dash": RULE_DASHES[rules.index(curve.panel) % len(RULE_DASHES)],
+            }
+            name = f"B={curve.batch_size} {curve.panel}"
+            # Checkpoints are few: markers show where each one is.
+            for part in _curve_traces(curve, name, line, number == 0, "lines+markers"):
+                fig.add_trace(part, row=row + 1, col=col + 1)
+    fig.update_xaxes(title_text="checkpoint step", row=2)
+    fig.update_yaxes(title_text="loss", row=1, col=1)
+    fig.update_yaxes(title_text="accuracy", row=2, col=1)
+    fig.update_layout(
+        title="checkpoints evaluated by lbs-tune evaluate (median and min–max over seeds)"
+    )
     return fig
 
 
@@ -525,6 +561,33 @@ def _transparent(colour: str) -> str:
 def _rule_colour(rule: str, rules: list[str]) -> str:
     palette = plotly.colors.qualitative.Plotly
     return palette[sorted(rules).index(rule) % len(palette)] if rule in rules else palette[0]
+
+
+def _curve_traces(
+    curve: Curve, name: str, line: dict[str, str], show: bool, mode: str = "lines"
+) -> tuple[go.Scatter, go.Scatter]:
+    """A curve's min–max band (behind) and its median, in one legend group named `name`."""
+    band = go.Scatter(
+        x=curve.x + curve.x[::-1],
+        y=curve.high + curve.low[::-1],
+        fill="toself",
+        fillcolor=_transparent(line["color"]),
+        line={"width": 0},
+        hoverinfo="skip",
+        name=f"{name} min–max",
+        legendgroup=name,
+        showlegend=False,
+    )
+    median = go.Scatter(
+        x=curve.x,
+        y=curve.median,
+        mode=mode,
+        line=line,
+        name=name,
+        legendgroup=name,
+        showlegend=show,
+    )
+    return band, median
 
 
 def _line_trace(line: Line, colour: str, show: bool = True) -> go.Scatter:

@@ -2,9 +2,10 @@
 
 Only text files are read: the newest `experiment_state-*.json` (trial ids, states, configs), each
 trial folder's `result.json`, `params.json` and `error.txt`, and our `lbs_sweep.json`; no pickle
-is ever opened. The `result.json` files are read as bytes, joined and parsed by one
-`pyarrow.json.read_json` call. Both tables are cached as Parquet in `<experiment>/.lbs_cache/`
-beside a manifest of the size and mtime of every file read; a changed file rebuilds them.
+is ever opened (`load_evaluation` reads the Parquet table of `lbs-tune evaluate`). The
+`result.json` files are read as bytes, joined and parsed by one `pyarrow.json.read_json` call.
+Both tables are cached as Parquet in `<experiment>/.lbs_cache/` beside a manifest of the size
+and mtime of every file read; a changed file rebuilds them.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from lbs_tune.spec import METRICS, flatten
 from lbs_tune.storage import Location, locate
 
 SWEEP_FILE = "lbs_sweep.json"
+EVALUATION_FILE = "evaluation.parquet"
 RESULT_FILE = "result.json"
 PARAMS_FILE = "params.json"
 ERROR_FILE = "error.txt"
@@ -37,7 +39,7 @@ TRIAL_FILES = (RESULT_FILE, PARAMS_FILE, ERROR_FILE)
 STATE_FILE = re.compile(r"^experiment_state-.*\.json$")
 CACHE_DIR = ".lbs_cache"
 # Part of the manifest: a new table layout makes every old cache stale.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 SWEEP_KEY = b"lbs_sweep"
 # One read_json call parses up to this many bytes; bigger sweeps are parsed in chunks of it.
 CHUNK_BYTES = 256 * 2**20
@@ -47,6 +49,16 @@ FINISHED = ("TERMINATED", "ERROR")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 _MEASURES = [m for m in METRICS if m not in ("step", "epoch", "examples", "diverged")]
+# `lbs-tune evaluate`'s table: one row per checkpoint and split.
+EVALUATION_SCHEMA = pa.schema(
+    [
+        ("trial_id", pa.string()),
+        ("step", pa.int64()),
+        ("split", pa.string()),
+        ("loss", pa.float64()),
+        ("accuracy", pa.float64()),
+    ]
+)
 # The report fields we read; the rest of a line (Ray's nested `config` above all) is skipped.
 REPORT_SCHEMA = pa.schema(
     [("trial_id", pa.string()), ("step", pa.int64()), ("epoch", pa.float64())]
@@ -55,12 +67,16 @@ REPORT_SCHEMA = pa.schema(
     + [(m, pa.float64()) for m in _MEASURES]
     + [("diverged", pa.bool_()), ("host", pa.string()), ("node_id", pa.string())]
     + [("gpu_ids", pa.string())]
-    + [("device", pa.string())]
+    + [("device", pa.string()), ("checkpoint_dir_name", pa.string())]
 )
 _PARSE = pajson.ParseOptions(explicit_schema=REPORT_SCHEMA, unexpected_field_behavior="ignore")
 _READ = pajson.ReadOptions(block_size=BLOCK_BYTES)
 # Per-trial values that `final/<field>` columns carry (the value at the trial's last report).
-FINAL_FIELDS = [f for f in REPORT_SCHEMA.names if f not in ("trial_id", "training_iteration")]
+FINAL_FIELDS = [
+    f
+    for f in REPORT_SCHEMA.names
+    if f not in ("trial_id", "training_iteration", "checkpoint_dir_name")
+]
 # The trials table's own columns; the config keys and the final/ and best/ columns follow them.
 TRIAL_FIELDS = (
     "trial_id",
@@ -81,7 +97,8 @@ class Results(NamedTuple):
 
     `trials`: one row per trial (TRIAL_FIELDS, the config as dotted columns, `final/<field>`
     and `best/<metric>`); `history`: one row per report (trial_id, step, epoch, examples, Ray's
-    training_iteration and timestamp, time_s, the metrics, host, gpu_ids, device).
+    training_iteration and timestamp, time_s, the metrics, host, gpu_ids, device, and Ray's
+    checkpoint_dir_name where the report came with a checkpoint).
     """
 
     trials: pa.Table
@@ -137,6 +154,14 @@ def export(source: Any, out_dir: str | Path) -> list[str]:
         _write_parquet(target, table)
         written.append(target.uri)
     return written
+
+
+def load_evaluation(source: Any) -> pa.Table | None:
+    """The experiment's evaluation.parquet (written by `lbs-tune evaluate`), None without one."""
+    target = experiment_location(source).join(EVALUATION_FILE)
+    if not target.exists():
+        return None
+    return _read_parquet(target).cast(EVALUATION_SCHEMA)
 
 
 def config_columns(trials: pa.Table) -> list[str]:
@@ -379,6 +404,8 @@ def _history(reports: pa.Table, rank: np.ndarray, ids: list[str]) -> pa.Table:
 
 
 def _seconds_to_time(seconds: pa.Array | pa.ChunkedArray) -> pa.Array:
+    # Ray writes -inf as the last result time of a trial that never reported.
+    seconds = pc.if_else(pc.is_finite(seconds), seconds, None)
     milliseconds = pc.multiply(seconds, 1000.0)
     return pc.cast(milliseconds, pa.int64(), safe=False).cast(_TIME)
 

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from analysis import figures
-from analysis.load import Results, experiment_location, load
+from analysis.load import Results, experiment_location, load, load_evaluation
 from analysis.metrics import to_target
 from lbs_tune.errors import UserError
 from lbs_tune.spec import METRICS, did_you_mean
@@ -64,7 +64,9 @@ def write_report(
     `target` (metric, value) defaults to the sweep spec's target; `x` is the learning curves'
     axis (step, examples or epoch). With `static`, every figure is also written there as
     PNG, PDF and SVG when kaleido and Chrome are available; otherwise one line on stderr says
-    what is missing. Works on a running sweep (whatever results exist so far).
+    what is missing. Works on a running sweep (whatever results exist so far). When
+    `lbs-tune evaluate` has written `<experiment>/evaluation.parquet`, the checkpoints' loss and
+    accuracy curves per split are added.
     """
     if x not in X_AXES:
         raise UserError(f"x axis '{x}': choose one of {', '.join(X_AXES)}")
@@ -74,7 +76,7 @@ def write_report(
     metric = (spec.get("metric") or {}).get("name") or "val/accuracy"
     if target is None and spec.get("target"):
         target = (spec["target"]["metric"], spec["target"]["value"])
-    drawn = build_figures(results, metric, target, x)
+    drawn = build_figures(results, metric, target, x, load_evaluation(source))
     if out is None:
         remote = Path(f"{where.name}-report.html")
         out = Path(where.path) / REPORT_FILE if where.is_local else remote
@@ -89,9 +91,14 @@ def write_report(
 
 
 def build_figures(
-    results: Results, metric: str, target: tuple[str, float] | None, x: str = "step"
+    results: Results,
+    metric: str,
+    target: tuple[str, float] | None,
+    x: str = "step",
+    evaluation: pa.Table | None = None,
 ) -> dict[str, go.Figure]:
-    """The report's figures by id, in page order (steps-to-target only with a target)."""
+    """The report's figures by id, in page order (steps-to-target only with a target, the
+    checkpoints' curves only with an `evaluation` table from `lbs-tune evaluate`)."""
     trials, history = results
     drawn = {
         "learning-curves": figures.plot_learning_curves(
@@ -101,6 +108,10 @@ def build_figures(
     if metric != "train/loss":
         drawn["loss-curves"] = figures.plot_learning_curves(
             figures.learning_curves(trials, history, "train/loss", x)
+        )
+    if evaluation is not None and evaluation.num_rows:
+        drawn["evaluation"] = figures.plot_evaluation_curves(
+            figures.evaluation_curves(trials, evaluation)
         )
     drawn["metric-vs-batch-size"] = figures.plot_metric_vs_batch_size(
         figures.metric_vs_batch_size(trials, metric)

@@ -1,14 +1,17 @@
 """`lbs-tune evaluate`: every checkpoint of every trial, on the chosen splits, into Parquet.
 
 Each checkpoint is evaluated with its trial's own model and dataset config (from params.json)
-and written to `<experiment>/evaluation.parquet`: trial_id, step, split, loss, accuracy.
-Checkpoints already in that table are skipped, so running it again only adds what is new.
+and written to `<experiment>/evaluation.parquet`: trial_id, step, split, loss, accuracy (a loss
+that is NaN or inf is null, as in the reports). Checkpoints already in that table are skipped
+without being read (their step comes from the trial's reports), so running it again only adds
+what is new.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import sys
 from typing import Any
@@ -17,6 +20,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from analysis.load import EVALUATION_FILE, EVALUATION_SCHEMA, load_evaluation
 from lbs_tune.checkpoints import CHECKPOINT_FILE, load_checkpoint
 from lbs_tune.data import DeviceData, load_dataset
 from lbs_tune.errors import UserError
@@ -25,17 +29,7 @@ from lbs_tune.spec import TrialConfig
 from lbs_tune.storage import Location
 from lbs_tune.training import evaluate, resolve_device, resolve_precision
 
-EVALUATION_FILE = "evaluation.parquet"
 SPLITS = ("train", "val", "test")
-SCHEMA = pa.schema(
-    [
-        ("trial_id", pa.string()),
-        ("step", pa.int64()),
-        ("split", pa.string()),
-        ("loss", pa.float64()),
-        ("accuracy", pa.float64()),
-    ]
-)
 CHECKPOINT_DIR = re.compile(r"^checkpoint_\d+$")
 
 
@@ -48,28 +42,24 @@ def parse_splits(text: str) -> tuple[str, ...]:
     return splits
 
 
-def read_evaluation(experiment: Location) -> pa.Table:
-    """The evaluation table of an experiment (empty if none was written yet)."""
-    target = experiment.join(EVALUATION_FILE)
-    if not target.exists():
-        return SCHEMA.empty_table()
-    with experiment.fs.open_input_file(target.path) as f:
-        return pq.ParquetFile(f).read().cast(SCHEMA)
-
-
-def _checkpoints(experiment: Location, folder: str) -> list[Location]:
+def _checkpoints(experiment: Location, folder: str) -> list[tuple[str, Location]]:
+    """(folder name, checkpoint file) of each checkpoint of a trial, oldest first."""
     trial = experiment.join(folder)
     try:
         infos = experiment.fs.get_file_info(pafs.FileSelector(trial.path))
     except (FileNotFoundError, OSError):
         return []
     names = sorted(i.base_name for i in infos if CHECKPOINT_DIR.match(i.base_name))
-    return [trial.join(name, CHECKPOINT_FILE) for name in names]
+    return [(name, trial.join(name, CHECKPOINT_FILE)) for name in names]
 
 
 def _load(location: Location) -> dict[str, Any]:
     with location.fs.open_input_stream(location.path) as f:
         return load_checkpoint(location.uri, io.BytesIO(f.readall()))
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def evaluate_experiment(source: str, splits: tuple[str, ...] = SPLITS, device: str = "auto") -> str:
@@ -78,23 +68,31 @@ def evaluate_experiment(source: str, splits: tuple[str, ...] = SPLITS, device: s
     from analysis.load import experiment_location
 
     experiment = experiment_location(source)
-    done = read_evaluation(experiment)
+    earlier = load_evaluation(source)
+    done = EVALUATION_SCHEMA.empty_table() if earlier is None else earlier
     seen = set(zip(*(done[c].to_pylist() for c in ("trial_id", "step", "split")), strict=True))
+    results = load(source)
+    reported = results.history.select(["trial_id", "checkpoint_dir_name", "step"]).to_pylist()
+    step_of = {(r["trial_id"], r["checkpoint_dir_name"]): r["step"] for r in reported}
     torch_device = resolve_device(device)
     datasets: dict[str, DeviceData] = {}
     rows = []
-    for trial in load(source).trials.to_pylist():
+    for trial in results.trials.to_pylist():
+        trial_id = trial["trial_id"]
         params = experiment.join(trial["folder"], "params.json")
         if not params.exists():
             continue
         config = TrialConfig.model_validate(json.loads(params.read_text()))
-        for checkpoint in _checkpoints(experiment, trial["folder"]):
+        for name, checkpoint in _checkpoints(experiment, trial["folder"]):
+            step = step_of.get((trial_id, name))
+            if step is not None and all((trial_id, step, s) in seen for s in splits):
+                continue
             try:
                 state = _load(checkpoint)
             except UserError as exc:
                 print(f"lbs-tune: warning: {exc}; skipped it", file=sys.stderr)
                 continue
-            todo = [s for s in splits if (trial["trial_id"], state["step"], s) not in seen]
+            todo = [s for s in splits if (trial_id, state["step"], s) not in seen]
             if not todo:
                 continue
             key = json.dumps([config.dataset, config.data.model_dump(mode="json")])
@@ -112,15 +110,19 @@ def evaluate_experiment(source: str, splits: tuple[str, ...] = SPLITS, device: s
                 if part is None:
                     continue
                 loss, accuracy = evaluate(model, data, part, config.eval_batch_size, precision)
-                rows.append((trial["trial_id"], state["step"], split, loss, accuracy))
-    new = pa.Table.from_pylist([dict(zip(SCHEMA.names, r, strict=True)) for r in rows], SCHEMA)
+                rows.append((trial_id, state["step"], split, _finite(loss), accuracy))
+    target = experiment.join(EVALUATION_FILE)
+    print(f"evaluated {len(rows)} checkpoint splits ({len(done)} were done before) -> {target.uri}")
+    if not rows and earlier is not None:
+        return target.uri
+    new = pa.Table.from_pylist(
+        [dict(zip(EVALUATION_SCHEMA.names, r, strict=True)) for r in rows], EVALUATION_SCHEMA
+    )
     table = pa.concat_tables([done, new]).sort_by(
         [("trial_id", "ascending"), ("step", "ascending")]
     )
-    target = experiment.join(EVALUATION_FILE)
     temp = target.path + ".tmp" if target.is_local else target.path
     pq.write_table(table, temp, filesystem=experiment.fs)
     if temp != target.path:
         experiment.fs.move(temp, target.path)
-    print(f"evaluated {len(rows)} checkpoint splits ({len(done)} were done before) -> {target.uri}")
     return target.uri

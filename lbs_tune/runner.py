@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import subprocess
 import sys
 import time
@@ -183,13 +182,15 @@ def prepare_data(spec: SweepSpec) -> None:
 
 
 def start_ray(address: str | None = None, cpus: int | None = None, gpus: int | None = None) -> None:
-    """Join the cluster at `address`, or start a local one with the dashboard on."""
+    """Join the cluster at `address`, or start a local one with the dashboard on.
+
+    Trials see the environment of the node they run on: a local cluster's nodes inherit this
+    process's (LBS_DATA_DIR included); a cluster's nodes have their own (see docker/).
+    """
     import ray
 
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in ("LBS_DATA_DIR",) if k in os.environ}
-    runtime_env = {"env_vars": env} if env else None
     if address:
         # Ray turns token auth on by itself only for clusters it finds; with an explicit address
         # it must be told, so use the token whenever one is there (RAY_AUTH_MODE still wins).
@@ -199,7 +200,7 @@ def start_ray(address: str | None = None, cpus: int | None = None, gpus: int | N
 
         maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
         try:
-            context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+            context = ray.init(address=address, log_to_driver=True)
         except (ConnectionError, ValueError, RuntimeError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UserError(
@@ -213,7 +214,6 @@ def start_ray(address: str | None = None, cpus: int | None = None, gpus: int | N
             num_gpus=gpus,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
-            runtime_env=runtime_env,
         )
     if context.dashboard_url:
         print(f"Ray dashboard: http://{context.dashboard_url}")

@@ -6,16 +6,17 @@ running sweep, a crashed one and a finished one, local or at a storage URI.
 
 from __future__ import annotations
 
-import re
+import json
+import math
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import yaml
 
 from lbs_tune.data import DATASETS
 from lbs_tune.errors import UserError
-from lbs_tune.spec import TrialConfig, did_you_mean, set_dotted, total_steps
-
-CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)$")
+from lbs_tune.spec import SweepSpec, TrialConfig, did_you_mean, set_dotted, total_steps
 
 
 def _nested(row: dict[str, Any], keys: list[str]) -> dict[str, Any]:
@@ -35,15 +36,20 @@ def _budget(row: dict[str, Any], keys: list[str]) -> int | None:
     return total_steps(config, DATASETS[config.dataset].train_size(config.data))
 
 
-def _newest_checkpoint(experiment, folder: str) -> str:
-    import pyarrow.fs as pafs
+def _state(row: dict[str, Any]) -> str:
+    """Ray's recorded state; where none could be read (Ray has not written its experiment
+    state yet, or is copying it right now), RUNNING if the trial has reported, else PENDING."""
+    return row["state"] or ("RUNNING" if row["reports"] else "PENDING")
 
-    try:
-        infos = experiment.fs.get_file_info(pafs.FileSelector(experiment.join(folder).path))
-    except (FileNotFoundError, OSError):
-        return "-"
-    names = [i.base_name for i in infos if CHECKPOINT_DIR.match(i.base_name)]
-    return max(names, default="-")
+
+def _checkpoints(history: pa.Table) -> dict[str, str]:
+    """Per trial id, its newest checkpoint as 'checkpoint_NNNNNN (step S)', from its reports."""
+    if "checkpoint_dir_name" not in history.column_names:
+        return {}
+    made = history.filter(pc.is_valid(history["checkpoint_dir_name"]))
+    rows = made.select(["trial_id", "step", "checkpoint_dir_name"]).to_pylist()
+    # History is in step order within each trial: the last row of a trial is its newest.
+    return {r["trial_id"]: f"{r['checkpoint_dir_name']} (step {r['step']})" for r in rows}
 
 
 def _when(value) -> str:
@@ -63,25 +69,41 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def status(source: str) -> str:
-    """The status table of an experiment: one row per trial, below a header about the sweep."""
+def _load(source: str):
+    """(experiment location, lbs_sweep.json or {}, Results or None while Ray has written no
+    trial files yet)."""
     from analysis import load
-    from analysis.load import config_columns, experiment_location
+    from analysis.load import SWEEP_FILE, experiment_location
 
     experiment = experiment_location(source)
-    results = load(source)
-    sweep = results.sweep or {}
+    try:
+        results = load(source)
+    except UserError:
+        # The runner writes its record before Ray writes anything: a sweep just started.
+        if not experiment.join(SWEEP_FILE).exists():
+            raise
+        return experiment, json.loads(experiment.join(SWEEP_FILE).read_text()), None
+    return experiment, results.sweep or {}, results
+
+
+def status(source: str) -> str:
+    """The status table of an experiment: one row per trial, below a header about the sweep."""
+    from analysis.load import config_columns
+
+    experiment, sweep, results = _load(source)
     spec = sweep.get("spec") or {}
     metric = (spec.get("metric") or {}).get("name", "val/accuracy")
-    keys = config_columns(results.trials)
+    trials = results.trials.to_pylist() if results else []
+    keys = config_columns(results.trials) if results else []
     grid = list(spec.get("grid") or {}) or [
         k for k in ("batch_size", "lr.scaling", "seed") if k in keys
     ]
-    trials = results.trials.to_pylist()
+    checkpoints = _checkpoints(results.history) if results else {}
     states: dict[str, int] = {}
-    rows = []
+    rows, errors = [], []
     for t in trials:
-        states[t["state"] or "UNKNOWN"] = states.get(t["state"] or "UNKNOWN", 0) + 1
+        state = _state(t)
+        states[state] = states.get(state, 0) + 1
         step, budget = t.get("final/step"), _budget(t, keys)
         progress = f"{step or 0}/{budget}" if budget else str(step or 0)
         where = t.get("final/host") or "-"
@@ -93,19 +115,19 @@ def status(source: str) -> str:
             [
                 t["trial_id"],
                 *(str(t.get(k)) for k in grid),
-                t["state"] or "-",
+                state,
                 progress,
                 _number(t.get(f"final/{metric}")),
                 _number(t.get(f"best/{metric}")),
                 "yes" if t["diverged"] else "no",
                 where,
                 str(t["num_failures"] or 0),
-                _newest_checkpoint(experiment, t["folder"]),
+                checkpoints.get(t["trial_id"], "-"),
                 _when(t["start_time"]),
             ]
         )
         if t["error"]:
-            rows.append(["", "error:", t["error"]] + [""] * (len(grid) + 8))
+            errors.append(f"  {t['trial_id']}: {t['error']}")
     header = [
         "trial",
         *grid,
@@ -119,7 +141,10 @@ def status(source: str) -> str:
         "last checkpoint",
         "started",
     ]
-    counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items()))
+    counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) or "none yet"
+    planned = math.prod(len(v) for v in spec["grid"].values()) if spec.get("grid") else None
+    if planned and planned > len(trials):
+        counts += f"; {planned - len(trials)} more grid points not started"
     ended = sweep.get("ended") or "running or interrupted"
     lines = [
         f"sweep {sweep.get('name', experiment.name)} at {experiment.uri}",
@@ -129,17 +154,19 @@ def status(source: str) -> str:
         "",
         _table(header, rows) if rows else "(no trials yet)",
     ]
+    if errors:
+        lines += ["", "errors:", *errors]
     return "\n".join(lines)
 
 
 def where(source: str, filters: list[str]) -> list[str]:
     """The folders of the trials whose config matches every KEY=VALUE exactly (dotted keys)."""
-    from analysis import load
-    from analysis.load import config_columns, experiment_location
+    from analysis.load import config_columns
 
-    experiment = experiment_location(source)
-    trials = load(source).trials
-    keys = config_columns(trials)
+    experiment, sweep, results = _load(source)
+    keys = config_columns(results.trials) if results else []
+    if not keys and sweep.get("spec"):
+        keys = _spec_keys(sweep["spec"])
     wanted = []
     for text in filters:
         key, sep, raw = text.partition("=")
@@ -148,18 +175,33 @@ def where(source: str, filters: list[str]) -> list[str]:
         if key not in keys:
             raise UserError(f"{text}: no config key '{key}' in this sweep{did_you_mean(key, keys)}")
         wanted.append((key, yaml.safe_load(raw) if raw else ""))
+    if results is None:
+        return []
     found = []
-    for row in trials.to_pylist():
+    for row in results.trials.to_pylist():
         if all(_equal(row.get(key), value) for key, value in wanted):
             found.append(experiment.join(row["folder"]).uri)
     return found
 
 
+def _spec_keys(spec: dict[str, Any]) -> list[str]:
+    """The dotted config keys of a sweep's trials, from its recorded spec: for the first seconds
+    of a sweep, before Ray has written any trial's config ([] for a spec this version rejects)."""
+    try:
+        sweep = SweepSpec.model_validate(spec)
+        return list(TrialConfig.model_validate(sweep.trial_dict(sweep.points()[0])).flat())
+    except ValueError:
+        return []
+
+
 def _equal(actual: Any, wanted: Any) -> bool:
-    """Exact match of a config value and a KEY=VALUE value; numbers compare as numbers."""
-    numbers = (int, float)
+    """Exact match of a config value and a KEY=VALUE value; numbers compare as numbers, also
+    those YAML reads as text (1e-3)."""
     if isinstance(actual, bool) or isinstance(wanted, bool) or actual is None or wanted is None:
         return actual == wanted
-    if isinstance(actual, numbers) and isinstance(wanted, numbers):
-        return float(actual) == float(wanted)
+    if isinstance(actual, int | float):
+        try:
+            return float(actual) == float(wanted)
+        except (TypeError, ValueError):
+            return False
     return str(actual) == str(wanted)

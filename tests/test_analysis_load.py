@@ -1,227 +1,76 @@
-"""analysis.load on a real Ray Tune experiment folder: tables, resumes, truncation, the cache.
-
-`make_experiment` runs a real `ray.tune.Tuner` whose trainable reports made-up but exact metrics
-under our names, so every number below is worked out by hand from `fake_accuracy`. It is the one
-place to swap for a real (quickstart) sweep later. test_report.py shares the folder.
+"""analysis.load on real sweep folders: the tiny quickstart sweep and the sweep with an errored
+trial (conftest), made once per test run. Every expected value is read from the trial folders
+with plain json (`raw_trials`), not through the code under test; files are broken on copies.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import json
 import shutil
-import sys
+import subprocess
 import warnings
-from datetime import UTC, datetime
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
+from conftest import HOSTILE, raw_trials
 
-from analysis import export, load
+from analysis import load
 from analysis.load import CACHE_DIR
 from lbs_tune.errors import UserError
-from lbs_tune.spec import SweepSpec, set_dotted
-
-BATCH_SIZES = [32, 128, 512]
-RULES = ["none", "linear"]
-SEEDS = [0, 1]
-REPORTS = 6
-TARGET = 0.52
-# A config string that must reach the report as text, never as markup.
-HOSTILE = "<script>alert(1)</script>"
-BASE = {
-    "dataset": "mnist1d",
-    "data": {"samples": 4000, "dir": f"/data/{HOSTILE}"},
-    "model": "mlp",
-    "batch_size": 32,
-    "seed": 0,
-    "examples": REPORTS * 512,
-    "lr": {"base": 0.05, "base_batch_size": 32, "scaling": "none"},
-    "device": "cpu",
-}
-GRID = {"batch_size": BATCH_SIZES, "lr.scaling": RULES, "seed": SEEDS}
-
-
-def fake_accuracy(batch_size: int, rule: str, seed: int, report: int) -> float:
-    """val/accuracy at report 1..6: the linear rule keeps pace at every batch size, no scaling
-    slows down as sqrt(32 / B); seed 1 is 0.05 ahead; capped at 0.9."""
-    rate = 0.2 if rule == "linear" else 0.2 * (32 / batch_size) ** 0.5
-    return min(0.9, rate * report + 0.05 * seed)
-
-
-def fake_step(batch_size: int, report: int) -> int:
-    """Reports every 512 examples: at steps 16, 32, ... for B=32 and 1, 2, ... for B=512."""
-    return report * 512 // batch_size
-
-
-def make_experiment(tmp_dir: Path) -> Path:
-    """A real Tune experiment folder of the fake sweep under `tmp_dir`, with lbs_sweep.json.
-
-    12 trials: batch size x LR rule x seed. At B=512 with the linear rule, seed 0 diverges at
-    its second report (null losses) and seed 1 raises after its second report (ERROR state).
-    """
-    from ray import cloudpickle, tune
-
-    # Trial processes cannot import this test module: send its functions along by value.
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-    def trainable(config):
-        batch, rule, seed = config["batch_size"], config["lr"]["scaling"], config["seed"]
-        lr = config["lr"]["base"] * (batch / 32 if rule == "linear" else 1.0)
-        for report in range(1, REPORTS + 1):
-            if (batch, rule, seed) == (512, "linear", 1) and report == 3:
-                raise RuntimeError(f"trial blew up {HOSTILE}")
-            diverged = (batch, rule, seed) == (512, "linear", 0) and report == 2
-            accuracy = 0.1 if diverged else fake_accuracy(batch, rule, seed, report)
-            step = fake_step(batch, report)
-            tune.report(
-                {
-                    "step": step,
-                    "epoch": report / 2,
-                    "examples": step * batch,
-                    "lr": lr,
-                    "train/loss": None if diverged else 1.1 - accuracy,
-                    "train/accuracy": accuracy - 0.05,
-                    "val/loss": None if diverged else 1.0 - accuracy,
-                    "val/accuracy": accuracy,
-                    "images_per_s": 100.0 * batch,
-                    "diverged": diverged,
-                    "time_s": 0.5 * report,
-                    "host": "fakehost",
-                    "gpu_ids": "",
-                    "device": "cpu",
-                }
-            )
-            if diverged:
-                return
-
-    space = json.loads(json.dumps(BASE))
-    for key, values in GRID.items():
-        set_dotted(space, key, tune.grid_search(values))
-    started = datetime.now(UTC).isoformat(timespec="seconds")
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": 1}),
-        param_space=space,
-        tune_config=tune.TuneConfig(reuse_actors=True),
-        run_config=tune.RunConfig(
-            name="fake",
-            storage_path=str(tmp_dir),
-            failure_config=tune.FailureConfig(max_failures=0),
-            verbose=0,
-        ),
-    )
-    tuner.fit()
-    folder = tmp_dir / "fake"
-    spec = SweepSpec(
-        name="fake",
-        description=f"made-up metrics {HOSTILE}",
-        base=BASE,
-        grid=GRID,
-        target={"metric": "val/accuracy", "value": TARGET},
-    )
-    record = {
-        "name": spec.name,
-        "spec": spec.model_dump(mode="json"),
-        "digest": spec.digest(),
-        "lbs_tune_version": "0.1.0",
-        "git_commit": "0123abc",
-        "command": ["lbs-tune", "run", "fake.yaml"],
-        "started": started,
-        "ended": datetime.now(UTC).isoformat(timespec="seconds"),
-        "storage": str(tmp_dir),
-    }
-    (folder / "lbs_sweep.json").write_text(json.dumps(record, indent=2))
-    return folder
-
-
-@functools.cache
-def _built(root: Path) -> Path:
-    return make_experiment(root / "sweeps")
-
-
-@pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the whole test run (started here unless something else started it)."""
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        # address="local": a cluster that another process started (`ray start`) is not ours.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="session")
-def experiment(ray_session, tmp_path_factory) -> Path:
-    """The fake sweep's folder, built once per test run; copy it before changing anything."""
-    return _built(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture
-def copy(experiment, tmp_path) -> Path:
-    """A private copy of the experiment folder, without its cache."""
-    target = tmp_path / "fake"
-    shutil.copytree(experiment, target, ignore=shutil.ignore_patterns(CACHE_DIR))
+def copy(quickstart_experiment, tmp_path) -> Path:
+    """A private copy of the quickstart experiment folder, without its cache."""
+    target = tmp_path / "quickstart"
+    shutil.copytree(quickstart_experiment, target, ignore=shutil.ignore_patterns(CACHE_DIR))
     return target
 
 
-def result_file(folder: Path, trial_id: str) -> Path:
-    (path,) = folder.glob(f"*{trial_id}*/result.json")
-    return path
+def trial_of(trials, trial_id: str) -> dict:
+    (row,) = [r for r in trials.to_pylist() if r["trial_id"] == trial_id]
+    return row
 
 
-def trial_of(trials, **config) -> dict:
-    rows = [r for r in trials.to_pylist() if all(r[k] == v for k, v in config.items())]
-    assert len(rows) == 1, config
-    return rows[0]
+def raw_of(experiment: Path, key: tuple):
+    (trial,) = [t for t in raw_trials(experiment) if t.key == key]
+    return trial
 
 
 # ============================================================================ Tables
 
 
-def test_trials_table_has_one_row_per_trial_with_config_state_and_finals(experiment):
-    trials, _ = load(experiment, cache=False)
-    assert trials.num_rows == 12
-    assert trials["trial_id"].to_pylist() == sorted(trials["trial_id"].to_pylist())
-    columns = trials.column_names
-    for column in ("batch_size", "lr.scaling", "lr.base", "seed", "data.dir", "state"):
-        assert column in columns
-    assert {"final/val/accuracy", "best/val/loss", "final/host", "final/device"} <= set(columns)
-
-    none_128_seed1 = trial_of(trials, **{"batch_size": 128, "lr.scaling": "none", "seed": 1})
-    assert none_128_seed1["state"] == "TERMINATED"
-    assert none_128_seed1["reports"] == REPORTS
-    assert none_128_seed1["final/val/accuracy"] == pytest.approx(0.65)
-    assert none_128_seed1["best/val/loss"] == pytest.approx(0.35)
-    assert none_128_seed1["final/step"] == 24
-    assert none_128_seed1["final/examples"] == 24 * 128
-    assert none_128_seed1["final/time_s"] == 3.0
-    assert none_128_seed1["final/host"] == "fakehost"
-    assert none_128_seed1["data.dir"] == f"/data/{HOSTILE}"
-    assert none_128_seed1["error"] is None and not none_128_seed1["diverged"]
-    assert none_128_seed1["start_time"] <= none_128_seed1["end_time"]
-
-    diverged = trial_of(trials, **{"batch_size": 512, "lr.scaling": "linear", "seed": 0})
-    assert diverged["diverged"] and diverged["state"] == "TERMINATED"
-    assert diverged["reports"] == 2
-    assert diverged["final/val/loss"] is None  # null stays null: no value, not NaN
-    assert diverged["best/val/loss"] == pytest.approx(0.8)  # from the report before
-    assert diverged["final/val/accuracy"] == pytest.approx(0.1)
-
-    errored = trial_of(trials, **{"batch_size": 512, "lr.scaling": "linear", "seed": 1})
-    assert errored["state"] == "ERROR"
-    assert errored["error"] == f"RuntimeError: trial blew up {HOSTILE}"
-    assert errored["reports"] == 2 and errored["end_time"] is not None
-    assert sum(trials["error"].is_valid().to_pylist()) == 1
+def test_trials_table_has_one_row_per_trial_with_config_state_and_finals(quickstart_experiment):
+    trials, _ = load(quickstart_experiment, cache=False)
+    raw = raw_trials(quickstart_experiment)
+    assert trials["trial_id"].to_pylist() == [t.trial_id for t in raw]
+    assert sorted(t.key for t in raw) == sorted(
+        (b, r, s) for b in (16, 64, 256) for r in ("none", "linear") for s in (0, 1)
+    )
+    for t in raw:
+        row = trial_of(trials, t.trial_id)
+        last = t.reports[-1]
+        assert row["folder"] == t.folder.name and row["state"] == t.state == "TERMINATED"
+        assert (row["batch_size"], row["lr.scaling"], row["seed"]) == t.key
+        assert row["lr.base"] == 0.1 and row["eval_batch_size"] == 64
+        assert row["reports"] == len(t.reports)
+        assert row["final/step"] == last["step"] and row["final/examples"] == last["examples"]
+        assert row["final/val/accuracy"] == last["val/accuracy"]
+        assert row["best/val/accuracy"] == max(r["val/accuracy"] for r in t.reports)
+        assert row["best/train/loss"] == min(r["train/loss"] for r in t.reports)
+        assert row["final/time_s"] == last["time_s"] and row["final/host"] == last["host"]
+        assert row["final/gpu_ids"] == last["gpu_ids"] != ""  # 0.25 of a fake GPU each
+        assert row["diverged"] is last["diverged"]
+        assert row["error"] is None and row["num_failures"] == 0
+        assert row["start_time"] <= row["end_time"]
+    # The loss bound of 3 stops exactly one trial: B=256, linear rule (LR 1.6), seed 0.
+    assert [t.key for t in raw if t.reports[-1]["diverged"]] == [(256, "linear", 0)]
+    assert trials["diverged"].to_pylist().count(True) == 1
 
 
-def test_history_has_one_row_per_report_in_step_order(experiment):
-    trials, history = load(experiment, cache=False)
-    assert history.num_rows == 10 * REPORTS + 2 + 2
+def test_history_has_one_row_per_report_in_step_order(quickstart_experiment):
+    _, history = load(quickstart_experiment, cache=False)
     assert history.column_names[:7] == [
         "trial_id",
         "step",
@@ -231,28 +80,59 @@ def test_history_has_one_row_per_report_in_step_order(experiment):
         "timestamp",
         "time_s",
     ]
-    trial = trial_of(trials, **{"batch_size": 32, "lr.scaling": "none", "seed": 0})["trial_id"]
-    rows = [r for r in history.to_pylist() if r["trial_id"] == trial]
-    assert [r["step"] for r in rows] == [16, 32, 48, 64, 80, 96]
-    assert [r["val/accuracy"] for r in rows] == pytest.approx([0.2, 0.4, 0.6, 0.8, 0.9, 0.9])
-    assert rows[0]["timestamp"].year >= 2024
     assert "config" not in history.column_names
+    raw = raw_trials(quickstart_experiment)
+    assert history.num_rows == sum(len(t.reports) for t in raw)
+    for t in raw:
+        rows = [r for r in history.to_pylist() if r["trial_id"] == t.trial_id]
+        assert [r["step"] for r in rows] == [r["step"] for r in t.reports]
+        for name in ("val/accuracy", "train/loss", "test/loss", "lr", "images_per_s"):
+            assert [r[name] for r in rows] == [r[name] for r in t.reports], name
+        assert [r["checkpoint_dir_name"] for r in rows] == [
+            r["checkpoint_dir_name"] for r in t.reports
+        ]
+        assert rows[0]["timestamp"].timestamp() == t.reports[0]["timestamp"]
+    # B=16, 5760 examples: 360 steps, a report every 45 (half an epoch of 1440).
+    b16 = raw_of(quickstart_experiment, (16, "none", 0))
+    assert [r["step"] for r in b16.reports] == [45, 90, 135, 180, 225, 270, 315, 360]
 
 
-def test_a_result_grid_loads_like_its_folder(experiment):
+def test_an_errored_trial_carries_its_error_and_no_end_time(broken_experiment):
+    trials, history = load(broken_experiment, cache=False)
+    raw = {t.config["dataset"]: t for t in raw_trials(broken_experiment)}
+    failed = trial_of(trials, raw["cifar10"].trial_id)
+    assert failed["state"] == "ERROR" and failed["reports"] == 0
+    assert failed["num_failures"] == 1
+    # Ray records -inf as the last result time of a trial that never reported.
+    assert failed["end_time"] is None and failed["start_time"] is not None
+    last_line = (raw["cifar10"].folder / "error.txt").read_text().strip().splitlines()[-1]
+    assert failed["error"] == last_line
+    assert failed["error"].startswith("lbs_tune.errors.UserError: cifar10: CIFAR-10 files missing")
+    assert f"data {HOSTILE}/cifar-10-batches-py" in failed["error"]
+    finished = trial_of(trials, raw["synthetic"].trial_id)
+    assert finished["state"] == "TERMINATED" and finished["error"] is None
+    assert history.num_rows == len(raw["synthetic"].reports)
+
+
+def test_a_result_grid_loads_like_its_folder(quickstart_experiment):
     from ray.tune import ExperimentAnalysis, ResultGrid
 
-    grid = ResultGrid(ExperimentAnalysis(str(experiment)))
-    by_grid, by_path = load(grid, cache=False), load(experiment, cache=False)
+    grid = ResultGrid(ExperimentAnalysis(str(quickstart_experiment)))
+    by_grid, by_path = load(grid, cache=False), load(quickstart_experiment, cache=False)
     assert by_grid.trials.equals(by_path.trials)
     assert by_grid.history.equals(by_path.history)
 
 
-def test_a_file_uri_loads_like_its_path_and_carries_the_sweep_record(experiment):
-    by_uri, by_path = load(f"file://{experiment}", cache=False), load(experiment, cache=False)
+def test_a_file_uri_loads_like_its_path_and_carries_the_sweep_record(quickstart_experiment):
+    by_uri = load(f"file://{quickstart_experiment}", cache=False)
+    by_path = load(quickstart_experiment, cache=False)
     assert by_uri.history.equals(by_path.history)
-    assert by_uri.sweep["spec"]["target"] == {"metric": "val/accuracy", "value": TARGET}
-    assert by_path.sweep["git_commit"] == "0123abc"
+    assert by_uri.sweep["spec"]["target"] == {"metric": "val/accuracy", "value": 0.3}
+    assert by_uri.sweep["spec"]["description"] == f"quickstart, tiny {HOSTILE}"
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert by_path.sweep["git_commit"].removesuffix("+dirty") == head
 
 
 def test_not_an_experiment_folder_is_a_user_error(tmp_path):
@@ -266,53 +146,57 @@ def test_not_an_experiment_folder_is_a_user_error(tmp_path):
 
 
 def test_a_truncated_last_line_is_skipped_with_a_warning(copy):
-    trials, _ = load(copy, cache=False)
-    trial = trial_of(trials, **{"batch_size": 128, "lr.scaling": "linear", "seed": 0})["trial_id"]
-    path = result_file(copy, trial)
+    trial = raw_of(copy, (64, "linear", 0))
+    rows = sum(len(t.reports) for t in raw_trials(copy))
+    path = trial.folder / "result.json"
     with path.open("ab") as f:
-        f.write(b'{"step": 28, "epoch": 3.5, "val/accura')
+        f.write(b'{"step": 91, "epoch": 4.1, "val/accura')
     with pytest.warns(UserWarning, match=r"result\.json: the last line is incomplete") as caught:
         trials, history = load(copy, cache=False)
-    assert path.parent.name in str(caught[0].message)
-    assert history.num_rows == 64
-    assert trial_of(trials, trial_id=trial)["final/step"] == 24
+    assert trial.folder.name in str(caught[0].message)
+    assert history.num_rows == rows
+    assert trial_of(trials, trial.trial_id)["final/step"] == 90
 
 
 def test_a_malformed_line_inside_a_file_is_skipped_and_the_rest_loaded(copy):
-    trials, _ = load(copy, cache=False)
-    trial = trial_of(trials, **{"batch_size": 32, "lr.scaling": "none", "seed": 1})["trial_id"]
-    path = result_file(copy, trial)
+    trial = raw_of(copy, (16, "none", 1))
+    rows = sum(len(t.reports) for t in raw_trials(copy))
+    path = trial.folder / "result.json"
     lines = path.read_bytes().splitlines(keepends=True)
     lines[2] = lines[2][:40] + b"\n"  # a crash mid-line, then the resumed run appended
     path.write_bytes(b"".join(lines))
     with pytest.warns(UserWarning, match="line 3 is not a valid report"):
         _, history = load(copy, cache=False)
-    steps = [r["step"] for r in history.to_pylist() if r["trial_id"] == trial]
-    assert steps == [16, 32, 64, 80, 96]
-    assert history.num_rows == 63
+    steps = [r["step"] for r in history.to_pylist() if r["trial_id"] == trial.trial_id]
+    assert steps == [45, 90, 180, 225, 270, 315, 360]
+    assert history.num_rows == rows - 1
 
 
 def test_steps_reported_again_after_a_resume_keep_their_last_row(copy):
-    trials, _ = load(copy, cache=False)
-    trial = trial_of(trials, **{"batch_size": 128, "lr.scaling": "none", "seed": 0})["trial_id"]
-    path = result_file(copy, trial)
+    trial = raw_of(copy, (64, "none", 0))
+    path = trial.folder / "result.json"
     lines = path.read_text().splitlines()
-    # Resumed from the checkpoint at step 16: steps 20 and 24 are reported again, differently.
+    # Resumed from the checkpoint at step 44: steps 55 to 90 are reported again, differently.
+    assert json.loads(lines[3])["checkpoint_dir_name"] == "checkpoint_000000"
     again = []
-    for line in lines[-2:]:
+    for line in lines[4:]:
         row = json.loads(line)
         row["val/accuracy"] += 0.01
         again.append(json.dumps(row))
     path.write_text("\n".join(lines + again) + "\n")
     trials, history = load(copy, cache=False)
-    rows = [r for r in history.to_pylist() if r["trial_id"] == trial]
-    assert [r["step"] for r in rows] == [4, 8, 12, 16, 20, 24]
-    assert [r["val/accuracy"] for r in rows][-2:] == pytest.approx([0.51, 0.61])
-    assert trial_of(trials, trial_id=trial)["final/val/accuracy"] == pytest.approx(0.61)
-    assert trial_of(trials, trial_id=trial)["reports"] == REPORTS
+    rows = [r for r in history.to_pylist() if r["trial_id"] == trial.trial_id]
+    assert [r["step"] for r in rows] == [11, 22, 33, 44, 55, 66, 77, 88, 90]
+    expected = [r["val/accuracy"] for r in trial.reports]
+    assert [r["val/accuracy"] for r in rows] == pytest.approx(
+        expected[:4] + [v + 0.01 for v in expected[4:]]
+    )
+    row = trial_of(trials, trial.trial_id)
+    assert row["final/val/accuracy"] == pytest.approx(expected[-1] + 0.01)
+    assert row["reports"] == len(trial.reports)
 
 
-# ============================================================================ Cache and export
+# ============================================================================ Cache
 
 
 def test_the_second_load_comes_from_the_parquet_cache(copy, monkeypatch):
@@ -332,25 +216,16 @@ def test_the_second_load_comes_from_the_parquet_cache(copy, monkeypatch):
 
 
 def test_a_changed_result_file_refreshes_the_cache(copy):
-    trials, _ = load(copy)
-    trial = trial_of(trials, **{"batch_size": 32, "lr.scaling": "linear", "seed": 0})["trial_id"]
-    path = result_file(copy, trial)
+    trials, history = load(copy)
+    trial = raw_of(copy, (16, "linear", 0))
+    path = trial.folder / "result.json"
     last = json.loads(path.read_text().splitlines()[-1])
-    last.update(step=112, **{"val/accuracy": 0.95})
+    last.update(step=400, **{"val/accuracy": 0.95})
     with path.open("a") as f:
         f.write(json.dumps(last) + "\n")
-    trials, history = load(copy)
-    assert trial_of(trials, trial_id=trial)["final/val/accuracy"] == 0.95
-    assert history.num_rows == 65
+    trials, again = load(copy)
+    assert trial_of(trials, trial.trial_id)["final/val/accuracy"] == 0.95
+    assert again.num_rows == history.num_rows + 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert load(copy).history.num_rows == 65
-
-
-def test_export_writes_parquet_that_pandas_reads(experiment, tmp_path):
-    paths = export(experiment, tmp_path / "out")
-    assert [Path(p).name for p in paths] == ["trials.parquet", "history.parquet"]
-    trials = pq.read_table(paths[0])
-    assert json.loads(trials.schema.metadata[b"lbs_sweep"])["name"] == "fake"
-    frame = pq.read_table(paths[1]).to_pandas()
-    assert len(frame) == 64 and frame["val/accuracy"].max() == pytest.approx(0.9)
+        assert load(copy).history.num_rows == history.num_rows + 1

@@ -1,29 +1,28 @@
-"""analysis.report and analysis.figures on the fake sweep of test_analysis_load.py.
+"""analysis.report and analysis.figures on the real sweeps of conftest: the tiny quickstart
+sweep (12 trials, one diverged) and the sweep with an errored trial.
 
-The numbers are worked out by hand from its `fake_accuracy` and `fake_step`: val/accuracy
-reaches 0.52 at the third report (0.2/report) with the linear rule at every batch size, and
-without scaling at B=32 on the third, at B=128 on the sixth (seed 0) or fifth (seed 1), never at
-B=512. Reports come every 512 examples, so at steps 16i (B=32), 4i (B=128) and i (B=512).
+The report's HTML is parsed and the figure JSON embedded in it is checked against numbers worked
+out here from the trial folders with plain json (`raw_trials`): medians over the two seeds,
+steps to the target, the peak learning rates.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
+import statistics
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
-import test_analysis_load as fake
-from test_analysis_load import HOSTILE, TARGET, result_file
+from conftest import HOSTILE, raw_trials
 
 from analysis import figures, load
 from analysis.report import parse_target, script_json, trial_counts, write_report, write_static
 from lbs_tune.errors import UserError
-
-# The fake sweep's fixtures: one Ray and one experiment folder for the whole test run.
-ray_session, experiment, copy = fake.ray_session, fake.experiment, fake.copy
 
 FIGURES = [
     "learning-curves",
@@ -34,6 +33,9 @@ FIGURES = [
     "throughput",
     "parallel-coordinates",
 ]
+BATCH_SIZES = [16, 64, 256]
+RULES = ["linear", "none"]
+TARGET = 0.3
 
 
 class Page(HTMLParser):
@@ -72,16 +74,62 @@ def trace(figure: dict, name: str, axis: str = "x") -> dict:
     return found
 
 
+def spread(values: list[float | None], mode: str) -> tuple:
+    """(median, low, high) as the report computes them over seeds: a missing value is the
+    worst one, and a statistic that lands on it is None."""
+    worst = -math.inf if mode == "max" else math.inf
+    filled = [worst if v is None else v for v in values]
+    stats = (statistics.median(filled), min(filled), max(filled))
+    return tuple(None if math.isinf(v) else v for v in stats)
+
+
+def by_config(experiment: Path, value) -> dict[tuple[str, int], list]:
+    """`value(trial)` of every trial, grouped by (LR rule, batch size) in seed order."""
+    grouped: dict[tuple[str, int], list] = {}
+    for t in sorted(raw_trials(experiment), key=lambda t: t.key):
+        grouped.setdefault((t.key[1], t.key[0]), []).append(value(t))
+    return grouped
+
+
+def first_step(trial, metric: str, target: float) -> int | None:
+    """The first step whose `metric` reaches `target` (from below for accuracies)."""
+    sign = 1 if metric.endswith("accuracy") else -1
+    values = [(r["step"], r[metric]) for r in trial.reports]
+    return next((s for s, v in values if v is not None and sign * (v - target) >= 0), None)
+
+
+def expected_steps_to_target(experiment: Path, metric: str, target: float) -> dict[str, list]:
+    """Per rule, (median, low, high) per batch size of the first step that reaches the target."""
+    steps = by_config(experiment, lambda t: first_step(t, metric, target))
+    return {rule: [spread(steps[(rule, b)], "min") for b in BATCH_SIZES] for rule in RULES}
+
+
+def table_rows(text: str) -> list[dict[str, str]]:
+    """The report's trial table: per row, the sort value (data-v) of each cell by header."""
+    body = text[text.index('<table class="sortable">') :]
+    header = re.findall(r"<th>(.*?)</th>", body)
+    rows = re.findall(r"<tr>(<td.*?)</tr>", body)
+    return [dict(zip(header, re.findall(r'data-v="(.*?)"', row), strict=True)) for row in rows]
+
+
 @pytest.fixture(scope="module")
-def page(experiment, tmp_path_factory) -> tuple[Path, Page]:
-    path = write_report(experiment, out=tmp_path_factory.mktemp("report") / "report.html")
+def page(quickstart_experiment, tmp_path_factory) -> tuple[Path, Page]:
+    out = tmp_path_factory.mktemp("report") / "report.html"
+    path = write_report(quickstart_experiment, out=out)
+    return path, Page(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def broken_page(broken_experiment, tmp_path_factory) -> tuple[Path, Page]:
+    out = tmp_path_factory.mktemp("broken-report") / "report.html"
+    path = write_report(broken_experiment, out=out)
     return path, Page(path.read_text())
 
 
 # ============================================================================ The page
 
 
-def test_the_page_is_self_contained_with_plotly_inlined_once(page):
+def test_the_page_is_self_contained_with_plotly_inlined_once(page, quickstart_experiment):
     path, parsed = page
     text = path.read_text()
     assert text.count("plotly.js v") == 1
@@ -91,21 +139,33 @@ def test_the_page_is_self_contained_with_plotly_inlined_once(page):
     for name in FIGURES:
         assert f'<div class="plot" id="plot-{name}"></div>' in text
     header = " ".join(parsed.text)
-    assert "12 trials: 10 finished, 1 diverged, 1 errored, 0 running or pending" in header
-    assert "0123abc" in header and f"val/accuracy ≥ {TARGET}" in header
+    assert "12 trials: 11 finished, 1 diverged, 0 errored, 0 running or pending" in header
+    record = json.loads((quickstart_experiment / "lbs_sweep.json").read_text())
+    assert record["git_commit"] in header and record["started"] in header
+    assert f"val/accuracy ≥ {TARGET}" in header
 
 
-def test_config_values_and_errors_cannot_inject_markup(page):
+def test_config_values_cannot_inject_markup(page):
     path, parsed = page
     text = path.read_text()
     # plotly.js, the loader, one JSON block per figure: nothing else is a script.
     assert len(parsed.scripts) == 2 + len(FIGURES)
     assert all(a == {} or a.get("type") == "application/json" for a, _ in parsed.scripts)
     shown = "".join(parsed.text)
-    assert f"/data/{HOSTILE}" in shown  # the spec's data.dir, as text
-    assert f"RuntimeError: trial blew up {HOSTILE}" in shown  # the error cell, as text
+    assert f"quickstart, tiny {HOSTILE}" in shown  # the description, as text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
     assert "<script>alert(1)" not in text
+
+
+def test_an_error_message_cannot_inject_markup(broken_page, broken_experiment):
+    path, parsed = broken_page
+    text = path.read_text()
+    assert "<script>alert(1)" not in text
+    assert all(a == {} or a.get("type") == "application/json" for a, _ in parsed.scripts)
+    (failed,) = [t for t in raw_trials(broken_experiment) if t.state == "ERROR"]
+    message = (failed.folder / "error.txt").read_text().strip().splitlines()[-1]
+    assert HOSTILE in message and message in parsed.text  # the error cell, as text
+    assert "2 trials: 1 finished, 0 diverged, 1 errored, 0 running or pending" in parsed.text
 
 
 def test_embedded_json_cannot_close_its_script_element():
@@ -115,112 +175,142 @@ def test_embedded_json_cannot_close_its_script_element():
     assert json.loads(text) == hostile
 
 
-def test_the_trial_table_lists_every_trial_with_its_steps_to_target(page):
+def test_the_trial_table_lists_every_trial_with_its_steps_to_target(page, quickstart_experiment):
     path, _ = page
     text = path.read_text()
-    assert text.count("<tr><td") == 12
-    assert "<th>step to reach val/accuracy ≥ 0.52</th>" in text
     assert '<table class="sortable">' in text and "function sortBy" in text
+    column = f"step to reach val/accuracy ≥ {TARGET}"
+    rows = {row["trial_id"]: row for row in table_rows(text)}
+    raw = raw_trials(quickstart_experiment)
+    assert sorted(rows) == [t.trial_id for t in raw]
+    for t in raw:
+        step = first_step(t, "val/accuracy", TARGET)
+        assert rows[t.trial_id][column] == ("" if step is None else str(step))
+        assert rows[t.trial_id]["reports"] == str(len(t.reports))
+    assert [rows[t.trial_id]["diverged"] for t in raw].count("1") == 1
 
 
 # ============================================================================ Figure data
 
 
-def test_steps_to_target_has_the_hand_worked_steps_and_the_perfect_scaling_line(page):
+def test_steps_to_target_per_batch_size_and_the_perfect_scaling_line(page, quickstart_experiment):
     figure = page[1].figure("steps-to-target")
-    linear, none = trace(figure, "linear"), trace(figure, "none")
-    assert linear["x"] == [32, 128, 512]
-    # Linear: step 48 (3 x 16) at B=32, 12 (3 x 4) at B=128; B=512 diverged or crashed.
-    assert linear["y"] == [48, 12, None]
-    # None: B=128 seeds at steps 24 and 20 -> median 22, band 20-24; B=512 never.
-    assert none["y"] == [48, 22, None]
-    assert none["error_y"]["array"] == [0, 2, None]
-    assert none["error_y"]["arrayminus"] == [0, 2, None]
+    expected = expected_steps_to_target(quickstart_experiment, "val/accuracy", TARGET)
+    reached = [m for stats in expected.values() for m, _, _ in stats if m is not None]
+    assert len(reached) >= 3, "the tiny sweep should reach its target at several batch sizes"
+    fewest = {}
+    for rule in RULES:
+        line = trace(figure, rule)
+        medians = [m for m, _, _ in expected[rule]]
+        assert line["x"] == BATCH_SIZES and line["y"] == medians
+        above = [None if None in (m, h) else h - m for m, _, h in expected[rule]]
+        below = [None if None in (m, lo) else m - lo for m, lo, _ in expected[rule]]
+        assert line["error_y"]["array"] == above and line["error_y"]["arrayminus"] == below
+        for b, m in zip(BATCH_SIZES, medians, strict=True):
+            if m is not None:
+                fewest[b] = min(m, fewest.get(b, m))
+    anchor = min(fewest)
     reference = trace(figure, "perfect scaling (steps ∝ 1/B)")
-    assert reference["y"] == [48, 12, 3]
+    assert reference["y"] == pytest.approx([fewest[anchor] * anchor / b for b in BATCH_SIZES])
     assert figure["layout"]["xaxis"]["type"] == "log" and figure["layout"]["yaxis"]["type"] == "log"
     assert figure["layout"]["yaxis"]["title"]["text"] == "steps"
 
 
-def test_the_extracted_steps_to_target_match_the_figure(experiment):
-    trials, history = load(experiment)
-    data = figures.steps_to_target(trials, history, "val/accuracy", TARGET)
-    assert [(line.name, line.median, line.low, line.high) for line in data.lines] == [
-        ("linear", [48, 12, None], [48, 12, None], [48, 12, None]),
-        ("none", [48, 22, None], [48, 20, None], [48, 24, None]),
-    ]
-    assert data.reference.median == [48, 12, 3]
-
-
-def test_final_and_best_metric_against_batch_size(page):
+def test_final_and_best_metric_against_batch_size(page, quickstart_experiment):
     figure = page[1].figure("metric-vs-batch-size")
-    # Final val/accuracy: 6 reports -> min(0.9, 6 x rate + 0.05 x seed), median over 2 seeds.
-    assert trace(figure, "none")["y"] == pytest.approx([0.9, 0.625, 0.325])
-    assert trace(figure, "linear")["y"] == pytest.approx([0.9, 0.9, 0.1])
-    diverged = trace(figure, "diverged")
-    assert (diverged["x"], diverged["y"]) == ([512], [0.1])
-    assert trace(figure, "diverged", "x2")["y"] == [0.2]  # best: the report before diverging
-    assert trace(figure, "linear", "x2")["y"] == pytest.approx([0.9, 0.9, 0.2])
+    for kind, axis, value in (
+        ("final", "x", lambda t: t.reports[-1]["val/accuracy"]),
+        ("best", "x2", lambda t: max(r["val/accuracy"] for r in t.reports)),
+    ):
+        values = by_config(quickstart_experiment, value)
+        for rule in RULES:
+            medians = [spread(values[(rule, b)], "max")[0] for b in BATCH_SIZES]
+            assert trace(figure, rule, axis)["y"] == pytest.approx(medians), (kind, rule)
+        (hit,) = [t for t in raw_trials(quickstart_experiment) if t.reports[-1]["diverged"]]
+        diverged = trace(figure, "diverged", axis)
+        assert (diverged["x"], diverged["y"]) == ([256], [value(hit)])
     assert figure["layout"]["yaxis"]["title"]["text"] == "val/accuracy"
-    assert figure["layout"]["xaxis"]["tickvals"] == [32, 128, 512]
+    assert figure["layout"]["xaxis"]["tickvals"] == BATCH_SIZES
 
 
-def test_learning_curves_are_medians_over_seeds_per_batch_size_and_rule(page):
+def test_learning_curves_are_medians_over_seeds_per_batch_size_and_rule(
+    page, quickstart_experiment
+):
     figure = page[1].figure("learning-curves")
-    # Panels in order linear (x), none (x2). None, B=128: seeds 0.1i and 0.1i + 0.05.
-    median = trace(figure, "B=128", "x2")
-    assert median["x"] == [4, 8, 12, 16, 20, 24]
-    assert median["y"] == pytest.approx([0.125, 0.225, 0.325, 0.425, 0.525, 0.625])
-    band = trace(figure, "B=128 min–max", "x2")
-    assert band["y"] == pytest.approx(
-        [0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
-    )
-    assert trace(figure, "B=512", "x")["y"] == pytest.approx([0.2, 0.1])  # the diverged seed
+    reports = by_config(quickstart_experiment, lambda t: {r["step"]: r for r in t.reports})
+    # Panels in rule order: linear (x), none (x2).
+    for rule, axis in zip(RULES, ["x", "x2"], strict=True):
+        for b in BATCH_SIZES:
+            seeds = reports[(rule, b)]
+            steps = sorted(set().union(*seeds))
+            stats = [
+                spread([s[step]["val/accuracy"] for s in seeds if step in s], "max")
+                for step in steps
+            ]
+            median = trace(figure, f"B={b}", axis)
+            assert median["x"] == steps
+            assert median["y"] == pytest.approx([m for m, _, _ in stats])
+            band = trace(figure, f"B={b} min–max", axis)
+            highs, lows = [h for _, _, h in stats], [lo for _, lo, _ in stats]
+            assert band["y"] == pytest.approx(highs + lows[::-1])
     assert figure["layout"]["xaxis"]["title"]["text"] == "step"
     assert figure["layout"]["yaxis"]["title"]["text"] == "val/accuracy"
     loss = page[1].figure("loss-curves")
     assert loss["layout"]["yaxis"]["title"]["text"] == "train/loss"
 
 
-def test_learning_rate_throughput_and_parallel_coordinates(page):
+def test_learning_rate_throughput_and_parallel_coordinates(page, quickstart_experiment):
+    raw = raw_trials(quickstart_experiment)
     rates = page[1].figure("learning-rate")
-    linear = trace(rates, "linear")
-    # Peak LR from the config: 0.05 x B/32 with the linear rule, 0.05 without scaling.
-    assert sorted(zip(linear["x"], linear["y"], strict=True)) == [
-        (32, 0.05),
-        (32, 0.05),
-        (128, 0.2),
-        (128, 0.2),
-        (512, 0.8),
-    ]
-    assert set(trace(rates, "none")["y"]) == {0.05}
-    assert trace(rates, "diverged")["y"] == [0.8]
+    for rule in RULES:
+        # The peak LR from the config is the LR the trials reported: 0.1 x B/16 when linear.
+        reported = sorted(
+            (t.key[0], max(r["lr"] for r in t.reports)) for t in raw if t.key[1] == rule
+        )
+        points = sorted(zip(trace(rates, rule)["x"], trace(rates, rule)["y"], strict=True))
+        assert [b for b, _ in points] == [b for b, _ in reported]
+        assert [lr for _, lr in points] == pytest.approx([lr for _, lr in reported])
+    assert trace(rates, "linear")["y"].count(pytest.approx(1.6)) == 2
+    assert trace(rates, "diverged")["y"] == [pytest.approx(1.6)]
 
     speed = page[1].figure("throughput")
-    assert sorted(trace(speed, "linear")["y"]) == [1.0, 3.0, 3.0, 3.0, 3.0]  # time_s
-    assert sorted(set(trace(speed, "none", "x2")["y"])) == [3200, 12800, 51200]  # 100 x B
+    for rule in RULES:
+        wall = sorted(t.reports[-1]["time_s"] for t in raw if t.key[1] == rule)
+        assert sorted(trace(speed, rule)["y"]) == wall
 
     parallel = page[1].figure("parallel-coordinates")["data"][0]
     labels = [d["label"] for d in parallel["dimensions"]]
     assert labels == ["lr.scaling", "batch_size", "final val/accuracy"]
-    assert parallel["dimensions"][1]["ticktext"] == ["32", "128", "512"]
-    assert len(parallel["dimensions"][2]["values"]) == 11  # the errored trial is left out
+    assert parallel["dimensions"][1]["ticktext"] == ["16", "64", "256"]
+    finals = sorted(t.reports[-1]["val/accuracy"] for t in raw)
+    assert sorted(parallel["dimensions"][2]["values"]) == finals
 
 
 # ============================================================================ Options
 
 
-def test_a_target_and_x_axis_given_on_the_command_line_win(experiment, tmp_path):
+def test_a_target_and_x_axis_given_on_the_command_line_win(quickstart_experiment, tmp_path):
     path = write_report(
-        experiment, out=tmp_path / "r.html", target=parse_target("val/loss=0.42"), x="examples"
+        quickstart_experiment,
+        out=tmp_path / "r.html",
+        target=parse_target("val/loss=1.8"),
+        x="examples",
     )
     parsed = Page(path.read_text())
     figure = parsed.figure("steps-to-target")
-    # val/loss <= 0.42 is val/accuracy >= 0.58: the third report at 0.2/report, the sixth at 0.1.
-    assert trace(figure, "none")["y"] == [48, 24, None]
-    assert "val/loss ≤ 0.42" in figure["layout"]["title"]["text"]
+    expected = expected_steps_to_target(quickstart_experiment, "val/loss", 1.8)
+    assert any(m is not None for m, _, _ in expected["none"])
+    assert trace(figure, "none")["y"] == [m for m, _, _ in expected["none"]]
+    assert "val/loss ≤ 1.8" in figure["layout"]["title"]["text"]
     assert parsed.figure("learning-curves")["layout"]["xaxis"]["title"]["text"] == "examples"
-    assert "<th>examples to reach val/loss ≤ 0.42</th>" in path.read_text()
+    assert "<th>examples to reach val/loss ≤ 1.8</th>" in path.read_text()
+
+
+@pytest.fixture
+def copy(quickstart_experiment, tmp_path) -> Path:
+    target = tmp_path / "quickstart"
+    shutil.copytree(quickstart_experiment, target, ignore=shutil.ignore_patterns(".lbs*"))
+    return target
 
 
 def test_a_running_sweep_gets_a_report_of_what_is_there(copy):
@@ -228,10 +318,9 @@ def test_a_running_sweep_gets_a_report_of_what_is_there(copy):
     record["ended"] = None
     del record["spec"]["target"]
     (copy / "lbs_sweep.json").write_text(json.dumps(record))
-    trials, _ = load(copy, cache=False)
-    path = result_file(copy, trials["trial_id"][0].as_py())
+    path = raw_trials(copy)[0].folder / "result.json"
     with path.open("ab") as f:
-        f.write(b'{"step": 200, "val/acc')
+        f.write(b'{"step": 400, "val/acc')
     with pytest.warns(UserWarning, match="incomplete"):
         written = write_report(copy)
     assert written == copy / "report.html"
@@ -241,8 +330,8 @@ def test_a_running_sweep_gets_a_report_of_what_is_there(copy):
     assert "fig-steps-to-target" not in ids and "fig-learning-curves" in ids
 
 
-def test_static_figures_say_in_one_line_what_is_missing(experiment, tmp_path, capsys):
-    write_report(experiment, out=tmp_path / "r.html", static=tmp_path / "static")
+def test_static_figures_say_in_one_line_what_is_missing(quickstart_experiment, tmp_path, capsys):
+    write_report(quickstart_experiment, out=tmp_path / "r.html", static=tmp_path / "static")
     err = capsys.readouterr().err
     import importlib.util
 
@@ -253,11 +342,18 @@ def test_static_figures_say_in_one_line_what_is_missing(experiment, tmp_path, ca
     assert write_static({}, tmp_path / "none") in (None, err.strip().removeprefix("lbs-tune: "))
 
 
-def test_trial_counts_and_target_parsing(experiment):
-    trials, _ = load(experiment)
+def test_trial_counts_and_target_parsing(quickstart_experiment, broken_experiment):
+    trials, _ = load(quickstart_experiment)
     assert trial_counts(trials) == {
-        "finished": 10,
+        "finished": 11,
         "diverged": 1,
+        "errored": 0,
+        "running or pending": 0,
+    }
+    trials, _ = load(broken_experiment)
+    assert trial_counts(trials) == {
+        "finished": 1,
+        "diverged": 0,
         "errored": 1,
         "running or pending": 0,
     }
@@ -267,11 +363,15 @@ def test_trial_counts_and_target_parsing(experiment):
             parse_target(bad)
 
 
-def test_a_copy_without_the_sweep_record_still_reports(experiment, tmp_path):
+def test_a_copy_without_the_sweep_record_still_reports(quickstart_experiment, tmp_path):
     folder = tmp_path / "plain"
-    shutil.copytree(experiment, folder, ignore=shutil.ignore_patterns("lbs_sweep.json", ".lbs*"))
+    shutil.copytree(
+        quickstart_experiment, folder, ignore=shutil.ignore_patterns("lbs_sweep.json", ".lbs*")
+    )
     parsed = Page(write_report(folder, target=("val/accuracy", TARGET)).read_text())
-    assert trace(parsed.figure("steps-to-target"), "linear")["y"] == [48, 12, None]
+    expected = expected_steps_to_target(quickstart_experiment, "val/accuracy", TARGET)
+    line = trace(parsed.figure("steps-to-target"), "linear")
+    assert line["y"] == [m for m, _, _ in expected["linear"]]
 
 
 # ============================================================================ A searched sweep

@@ -149,12 +149,12 @@ def test_driver_killed_with_sigkill_then_rerun_completes_exactly(ray_cluster, re
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    # Kill once some trial has checkpointed and reported past its checkpoint.
+    # Kill once two trials have checkpoints (they reach the storage as they are made).
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and driver.poll() is None:
-        if any(len(s) >= 3 for s in raw_steps(storage / "tiny").values()):
+        if len({p.parent for p in (storage / "tiny").glob("*/checkpoint_*")}) >= 2:
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
     assert driver.poll() is None, "the driver finished before it could be killed"
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
@@ -233,14 +233,20 @@ def test_trial_killed_mid_run_is_retried_from_its_checkpoint(ray_cluster, refere
     killed = []
 
     def kill_one_worker():
+        import ray.util.state
+
+        # Checkpoints reach the storage as they are made (reports only every ~10 s): once every
+        # trial has one, kill the process of one running trial.
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not killed:
-            for path in (storage / "tiny").glob("*/result.json"):
-                lines = path.read_text().splitlines()
-                if len(lines) >= 3 and list(path.parent.glob("checkpoint_*")):
-                    pid = json.loads(lines[-1])["pid"]
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(path.parent)
+        while time.monotonic() < deadline:
+            if len({p.parent for p in (storage / "tiny").glob("*/checkpoint_*")}) == 4:
+                actors = ray.util.state.list_actors(
+                    address=ray_cluster.dashboard, filters=[("state", "=", "ALIVE")]
+                )
+                trials = [a for a in actors if a.class_name == "ImplicitFunc"]
+                if trials:
+                    os.kill(trials[0].pid, signal.SIGKILL)
+                    killed.append(trials[0].pid)
                     return
             time.sleep(0.05)
 
@@ -257,6 +263,11 @@ def test_trial_killed_mid_run_is_retried_from_its_checkpoint(ray_cluster, refere
         json.loads(t)["trial_id"]: json.loads(m)["num_failures"] for t, m in state["trial_data"]
     }
     assert sorted(failures.values()) == [0, 0, 0, 1]
+    # The killed trial resumed from its checkpoint: it first sent that checkpoint's reports again.
+    retried = [
+        p for p in (storage / "tiny").glob("*/result.json") if '"replayed": true' in p.read_text()
+    ]
+    assert len(retried) == 1
 
 
 def test_gauges_reach_the_prometheus_endpoint(ray_cluster, reference):

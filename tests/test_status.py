@@ -1,0 +1,205 @@
+"""`lbs-tune status`, `where` and `export` on the real sweeps of conftest: the quickstart sweep
+once finished, and the sweep with an errored trial both while it ran (watched from a thread)
+and once finished.
+
+Expected values come from the trial folders, read with plain json (`raw_trials`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from conftest import HOSTILE, raw_trials
+
+from lbs_tune.status import where
+
+HEADER = [
+    "trial",
+    "batch_size",
+    "lr.scaling",
+    "seed",
+    "state",
+    "step",
+    "latest val/accuracy",
+    "best",
+    "diverged",
+    "host / node / gpu",
+    "failures",
+    "last checkpoint",
+    "started",
+]
+
+
+def table(out: str) -> list[dict[str, str]]:
+    """The rows of a status table, by column; columns are at least two spaces apart."""
+    lines = out.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("trial  ")))
+    header = re.split(r"\s{2,}", lines[start])
+    rows = []
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            break
+        rows.append(dict(zip(header, re.split(r"\s{2,}", line), strict=True)))
+    return rows
+
+
+def table_or_none(out: str) -> list[dict[str, str]]:
+    return [] if "(no trials yet)" in out else table(out)
+
+
+def local_time(iso: str) -> str:
+    return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+# ============================================================================ status
+
+
+def test_status_of_a_finished_sweep(cli, quickstart_experiment):
+    code, out, err = cli("status", quickstart_experiment)
+    assert code == 0 and err == ""
+    record = json.loads((quickstart_experiment / "lbs_sweep.json").read_text())
+    lines = out.splitlines()
+    assert lines[0] == f"sweep quickstart at {quickstart_experiment}"
+    assert lines[1] == (
+        f"  git commit {record['git_commit']}, started {record['started']}, ended {record['ended']}"
+    )
+    assert lines[2] == "  12 trials: 12 terminated"
+    assert re.split(r"\s{2,}", lines[4]) == HEADER
+    rows = {row["trial"]: row for row in table(out)}
+    raw = raw_trials(quickstart_experiment)
+    assert sorted(rows) == [t.trial_id for t in raw]
+    for t in raw:
+        row, last = rows[t.trial_id], t.reports[-1]
+        budget = 5760 // t.key[0]
+        assert (row["batch_size"], row["lr.scaling"], row["seed"]) == tuple(map(str, t.key))
+        assert row["state"] == "TERMINATED"
+        assert row["step"] == f"{last['step']}/{budget}"
+        assert row["latest val/accuracy"] == f"{last['val/accuracy']:.4g}"
+        assert row["best"] == f"{max(r['val/accuracy'] for r in t.reports):.4g}"
+        assert row["diverged"] == ("yes" if last["diverged"] else "no")
+        node = last["node_id"][:8]
+        assert row["host / node / gpu"] == f"{last['host']} node {node} gpu {last['gpu_ids']}"
+        assert row["failures"] == "0"
+        name, step = [
+            (r["checkpoint_dir_name"], r["step"]) for r in t.reports if r["checkpoint_dir_name"]
+        ][-1]
+        assert row["last checkpoint"] == f"{name} (step {step})"
+        assert (t.folder / name).is_dir()
+        assert local_time(record["started"]) <= row["started"] <= local_time(record["ended"])
+    # Only the trial stopped by the loss bound is short of its budget.
+    short = [row for row in rows.values() if row["step"].split("/")[0] != row["step"].split("/")[1]]
+    assert [
+        (r["batch_size"], r["lr.scaling"], r["seed"], r["step"], r["diverged"]) for r in short
+    ] == [("256", "linear", "0", "6/22", "yes")]
+
+
+def test_status_shows_an_errored_trial_and_its_error(cli, broken_experiment):
+    code, out, _ = cli("status", broken_experiment)
+    assert code == 0
+    assert "  2 trials: 1 error, 1 terminated" in out.splitlines()
+    raw = {t.config["dataset"]: t for t in raw_trials(broken_experiment)}
+    rows = {row["dataset"]: row for row in table(out)}
+    failed = rows["cifar10"]
+    assert (failed["trial"], failed["state"]) == (raw["cifar10"].trial_id, "ERROR")
+    assert (failed["step"], failed["failures"], failed["last checkpoint"]) == ("0/720", "1", "-")
+    assert rows["synthetic"]["state"] == "TERMINATED" and rows["synthetic"]["step"] == "720/720"
+    message = (raw["cifar10"].folder / "error.txt").read_text().strip().splitlines()[-1]
+    errors = out[out.index("\nerrors:\n") :].splitlines()
+    assert errors[2:] == [f"  {raw['cifar10'].trial_id}: {message}"]
+    assert HOSTILE in message
+
+
+def test_status_and_where_answer_while_the_sweep_runs(broken_sweep):
+    assert broken_sweep.failures == []
+    # Snapshots taken before the runner stamped the end time into lbs_sweep.json.
+    running = [
+        (out, found)
+        for out, found in broken_sweep.snapshots
+        if "ended running or interrupted" in out
+    ]
+    states = [(row["state"], row["step"]) for out, _ in running for row in table_or_none(out)]
+    assert ("PENDING", "0/720") in states, states
+    middle = [s for s in states if s[0] == "RUNNING" and s[1] not in ("0/720", "720/720")]
+    assert middle, states
+    # The CIFAR-10 grid point is not a trial yet while the first one runs (max_concurrent 1).
+    assert any("1 more grid points not started" in out for out, _ in running)
+    raw = {t.config["dataset"]: t for t in raw_trials(broken_sweep.folder)}
+    found = [found for _, found in running]
+    assert [str(raw["synthetic"].folder)] in found
+    assert where(str(broken_sweep.folder), ["batch_size=16"]) == sorted(
+        str(t.folder) for t in raw.values()
+    )
+
+
+def test_a_sweep_that_ray_has_not_written_to_yet(cli, quickstart_experiment, tmp_path):
+    # The runner writes lbs_sweep.json first; Ray's files follow once the Tuner starts.
+    folder = tmp_path / "quickstart"
+    folder.mkdir()
+    (folder / "lbs_sweep.json").write_text((quickstart_experiment / "lbs_sweep.json").read_text())
+    code, out, _ = cli("status", folder)
+    assert code == 0
+    assert "  0 trials: none yet; 12 more grid points not started" in out.splitlines()
+    assert out.splitlines()[-1] == "(no trials yet)"
+    assert cli("where", folder, "batch_size=64") == (0, "", "")
+    code, _, err = cli("where", folder, "batch_sise=64")
+    assert code == 2 and "(did you mean 'batch_size'?)" in err
+
+
+# ============================================================================ where
+
+
+def folders(experiment: Path, **config) -> list[str]:
+    raw = raw_trials(experiment)
+    return sorted(str(t.folder) for t in raw if all(t.config[k] == v for k, v in config.items()))
+
+
+def test_where_matches_config_values_exactly(cli, quickstart_experiment):
+    def found(*filters: str) -> list[str]:
+        code, out, err = cli("where", quickstart_experiment, *filters)
+        assert code == 0 and err == ""
+        return sorted(out.splitlines())
+
+    # Every trial has eval_batch_size 64 and lr.base_batch_size 16: a key is never a suffix.
+    assert found("batch_size=64") == folders(quickstart_experiment, batch_size=64)
+    assert len(found("batch_size=64")) == 4 and len(found("batch_size=16")) == 4
+    assert len(found("eval_batch_size=64")) == 12
+    linear = [t for t in raw_trials(quickstart_experiment) if t.config["lr"]["scaling"] == "linear"]
+    assert found("lr.scaling=linear") == sorted(str(t.folder) for t in linear)
+    assert len(found("lr.scaling=linear", "seed=1")) == 3
+    assert len(found("lr.base=1e-1")) == 12  # a number that YAML reads as text
+    (hit,) = found("batch_size=256", "lr.scaling=linear", "seed=0")
+    assert json.loads((Path(hit) / "result.json").read_text().splitlines()[-1])["diverged"]
+    assert found("batch_size=32") == []
+
+
+def test_where_rejects_unknown_keys_and_malformed_filters(cli, quickstart_experiment):
+    code, out, err = cli("where", quickstart_experiment, "batch_sise=64")
+    assert (code, out) == (2, "")
+    assert err == (
+        "lbs-tune: error: batch_sise=64: no config key 'batch_sise' in this sweep "
+        "(did you mean 'batch_size'?)\n"
+    )
+    code, _, err = cli("where", quickstart_experiment, "batch_size")
+    assert code == 2 and err.count("\n") == 1 and "expected KEY=VALUE" in err
+
+
+# ============================================================================ export
+
+
+def test_export_writes_parquet_that_pyarrow_reads(cli, quickstart_experiment, tmp_path):
+    code, out, _ = cli("export", quickstart_experiment, "-o", tmp_path / "out")
+    paths = out.splitlines()
+    assert code == 0 and [Path(p).name for p in paths] == ["trials.parquet", "history.parquet"]
+    trials, history = (pq.read_table(p) for p in paths)
+    raw = raw_trials(quickstart_experiment)
+    assert sorted(trials["trial_id"].to_pylist()) == [t.trial_id for t in raw]
+    assert json.loads(trials.schema.metadata[b"lbs_sweep"])["name"] == "quickstart"
+    assert history.num_rows == sum(len(t.reports) for t in raw)
+    best = max(r["val/accuracy"] for t in raw for r in t.reports)
+    assert max(history["val/accuracy"].to_pylist()) == best
+    frame = history.to_pandas()
+    assert set(frame["trial_id"]) == {t.trial_id for t in raw}
