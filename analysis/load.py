@@ -39,7 +39,7 @@ TRIAL_FILES = (RESULT_FILE, PARAMS_FILE, ERROR_FILE)
 STATE_FILE = re.compile(r"^experiment_state-.*\.json$")
 CACHE_DIR = ".lbs_cache"
 # Part of the manifest: a new table layout makes every old cache stale.
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 SWEEP_KEY = b"lbs_sweep"
 # One read_json call parses up to this many bytes; bigger sweeps are parsed in chunks of it.
 CHUNK_BYTES = 256 * 2**20
@@ -432,7 +432,7 @@ def _trials(
         "trial_id": pa.array([ids[f] for f in folders], pa.string()),
         "folder": pa.array(folders, pa.string()),
         "state": pa.array(states, pa.string()),
-        "error": pa.array(_errors(where, folders, states, trial_files), pa.string()),
+        "error": pa.array(_errors(where, folders, trial_files), pa.string()),
         "diverged": pc.fill_null(values["final/diverged"], False),
         "reports": pc.fill_null(values["reports"], 0),
         "num_failures": pa.array([i.get("num_failures") for i in info], pa.int64()),
@@ -464,15 +464,12 @@ def _config_arrays(configs: list[dict[str, Any]]) -> dict[str, pa.Array]:
     return arrays
 
 
-def _errors(
-    where: Location, folders: list[str], states: list[str | None], trial_files: set[str]
-) -> list[str | None]:
-    """The last line of error.txt (the exception) of errored trials and of unknown state."""
-    wanted = [
-        f
-        for f, s in zip(folders, states, strict=True)
-        if s in ("ERROR", None) and f"{f}/{ERROR_FILE}" in trial_files
-    ]
+def _errors(where: Location, folders: list[str], trial_files: set[str]) -> list[str | None]:
+    """The last line of each trial's error.txt (its latest exception), None without one.
+
+    A trial that failed and was retried keeps its error visible, whatever its state now.
+    """
+    wanted = [f for f in folders if f"{f}/{ERROR_FILE}" in trial_files]
     texts = _read_bytes(where, [f"{f}/{ERROR_FILE}" for f in wanted])
     message = {
         f: _last_line(t.decode(errors="replace")) for f, t in zip(wanted, texts, strict=True)

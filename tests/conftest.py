@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -62,6 +63,18 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+# A line that Ray's driver prints on behalf of a process of the shared cluster, e.g.
+# "(raylet) The node ... has been marked dead" after a test kills a node. It can land in any
+# test's captured output at any time; it is Ray's, not the command's.
+RAY_RELAYED = re.compile(
+    r"^(?:\x1b\[[0-9;]*m)*\((?:raylet|[^()]*pid=\d+[^()]*)\)(?:\x1b\[[0-9;]*m)* "
+)
+
+
+def without_ray_lines(text: str) -> str:
+    return "".join(line for line in text.splitlines(True) if not RAY_RELAYED.match(line))
+
+
 @pytest.fixture
 def cli(capsys):
     """Run `lbs-tune ARGS...` in this process; returns (exit code, stdout, stderr)."""
@@ -69,7 +82,7 @@ def cli(capsys):
     def run(*args: str) -> tuple[int, str, str]:
         code = main([str(a) for a in args])
         out, err = capsys.readouterr()
-        return code, out, err
+        return code, without_ray_lines(out), without_ray_lines(err)
 
     return run
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import without_ray_lines
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
 CASE_FIELDS = {
@@ -41,7 +42,9 @@ def test_tiny_cpu_run_prints_both_figures_per_case(throughput, capsys):
     argv = "--device cpu --models resnet20,mlp --batch-sizes 8 --warmup 2 --steps 3"
     argv += " --repeats 2 --samples 32 --threads 1 --anchors"
     assert throughput.main(argv.split()) == 0
-    *cases, summary = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    *cases, summary = [
+        json.loads(line) for line in without_ray_lines(capsys.readouterr().out).splitlines()
+    ]
 
     assert [(c["model"], c["batch_size"]) for c in cases] == [("resnet20", 8), ("mlp", 8)]
     for case in cases:

@@ -22,8 +22,12 @@ import pytest
 import torch
 from conftest import tiny_base, write_spec
 
+from analysis.report import write_report
+from lbs_tune.checkpoints import load_checkpoint
+from lbs_tune.errors import UserError
 from lbs_tune.runner import run
 from lbs_tune.spec import METRICS, TrialConfig
+from lbs_tune.status import status
 from lbs_tune.training import train
 
 
@@ -98,13 +102,14 @@ def without_timing(row: dict) -> dict:
     return {k: row.get(k) for k in METRICS if k not in ("images_per_s", "time_s")}
 
 
-def _alive_trials(dashboard: str, node_id: str) -> int:
-    import ray.util.state
-
-    actors = ray.util.state.list_actors(
-        address=dashboard, filters=[("node_id", "=", node_id), ("state", "=", "ALIVE")]
-    )
-    return sum(a.class_name == "ImplicitFunc" for a in actors)
+def _mid_trial_on(trial: Path, node_id: str, epochs: float = 4) -> bool:
+    """Whether the trial's newest checkpoint was made on `node_id` before `epochs` epochs."""
+    newest = sorted(trial.glob("checkpoint_*/state.pt"))[-1:]
+    try:
+        last = load_checkpoint(newest[0])["reports"][-1] if newest else None
+    except UserError:  # still being copied into the storage
+        return False
+    return last is not None and last["node_id"] == node_id and last["epoch"] < epochs
 
 
 def test_node_lost_mid_sweep_trials_continue_on_the_others(ray_cluster, workers, tmp_path):
@@ -116,12 +121,11 @@ def test_node_lost_mid_sweep_trials_continue_on_the_others(ray_cluster, workers,
     killed = []
 
     def lose_a_node():
-        # Checkpoints reach the storage as they are made: once most trials have one, and the
-        # node still runs trials, the node is lost mid-trial.
+        # Checkpoints reach the storage as they are made, and carry the reports sent so far:
+        # once one says its trial runs on the node and is not yet half done, the node is lost.
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            checkpointed = {p.parent for p in experiment.glob("*/checkpoint_*")}
-            if len(checkpointed) >= 6 and _alive_trials(ray_cluster.dashboard, lost.node_id):
+            if any(_mid_trial_on(folder, lost.node_id) for folder in experiment.glob("*/")):
                 killed.append(time.time())
                 lost.kill()
                 return
@@ -148,6 +152,15 @@ def test_node_lost_mid_sweep_trials_continue_on_the_others(ray_cluster, workers,
         assert raw[-1]["node_id"] != lost.node_id
 
     found = reports_by_trial(experiment)
+    # status and the report read the sweep at its storage URI; status says where each trial
+    # ended, and why the retried ones failed.
+    text = status(f"{storage}/nodes")
+    assert {rows[-1]["node_id"][:8] for rows in found.values()} <= set(text.split())
+    errors = text.partition("\nerrors:\n")[2].splitlines()
+    assert len(errors) == len(retried), text
+    report = write_report(f"{storage}/nodes", tmp_path / "report.html")
+    assert report.stat().st_size > 0
+
     nodes = {row["node_id"] for rows in found.values() for row in rows}
     assert {workers[0].node_id, lost.node_id} <= nodes, "trials spread over the nodes"
     threads = torch.get_num_threads()

@@ -23,6 +23,7 @@ from fixtures_formats import write_cifar10
 
 from lbs_tune.runner import run
 from lbs_tune.spec import load_spec
+from lbs_tune.status import status
 
 SWEEPS = sorted(Path(__file__).parent.parent.joinpath("sweeps").glob("*.yaml"))
 TIMING = {"images_per_s", "time_s"}
@@ -268,6 +269,12 @@ def test_trial_killed_mid_run_is_retried_from_its_checkpoint(ray_cluster, refere
         p for p in (storage / "tiny").glob("*/result.json") if '"replayed": true' in p.read_text()
     ]
     assert len(retried) == 1
+    # The failure stays visible in status: its count in the table, its error below it.
+    trial_id = json.loads(retried[0].read_text().splitlines()[0])["trial_id"]
+    text = status(str(storage / "tiny"))
+    (row,) = [line for line in text.splitlines() if line.startswith(trial_id)]
+    assert "  1  " in row
+    assert "errors:" in text and trial_id in text.split("errors:")[1]
 
 
 def test_gauges_reach_the_prometheus_endpoint(ray_cluster, reference):

@@ -183,3 +183,26 @@ def test_gradient_accumulation_with_ghost_batch_norm(cli, tmp_path, data_dir):
     a, b = read_jsonl(whole / "metrics.jsonl")[-1], read_jsonl(micro / "metrics.jsonl")[-1]
     assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4)
     assert a["val/loss"] == pytest.approx(b["val/loss"], rel=1e-4)
+
+
+def test_progress_bar_on_a_terminal(tmp_path, data_dir):
+    import pty
+
+    spec = write_spec(tmp_path / "tty.yaml", tiny_base(epochs=1))
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(_train_cmd(spec, tmp_path / "run"), stdout=follower, stderr=follower)
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closes when the run ends
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    assert proc.wait(timeout=120) == 0
+    text = output.decode()
+    assert "\r[" in text and "] step 45/45" in text, text[-500:]
+    assert "\nstep 22/45" not in text, "no plain lines on a terminal"
