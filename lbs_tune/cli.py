@@ -171,7 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="write the sweep's HTML report")
     report.add_argument("experiment", help="experiment folder or URI")
-    report.add_argument("-o", type=Path, metavar="FILE", help="default: <experiment>/report.html")
+    report.add_argument(
+        "-o",
+        type=Path,
+        metavar="FILE",
+        help="default: <experiment>/report.html (./<name>-report.html for s3://, gs:// ...)",
+    )
     report.add_argument("--target", metavar="METRIC=VALUE", help="default: the spec's target")
     report.add_argument(
         "--x", choices=["step", "examples", "epoch"], default="step", help="learning-curve axis"

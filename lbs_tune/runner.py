@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import subprocess
 import sys
 import time
@@ -32,7 +33,9 @@ def now_iso() -> str:
 
 
 def git_commit(folder: Path) -> str | None:
-    """The commit checked out in `folder` ('+dirty' if it has changes), or None outside git."""
+    """The commit checked out in `folder` ('+dirty' if it has changes); outside git, the one
+    that $LBS_GIT_COMMIT names (the Docker image sets it to the commit it was built from)."""
+    outside = os.environ.get("LBS_GIT_COMMIT") or None
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10
@@ -45,9 +48,9 @@ def git_commit(folder: Path) -> str | None:
             timeout=10,
         )
     except (OSError, subprocess.SubprocessError):
-        return None
+        return outside
     if commit.returncode != 0:
-        return None
+        return outside
     return commit.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
 
 

@@ -168,6 +168,8 @@ def test_image_environment():
     values = env()
     assert posixpath.isabs(values["LBS_DATA_DIR"])
     assert values["RAY_AUTH_MODE"] == "token"
+    # The image has no .git; sweeps record the commit it was built from.
+    assert values["LBS_GIT_COMMIT"] == "${GIT_COMMIT}"
 
 
 def file_datasets() -> set[str]:

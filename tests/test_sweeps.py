@@ -300,3 +300,24 @@ def test_dashboard_is_on_and_needs_the_token(ray_cluster):
     token = (Path.home() / ".ray" / "auth_token").read_text().strip()
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     assert json.loads(urllib.request.urlopen(request, timeout=10).read())["ray_version"]
+
+
+def test_git_commit_of_the_working_directory_or_of_the_image(tmp_path, monkeypatch):
+    from lbs_tune.runner import git_commit
+
+    monkeypatch.delenv("LBS_GIT_COMMIT", raising=False)
+    assert git_commit(tmp_path) is None
+    monkeypatch.setenv("LBS_GIT_COMMIT", "0123abc")
+    assert git_commit(tmp_path) == "0123abc"
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "a.txt").write_text("a")
+    subprocess.run([*git, "add", "a.txt"], check=True)
+    subprocess.run([*git, "commit", "-qm", "a"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert git_commit(repo) == head.strip()
+    (repo / "a.txt").write_text("b")
+    assert git_commit(repo) == head.strip() + "+dirty"
