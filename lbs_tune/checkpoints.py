@@ -14,6 +14,8 @@ import torch
 from lbs_tune.errors import UserError
 
 CHECKPOINT_FILE = "state.pt"
+# What every checkpoint of the loop holds (training.train's state) with the reports made so far.
+STATE_KEYS = ("step", "finished", "model", "optimizer", "sampler", "rng", "reports")
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -38,10 +40,13 @@ def load_checkpoint(path: Path | str, stream: BinaryIO | None = None) -> dict[st
     except FileNotFoundError:
         raise UserError(f"{path}: checkpoint not found") from None
     except Exception as exc:  # torch raises many types for a damaged zip or pickle stream
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        # Only the first sentence: torch goes on to suggest weights_only=False, which would run
+        # whatever code a damaged or foreign file holds.
+        reason = str(exc).split("\n")[0].split(". ")[0] if str(exc) else type(exc).__name__
         raise UserError(f"{path}: corrupted or truncated checkpoint ({reason})") from None
-    if not isinstance(state, dict) or "step" not in state or "model" not in state:
-        raise UserError(f"{path}: not an lbs-tune checkpoint (no step and model)")
+    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else ["all"]
+    if missing:
+        raise UserError(f"{path}: not an lbs-tune checkpoint (no {', '.join(missing)})")
     return state
 
 

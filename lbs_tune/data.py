@@ -26,6 +26,7 @@ from lbs_tune.spec import DataConfig, TrialConfig, steps_per_epoch
 SPLIT_SEED = 0
 MNIST1D_SEED = 42  # the mnist1d package's own default generator seed
 MNIST1D_TRAIN_SPLIT = 0.8
+MNIST1D_LENGTH = 40  # the mnist1d package's default final_seq_length
 
 
 # ============================================================================ The zoo
@@ -36,6 +37,8 @@ class DatasetInfo:
     """Static facts about a dataset, known without loading it."""
 
     train_examples: int | Callable[[DataConfig], int]  # the full training set
+    shape: tuple[int, ...] | Callable[[DataConfig], tuple[int, ...]]  # one input, no batch dim
+    classes: int | Callable[[DataConfig], int]
     crop_padding: int = 0
     flip: bool = False
 
@@ -45,6 +48,12 @@ class DatasetInfo:
         full = full if isinstance(full, int) else full(data)
         return full - _val_count(full, data.val_fraction)
 
+    def input_shape(self, data: DataConfig) -> tuple[int, ...]:
+        return tuple(self.shape if isinstance(self.shape, tuple) else self.shape(data))
+
+    def num_classes(self, data: DataConfig) -> int:
+        return self.classes if isinstance(self.classes, int) else self.classes(data)
+
 
 def _mnist1d_train_examples(data: DataConfig) -> int:
     # mnist1d makes samples // 10 examples per class and trains on the first 80% of them.
@@ -52,13 +61,13 @@ def _mnist1d_train_examples(data: DataConfig) -> int:
 
 
 DATASETS: dict[str, DatasetInfo] = {
-    "mnist1d": DatasetInfo(_mnist1d_train_examples),
-    "cifar10": DatasetInfo(50_000, crop_padding=4, flip=True),
-    "cifar100": DatasetInfo(50_000, crop_padding=4, flip=True),
-    "svhn": DatasetInfo(73_257, crop_padding=4),
-    "mnist": DatasetInfo(60_000),
-    "fashion_mnist": DatasetInfo(60_000),
-    "synthetic": DatasetInfo(lambda data: data.samples),
+    "mnist1d": DatasetInfo(_mnist1d_train_examples, (MNIST1D_LENGTH,), 10),
+    "cifar10": DatasetInfo(50_000, (3, 32, 32), 10, crop_padding=4, flip=True),
+    "cifar100": DatasetInfo(50_000, (3, 32, 32), 100, crop_padding=4, flip=True),
+    "svhn": DatasetInfo(73_257, (3, 32, 32), 10, crop_padding=4),
+    "mnist": DatasetInfo(60_000, (1, 28, 28), 10),
+    "fashion_mnist": DatasetInfo(60_000, (1, 28, 28), 10),
+    "synthetic": DatasetInfo(lambda d: d.samples, lambda d: d.shape, lambda d: d.classes),
 }
 
 

@@ -303,6 +303,15 @@ def _check_meta(fmt: _Format, folder: Path) -> None:
         raise _corrupt(fmt, folder / file, why)
 
 
+def check_files(name: str, root: Path) -> None:
+    """UserError, as read_torchvision would raise it, if files of dataset `name` are missing."""
+    fmt = _FORMATS[name]
+    folder = Path(root) / fmt.folder
+    missing = _missing(fmt, folder)
+    if missing:
+        raise _missing_error(fmt, folder, missing)
+
+
 def read_torchvision(name: str, root: Path, download: bool) -> RawData:
     """Read dataset `name` (one of DATASET_NAMES) from torchvision's files under `root`.
 

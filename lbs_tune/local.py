@@ -25,7 +25,7 @@ from lbs_tune.training import train
 
 CHECKPOINT_NAME = re.compile(r"^step_(\d+)\.pt$")
 # Keys that may differ between a run and its resumption.
-RESUMABLE_KEYS = {"device"}
+RESUMABLE_KEYS = {"device", "data.dir", "data.download"}
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -47,20 +47,28 @@ def checkpoint_files(folder: Path) -> list[tuple[int, Path]]:
 
 
 def newest_checkpoint(folder: Path) -> dict[str, Any] | None:
-    """The newest readable checkpoint; corrupted ones are reported and skipped, never deleted."""
+    """The newest readable checkpoint. Corrupted ones newer than it are reported and moved aside
+    (`<name>.damaged`), never deleted: the resumed run writes a new checkpoint of that step."""
     files = checkpoint_files(folder)
     for i, (_, path) in enumerate(files):
         try:
-            return load_checkpoint(path)
+            state = load_checkpoint(path)
         except UserError as exc:
             if i + 1 == len(files):
                 raise UserError(
                     f"{exc}; no earlier checkpoint to fall back to: move {path} aside to "
                     "start this run from the beginning"
                 ) from None
+            continue
+        for _, damaged in files[:i]:
+            aside = damaged.with_name(damaged.name + ".damaged")
+            damaged.replace(aside)
             print(
-                f"lbs-tune: warning: {exc}; resuming from {files[i + 1][1].name}", file=sys.stderr
+                f"lbs-tune: warning: {damaged}: corrupted or truncated checkpoint, moved aside to "
+                f"{aside.name}; resuming from {path.name}",
+                file=sys.stderr,
             )
+        return state
     return None
 
 
@@ -97,7 +105,9 @@ class LocalReporter:
 
 def _check_same_config(out: Path, config: TrialConfig) -> None:
     path = out / "config.json"
-    if not path.exists():
+    # Without a checkpoint nothing was kept of a run (it failed before its first one, e.g. on
+    # missing data): the new config replaces the old.
+    if not path.exists() or not checkpoint_files(out / "checkpoints"):
         write_text_atomic(path, json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
         return
     try:

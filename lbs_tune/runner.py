@@ -130,10 +130,10 @@ def prepare_folder(spec: SweepSpec, experiment: Location, fresh: bool) -> dict[s
             f"{experiment.uri} exists but holds no {SWEEP_FILE}: it is not an lbs-tune sweep; "
             "choose another --name or --storage"
         )
-    recorded = json.loads(meta.read_text())
     if fresh:
         print(f"moved the old sweep aside to {_move_aside(experiment)}")
         return None
+    recorded = read_record(experiment)
     if recorded["digest"] != spec.digest():
         changes = _spec_changes(recorded["spec"], spec.model_dump(mode="json"))
         raise UserError(
@@ -162,9 +162,28 @@ def record_start(experiment: Location, spec: SweepSpec, recorded: dict[str, Any]
     experiment.join(SWEEP_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def read_record(experiment: Location) -> dict[str, Any]:
+    """The sweep's lbs_sweep.json; a damaged one is the user's to restore (UserError)."""
+    meta = experiment.join(SWEEP_FILE)
+    try:
+        record = json.loads(meta.read_text())
+        problem = None if isinstance(record, dict) else "not a JSON object"
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        problem = f"not valid JSON: {exc}"
+    if problem is None:
+        missing = [k for k in ("spec", "digest") if k not in record]
+        problem = f"no {' and '.join(missing)}" if missing else None
+    if problem:
+        raise UserError(
+            f"{meta.uri}: damaged sweep record ({problem}); restore it, or run the sweep file "
+            "with --fresh to move this sweep aside and start again"
+        )
+    return record
+
+
 def record_end(experiment: Location) -> None:
     """Stamp the end time into lbs_sweep.json."""
-    meta = json.loads(experiment.join(SWEEP_FILE).read_text())
+    meta = read_record(experiment)
     meta["ended"] = now_iso()
     experiment.join(SWEEP_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -173,14 +192,21 @@ def record_end(experiment: Location) -> None:
 
 
 def prepare_data(spec: SweepSpec) -> None:
-    """Generate embedded datasets once here, so that trials starting together don't all do it."""
-    from lbs_tune.data import load_raw
+    """For a cluster on this machine: check that the files of torchvision datasets are there
+    (a missing file is a UserError before anything starts, not a failure of every trial), and
+    generate embedded datasets once, so that trials starting together don't all do it."""
+    from lbs_tune.data import data_dir, load_raw
+    from lbs_tune.formats import DATASET_NAMES, check_files
 
     seen = set()
     for config in trial_configs(spec):
         key = (config.dataset, config.data.dir, config.data.samples)
-        if config.dataset == "mnist1d" and key not in seen:
-            seen.add(key)
+        if key in seen:
+            continue
+        seen.add(key)
+        if config.dataset in DATASET_NAMES and not config.data.download:
+            check_files(config.dataset, data_dir(config.data))
+        elif config.dataset == "mnist1d":
             load_raw(config)
 
 
@@ -247,8 +273,6 @@ def execute(spec: SweepSpec, experiment: Location, recorded: dict | None, **ray_
     from lbs_tune.trainable import placement, train_trial
 
     started = time.monotonic()
-    if not ray_args.get("address"):
-        prepare_data(spec)
     start_ray(**ray_args)
     record_start(experiment, spec, recorded)
     keep = TrialConfig.model_validate(spec.trial_dict({})).keep_checkpoints
@@ -313,11 +337,13 @@ def run(
     if dry_run:
         recorded = None
         if experiment.join(SWEEP_FILE).exists():
-            recorded = json.loads(experiment.join(SWEEP_FILE).read_text())
+            recorded = read_record(experiment)
         print_dry_run(
             spec, experiment, recorded is not None and recorded["digest"] == spec.digest()
         )
         return 0
+    if not ray_args.get("address"):  # a cluster's nodes have their own data folders
+        prepare_data(spec)
     recorded = prepare_folder(spec, experiment, fresh)
     return execute(spec, experiment, recorded, **ray_args)
 
@@ -330,6 +356,8 @@ def resume(experiment_path: str, **ray_args) -> int:
         raise UserError(
             f"{experiment.uri}: no {SWEEP_FILE} here; give the folder of an lbs-tune sweep"
         )
-    recorded = json.loads(meta.read_text())
+    recorded = read_record(experiment)
     spec = check_spec(recorded["spec"], lambda key: f"{meta.uri} (spec.{key})")
+    if not ray_args.get("address"):
+        prepare_data(spec)
     return execute(spec, experiment, recorded, **ray_args)

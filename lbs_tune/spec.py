@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -161,6 +162,7 @@ class TrialConfig(_Strict):
                 f"batch_size {self.batch_size} is larger than the {train_size} training "
                 f"examples of {self.dataset}; use at most {train_size}",
             )
+        self._check_model_fits()
         for key in ("max_device_batch", "ghost_batch_size"):
             size = getattr(self, key)
             if size is not None and size < self.batch_size and self.batch_size % size:
@@ -171,6 +173,22 @@ class TrialConfig(_Strict):
                 "ghost_batch_size", f"ghost_batch_size {ghost} must divide max_device_batch {micro}"
             )
         return self
+
+    def _check_model_fits(self) -> None:
+        from lbs_tune.data import DATASETS
+        from lbs_tune.models import check_model_fits, models_that_fit
+
+        info = DATASETS[self.dataset]
+        shape, classes = info.input_shape(self.data), info.num_classes(self.data)
+        try:
+            check_model_fits(self.model, classes, shape)
+        except ValueError as exc:
+            fitting = ", ".join(models_that_fit(classes, shape)) or "none of the zoo"
+            raise KeyedError(
+                "model",
+                f"{self.model} cannot take {self.dataset} inputs of shape {shape} ({exc}); "
+                f"models that can: {fitting}",
+            ) from None
 
     @property
     def micro_batch_size(self) -> int:
@@ -268,7 +286,9 @@ class Resources(_Strict):
         return value
 
     def for_batch(self, batch_size: int) -> tuple[float, float]:
-        """(cpu, gpu) for a trial of this batch size: the largest listed size <= it wins."""
+        """(cpu, gpu) for a trial of this batch size. Listed sizes are upper bounds: the
+        smallest listed size >= it wins ({32: 0.25, 128: 0.5, default: 1} gives batches up to 32
+        a quarter GPU, up to 128 half, larger ones `default`)."""
         if not isinstance(self.gpu, dict):
             return self.cpu, self.gpu
         sizes = sorted(int(k) for k in self.gpu if k != "default")
@@ -378,6 +398,10 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> tuple[str, str]:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "literal_error":
         message = f"got {error['input']!r}: {message.lower()}"
+        choices = re.findall(r"'([^']*)'", error.get("ctx", {}).get("expected", ""))
+        hint = did_you_mean(error["input"], choices) if choices else ""
+        if hint.startswith(" (did you mean"):
+            message += hint
     return key, message
 
 
@@ -435,7 +459,13 @@ def check_spec(data: dict[str, Any], where: Callable[[str], str]) -> SweepSpec:
             fix = "list at least one or remove the key"
             raise UserError(f"{where(f'grid.{key}')}: grid.{key}: no values; {fix}")
     for point in spec.points():
-        _trial_config(spec.trial_dict(point), where, point)
+        try:
+            tree = spec.trial_dict(point)
+        except ValueError as exc:  # a grid key under a base key that holds a value
+            key = next(k for k in point if k.split(".")[0] in spec.base)
+            fix = f"make base.{key.split('.')[0]} a section or change grid.{key}"
+            raise UserError(f"{where(f'grid.{key}')}: grid.{key}: {exc}; {fix}") from None
+        _trial_config(tree, where, point)
     for key, name in (
         ("metric.name", spec.metric.name),
         ("target.metric", spec.target and spec.target.metric),

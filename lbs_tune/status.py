@@ -6,7 +6,6 @@ running sweep, a crashed one and a finished one, local or at a storage URI.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -82,7 +81,9 @@ def _load(source: str):
         # The runner writes its record before Ray writes anything: a sweep just started.
         if not experiment.join(SWEEP_FILE).exists():
             raise
-        return experiment, json.loads(experiment.join(SWEEP_FILE).read_text()), None
+        from lbs_tune.runner import read_record
+
+        return experiment, read_record(experiment), None
     return experiment, results.sweep or {}, results
 
 

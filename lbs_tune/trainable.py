@@ -8,21 +8,27 @@ and batch size).
 
 from __future__ import annotations
 
+import posixpath
+import re
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 import torch
 from ray import tune
 from ray.util.metrics import Gauge
 
 from lbs_tune.checkpoints import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from lbs_tune.errors import UserError
 from lbs_tune.spec import TrialConfig
 from lbs_tune.training import resolve_device, train
 
 GAUGE_TAGS = ("sweep", "trial", "batch_size")
+CHECKPOINT_DIR = re.compile(r"^checkpoint_\d+$")
 GAUGES = {
     "images_per_s": "lbs_images_per_s",
     "step": "lbs_step",
@@ -75,17 +81,46 @@ def _device(config: TrialConfig) -> torch.device:
     return resolve_device(config.device)
 
 
-def train_trial(params: dict[str, Any], cpus: float = 1.0) -> None:
+def resume_state(checkpoint: tune.Checkpoint) -> dict[str, Any]:
+    """The state of Tune's checkpoint or, if that one is damaged, of the newest readable one
+    before it in the trial's folder (each is reported; none is deleted). A UserError if none."""
+    fs, newest = checkpoint.filesystem, checkpoint.path
+    parent, name = posixpath.split(newest)
+    older = [
+        info.path
+        for info in fs.get_file_info(pafs.FileSelector(parent))
+        if info.type == pafs.FileType.Directory
+        and CHECKPOINT_DIR.match(info.base_name)
+        and info.base_name < name
+    ]
+    candidates = [newest, *sorted(older, reverse=True)]
+    for i, folder in enumerate(candidates):
+        path = f"{folder}/{CHECKPOINT_FILE}"
+        try:
+            with fs.open_input_file(path) as stream:
+                return load_checkpoint(path, stream)
+        except UserError as exc:
+            problem = str(exc)
+        except OSError as exc:
+            problem = f"{path}: cannot read the checkpoint ({exc})"
+        if i + 1 == len(candidates):
+            raise UserError(f"{problem}; no earlier checkpoint to resume from")
+        fallback = posixpath.basename(candidates[i + 1])
+        print(f"lbs-tune: warning: {problem}; resuming from {fallback}", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
+def train_trial(params: dict[str, Any]) -> None:
     """Ray Tune function trainable: train one grid point, resuming from Tune's checkpoint."""
     config = TrialConfig.model_validate(params)
+    # As many torch threads as the CPUs Ray gave the trial (resources.cpu), so trials sharing a
+    # node don't oversubscribe it.
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))
     device = _device(config)
     config = config.model_copy(update={"device": device.type})
-    resume = None
     checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            resume = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+    resume = None if checkpoint is None else resume_state(checkpoint)
     context = tune.get_context()
     name = device.type
     if device.type == "cuda":

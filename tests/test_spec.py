@@ -51,6 +51,38 @@ def test_bad_value_in_the_grid_points_at_the_grid_line(tmp_path):
     assert "(grid point batch_size=999999, lr.scaling=none)" in message
 
 
+@pytest.mark.parametrize(
+    ("dataset", "model", "fits"),
+    [("mnist1d", "resnet20", "mlp, cnn1d"), ("mnist1d", "lenet", "mlp, cnn1d"),
+     ("cifar10", "cnn1d", "mlp, lenet, resnet20, wrn16_4")],
+)  # fmt: skip
+def test_a_model_that_cannot_take_the_dataset_is_refused_before_anything_runs(
+    tmp_path, dataset, model, fits
+):
+    path = write_spec(tmp_path / "fit.yaml", tiny_base(), {"model": ["mlp", model]})
+    if dataset != "mnist1d":
+        path.write_text(path.read_text().replace("dataset: mnist1d", f"dataset: {dataset}"))
+    message = error_of(path)
+    assert message.startswith(f"{path}:")
+    assert f"model: {model} cannot take {dataset} inputs of shape" in message
+    assert message.endswith(f"models that can: {fits} (grid point model={model})")
+
+
+def test_literal_error_suggests_the_closest_choice(tmp_path):
+    path = write_spec(tmp_path / "opt.yaml", tiny_base(optimizer__name="lasr"))
+    message = error_of(path)
+    assert "optimizer.name: got 'lasr'" in message and "(did you mean 'lars'?)" in message
+
+
+def test_grid_key_under_a_base_value_is_a_clear_error(tmp_path):
+    path = tmp_path / "v.yaml"
+    path.write_text("name: v\nbase:\n  epochs: 1\n  data: 5\ngrid:\n  data.samples: [100]\n")
+    assert error_of(path) == (
+        f"{path}:6: grid.data.samples: 'data' of 'data.samples' is a value, not a section; "
+        "make base.data a section or change grid.data.samples"
+    )
+
+
 def test_literal_error_lists_choices(tmp_path):
     path = tmp_path / "lit.yaml"
     path.write_text("name: l\nbase:\n  epochs: 1\ngrid:\n  lr.scaling: [quadratic]\n")

@@ -203,3 +203,22 @@ def test_export_writes_parquet_that_pyarrow_reads(cli, quickstart_experiment, tm
     assert max(history["val/accuracy"].to_pylist()) == best
     frame = history.to_pandas()
     assert set(frame["trial_id"]) == {t.trial_id for t in raw}
+
+
+def test_a_damaged_sweep_record_is_a_clear_error_everywhere(cli, tmp_path):
+    experiment = tmp_path / "results" / "quickstart"
+    experiment.mkdir(parents=True)
+    (experiment / "lbs_sweep.json").write_text('{"spec": ')
+    spec = Path(__file__).parent.parent / "sweeps" / "quickstart.yaml"
+    storage = ("--storage", tmp_path / "results")
+    for args in (
+        ("run", spec, *storage, "--dry-run"),
+        ("run", spec, *storage),
+        ("resume", experiment),
+        ("status", experiment),
+    ):
+        code, _, err = cli(*args)
+        assert code == 2 and err.count("\n") == 1, args
+        assert f"{experiment}/lbs_sweep.json: damaged sweep record (not valid JSON" in err, args
+        assert "--fresh" in err
+    assert (experiment / "lbs_sweep.json").read_text() == '{"spec": ', "left as it was"

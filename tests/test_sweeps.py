@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import tiny_base, write_spec
+from conftest import tiny_base, without_ray_lines, write_spec
 from fixtures_formats import write_cifar10
 
 from lbs_tune.runner import run
@@ -321,3 +321,45 @@ def test_git_commit_of_the_working_directory_or_of_the_image(tmp_path, monkeypat
     assert git_commit(repo) == head.strip()
     (repo / "a.txt").write_text("b")
     assert git_commit(repo) == head.strip() + "+dirty"
+
+
+def test_missing_dataset_files_stop_a_local_sweep_before_it_starts(cli, tmp_path):
+    missing = tmp_path / "no-data"
+    base = tiny_base(dataset="cifar10", model="lenet", data__dir=str(missing))
+    spec = write_spec(tmp_path / "cifar.yaml", base, {"seed": [0, 1]})
+    code, _, err = cli("run", spec, "--storage", tmp_path / "results")
+    assert code == 2 and err.count("\n") == 1
+    assert f"CIFAR-10 files missing from {missing}/cifar-10-batches-py" in err
+    assert not (tmp_path / "results").exists(), "nothing is written"
+
+
+def test_a_damaged_tune_checkpoint_falls_back_to_the_one_before(tmp_path, capsys, data_dir):
+    from ray import tune
+
+    from lbs_tune.checkpoints import CHECKPOINT_FILE, save_checkpoint
+    from lbs_tune.errors import UserError
+    from lbs_tune.trainable import resume_state
+
+    trial = tmp_path / "train_trial_00000"
+    for index in range(3):
+        folder = trial / f"checkpoint_{index:06d}"
+        state = {"step": index, "finished": False, "model": {}, "optimizer": {}}
+        save_checkpoint(
+            {**state, "sampler": {}, "rng": {}, "reports": []}, folder / CHECKPOINT_FILE
+        )
+    (trial / "checkpoint_000002" / CHECKPOINT_FILE).write_bytes(b"PK\x03\x04 truncated")
+    (trial / "checkpoint_000001" / CHECKPOINT_FILE).unlink()
+
+    state = resume_state(tune.Checkpoint(str(trial / "checkpoint_000002")))
+    assert state["step"] == 0
+    err = without_ray_lines(capsys.readouterr().err).splitlines()
+    assert "checkpoint_000002/state.pt: corrupted or truncated checkpoint" in err[0]
+    assert err[0].endswith("resuming from checkpoint_000001")
+    assert "checkpoint_000001/state.pt: cannot read" in err[1]
+    assert err[1].endswith("resuming from checkpoint_000000")
+    assert (trial / "checkpoint_000002" / CHECKPOINT_FILE).exists(), "nothing is deleted"
+
+    # The oldest one damaged too: nothing to resume from.
+    (trial / "checkpoint_000000" / CHECKPOINT_FILE).write_bytes(b"")
+    with pytest.raises(UserError, match="no earlier checkpoint to resume from"):
+        resume_state(tune.Checkpoint(str(trial / "checkpoint_000002")))

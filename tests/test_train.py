@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import read_jsonl, tiny_base, write_spec
 
+from lbs_tune.checkpoints import load_checkpoint
 from lbs_tune.local import checkpoint_files
 
 TIMING = {"images_per_s", "time_s"}
@@ -112,12 +113,15 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(cli, spec, tmp_p
     for step in (90, 88):
         files[step].unlink()
     damaged = files[66]
-    damaged.write_bytes(damaged.read_bytes()[:1000])
+    truncated = damaged.read_bytes()[:1000]
+    damaged.write_bytes(truncated)
     code, _stdout, stderr = cli("train", spec, "--out", out)
     assert code == 0
-    assert f"{damaged}: corrupted or truncated checkpoint" in stderr
+    assert f"{damaged}: corrupted or truncated checkpoint, moved aside" in stderr
     assert "resuming from step_00000044.pt" in stderr
-    assert damaged.exists(), "nothing is deleted"
+    aside = damaged.with_name(damaged.name + ".damaged")
+    assert aside.read_bytes() == truncated, "nothing is deleted or overwritten"
+    assert load_checkpoint(damaged)["step"] == 66, "the resumed run made that step again"
     assert same_results(read_jsonl(out / "metrics.jsonl"), expected)
 
 
@@ -139,6 +143,37 @@ def test_other_config_in_the_same_folder_is_refused(cli, spec, tmp_path):
     assert cli("train", spec, "--out", out, "--set", "steps=3")[0] == 0
     code, _, stderr = cli("train", spec, "--out", out, "--set", "steps=4")
     assert code == 2 and "steps: 3 -> 4" in stderr
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_takes_the_fixed_config(cli, spec, tmp_path):
+    whole = tmp_path / "whole"
+    assert cli("train", spec, "--out", whole)[0] == 0
+    whole = whole / "metrics.jsonl"
+    out = tmp_path / "run"
+    missing = tmp_path / "no-data"
+    code, _, stderr = cli(
+        "train", spec, "--out", out, "--set", "dataset=mnist", "--set", "model=lenet",
+        "--set", f"data.dir={missing}",
+    )  # fmt: skip
+    assert code == 2 and str(missing) in stderr
+    # The user fixes the input; nothing of the failed run (no checkpoint) stands in the way.
+    assert cli("train", spec, "--out", out)[0] == 0
+    assert same_results(read_jsonl(out / "metrics.jsonl"), read_jsonl(whole))
+
+
+def test_a_checkpoint_of_something_else_is_a_clear_error(cli, spec, tmp_path):
+    import torch
+
+    out = tmp_path / "run"
+    assert cli("train", spec, "--out", out, "--set", "steps=3")[0] == 0
+    ((_, path),) = checkpoint_files(out / "checkpoints")[:1]
+    torch.save({"step": 3, "model": {}}, path)
+    code, _, stderr = cli("train", spec, "--out", out, "--set", "steps=3")
+    assert code == 2 and stderr.count("\n") == 1
+    assert f"{path}: not an lbs-tune checkpoint (no finished, optimizer" in stderr
+    path.write_bytes(b"\x80\x02}q\x00.")  # a bare pickle: torch.load says to drop weights_only
+    code, _, stderr = cli("train", spec, "--out", out, "--set", "steps=3")
+    assert code == 2 and "corrupted or truncated" in stderr and "weights_only" not in stderr
 
 
 def test_divergence_is_a_finished_result(cli, tmp_path, data_dir):

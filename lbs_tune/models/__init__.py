@@ -8,6 +8,7 @@ small `lenet`, `mlp` and `cnn1d`. With a ghost batch size every batch norm becom
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -24,6 +25,7 @@ __all__ = [
     "MODEL_NAMES",
     "GhostBatchNorm",
     "build_model",
+    "check_model_fits",
     "use_ghost_batch_norm",
     "validate_model_name",
 ]
@@ -79,3 +81,23 @@ def build_model(
     if ghost_batch_size is not None:
         model = use_ghost_batch_norm(model, ghost_batch_size)
     return model
+
+
+@functools.lru_cache(maxsize=64)
+def check_model_fits(name: str, num_classes: int, input_shape: tuple[int, ...]) -> None:
+    """ValueError if model `name` cannot take inputs of `input_shape`, found by building it once
+    per process (on the meta device a first init costs seconds of torch imports; the CPU build of
+    even WRN-28-10 takes less), so that every grid point of a sweep is checked before it starts."""
+    build_model(name, num_classes, input_shape)
+
+
+def models_that_fit(num_classes: int, input_shape: tuple[int, ...]) -> list[str]:
+    """The small and common models that take inputs of `input_shape`, for error messages."""
+    fitting = []
+    for name in ("mlp", "cnn1d", "lenet", "resnet20", "wrn16_4"):
+        try:
+            check_model_fits(name, num_classes, input_shape)
+        except ValueError:
+            continue
+        fitting.append(name)
+    return fitting
