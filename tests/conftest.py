@@ -19,7 +19,7 @@ import yaml
 
 from lbs_tune.cli import main
 from lbs_tune.runner import start_ray
-from lbs_tune.spec import set_dotted
+from lbs_tune.spec import METRICS, set_dotted
 
 # Small enough to generate in a second or two, large enough for batches of 256.
 TINY_MNIST1D = 2000
@@ -61,6 +61,24 @@ def write_spec(path: Path, base: dict, grid: dict | None = None, **extra) -> Pat
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+class Capture:
+    """A reporter for `lbs_tune.training.train` in this process: keeps every report."""
+
+    def __init__(self):
+        self.rows = []
+
+    def step(self, step, total):
+        pass
+
+    def report(self, metrics, checkpoint):
+        self.rows.append(metrics)
+
+
+def without_timing(row: dict) -> dict:
+    """A report's metrics without the ones that measure time."""
+    return {k: row.get(k) for k in METRICS if k not in ("images_per_s", "time_s")}
 
 
 # A line that Ray's driver prints on behalf of a process of the shared cluster, e.g.

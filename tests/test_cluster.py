@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_base, write_spec
+from conftest import Capture, tiny_base, without_timing, write_spec
 
 from analysis.report import write_report
 from lbs_tune.checkpoints import load_checkpoint
 from lbs_tune.errors import UserError
 from lbs_tune.runner import run
-from lbs_tune.spec import METRICS, TrialConfig
+from lbs_tune.spec import TrialConfig
 from lbs_tune.status import status
 from lbs_tune.training import train
 
@@ -85,21 +85,6 @@ def reports_by_trial(experiment: Path) -> dict[int, list[dict]]:
             rows[row["step"]] = row
         found[json.loads(params.read_text())["seed"]] = [rows[s] for s in sorted(rows)]
     return found
-
-
-class Capture:
-    def __init__(self):
-        self.rows = []
-
-    def step(self, step, total):
-        pass
-
-    def report(self, metrics, checkpoint):
-        self.rows.append(metrics)
-
-
-def without_timing(row: dict) -> dict:
-    return {k: row.get(k) for k in METRICS if k not in ("images_per_s", "time_s")}
 
 
 def _mid_trial_on(trial: Path, node_id: str, epochs: float = 4) -> bool:

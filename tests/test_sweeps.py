@@ -18,12 +18,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import tiny_base, without_ray_lines, write_spec
+import torch
+from conftest import Capture, tiny_base, without_ray_lines, without_timing, write_spec
 from fixtures_formats import write_cifar10
 
 from lbs_tune.runner import run
-from lbs_tune.spec import load_spec
+from lbs_tune.spec import TrialConfig, load_spec
 from lbs_tune.status import status
+from lbs_tune.training import train
 
 SWEEPS = sorted(Path(__file__).parent.parent.joinpath("sweeps").glob("*.yaml"))
 TIMING = {"images_per_s", "time_s"}
@@ -363,3 +365,59 @@ def test_a_damaged_tune_checkpoint_falls_back_to_the_one_before(tmp_path, capsys
     (trial / "checkpoint_000000" / CHECKPOINT_FILE).write_bytes(b"")
     with pytest.raises(UserError, match="no earlier checkpoint to resume from"):
         resume_state(tune.Checkpoint(str(trial / "checkpoint_000002")))
+
+
+def test_a_trial_that_raises_is_retried_and_its_error_stays_visible(ray_cluster, tmp_path):
+    """CIFAR-10 arrives late: the trial raises (a data file is missing), Ray retries it, the
+    file is put back after the first failure, and the retry trains exactly as an unhindered run."""
+    import ray.util.state
+
+    data = tmp_path / "data"
+    write_cifar10(data, n_train=40, n_test=8)
+    late = data / "cifar-10-batches-py" / "data_batch_3"
+    content = late.read_bytes()
+    late.unlink()
+    base = tiny_base(
+        dataset="cifar10", model="lenet", data__dir=str(data), data__val_fraction=0.2,
+        batch_size=8, epochs=2, eval_batch_size=8,
+    )  # fmt: skip
+    spec = write_spec(tmp_path / "late.yaml", base, {"seed": [0]}, max_failures=10)
+
+    def dead_trials() -> int:
+        actors = ray.util.state.list_actors(
+            address=ray_cluster.dashboard, filters=[("state", "=", "DEAD")], limit=10_000
+        )
+        return sum(a.class_name == "ImplicitFunc" for a in actors)
+
+    before, restored = dead_trials(), threading.Event()
+
+    def put_back_after_a_failure():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and dead_trials() == before:
+            time.sleep(0.2)
+        late.write_bytes(content)
+        restored.set()
+
+    threading.Thread(target=put_back_after_a_failure, daemon=True).start()
+    storage = tmp_path / "results"
+    assert run(spec, storage=str(storage), address=ray_cluster.address) == 0
+    assert restored.is_set()
+
+    experiment = storage / "late"
+    state = json.loads(sorted(experiment.glob("experiment_state-*.json"))[-1].read_text())
+    ((trial, meta),) = [(json.loads(t), json.loads(m)) for t, m in state["trial_data"]]
+    assert trial["status"] == "TERMINATED" and meta["num_failures"] >= 1
+    text = status(str(experiment))
+    errors = text.partition("\nerrors:\n")[2]
+    assert f"CIFAR-10 files missing from {late.parent}: data_batch_3" in errors
+    assert f"  {meta['num_failures']}  " in text.splitlines()[5], "the failures column"
+
+    (rows,) = histories(experiment).values()
+    expected = Capture()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(TrialConfig.model_validate(base), expected)
+    finally:
+        torch.set_num_threads(threads)
+    assert [without_timing(r) for r in rows] == [without_timing(r) for r in expected.rows]
