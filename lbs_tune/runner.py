@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -79,12 +80,18 @@ def trial_configs(spec: SweepSpec) -> list[TrialConfig]:
     return [TrialConfig.model_validate(spec.trial_dict(p)) for p in spec.points()]
 
 
-def print_dry_run(spec: SweepSpec, experiment: Location, resuming: bool) -> None:
+def print_dry_run(spec: SweepSpec, experiment: Location, recorded: dict | None) -> None:
     """The trials that would run: grid point and resources, one line each."""
     points = spec.points()
     print(f"sweep {spec.name}: {len(points)} trials -> {experiment.uri}")
-    if resuming:
-        print("  (an unfinished sweep of this spec is there: running would resume it)")
+    if recorded is not None and recorded["digest"] == spec.digest():
+        print("  (a sweep of this spec is there: running would resume it)")
+    elif recorded is not None:
+        changes = _spec_changes(recorded["spec"], spec.model_dump(mode="json"))
+        print(
+            f"  (a sweep of another spec is there ({changes}): running would be refused; "
+            "--fresh moves it aside)"
+        )
     for i, (point, config) in enumerate(zip(points, trial_configs(spec), strict=True)):
         cpu, gpu = spec.resources.for_batch(config.batch_size)
         grid = ", ".join(f"{k}={v}" for k, v in point.items()) or "(base config)"
@@ -210,6 +217,21 @@ def prepare_data(spec: SweepSpec) -> None:
             load_raw(config)
 
 
+def _check_reachable(address: str, timeout_s: float = 10) -> None:
+    """A one-line UserError at once for a host:port nobody listens on (Ray itself retries for
+    minutes). `auto` and addresses without a port are left to Ray."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise UserError(
+            f"--address {address}: cannot join the Ray cluster (nothing answers at {host}:{port}: "
+            f"{exc.strerror or exc}); start it with `ray start --head` or check the address"
+        ) from None
+
+
 def start_ray(address: str | None = None, cpus: int | None = None, gpus: int | None = None) -> None:
     """Join the cluster at `address`, or start a local one with the dashboard on.
 
@@ -228,6 +250,7 @@ def start_ray(address: str | None = None, cpus: int | None = None, gpus: int | N
         )
 
         maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        _check_reachable(address)
         try:
             context = ray.init(address=address, log_to_driver=True)
         except (ConnectionError, ValueError, RuntimeError) as exc:
@@ -338,9 +361,7 @@ def run(
         recorded = None
         if experiment.join(SWEEP_FILE).exists():
             recorded = read_record(experiment)
-        print_dry_run(
-            spec, experiment, recorded is not None and recorded["digest"] == spec.digest()
-        )
+        print_dry_run(spec, experiment, recorded)
         return 0
     if not ray_args.get("address"):  # a cluster's nodes have their own data folders
         prepare_data(spec)

@@ -371,7 +371,14 @@ class _Source:
             return
         for key_node, value_node in node.value:
             key = f"{prefix}{key_node.value}"
-            self.lines[key] = key_node.start_mark.line + 1
+            line = key_node.start_mark.line + 1
+            if key in self.lines:
+                # YAML keeps the last of two equal keys: the first would be silently ignored.
+                raise UserError(
+                    f"{self.path}:{line}: {key}: given twice (first on line {self.lines[key]}); "
+                    "keep one"
+                )
+            self.lines[key] = line
             self._index(value_node, key + ".")
 
     def where(self, key: str) -> str:
@@ -458,6 +465,14 @@ def check_spec(data: dict[str, Any], where: Callable[[str], str]) -> SweepSpec:
         if not values:
             fix = "list at least one or remove the key"
             raise UserError(f"{where(f'grid.{key}')}: grid.{key}: no values; {fix}")
+        seen = []
+        for value in values:
+            if value in seen:
+                fix = "each grid value makes trials; list it once (seeds make repeats)"
+                raise UserError(
+                    f"{where(f'grid.{key}')}: grid.{key}: {value!r} listed twice; {fix}"
+                )
+            seen.append(value)
     for point in spec.points():
         try:
             tree = spec.trial_dict(point)

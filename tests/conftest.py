@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from lbs_tune.cli import main
+from lbs_tune.errors import UserError
 from lbs_tune.runner import start_ray
 from lbs_tune.spec import METRICS, set_dotted
 
@@ -171,7 +172,7 @@ def ray_cluster(data_dir, tmp_path_factory):
             try:
                 start_ray(address=cluster.address, cpus=None, gpus=None)
                 break
-            except ConnectionError:
+            except (ConnectionError, UserError):  # the head is not up yet
                 if time.monotonic() > deadline or head.poll() is not None:
                     raise
                 time.sleep(1)

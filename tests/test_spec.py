@@ -83,6 +83,19 @@ def test_grid_key_under_a_base_value_is_a_clear_error(tmp_path):
     )
 
 
+def test_a_key_given_twice_is_refused(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("name: t\nbase:\n  epochs: 1\n  lr: {base: 0.1, base: 0.2}\n")
+    assert error_of(path) == f"{path}:4: base.lr.base: given twice (first on line 4); keep one"
+    path.write_text("name: t\nbase:\n  epochs: 1\nbase:\n  epochs: 2\n")
+    assert error_of(path) == f"{path}:4: base: given twice (first on line 2); keep one"
+
+
+def test_a_grid_value_listed_twice_is_refused(tmp_path):
+    path = write_spec(tmp_path / "dup.yaml", tiny_base(), {"seed": [0, 1, 1]})
+    assert error_of(path).startswith(f"{path}:") and "grid.seed: 1 listed twice" in error_of(path)
+
+
 def test_literal_error_lists_choices(tmp_path):
     path = tmp_path / "lit.yaml"
     path.write_text("name: l\nbase:\n  epochs: 1\ngrid:\n  lr.scaling: [quadratic]\n")

@@ -191,8 +191,9 @@ def test_other_spec_under_the_same_name_is_refused_then_fresh_moves_it_aside(
     assert code == 2 and "with another spec (base.lr.base: 0.05 -> 0.07)" in err
     assert "--fresh" in err and "Traceback" not in err
     before = sorted(p.name for p in storage.iterdir())
-    code, _, _ = cli("run", spec, "--storage", storage, "--dry-run")
+    code, out, _ = cli("run", spec, "--storage", storage, "--dry-run")
     assert code == 0 and sorted(p.name for p in storage.iterdir()) == before
+    assert "another spec is there (base.lr.base: 0.05 -> 0.07): running would be refused" in out
 
 
 def test_fake_gpus_are_assigned_and_fractions_pack(ray_cluster, tmp_path):
@@ -421,3 +422,21 @@ def test_a_trial_that_raises_is_retried_and_its_error_stays_visible(ray_cluster,
     finally:
         torch.set_num_threads(threads)
     assert [without_timing(r) for r in rows] == [without_timing(r) for r in expected.rows]
+
+
+def test_an_address_nobody_answers_at_is_a_clear_error_at_once(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = Path(__file__).parent.parent / "sweeps" / "quickstart.yaml"
+    storage = tmp_path / "results"
+    started = time.monotonic()
+    done = subprocess.run(
+        _driver(spec, storage, f"127.0.0.1:{port}"), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and time.monotonic() - started < 60
+    (line,) = [ln for ln in done.stderr.splitlines() if ln.startswith("lbs-tune: error:")]
+    assert f"--address 127.0.0.1:{port}: cannot join the Ray cluster (nothing answers" in line
+    assert "Traceback" not in done.stderr and not storage.exists()
