@@ -198,6 +198,7 @@ def test_other_spec_under_the_same_name_is_refused_then_fresh_moves_it_aside(
 
 
 def test_fake_gpus_are_assigned_and_fractions_pack(ray_cluster, tmp_path):
+    import ray
     import ray.util.state
 
     base = tiny_base(steps=100, eval_every=10, checkpoint_every=10)
@@ -207,6 +208,12 @@ def test_fake_gpus_are_assigned_and_fractions_pack(ray_cluster, tmp_path):
         {"seed": list(range(10))},
         resources={"cpu": 0.25, "gpu": {"32": 0.5, "default": 1}},
     )
+    # On an idle cluster: the trials of a driver killed by an earlier test may hold GPUs until
+    # Ray notices that their job is gone.
+    deadline = time.monotonic() + 120
+    while ray.available_resources().get("GPU", 0) < ray_cluster.gpus:
+        assert time.monotonic() < deadline, f"GPUs still held: {ray.available_resources()}"
+        time.sleep(0.5)
     # Ray reserves each trial's resources as a placement group: count those reserved at once.
     reserved, stop = [0], threading.Event()
 
