@@ -32,9 +32,9 @@ from lbs_tune.training import train
 
 
 class WorkerNode:
-    """A `ray start --block` worker node in its own process group, with fake GPUs."""
+    """A `ray start --block` worker node in its own process group."""
 
-    def __init__(self, address: str, cpus: int, gpus: int, log: Path):
+    def __init__(self, address: str, cpus: int, log: Path):
         import ray
 
         before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
@@ -42,7 +42,7 @@ class WorkerNode:
         self.process = subprocess.Popen(
             [
                 *(str(Path(sys.executable).with_name("ray")), "start", "--block"),
-                *(f"--address={address}", f"--num-cpus={cpus}", f"--num-gpus={gpus}"),
+                *(f"--address={address}", f"--num-cpus={cpus}", "--num-gpus=0"),
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -69,7 +69,7 @@ class WorkerNode:
 
 @pytest.fixture
 def workers(ray_cluster, tmp_path):
-    nodes = [WorkerNode(ray_cluster.address, 2, 1, tmp_path / f"worker{i}.log") for i in range(2)]
+    nodes = [WorkerNode(ray_cluster.address, 2, tmp_path / f"worker{i}.log") for i in range(2)]
     yield nodes
     for node in nodes:
         node.kill()
@@ -99,9 +99,9 @@ def _mid_trial_on(trial: Path, node_id: str, epochs: float = 4) -> bool:
 
 def test_node_lost_mid_sweep_trials_continue_on_the_others(ray_cluster, workers, tmp_path):
     base = tiny_base(epochs=8, eval_every=0.5, checkpoint_every=0.5)
-    # Half a (fake) GPU per trial: 4 trials on the head (4 CPUs), 2 on each worker (2 CPUs, 1 GPU).
-    resources = {"cpu": 1, "gpu": 0.5}
-    spec = write_spec(tmp_path / "nodes.yaml", base, {"seed": list(range(8))}, resources=resources)
+    # CPU trials: a GPU placement group bundle on a node that dies can outlive it in Ray and hold
+    # the shared head's fake GPUs that later tests count on.
+    spec = write_spec(tmp_path / "nodes.yaml", base, {"seed": list(range(8))}, resources={"cpu": 1})
     storage = f"file://{tmp_path / 'shared'}"
     experiment = tmp_path / "shared" / "nodes"
     lost = workers[1]
@@ -153,7 +153,6 @@ def test_node_lost_mid_sweep_trials_continue_on_the_others(ray_cluster, workers,
 
     nodes = {row["node_id"] for rows in found.values() for row in rows}
     assert {workers[0].node_id, lost.node_id} <= nodes, "trials spread over the nodes"
-    assert all(row["gpu_ids"] for rows in found.values() for row in rows), "GPUs on every node"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the trials (1 CPU each): CPU reductions depend on threads
     try:
