@@ -19,7 +19,6 @@ import plotly.graph_objects as go
 import pyarrow as pa
 import pyarrow.compute as pc
 from plotly.subplots import make_subplots
-from pydantic import ValidationError
 
 from analysis.load import config_columns
 from analysis.metrics import (
@@ -30,8 +29,7 @@ from analysis.metrics import (
     seed_spread,
     to_target,
 )
-from lbs_tune.rules import peak_lr
-from lbs_tune.spec import LRConfig, TrialConfig
+from lbs_tune.config import LRConfig, TrialConfig
 
 RULE = "lr.scaling"
 BATCH = "batch_size"
@@ -408,28 +406,16 @@ def plot_steps_to_target(data: StepsToTarget) -> go.Figure:
 
 
 def learning_rates(trials: pa.Table, history: pa.Table) -> LearningRates:
-    """The peak LR of each trial against batch size, by LR rule: from its config through
-    `lbs_tune.rules.peak_lr`, or the largest `lr` it reported where the config says nothing."""
+    """The peak LR of each trial against batch size, by LR rule: the `peak_lr` the loop
+    reported, or the largest `lr` it reported (experiments of versions before `peak_lr`)."""
     trials = prepared(trials)
     top = history.group_by("trial_id").aggregate([("lr", "max")])
     reported = dict(zip(top["trial_id"].to_pylist(), top["lr_max"].to_pylist(), strict=True))
     rows = trials.to_pylist()
-    lrs = [_peak_lr(r) or reported.get(r["trial_id"]) for r in rows]
+    lrs = [r.get("final/peak_lr") or reported.get(r["trial_id"]) for r in rows]
     hit = [i for i, r in enumerate(rows) if r["diverged"]]
     diverged = _points("", "diverged", [rows[i] for i in hit], [lrs[i] for i in hit])
     return LearningRates(_by_rule("", rows, lrs), diverged)
-
-
-def _peak_lr(row: dict[str, Any]) -> float | None:
-    given = {
-        k.removeprefix("lr."): v for k, v in row.items() if k.startswith("lr.") and v is not None
-    }
-    if not given:
-        return None
-    try:
-        return peak_lr(LRConfig.model_validate(given), row[BATCH])
-    except ValidationError:
-        return None
 
 
 def plot_learning_rates(data: LearningRates) -> go.Figure:

@@ -23,23 +23,26 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.json as pajson
-import pyarrow.parquet as pq
 
 from analysis.metrics import final_and_best
+from lbs_tune.config import METRICS, flatten
 from lbs_tune.errors import UserError
-from lbs_tune.spec import METRICS, flatten
+from lbs_tune.experiment import (
+    CACHE_DIR,
+    ERROR_FILE,
+    PARAMS_FILE,
+    RESULT_FILE,
+    STATE_FILE,
+    SWEEP_FILE,
+    TRIAL_FILES,
+    read_evaluation,
+    read_parquet,
+    write_parquet,
+)
 from lbs_tune.storage import Location, locate
 
-SWEEP_FILE = "lbs_sweep.json"
-EVALUATION_FILE = "evaluation.parquet"
-RESULT_FILE = "result.json"
-PARAMS_FILE = "params.json"
-ERROR_FILE = "error.txt"
-TRIAL_FILES = (RESULT_FILE, PARAMS_FILE, ERROR_FILE)
-STATE_FILE = re.compile(r"^experiment_state-.*\.json$")
-CACHE_DIR = ".lbs_cache"
 # Part of the manifest: a new table layout makes every old cache stale.
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 SWEEP_KEY = b"lbs_sweep"
 # One read_json call parses up to this many bytes; bigger sweeps are parsed in chunks of it.
 CHUNK_BYTES = 256 * 2**20
@@ -48,21 +51,12 @@ BLOCK_BYTES = 8 * 2**20
 FINISHED = ("TERMINATED", "ERROR")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
-_MEASURES = [m for m in METRICS if m not in ("step", "epoch", "examples", "diverged")]
-# `lbs-tune evaluate`'s table: one row per checkpoint and split.
-EVALUATION_SCHEMA = pa.schema(
-    [
-        ("trial_id", pa.string()),
-        ("step", pa.int64()),
-        ("split", pa.string()),
-        ("loss", pa.float64()),
-        ("accuracy", pa.float64()),
-    ]
-)
+_COUNTS = ("step", "epoch", "examples", "diverged", "total_steps")
+_MEASURES = [m for m in METRICS if m not in _COUNTS]
 # The report fields we read; the rest of a line (Ray's nested `config` above all) is skipped.
 REPORT_SCHEMA = pa.schema(
     [("trial_id", pa.string()), ("step", pa.int64()), ("epoch", pa.float64())]
-    + [("examples", pa.int64()), ("training_iteration", pa.int64())]
+    + [("examples", pa.int64()), ("total_steps", pa.int64()), ("training_iteration", pa.int64())]
     + [("timestamp", pa.float64()), ("time_s", pa.float64())]
     + [(m, pa.float64()) for m in _MEASURES]
     + [("diverged", pa.bool_()), ("host", pa.string()), ("node_id", pa.string())]
@@ -151,17 +145,14 @@ def export(source: Any, out_dir: str | Path) -> list[str]:
     written = []
     for name, table in (("trials", results.trials), ("history", results.history)):
         target = out.join(f"{name}.parquet")
-        _write_parquet(target, table)
+        write_parquet(target, table)
         written.append(target.uri)
     return written
 
 
 def load_evaluation(source: Any) -> pa.Table | None:
     """The experiment's evaluation.parquet (written by `lbs-tune evaluate`), None without one."""
-    target = experiment_location(source).join(EVALUATION_FILE)
-    if not target.exists():
-        return None
-    return _read_parquet(target).cast(EVALUATION_SCHEMA)
+    return read_evaluation(experiment_location(source))
 
 
 def config_columns(trials: pa.Table) -> list[str]:
@@ -493,7 +484,7 @@ def _read_cache(where: Location, manifest: dict[str, list[int]]) -> Results | No
         if recorded != {"version": CACHE_VERSION, "files": manifest}:
             return None
         trials, history = (
-            _read_parquet(folder.join(name)) for name in ("trials.parquet", "history.parquet")
+            read_parquet(folder.join(name)) for name in ("trials.parquet", "history.parquet")
         )
     except (OSError, ValueError, pa.ArrowException):
         return None
@@ -504,8 +495,8 @@ def _write_cache(where: Location, manifest: dict[str, list[int]], results: Resul
     folder = where.join(CACHE_DIR)
     try:
         where.fs.create_dir(folder.path, recursive=True)
-        _write_parquet(folder.join("trials.parquet"), results.trials)
-        _write_parquet(folder.join("history.parquet"), results.history)
+        write_parquet(folder.join("trials.parquet"), results.trials)
+        write_parquet(folder.join("history.parquet"), results.history)
         # Written last: a manifest on disk means the tables beside it are complete.
         folder.join("manifest.json").write_text(
             json.dumps({"version": CACHE_VERSION, "files": manifest})
@@ -515,17 +506,3 @@ def _write_cache(where: Location, manifest: dict[str, list[int]], results: Resul
             f"{folder.uri}: cannot write the cache ({exc}); each load will parse the files",
             stacklevel=2,
         )
-
-
-def _read_parquet(source: Location) -> pa.Table:
-    # ParquetFile skips the dataset discovery of pq.read_table: a third faster on small files.
-    with source.fs.open_input_file(source.path) as f:
-        return pq.ParquetFile(f).read()
-
-
-def _write_parquet(target: Location, table: pa.Table) -> None:
-    """Write through a temporary name on a local disk, so that readers never see half a file."""
-    temp = target.path + ".tmp" if target.is_local else target.path
-    pq.write_table(table, temp, filesystem=target.fs)
-    if temp != target.path:
-        target.fs.move(temp, target.path)

@@ -26,10 +26,10 @@ import pyarrow.compute as pc
 from analysis import figures
 from analysis.load import Results, experiment_location, load, load_evaluation
 from analysis.metrics import to_target
-from lbs_tune.errors import UserError
-from lbs_tune.spec import METRICS, did_you_mean
+from lbs_tune.config import METRICS
+from lbs_tune.errors import UserError, did_you_mean
+from lbs_tune.experiment import REPORT_FILE, count_outcomes
 
-REPORT_FILE = "report.html"
 X_AXES = ("step", "examples", "epoch")
 STATIC_FORMATS = ("png", "pdf", "svg")
 _JSON_ESCAPES = {ord("<"): "\\u003c", ord(">"): "\\u003e", ord("&"): "\\u0026"}
@@ -150,19 +150,9 @@ def write_static(drawn: dict[str, go.Figure], folder: Path) -> str | None:
 
 def trial_counts(trials: pa.Table) -> dict[str, int]:
     """Trials by outcome: finished, diverged, errored, and running or pending (the rest)."""
-    states = trials["state"].to_pylist()
-    diverged = trials["diverged"].to_pylist()
-    counts = {"finished": 0, "diverged": 0, "errored": 0, "running or pending": 0}
-    for state, hit in zip(states, diverged, strict=True):
-        if state == "ERROR":
-            counts["errored"] += 1
-        elif hit:
-            counts["diverged"] += 1
-        elif state == "TERMINATED":
-            counts["finished"] += 1
-        else:
-            counts["running or pending"] += 1
-    return counts
+    return count_outcomes(
+        zip(trials["state"].to_pylist(), trials["diverged"].to_pylist(), strict=True)
+    )
 
 
 # ============================================================================ HTML

@@ -31,9 +31,10 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from analysis import load
-from analysis.load import CACHE_DIR, RESULT_FILE, SWEEP_FILE
 from analysis.report import write_report
-from lbs_tune.spec import load_spec, set_dotted
+from lbs_tune.config import set_dotted
+from lbs_tune.experiment import CACHE_DIR, RESULT_FILE, SWEEP_FILE
+from lbs_tune.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "bench"

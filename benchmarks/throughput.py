@@ -22,11 +22,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lbs_tune.config import DataConfig, TrialConfig, steps_per_epoch
 from lbs_tune.data import DATASETS, DeviceData, load_dataset, random_crop, random_flip
 from lbs_tune.errors import UserError
 from lbs_tune.models import build_model
 from lbs_tune.optim import build_optimizer
-from lbs_tune.spec import DataConfig, TrialConfig, steps_per_epoch
 from lbs_tune.training import resolve_device, resolve_precision, train
 
 TARGET_OVERHEAD_PCT = 10.0

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -12,22 +10,16 @@ import numpy as np
 import torch
 
 from lbs_tune.errors import UserError
+from lbs_tune.storage import locate
 
-CHECKPOINT_FILE = "state.pt"
 # What every checkpoint of the loop holds (training.train's state) with the reports made so far.
 STATE_KEYS = ("step", "finished", "model", "optimizer", "sampler", "rng", "reports")
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write `state` to `path` atomically: a crash leaves the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=".tmp-", suffix=".pt", delete=False
-    ) as f:
+    with locate(path).atomic_output() as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
 
 
 def load_checkpoint(path: Path | str, stream: BinaryIO | None = None) -> dict[str, Any]:

@@ -49,14 +49,14 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from lbs_tune.status import status
+    from analysis.status import status
 
     print(status(args.experiment))
     return 0
 
 
 def _where(args: argparse.Namespace) -> int:
-    from lbs_tune.status import where
+    from analysis.status import where
 
     for folder in where(args.experiment, args.filters):
         print(folder)

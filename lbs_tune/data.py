@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lbs_tune.config import DataConfig, TrialConfig, steps_per_epoch
 from lbs_tune.errors import UserError
 from lbs_tune.formats import RawData, read_torchvision
-from lbs_tune.spec import DataConfig, TrialConfig, steps_per_epoch
 
 # The validation split is the same for every trial of a sweep, whatever the trial's seed.
 SPLIT_SEED = 0
@@ -69,6 +69,16 @@ DATASETS: dict[str, DatasetInfo] = {
     "fashion_mnist": DatasetInfo(60_000, (1, 28, 28), 10),
     "synthetic": DatasetInfo(lambda d: d.samples, lambda d: d.shape, lambda d: d.classes),
 }
+
+
+def batch_too_large(config: TrialConfig, train_size: int, where: str = "") -> str | None:
+    """The message for a batch larger than the training split (`where` names its folder)."""
+    if config.batch_size <= train_size:
+        return None
+    return (
+        f"batch_size {config.batch_size} is larger than the {train_size} training examples of "
+        f"{config.dataset}{where}; use at most {train_size}"
+    )
 
 
 def _val_count(full: int, fraction: float) -> int:
@@ -251,11 +261,9 @@ def load_dataset(
     n_val = _val_count(len(raw.train_y), config.data.val_fraction)
     order = torch.randperm(len(raw.train_y), generator=torch.Generator().manual_seed(SPLIT_SEED))
     train_idx, val_idx = order[n_val:].numpy(), order[:n_val].numpy()
-    if config.batch_size > len(train_idx):
-        raise UserError(
-            f"batch_size {config.batch_size} is larger than the {len(train_idx)} training examples "
-            f"of {config.dataset} in {data_dir(config.data)}; use at most {len(train_idx)}"
-        )
+    problem = batch_too_large(config, len(train_idx), f" in {data_dir(config.data)}")
+    if problem:
+        raise UserError(problem)
 
     def split(x: np.ndarray | None, y: np.ndarray | None) -> Split | None:
         if x is None or len(x) == 0:

@@ -1,4 +1,10 @@
-"""The one exception type for user mistakes: the CLI prints it on one line and exits 2."""
+"""The one exception type for user mistakes, and the did-you-mean of their messages."""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+from collections.abc import Iterable
 
 
 class UserError(Exception):
@@ -8,3 +14,22 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+def did_you_mean(value: object, candidates: Iterable[str]) -> str:
+    """ " (did you mean 'x'?)" for the closest candidate, else "; known: a, b, c".
+
+    Among the close matches (difflib's, in order of similarity) the longest common prefix wins,
+    so 'resnet21' suggests 'resnet20', not 'resnet32'.
+    """
+    value, candidates = str(value), [str(c) for c in candidates]
+    close = difflib.get_close_matches(value, candidates, n=5, cutoff=0.6)
+    if close:
+        best = max(close, key=lambda c: _common_prefix(value, c))
+        return f" (did you mean '{best}'?)"
+    return f"; known: {', '.join(sorted(candidates))}"
+
+
+def _common_prefix(a: str, b: str) -> int:
+    same = itertools.takewhile(lambda pair: pair[0] == pair[1], zip(a, b, strict=False))
+    return sum(1 for _ in same)

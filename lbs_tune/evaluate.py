@@ -1,10 +1,10 @@
 """`lbs-tune evaluate`: every checkpoint of every trial, on the chosen splits, into Parquet.
 
 Each checkpoint is evaluated with its trial's own model and dataset config (from params.json)
-and written to `<experiment>/evaluation.parquet`: trial_id, step, split, loss, accuracy (a loss
-that is NaN or inf is null, as in the reports). Checkpoints already in that table are skipped
-without being read (their step comes from the trial's reports), so running it again only adds
-what is new.
+and written to the experiment's evaluation table (`lbs_tune.experiment.EVALUATION_FILE`):
+trial_id, step, split, loss, accuracy (a loss that is NaN or inf is null, as in the reports).
+Checkpoints already in that table are skipped without being read (their step comes from the
+trial's reports), so running it again only adds what is new.
 """
 
 from __future__ import annotations
@@ -12,25 +12,30 @@ from __future__ import annotations
 import io
 import json
 import math
-import re
 import sys
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from analysis.load import EVALUATION_FILE, EVALUATION_SCHEMA, load_evaluation
-from lbs_tune.checkpoints import CHECKPOINT_FILE, load_checkpoint
+from lbs_tune.checkpoints import load_checkpoint
+from lbs_tune.config import TrialConfig
 from lbs_tune.data import DeviceData, load_dataset
 from lbs_tune.errors import UserError
+from lbs_tune.experiment import (
+    EVALUATION_FILE,
+    EVALUATION_SCHEMA,
+    PARAMS_FILE,
+    read_evaluation,
+    reported_checkpoints,
+    trial_checkpoints,
+    trial_folders,
+    write_parquet,
+)
 from lbs_tune.models import build_model
-from lbs_tune.spec import TrialConfig
-from lbs_tune.storage import Location
+from lbs_tune.storage import Location, locate
 from lbs_tune.training import evaluate, resolve_device, resolve_precision
 
 SPLITS = ("train", "val", "test")
-CHECKPOINT_DIR = re.compile(r"^checkpoint_\d+$")
 
 
 def parse_splits(text: str) -> tuple[str, ...]:
@@ -40,17 +45,6 @@ def parse_splits(text: str) -> tuple[str, ...]:
     if unknown or not splits:
         raise UserError(f"--splits {text}: choose among {', '.join(SPLITS)} (comma-separated)")
     return splits
-
-
-def _checkpoints(experiment: Location, folder: str) -> list[tuple[str, Location]]:
-    """(folder name, checkpoint file) of each checkpoint of a trial, oldest first."""
-    trial = experiment.join(folder)
-    try:
-        infos = experiment.fs.get_file_info(pafs.FileSelector(trial.path))
-    except (FileNotFoundError, OSError):
-        return []
-    names = sorted(i.base_name for i in infos if CHECKPOINT_DIR.match(i.base_name))
-    return [(name, trial.join(name, CHECKPOINT_FILE)) for name in names]
 
 
 def _load(location: Location) -> dict[str, Any]:
@@ -63,28 +57,28 @@ def _finite(value: float) -> float | None:
 
 
 def evaluate_experiment(source: str, splits: tuple[str, ...] = SPLITS, device: str = "auto") -> str:
-    """Evaluate every not yet evaluated checkpoint; return the URI of evaluation.parquet."""
-    from analysis import load
-    from analysis.load import experiment_location
-
-    experiment = experiment_location(source)
-    earlier = load_evaluation(source)
+    """Evaluate every not yet evaluated checkpoint; return the URI of the evaluation table."""
+    experiment = locate(source)
+    earlier = read_evaluation(experiment)
     done = EVALUATION_SCHEMA.empty_table() if earlier is None else earlier
     seen = set(zip(*(done[c].to_pylist() for c in ("trial_id", "step", "split")), strict=True))
-    results = load(source)
-    reported = results.history.select(["trial_id", "checkpoint_dir_name", "step"]).to_pylist()
-    step_of = {(r["trial_id"], r["checkpoint_dir_name"]): r["step"] for r in reported}
     torch_device = resolve_device(device)
     datasets: dict[str, DeviceData] = {}
     rows = []
-    for trial in results.trials.to_pylist():
-        trial_id = trial["trial_id"]
-        params = experiment.join(trial["folder"], "params.json")
-        if not params.exists():
-            continue
-        config = TrialConfig.model_validate(json.loads(params.read_text()))
-        for name, checkpoint in _checkpoints(experiment, trial["folder"]):
-            step = step_of.get((trial_id, name))
+    for trial in trial_folders(experiment):
+        trial_id, step_of = reported_checkpoints(trial)
+        params = trial.join(PARAMS_FILE)
+        try:
+            config = TrialConfig.model_validate(json.loads(params.read_text()))
+        except ValueError as exc:  # not JSON, or not a trial config of this version
+            reason = str(exc).splitlines()[0]
+            raise UserError(
+                f"{params.uri}: damaged trial config ({reason}); restore it from the sweep's "
+                "lbs_sweep.json or move the trial folder aside"
+            ) from None
+        trial_id = trial_id or trial.name
+        for checkpoint in trial_checkpoints(trial):
+            step = step_of.get(checkpoint.parent().name)
             if step is not None and all((trial_id, step, s) in seen for s in splits):
                 continue
             try:
@@ -121,8 +115,5 @@ def evaluate_experiment(source: str, splits: tuple[str, ...] = SPLITS, device: s
     table = pa.concat_tables([done, new]).sort_by(
         [("trial_id", "ascending"), ("step", "ascending")]
     )
-    temp = target.path + ".tmp" if target.is_local else target.path
-    pq.write_table(table, temp, filesystem=experiment.fs)
-    if temp != target.path:
-        experiment.fs.move(temp, target.path)
+    write_parquet(target, table)
     return target.uri

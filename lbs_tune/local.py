@@ -10,66 +10,40 @@ continuous.
 from __future__ import annotations
 
 import json
-import os
-import re
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from lbs_tune.checkpoints import load_checkpoint, save_checkpoint
+from lbs_tune.config import TrialConfig, changes
 from lbs_tune.errors import UserError
+from lbs_tune.experiment import (
+    RUN_CHECKPOINTS,
+    RUN_CONFIG_FILE,
+    RUN_METRICS_FILE,
+    newest_readable,
+    run_checkpoint_name,
+    run_checkpoints,
+)
 from lbs_tune.progress import Progress
-from lbs_tune.spec import TrialConfig, flatten
+from lbs_tune.storage import Location, locate
 from lbs_tune.training import train
 
-CHECKPOINT_NAME = re.compile(r"^step_(\d+)\.pt$")
 # Keys that may differ between a run and its resumption.
 RESUMABLE_KEYS = {"device", "data.dir", "data.download"}
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` so that a crash leaves the old or the new content."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".tmp-", delete=False) as f:
-        f.write(text)
-    os.replace(f.name, path)
-
-
-def checkpoint_files(folder: Path) -> list[tuple[int, Path]]:
-    """(step, path) of the checkpoints in `folder`, newest first."""
-    found = []
-    for path in folder.glob("step_*.pt"):
-        match = CHECKPOINT_NAME.match(path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    return sorted(found, reverse=True)
-
-
 def newest_checkpoint(folder: Path) -> dict[str, Any] | None:
-    """The newest readable checkpoint. Corrupted ones newer than it are reported and moved aside
-    (`<name>.damaged`), never deleted: the resumed run writes a new checkpoint of that step."""
-    files = checkpoint_files(folder)
-    for i, (_, path) in enumerate(files):
-        try:
-            state = load_checkpoint(path)
-        except UserError as exc:
-            if i + 1 == len(files):
-                raise UserError(
-                    f"{exc}; no earlier checkpoint to fall back to: move {path} aside to "
-                    "start this run from the beginning"
-                ) from None
-            continue
-        for _, damaged in files[:i]:
-            aside = damaged.with_name(damaged.name + ".damaged")
-            damaged.replace(aside)
-            print(
-                f"lbs-tune: warning: {damaged}: corrupted or truncated checkpoint, moved aside to "
-                f"{aside.name}; resuming from {path.name}",
-                file=sys.stderr,
-            )
-        return state
-    return None
+    """The newest readable checkpoint of run folder `folder`. Corrupted ones newer than it are
+    reported and moved aside (`<name>.damaged`), never deleted: the resumed run writes a new
+    checkpoint of that step."""
+    files = [locate(path) for _, path in run_checkpoints(folder)]
+    oldest = files[-1].uri if files else ""
+    fix = f"fall back to: move {oldest} aside to start this run from the beginning"
+    return newest_readable(files, _read, fix, set_aside=True)
+
+
+def _read(state: Location) -> dict[str, Any]:
+    return load_checkpoint(state.path)
 
 
 class LocalReporter:
@@ -80,8 +54,7 @@ class LocalReporter:
     """
 
     def __init__(self, out: Path, keep: int | None, progress: Progress, sent: list[dict]):
-        self.metrics_path = out / "metrics.jsonl"
-        self.checkpoints = out / "checkpoints"
+        self.out = out
         self.keep = keep
         self.progress = progress
         self.sent = sent
@@ -91,38 +64,33 @@ class LocalReporter:
 
     def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
         # The report goes first: a crash before the checkpoint only makes the resume redo it.
-        with self.metrics_path.open("a") as f:
+        with (self.out / RUN_METRICS_FILE).open("a") as f:
             f.write(json.dumps(metrics) + "\n")
         self.sent.append(metrics)
         if checkpoint is not None:
-            path = self.checkpoints / f"step_{checkpoint['step']:08d}.pt"
+            path = self.out / RUN_CHECKPOINTS / run_checkpoint_name(checkpoint["step"])
             save_checkpoint({**checkpoint, "reports": self.sent}, path)
             if self.keep:
-                for _, old in checkpoint_files(self.checkpoints)[self.keep :]:
+                for _, old in run_checkpoints(self.out)[self.keep :]:
                     old.unlink()
         self.progress.report(metrics)
 
 
 def _check_same_config(out: Path, config: TrialConfig) -> None:
-    path = out / "config.json"
+    path = out / RUN_CONFIG_FILE
     # Without a checkpoint nothing was kept of a run (it failed before its first one, e.g. on
     # missing data): the new config replaces the old.
-    if not path.exists() or not checkpoint_files(out / "checkpoints"):
-        write_text_atomic(path, json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+    if not path.exists() or not run_checkpoints(out):
+        locate(path).write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
         return
     try:
-        old = flatten(json.loads(path.read_text()))
+        old = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON ({exc.msg}); use another --out") from None
-    new = flatten(config.model_dump(mode="json"))
-    changed = [
-        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
-        for k in sorted(set(old) | set(new))
-        if k not in RESUMABLE_KEYS and old.get(k) != new.get(k)
-    ]
-    if changed:
+    diff = changes(old, config.model_dump(mode="json"), ignore=RESUMABLE_KEYS, limit=3)
+    if diff:
         raise UserError(
-            f"{out} holds a run of another config ({'; '.join(changed[:3])}); "
+            f"{out} holds a run of another config ({diff}); "
             "use another --out, or delete that folder to start over"
         )
 
@@ -131,15 +99,15 @@ def run_local(config: TrialConfig, out: Path) -> dict[str, Any]:
     """Run (or resume, or confirm finished) the trial in folder `out`; return its last metrics."""
     out = out.expanduser().resolve()
     _check_same_config(out, config)
-    resume = newest_checkpoint(out / "checkpoints")
-    metrics_path = out / "metrics.jsonl"
+    resume = newest_checkpoint(out)
+    metrics_path = out / RUN_METRICS_FILE
     kept = list(resume["reports"]) if resume else []
     if resume and resume["finished"]:
         print(
             f"{out}: this run already finished at step {resume['step']}; metrics in {metrics_path}"
         )
         return kept[-1] if kept else {}
-    write_text_atomic(metrics_path, "".join(json.dumps(row) + "\n" for row in kept))
+    locate(metrics_path).write_text("".join(json.dumps(row) + "\n" for row in kept))
     if resume:
         print(f"{out}: resuming from the checkpoint of step {resume['step']}")
     progress = Progress()

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from lbs_tune.spec import OptimizerConfig
+from lbs_tune.config import OptimizerConfig
 
 
 def param_groups(model: torch.nn.Module, config: OptimizerConfig) -> list[dict]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from lbs_tune.spec import LRConfig
+from lbs_tune.config import LRConfig
 
 
 def peak_lr(rule: LRConfig, batch_size: int) -> float:

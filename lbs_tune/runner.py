@@ -9,50 +9,29 @@ their newest checkpoint; pending ones start); another spec under the same name i
 from __future__ import annotations
 
 import functools
-import json
 import os
 import socket
-import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lbs_tune import __version__
+from lbs_tune.config import SweepSpec, changes, set_dotted
 from lbs_tune.errors import UserError
-from lbs_tune.spec import SweepSpec, TrialConfig, check_spec, flatten, load_spec, set_dotted
+from lbs_tune.experiment import (
+    SWEEP_FILE,
+    count_outcomes,
+    has_record,
+    read_record,
+    record_end,
+    record_start,
+)
+from lbs_tune.spec import check_spec, load_spec
 from lbs_tune.storage import Location, locate
 
-SWEEP_FILE = "lbs_sweep.json"
 DEFAULT_STORAGE = "results"
 SYNC_PERIOD_S = 10
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def git_commit(folder: Path) -> str | None:
-    """The commit checked out in `folder` ('+dirty' if it has changes); outside git, the one
-    that $LBS_GIT_COMMIT names (the Docker image sets it to the commit it was built from)."""
-    outside = os.environ.get("LBS_GIT_COMMIT") or None
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10
-        )
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=folder,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return outside
-    if commit.returncode != 0:
-        return outside
-    return commit.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
 
 
 # ============================================================================ The trials
@@ -64,8 +43,7 @@ def param_space(spec: SweepSpec, grid_search) -> dict[str, Any]:
     Every key is written out (defaults too), so each trial's params.json is its whole config.
     A relative `data.dir` is made absolute here: trial processes run inside their trial folders.
     """
-    points = spec.points()
-    tree = TrialConfig.model_validate(spec.trial_dict(points[0])).model_dump(mode="json")
+    tree = spec.trials[0].model_dump(mode="json")
     if tree["data"]["dir"]:
         tree["data"]["dir"] = str(Path(tree["data"]["dir"]).expanduser().resolve())
     for key, values in spec.grid.items():
@@ -75,11 +53,6 @@ def param_space(spec: SweepSpec, grid_search) -> dict[str, Any]:
     return tree
 
 
-def trial_configs(spec: SweepSpec) -> list[TrialConfig]:
-    """Every grid point as a validated TrialConfig, in grid order."""
-    return [TrialConfig.model_validate(spec.trial_dict(p)) for p in spec.points()]
-
-
 def print_dry_run(spec: SweepSpec, experiment: Location, recorded: dict | None) -> None:
     """The trials that would run: grid point and resources, one line each."""
     points = spec.points()
@@ -87,28 +60,18 @@ def print_dry_run(spec: SweepSpec, experiment: Location, recorded: dict | None) 
     if recorded is not None and recorded["digest"] == spec.digest():
         print("  (a sweep of this spec is there: running would resume it)")
     elif recorded is not None:
-        changes = _spec_changes(recorded["spec"], spec.model_dump(mode="json"))
+        diff = changes(recorded["spec"], spec.model_dump(mode="json"))
         print(
-            f"  (a sweep of another spec is there ({changes}): running would be refused; "
+            f"  (a sweep of another spec is there ({diff}): running would be refused; "
             "--fresh moves it aside)"
         )
-    for i, (point, config) in enumerate(zip(points, trial_configs(spec), strict=True)):
+    for i, (point, config) in enumerate(zip(points, spec.trials, strict=True)):
         cpu, gpu = spec.resources.for_batch(config.batch_size)
         grid = ", ".join(f"{k}={v}" for k, v in point.items()) or "(base config)"
         print(f"  {i:4d}  {grid}  [cpu {cpu:g}, gpu {gpu:g}]")
 
 
 # ============================================================================ The folder
-
-
-def _spec_changes(old: dict[str, Any], new: dict[str, Any]) -> str:
-    a, b = flatten(old), flatten(new)
-    changed = [
-        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
-        for k in sorted(set(a) | set(b))
-        if a.get(k) != b.get(k)
-    ]
-    return "; ".join(changed[:4]) + (f" (+{len(changed) - 4} more)" if len(changed) > 4 else "")
 
 
 def _move_aside(experiment: Location) -> str:
@@ -142,57 +105,12 @@ def prepare_folder(spec: SweepSpec, experiment: Location, fresh: bool) -> dict[s
         return None
     recorded = read_record(experiment)
     if recorded["digest"] != spec.digest():
-        changes = _spec_changes(recorded["spec"], spec.model_dump(mode="json"))
+        diff = changes(recorded["spec"], spec.model_dump(mode="json"))
         raise UserError(
-            f"{experiment.uri} holds sweep '{spec.name}' with another spec ({changes}); "
+            f"{experiment.uri} holds sweep '{spec.name}' with another spec ({diff}); "
             "run with --fresh to move it aside (nothing is deleted) or pick another --name"
         )
     return recorded
-
-
-def record_start(experiment: Location, spec: SweepSpec, recorded: dict[str, Any] | None) -> None:
-    """Write lbs_sweep.json: the spec and its digest, version, commit, command and times."""
-    command = [Path(sys.argv[0]).name, *sys.argv[1:]]
-    meta = recorded or {
-        "name": spec.name,
-        "spec": spec.model_dump(mode="json"),
-        "digest": spec.digest(),
-        "lbs_tune_version": __version__,
-        "git_commit": git_commit(Path.cwd()),
-        "command": command,
-        "started": now_iso(),
-        "storage": experiment.uri,
-        "runs": [],
-    }
-    meta["runs"] = [*meta["runs"], {"started": now_iso(), "command": command}]
-    meta["ended"] = None
-    experiment.join(SWEEP_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def read_record(experiment: Location) -> dict[str, Any]:
-    """The sweep's lbs_sweep.json; a damaged one is the user's to restore (UserError)."""
-    meta = experiment.join(SWEEP_FILE)
-    try:
-        record = json.loads(meta.read_text())
-        problem = None if isinstance(record, dict) else "not a JSON object"
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        problem = f"not valid JSON: {exc}"
-    if problem is None:
-        missing = [k for k in ("spec", "digest") if k not in record]
-        problem = f"no {' and '.join(missing)}" if missing else None
-    if problem:
-        raise UserError(
-            f"{meta.uri}: damaged sweep record ({problem}); restore it, or run the sweep file "
-            "with --fresh to move this sweep aside and start again"
-        )
-    return record
-
-
-def record_end(experiment: Location) -> None:
-    """Stamp the end time into lbs_sweep.json."""
-    meta = read_record(experiment)
-    meta["ended"] = now_iso()
-    experiment.join(SWEEP_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 # ============================================================================ Ray
@@ -206,7 +124,7 @@ def prepare_data(spec: SweepSpec) -> None:
     from lbs_tune.formats import DATASET_NAMES, check_files
 
     seen = set()
-    for config in trial_configs(spec):
+    for config in spec.trials:
         key = (config.dataset, config.data.dir, config.data.samples)
         if key in seen:
             continue
@@ -232,6 +150,25 @@ def _check_reachable(address: str, timeout_s: float = 10) -> None:
         ) from None
 
 
+def _use_token_if_there() -> None:
+    """Ray turns token auth on by itself only for clusters it finds; with an explicit address it
+    must be told, so use the token whenever one is there (RAY_AUTH_MODE still wins). Ray has no
+    public call for this: without its private one (a Ray other than 2.60), say how to do it."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:
+        if "RAY_AUTH_MODE" not in os.environ:
+            print(
+                "lbs-tune: warning: this Ray cannot be told to use ~/.ray/auth_token; if the "
+                "cluster asks for a token, set RAY_AUTH_MODE=token",
+                file=sys.stderr,
+            )
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 def start_ray(address: str | None = None, cpus: int | None = None, gpus: int | None = None) -> None:
     """Join the cluster at `address`, or start a local one with the dashboard on.
 
@@ -243,13 +180,7 @@ def start_ray(address: str | None = None, cpus: int | None = None, gpus: int | N
     if ray.is_initialized():
         return
     if address:
-        # Ray turns token auth on by itself only for clusters it finds; with an explicit address
-        # it must be told, so use the token whenever one is there (RAY_AUTH_MODE still wins).
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
-
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        _use_token_if_there()
         _check_reachable(address)
         try:
             context = ray.init(address=address, log_to_driver=True)
@@ -276,17 +207,14 @@ def start_ray(address: str | None = None, cpus: int | None = None, gpus: int | N
 
 
 def _summary(results, started: float) -> tuple[str, int]:
-    finished = diverged = errored = 0
-    for result in results:
-        if result.error is not None:
-            errored += 1
-        elif (result.metrics or {}).get("diverged"):
-            diverged += 1
-        else:
-            finished += 1
+    """The sweep's outcome counts and wall time, and the number of errored trials."""
+    counts = count_outcomes(
+        ("ERROR" if r.error is not None else "TERMINATED", bool((r.metrics or {}).get("diverged")))
+        for r in results
+    )
     wall = time.monotonic() - started
-    line = f"finished {finished}, diverged {diverged}, errored {errored}, wall time {wall:.0f} s"
-    return line, errored
+    line = ", ".join(f"{n} {label}" for label, n in counts.items() if label != "running or pending")
+    return f"{line}, wall time {wall:.0f} s", counts["errored"]
 
 
 def execute(spec: SweepSpec, experiment: Location, recorded: dict | None, **ray_args) -> int:
@@ -297,8 +225,8 @@ def execute(spec: SweepSpec, experiment: Location, recorded: dict | None, **ray_
 
     started = time.monotonic()
     start_ray(**ray_args)
-    record_start(experiment, spec, recorded)
-    keep = TrialConfig.model_validate(spec.trial_dict({})).keep_checkpoints
+    record_start(experiment, spec.model_dump(mode="json"), spec.digest(), recorded)
+    keep = spec.trials[0].keep_checkpoints
     gpu_of = functools.partial(_gpu_for_batch, spec.resources)
     trainable = tune.with_resources(
         train_trial, functools.partial(placement, cpu=spec.resources.cpu, gpu_by_batch=gpu_of)
@@ -358,9 +286,7 @@ def run(
     spec = load_spec(spec_path, list(overrides) + ([f"name={name}"] if name else []))
     experiment = locate(storage).join(spec.name)
     if dry_run:
-        recorded = None
-        if experiment.join(SWEEP_FILE).exists():
-            recorded = read_record(experiment)
+        recorded = read_record(experiment) if has_record(experiment) else None
         print_dry_run(spec, experiment, recorded)
         return 0
     if not ray_args.get("address"):  # a cluster's nodes have their own data folders
@@ -372,12 +298,12 @@ def run(
 def resume(experiment_path: str, **ray_args) -> int:
     """`lbs-tune resume`: continue the sweep recorded in an experiment folder."""
     experiment = locate(experiment_path)
-    meta = experiment.join(SWEEP_FILE)
-    if not meta.exists():
+    if not has_record(experiment):
         raise UserError(
             f"{experiment.uri}: no {SWEEP_FILE} here; give the folder of an lbs-tune sweep"
         )
     recorded = read_record(experiment)
+    meta = experiment.join(SWEEP_FILE)
     spec = check_spec(recorded["spec"], lambda key: f"{meta.uri} (spec.{key})")
     if not ray_args.get("address"):
         prepare_data(spec)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import posixpath
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -50,13 +55,32 @@ class Location:
             return f.read().decode()
 
     def write_text(self, text: str) -> None:
-        """Write a small file; on a local disk via a temporary name and an atomic rename."""
-        self.fs.create_dir(posixpath.dirname(self.path), recursive=True)
-        temp = self.path + ".tmp" if self.is_local else self.path
-        with self.fs.open_output_stream(temp) as f:
+        """Replace the file with `text` atomically (see `atomic_output`)."""
+        with self.atomic_output() as f:
             f.write(text.encode())
-        if temp != self.path:
-            self.fs.move(temp, self.path)
+
+    @contextlib.contextmanager
+    def atomic_output(self) -> Iterator[BinaryIO]:
+        """A stream that replaces this file as a whole: readers and a crash see the old file or
+        the new one. On a local disk it writes a temporary file of a unique name beside it,
+        flushed to disk, then renamed over it (a failed write removes it); an object store's
+        single upload is atomic by itself. The folder is made as needed."""
+        self.fs.create_dir(posixpath.dirname(self.path), recursive=True)
+        if not self.is_local:
+            with self.fs.open_output_stream(self.path) as f:
+                yield f
+            return
+        folder, name = posixpath.split(self.path)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{name}.", delete=False) as f:
+            try:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            except BaseException:
+                f.close()
+                os.unlink(f.name)
+                raise
+        os.replace(f.name, self.path)
 
     def listdir(self) -> list[pafs.FileInfo]:
         if not self.exists():

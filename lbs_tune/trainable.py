@@ -8,27 +8,23 @@ and batch size).
 
 from __future__ import annotations
 
-import posixpath
-import re
 import socket
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
 import ray
 import torch
 from ray import tune
 from ray.util.metrics import Gauge
 
-from lbs_tune.checkpoints import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
-from lbs_tune.errors import UserError
-from lbs_tune.spec import TrialConfig
+from lbs_tune.checkpoints import load_checkpoint, save_checkpoint
+from lbs_tune.config import TrialConfig
+from lbs_tune.experiment import CHECKPOINT_FILE, newest_readable, trial_checkpoints
+from lbs_tune.storage import Location
 from lbs_tune.training import resolve_device, train
 
 GAUGE_TAGS = ("sweep", "trial", "batch_size")
-CHECKPOINT_DIR = re.compile(r"^checkpoint_\d+$")
 GAUGES = {
     "images_per_s": "lbs_images_per_s",
     "step": "lbs_step",
@@ -84,30 +80,15 @@ def _device(config: TrialConfig) -> torch.device:
 def resume_state(checkpoint: tune.Checkpoint) -> dict[str, Any]:
     """The state of Tune's checkpoint or, if that one is damaged, of the newest readable one
     before it in the trial's folder (each is reported; none is deleted). A UserError if none."""
-    fs, newest = checkpoint.filesystem, checkpoint.path
-    parent, name = posixpath.split(newest)
-    older = [
-        info.path
-        for info in fs.get_file_info(pafs.FileSelector(parent))
-        if info.type == pafs.FileType.Directory
-        and CHECKPOINT_DIR.match(info.base_name)
-        and info.base_name < name
-    ]
-    candidates = [newest, *sorted(older, reverse=True)]
-    for i, folder in enumerate(candidates):
-        path = f"{folder}/{CHECKPOINT_FILE}"
-        try:
-            with fs.open_input_file(path) as stream:
-                return load_checkpoint(path, stream)
-        except UserError as exc:
-            problem = str(exc)
-        except OSError as exc:
-            problem = f"{path}: cannot read the checkpoint ({exc})"
-        if i + 1 == len(candidates):
-            raise UserError(f"{problem}; no earlier checkpoint to resume from")
-        fallback = posixpath.basename(candidates[i + 1])
-        print(f"lbs-tune: warning: {problem}; resuming from {fallback}", file=sys.stderr)
-    raise AssertionError("unreachable")
+    newest = Location(checkpoint.filesystem, checkpoint.path, checkpoint.path).join(CHECKPOINT_FILE)
+    folder = newest.parent()
+    older = [c for c in trial_checkpoints(folder.parent()) if c.parent().name < folder.name]
+    return newest_readable([newest, *reversed(older)], _read, fix="resume from")
+
+
+def _read(state: Location) -> dict[str, Any]:
+    with state.fs.open_input_file(state.path) as stream:
+        return load_checkpoint(state.uri, stream)
 
 
 def train_trial(params: dict[str, Any]) -> None:

@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from lbs_tune.checkpoints import rng_states, set_rng_states
+from lbs_tune.config import TrialConfig, steps_per_epoch, total_steps
 from lbs_tune.data import BatchSampler, DeviceData, Split, load_dataset
 from lbs_tune.errors import UserError
 from lbs_tune.models import build_model
 from lbs_tune.optim import build_optimizer
-from lbs_tune.rules import lr_at
-from lbs_tune.spec import TrialConfig, steps_per_epoch, total_steps
+from lbs_tune.rules import lr_at, peak_lr
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -202,7 +202,9 @@ def train(
             "step": step,
             "epoch": round(step * batch_size / train_size, 6),
             "examples": step * batch_size,
+            "total_steps": budget,
             "lr": lr,
+            "peak_lr": peak_lr(config.lr, batch_size),
             "train/loss": train_loss,
             "train/accuracy": correct.item() / seen,
         }

@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from lbs_tune.cli import main
+from lbs_tune.config import METRICS, set_dotted
 from lbs_tune.errors import UserError
 from lbs_tune.runner import start_ray
-from lbs_tune.spec import METRICS, set_dotted
 
 # Small enough to generate in a second or two, large enough for batches of 256.
 TINY_MNIST1D = 2000
@@ -122,6 +122,14 @@ class RayCluster:
     metrics_port: int
     gpus: int
     cpus: int
+
+
+@pytest.fixture(autouse=True)
+def _ray_tests_are_marked(request):
+    """A test that starts (or joins) the shared Ray cluster must carry @pytest.mark.ray, so that
+    `pytest -m "not ray"` is the fast tier that never starts Ray."""
+    if "ray_cluster" in request.fixturenames and request.node.get_closest_marker("ray") is None:
+        pytest.fail(f"{request.node.nodeid} uses Ray: mark it @pytest.mark.ray")
 
 
 @pytest.fixture(scope="session")
@@ -237,8 +245,8 @@ def broken_sweep(ray_cluster, tmp_path_factory) -> WatchedSweep:
     """Two trials, one at a time, with a data folder whose path holds HOSTILE: 720 steps on
     synthetic data finish, then a CIFAR-10 trial fails for real (no CIFAR-10 files there) and
     ends in ERROR. A thread asks `status` and `where` every 0.1 s while the sweep runs."""
+    from analysis.status import status, where
     from lbs_tune.runner import run
-    from lbs_tune.status import status, where
 
     storage = tmp_path_factory.mktemp("broken")
     folder = storage / "broken"

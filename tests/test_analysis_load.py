@@ -16,8 +16,8 @@ import pytest
 from conftest import HOSTILE, raw_trials
 
 from analysis import load
-from analysis.load import CACHE_DIR
 from lbs_tune.errors import UserError
+from lbs_tune.experiment import CACHE_DIR
 
 
 @pytest.fixture
@@ -41,6 +41,7 @@ def raw_of(experiment: Path, key: tuple):
 # ============================================================================ Tables
 
 
+@pytest.mark.ray
 def test_trials_table_has_one_row_per_trial_with_config_state_and_finals(quickstart_experiment):
     trials, _ = load(quickstart_experiment, cache=False)
     raw = raw_trials(quickstart_experiment)
@@ -69,6 +70,7 @@ def test_trials_table_has_one_row_per_trial_with_config_state_and_finals(quickst
     assert trials["diverged"].to_pylist().count(True) == 1
 
 
+@pytest.mark.ray
 def test_history_has_one_row_per_report_in_step_order(quickstart_experiment):
     _, history = load(quickstart_experiment, cache=False)
     assert history.column_names[:7] == [
@@ -97,6 +99,7 @@ def test_history_has_one_row_per_report_in_step_order(quickstart_experiment):
     assert [r["step"] for r in b16.reports] == [45, 90, 135, 180, 225, 270, 315, 360]
 
 
+@pytest.mark.ray
 def test_an_errored_trial_carries_its_error_and_no_end_time(broken_experiment):
     trials, history = load(broken_experiment, cache=False)
     raw = {t.config["dataset"]: t for t in raw_trials(broken_experiment)}
@@ -114,6 +117,7 @@ def test_an_errored_trial_carries_its_error_and_no_end_time(broken_experiment):
     assert history.num_rows == len(raw["synthetic"].reports)
 
 
+@pytest.mark.ray
 def test_a_result_grid_loads_like_its_folder(quickstart_experiment):
     from ray.tune import ExperimentAnalysis, ResultGrid
 
@@ -123,6 +127,7 @@ def test_a_result_grid_loads_like_its_folder(quickstart_experiment):
     assert by_grid.history.equals(by_path.history)
 
 
+@pytest.mark.ray
 def test_a_file_uri_loads_like_its_path_and_carries_the_sweep_record(quickstart_experiment):
     by_uri = load(f"file://{quickstart_experiment}", cache=False)
     by_path = load(quickstart_experiment, cache=False)
@@ -145,6 +150,7 @@ def test_not_an_experiment_folder_is_a_user_error(tmp_path):
 # ============================================================================ Broken files
 
 
+@pytest.mark.ray
 def test_a_truncated_last_line_is_skipped_with_a_warning(copy):
     trial = raw_of(copy, (64, "linear", 0))
     rows = sum(len(t.reports) for t in raw_trials(copy))
@@ -158,6 +164,7 @@ def test_a_truncated_last_line_is_skipped_with_a_warning(copy):
     assert trial_of(trials, trial.trial_id)["final/step"] == 90
 
 
+@pytest.mark.ray
 def test_a_malformed_line_inside_a_file_is_skipped_and_the_rest_loaded(copy):
     trial = raw_of(copy, (16, "none", 1))
     rows = sum(len(t.reports) for t in raw_trials(copy))
@@ -172,6 +179,7 @@ def test_a_malformed_line_inside_a_file_is_skipped_and_the_rest_loaded(copy):
     assert history.num_rows == rows - 1
 
 
+@pytest.mark.ray
 def test_steps_reported_again_after_a_resume_keep_their_last_row(copy):
     trial = raw_of(copy, (64, "none", 0))
     path = trial.folder / "result.json"
@@ -199,6 +207,7 @@ def test_steps_reported_again_after_a_resume_keep_their_last_row(copy):
 # ============================================================================ Cache
 
 
+@pytest.mark.ray
 def test_the_second_load_comes_from_the_parquet_cache(copy, monkeypatch):
     first = load(copy)
     assert (copy / ".lbs_cache" / "trials.parquet").exists()
@@ -215,6 +224,7 @@ def test_the_second_load_comes_from_the_parquet_cache(copy, monkeypatch):
     assert second.sweep == first.sweep
 
 
+@pytest.mark.ray
 def test_a_changed_result_file_refreshes_the_cache(copy):
     trials, history = load(copy)
     trial = raw_of(copy, (16, "linear", 0))

@@ -23,11 +23,11 @@ import torch
 from conftest import Capture, tiny_base, without_timing, write_spec
 
 from analysis.report import write_report
+from analysis.status import status
 from lbs_tune.checkpoints import load_checkpoint
+from lbs_tune.config import TrialConfig
 from lbs_tune.errors import UserError
 from lbs_tune.runner import run
-from lbs_tune.spec import TrialConfig
-from lbs_tune.status import status
 from lbs_tune.training import train
 
 
@@ -97,6 +97,7 @@ def _mid_trial_on(trial: Path, node_id: str, epochs: float = 4) -> bool:
     return last is not None and last["node_id"] == node_id and last["epoch"] < epochs
 
 
+@pytest.mark.ray
 def test_node_lost_mid_sweep_trials_continue_on_the_others(ray_cluster, workers, tmp_path):
     base = tiny_base(epochs=8, eval_every=0.5, checkpoint_every=0.5)
     # CPU trials: a GPU placement group bundle on a node that dies can outlive it in Ray and hold

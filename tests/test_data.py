@@ -8,8 +8,8 @@ import torch
 from conftest import read_jsonl, tiny_base, write_spec
 from fixtures_formats import write_cifar10, write_mnist
 
+from lbs_tune.config import TrialConfig
 from lbs_tune.data import BatchSampler, load_dataset, random_crop, random_flip
-from lbs_tune.spec import TrialConfig
 
 
 def test_random_crop_is_a_shifted_window_of_the_padded_image():

@@ -57,6 +57,7 @@ def rows_of(folder: Path) -> list[dict]:
     return pq.read_table(folder / "evaluation.parquet").to_pylist()
 
 
+@pytest.mark.ray
 def test_every_checkpoint_is_evaluated_on_every_split(evaluated):
     rows = {(r["trial_id"], r["step"], r["split"]): r for r in rows_of(evaluated)}
     expected = set()
@@ -77,6 +78,7 @@ def test_every_checkpoint_is_evaluated_on_every_split(evaluated):
     assert set(rows) == expected and len(rows_of(evaluated)) == len(expected)
 
 
+@pytest.mark.ray
 def test_a_second_run_evaluates_nothing_again(evaluated, monkeypatch, capsys):
     before = rows_of(evaluated)
     written = (evaluated / "evaluation.parquet").stat().st_mtime_ns
@@ -94,6 +96,7 @@ def test_a_second_run_evaluates_nothing_again(evaluated, monkeypatch, capsys):
     assert (evaluated / "evaluation.parquet").stat().st_mtime_ns == written
 
 
+@pytest.mark.ray
 def test_a_new_split_adds_only_its_rows(cli, quickstart_experiment, tmp_path, monkeypatch):
     folder = copy_of(quickstart_experiment, tmp_path)
     code, out, _ = cli("evaluate", folder, "--splits", "test", "--device", "cpu")
@@ -115,6 +118,7 @@ def test_a_new_split_adds_only_its_rows(cli, quickstart_experiment, tmp_path, mo
     assert [r for r in both if r["split"] == "test"] == first
 
 
+@pytest.mark.ray
 def test_a_splits_typo_is_a_one_line_usage_error(cli, quickstart_experiment):
     code, out, err = cli("evaluate", quickstart_experiment, "--splits", "train,vall")
     assert code == 2 and out == ""
@@ -125,6 +129,7 @@ def test_a_splits_typo_is_a_one_line_usage_error(cli, quickstart_experiment):
     assert not (quickstart_experiment / "evaluation.parquet").exists()
 
 
+@pytest.mark.ray
 def test_the_report_adds_the_checkpoints_curves(evaluated, tmp_path):
     page = Page(write_report(evaluated, out=tmp_path / "report.html").read_text())
     ids = [a.get("id") for a, _ in page.scripts if a.get("type") == "application/json"]

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from lbs_tune.config import OptimizerConfig
 from lbs_tune.optim import LAMB, LARS, build_optimizer, param_groups
-from lbs_tune.spec import OptimizerConfig
 
 NAMES = ("sgd", "adamw", "lars", "lamb")
 

@@ -129,6 +129,7 @@ def broken_page(broken_experiment, tmp_path_factory) -> tuple[Path, Page]:
 # ============================================================================ The page
 
 
+@pytest.mark.ray
 def test_the_page_is_self_contained_with_plotly_inlined_once(page, quickstart_experiment):
     path, parsed = page
     text = path.read_text()
@@ -145,6 +146,7 @@ def test_the_page_is_self_contained_with_plotly_inlined_once(page, quickstart_ex
     assert f"val/accuracy ≥ {TARGET}" in header
 
 
+@pytest.mark.ray
 def test_config_values_cannot_inject_markup(page):
     path, parsed = page
     text = path.read_text()
@@ -157,6 +159,7 @@ def test_config_values_cannot_inject_markup(page):
     assert "<script>alert(1)" not in text
 
 
+@pytest.mark.ray
 def test_an_error_message_cannot_inject_markup(broken_page, broken_experiment):
     path, parsed = broken_page
     text = path.read_text()
@@ -175,6 +178,7 @@ def test_embedded_json_cannot_close_its_script_element():
     assert json.loads(text) == hostile
 
 
+@pytest.mark.ray
 def test_the_trial_table_lists_every_trial_with_its_steps_to_target(page, quickstart_experiment):
     path, _ = page
     text = path.read_text()
@@ -193,6 +197,7 @@ def test_the_trial_table_lists_every_trial_with_its_steps_to_target(page, quicks
 # ============================================================================ Figure data
 
 
+@pytest.mark.ray
 def test_steps_to_target_per_batch_size_and_the_perfect_scaling_line(page, quickstart_experiment):
     figure = page[1].figure("steps-to-target")
     expected = expected_steps_to_target(quickstart_experiment, "val/accuracy", TARGET)
@@ -216,6 +221,7 @@ def test_steps_to_target_per_batch_size_and_the_perfect_scaling_line(page, quick
     assert figure["layout"]["yaxis"]["title"]["text"] == "steps"
 
 
+@pytest.mark.ray
 def test_final_and_best_metric_against_batch_size(page, quickstart_experiment):
     figure = page[1].figure("metric-vs-batch-size")
     for kind, axis, value in (
@@ -233,6 +239,7 @@ def test_final_and_best_metric_against_batch_size(page, quickstart_experiment):
     assert figure["layout"]["xaxis"]["tickvals"] == BATCH_SIZES
 
 
+@pytest.mark.ray
 def test_learning_curves_are_medians_over_seeds_per_batch_size_and_rule(
     page, quickstart_experiment
 ):
@@ -259,6 +266,7 @@ def test_learning_curves_are_medians_over_seeds_per_batch_size_and_rule(
     assert loss["layout"]["yaxis"]["title"]["text"] == "train/loss"
 
 
+@pytest.mark.ray
 def test_learning_rate_throughput_and_parallel_coordinates(page, quickstart_experiment):
     raw = raw_trials(quickstart_experiment)
     rates = page[1].figure("learning-rate")
@@ -289,6 +297,7 @@ def test_learning_rate_throughput_and_parallel_coordinates(page, quickstart_expe
 # ============================================================================ Options
 
 
+@pytest.mark.ray
 def test_a_target_and_x_axis_given_on_the_command_line_win(quickstart_experiment, tmp_path):
     path = write_report(
         quickstart_experiment,
@@ -313,6 +322,7 @@ def copy(quickstart_experiment, tmp_path) -> Path:
     return target
 
 
+@pytest.mark.ray
 def test_a_running_sweep_gets_a_report_of_what_is_there(copy):
     record = json.loads((copy / "lbs_sweep.json").read_text())
     record["ended"] = None
@@ -330,6 +340,7 @@ def test_a_running_sweep_gets_a_report_of_what_is_there(copy):
     assert "fig-steps-to-target" not in ids and "fig-learning-curves" in ids
 
 
+@pytest.mark.ray
 def test_static_figures_say_in_one_line_what_is_missing(quickstart_experiment, tmp_path, capsys):
     write_report(quickstart_experiment, out=tmp_path / "r.html", static=tmp_path / "static")
     err = without_ray_lines(capsys.readouterr().err)
@@ -342,6 +353,7 @@ def test_static_figures_say_in_one_line_what_is_missing(quickstart_experiment, t
     assert write_static({}, tmp_path / "none") in (None, err.strip().removeprefix("lbs-tune: "))
 
 
+@pytest.mark.ray
 def test_trial_counts_and_target_parsing(quickstart_experiment, broken_experiment):
     trials, _ = load(quickstart_experiment)
     assert trial_counts(trials) == {
@@ -363,6 +375,7 @@ def test_trial_counts_and_target_parsing(quickstart_experiment, broken_experimen
             parse_target(bad)
 
 
+@pytest.mark.ray
 def test_a_copy_without_the_sweep_record_still_reports(quickstart_experiment, tmp_path):
     folder = tmp_path / "plain"
     shutil.copytree(

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
+from lbs_tune.config import LRConfig, steps_per_epoch
 from lbs_tune.rules import lr_at, peak_lr, warmup_steps
-from lbs_tune.spec import LRConfig, steps_per_epoch
 
 
 def test_linear_rule_goyal_example():

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import tiny_base, write_spec
 
+from lbs_tune.config import Resources, TrialConfig, total_steps
 from lbs_tune.errors import UserError
-from lbs_tune.spec import Resources, TrialConfig, load_spec, total_steps, trial_from_spec
+from lbs_tune.spec import load_spec, trial_from_spec
 
 
 def error_of(path) -> str:

@@ -13,9 +13,10 @@ from datetime import datetime
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from conftest import HOSTILE, raw_trials
 
-from lbs_tune.status import where
+from analysis.status import where
 
 HEADER = [
     "trial",
@@ -58,6 +59,7 @@ def local_time(iso: str) -> str:
 # ============================================================================ status
 
 
+@pytest.mark.ray
 def test_status_of_a_finished_sweep(cli, quickstart_experiment):
     code, out, err = cli("status", quickstart_experiment)
     assert code == 0 and err == ""
@@ -97,6 +99,7 @@ def test_status_of_a_finished_sweep(cli, quickstart_experiment):
     ] == [("256", "linear", "0", "6/22", "yes")]
 
 
+@pytest.mark.ray
 def test_status_shows_an_errored_trial_and_its_error(cli, broken_experiment):
     code, out, _ = cli("status", broken_experiment)
     assert code == 0
@@ -113,6 +116,7 @@ def test_status_shows_an_errored_trial_and_its_error(cli, broken_experiment):
     assert HOSTILE in message
 
 
+@pytest.mark.ray
 def test_status_and_where_answer_while_the_sweep_runs(broken_sweep):
     assert broken_sweep.failures == []
     # Snapshots taken before the runner stamped the end time into lbs_sweep.json.
@@ -135,6 +139,7 @@ def test_status_and_where_answer_while_the_sweep_runs(broken_sweep):
     )
 
 
+@pytest.mark.ray
 def test_a_sweep_that_ray_has_not_written_to_yet(cli, quickstart_experiment, tmp_path):
     # The runner writes lbs_sweep.json first; Ray's files follow once the Tuner starts.
     folder = tmp_path / "quickstart"
@@ -157,6 +162,7 @@ def folders(experiment: Path, **config) -> list[str]:
     return sorted(str(t.folder) for t in raw if all(t.config[k] == v for k, v in config.items()))
 
 
+@pytest.mark.ray
 def test_where_matches_config_values_exactly(cli, quickstart_experiment):
     def found(*filters: str) -> list[str]:
         code, out, err = cli("where", quickstart_experiment, *filters)
@@ -176,6 +182,7 @@ def test_where_matches_config_values_exactly(cli, quickstart_experiment):
     assert found("batch_size=32") == []
 
 
+@pytest.mark.ray
 def test_where_rejects_unknown_keys_and_malformed_filters(cli, quickstart_experiment):
     code, out, err = cli("where", quickstart_experiment, "batch_sise=64")
     assert (code, out) == (2, "")
@@ -190,6 +197,7 @@ def test_where_rejects_unknown_keys_and_malformed_filters(cli, quickstart_experi
 # ============================================================================ export
 
 
+@pytest.mark.ray
 def test_export_writes_parquet_that_pyarrow_reads(cli, quickstart_experiment, tmp_path):
     code, out, _ = cli("export", quickstart_experiment, "-o", tmp_path / "out")
     paths = out.splitlines()

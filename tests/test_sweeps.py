@@ -23,9 +23,10 @@ import torch
 from conftest import Capture, tiny_base, without_ray_lines, without_timing, write_spec
 from fixtures_formats import write_cifar10
 
+from analysis.status import status
+from lbs_tune.config import TrialConfig
 from lbs_tune.runner import run
-from lbs_tune.spec import TrialConfig, load_spec
-from lbs_tune.status import status
+from lbs_tune.spec import load_spec
 from lbs_tune.training import train
 
 SWEEPS = sorted(Path(__file__).parent.parent.joinpath("sweeps").glob("*.yaml"))
@@ -54,7 +55,7 @@ def raw_steps(experiment: Path) -> dict[str, list[int]]:
 
 
 def metrics_only(row: dict) -> dict:
-    from lbs_tune.spec import METRICS
+    from lbs_tune.config import METRICS
 
     return {k: row.get(k) for k in METRICS if k not in TIMING}
 
@@ -75,6 +76,7 @@ def reference(ray_cluster, tmp_path_factory):
     return folder / "results" / "tiny"
 
 
+@pytest.mark.ray
 def test_reference_sweep_files_and_reports(reference):
     meta = json.loads((reference / "lbs_sweep.json").read_text())
     assert meta["name"] == "tiny" and meta["digest"] and meta["ended"]
@@ -99,6 +101,7 @@ def test_every_sweep_file_dry_runs(cli, spec, tmp_path):
     assert out.count("[cpu ") == len(grid)
 
 
+@pytest.mark.ray
 def test_quickstart_file_runs_tiny(ray_cluster, tmp_path, data_dir):
     overrides = [
         f"base.data.samples={2000}",
@@ -114,6 +117,7 @@ def test_quickstart_file_runs_tiny(ray_cluster, tmp_path, data_dir):
     assert found[(256, "sqrt", 0)][-1]["lr"] == pytest.approx(0.01 * 4)
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("name", ["cifar10.yaml", "cifar10_wrn.yaml"])
 def test_cifar_files_run_tiny_on_real_cifar_files(ray_cluster, tmp_path, name):
     write_cifar10(tmp_path / "data", n_train=40, n_test=8)
@@ -144,6 +148,7 @@ def _driver(spec: Path, storage: Path, address: str, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.ray
 def test_driver_killed_with_sigkill_then_rerun_completes_exactly(ray_cluster, reference, tmp_path):
     spec = sweep_spec(tmp_path, "tiny")
     storage = tmp_path / "results"
@@ -178,11 +183,13 @@ def test_driver_killed_with_sigkill_then_rerun_completes_exactly(ray_cluster, re
     assert len(meta["runs"]) == 2 and meta["ended"]
 
 
+@pytest.mark.ray
 def test_resume_command_and_finished_sweep(cli, ray_cluster, reference):
     code, out, _ = cli("resume", reference, "--address", ray_cluster.address)
-    assert code == 0 and "finished 4, diverged 0, errored 0" in out
+    assert code == 0 and "4 finished, 0 diverged, 0 errored" in out
 
 
+@pytest.mark.ray
 def test_other_spec_under_the_same_name_is_refused_then_fresh_moves_it_aside(
     cli, ray_cluster, reference, tmp_path
 ):
@@ -197,6 +204,7 @@ def test_other_spec_under_the_same_name_is_refused_then_fresh_moves_it_aside(
     assert "another spec is there (base.lr.base: 0.05 -> 0.07): running would be refused" in out
 
 
+@pytest.mark.ray
 def test_fake_gpus_are_assigned_and_fractions_pack(ray_cluster, tmp_path):
     import ray
     import ray.util.state
@@ -240,6 +248,7 @@ def test_fake_gpus_are_assigned_and_fractions_pack(ray_cluster, tmp_path):
     assert reserved[0] == 8
 
 
+@pytest.mark.ray
 def test_trial_killed_mid_run_is_retried_from_its_checkpoint(ray_cluster, reference, tmp_path):
     spec = sweep_spec(tmp_path, "tiny")
     storage = tmp_path / "results"
@@ -303,6 +312,7 @@ def test_trial_killed_mid_run_is_retried_from_its_checkpoint(ray_cluster, refere
     assert "errors:" in text and trial_id in text.split("errors:")[1]
 
 
+@pytest.mark.ray
 def test_gauges_reach_the_prometheus_endpoint(ray_cluster, reference):
     deadline = time.monotonic() + 60
     text = ""
@@ -318,6 +328,7 @@ def test_gauges_reach_the_prometheus_endpoint(ray_cluster, reference):
     assert any(line.startswith("ray_lbs_train_loss{") for line in lines)
 
 
+@pytest.mark.ray
 def test_dashboard_is_on_and_needs_the_token(ray_cluster):
     url = f"{ray_cluster.dashboard}/api/version"
     with pytest.raises(urllib.error.HTTPError) as info:
@@ -329,7 +340,7 @@ def test_dashboard_is_on_and_needs_the_token(ray_cluster):
 
 
 def test_git_commit_of_the_working_directory_or_of_the_image(tmp_path, monkeypatch):
-    from lbs_tune.runner import git_commit
+    from lbs_tune.experiment import git_commit
 
     monkeypatch.delenv("LBS_GIT_COMMIT", raising=False)
     assert git_commit(tmp_path) is None
@@ -362,8 +373,9 @@ def test_missing_dataset_files_stop_a_local_sweep_before_it_starts(cli, tmp_path
 def test_a_damaged_tune_checkpoint_falls_back_to_the_one_before(tmp_path, capsys, data_dir):
     from ray import tune
 
-    from lbs_tune.checkpoints import CHECKPOINT_FILE, save_checkpoint
+    from lbs_tune.checkpoints import save_checkpoint
     from lbs_tune.errors import UserError
+    from lbs_tune.experiment import CHECKPOINT_FILE
     from lbs_tune.trainable import resume_state
 
     trial = tmp_path / "train_trial_00000"
@@ -380,7 +392,7 @@ def test_a_damaged_tune_checkpoint_falls_back_to_the_one_before(tmp_path, capsys
     assert state["step"] == 0
     err = without_ray_lines(capsys.readouterr().err).splitlines()
     assert "checkpoint_000002/state.pt: corrupted or truncated checkpoint" in err[0]
-    assert err[0].endswith("resuming from checkpoint_000001")
+    assert err[0].endswith("resuming from checkpoint_000000")
     assert "checkpoint_000001/state.pt: cannot read" in err[1]
     assert err[1].endswith("resuming from checkpoint_000000")
     assert (trial / "checkpoint_000002" / CHECKPOINT_FILE).exists(), "nothing is deleted"
@@ -391,6 +403,7 @@ def test_a_damaged_tune_checkpoint_falls_back_to_the_one_before(tmp_path, capsys
         resume_state(tune.Checkpoint(str(trial / "checkpoint_000002")))
 
 
+@pytest.mark.ray
 def test_a_trial_that_raises_is_retried_and_its_error_stays_visible(ray_cluster, tmp_path):
     """CIFAR-10 arrives late: the trial raises (a data file is missing), Ray retries it, the
     file is put back after the first failure, and the retry trains exactly as an unhindered run."""

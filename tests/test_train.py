@@ -14,7 +14,7 @@ import pytest
 from conftest import read_jsonl, tiny_base, write_spec
 
 from lbs_tune.checkpoints import load_checkpoint
-from lbs_tune.local import checkpoint_files
+from lbs_tune.experiment import run_checkpoints
 
 TIMING = {"images_per_s", "time_s"}
 
@@ -43,7 +43,7 @@ def test_train_writes_config_metrics_and_checkpoints(cli, spec, tmp_path):
         assert key in rows[-1]
     assert rows[-1]["diverged"] is False
     assert rows[-1]["val/accuracy"] > 0.3  # chance is 0.1
-    assert [s for s, _ in checkpoint_files(out / "checkpoints")] == [90, 88, 66, 44, 22]
+    assert [s for s, _ in run_checkpoints(out)] == [90, 88, 66, 44, 22]
     assert "step 90/90" in stdout  # plain lines when stdout is not a terminal
 
     code, stdout, _ = cli("train", spec, "--out", out)
@@ -86,7 +86,7 @@ def test_kill_9_midway_then_rerun_gives_the_same_metrics(cli, tmp_path, data_dir
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        done = checkpoint_files(out / "checkpoints")
+        done = run_checkpoints(out)
         if len(done) >= 2:
             break
         time.sleep(0.05)
@@ -109,7 +109,7 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(cli, spec, tmp_p
     # Roll a finished run back to its state at step 66, then damage that checkpoint.
     out = tmp_path / "damaged"
     assert cli("train", spec, "--out", out)[0] == 0
-    files = dict(checkpoint_files(out / "checkpoints"))
+    files = dict(run_checkpoints(out))
     for step in (90, 88):
         files[step].unlink()
     damaged = files[66]
@@ -117,8 +117,8 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(cli, spec, tmp_p
     damaged.write_bytes(truncated)
     code, _stdout, stderr = cli("train", spec, "--out", out)
     assert code == 0
-    assert f"{damaged}: corrupted or truncated checkpoint, moved aside" in stderr
-    assert "resuming from step_00000044.pt" in stderr
+    assert f"{damaged}: corrupted or truncated checkpoint" in stderr
+    assert f"moved it aside to {damaged.name}.damaged; resuming from step_00000044.pt" in stderr
     aside = damaged.with_name(damaged.name + ".damaged")
     assert aside.read_bytes() == truncated, "nothing is deleted or overwritten"
     assert load_checkpoint(damaged)["step"] == 66, "the resumed run made that step again"
@@ -128,7 +128,7 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(cli, spec, tmp_p
 def test_only_checkpoint_corrupted_is_a_clear_error(cli, spec, tmp_path):
     out = tmp_path / "run"
     assert cli("train", spec, "--out", out)[0] == 0
-    files = checkpoint_files(out / "checkpoints")
+    files = run_checkpoints(out)
     for _, path in files[1:]:
         path.unlink()
     files[0][1].write_bytes(b"not a checkpoint")
@@ -166,7 +166,7 @@ def test_a_checkpoint_of_something_else_is_a_clear_error(cli, spec, tmp_path):
 
     out = tmp_path / "run"
     assert cli("train", spec, "--out", out, "--set", "steps=3")[0] == 0
-    ((_, path),) = checkpoint_files(out / "checkpoints")[:1]
+    ((_, path),) = run_checkpoints(out)[:1]
     torch.save({"step": 3, "model": {}}, path)
     code, _, stderr = cli("train", spec, "--out", out, "--set", "steps=3")
     assert code == 2 and stderr.count("\n") == 1

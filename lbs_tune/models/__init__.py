@@ -14,12 +14,12 @@ from functools import partial
 
 from torch import nn
 
+from lbs_tune.errors import did_you_mean
 from lbs_tune.models.ghost_bn import GhostBatchNorm, use_ghost_batch_norm
 from lbs_tune.models.resnet import cifar_resnet, resnet18
 from lbs_tune.models.small import CNN1d, LeNet, mlp
 from lbs_tune.models.vgg import VGG_CONFIGS, vgg
 from lbs_tune.models.wrn import check_wrn, parse_wrn_name, wide_resnet
-from lbs_tune.spec import did_you_mean
 
 __all__ = [
     "MODEL_NAMES",

@@ -1,7 +1,8 @@
 """`lbs-tune status` and `lbs-tune where`: the trials of an experiment, while it runs or after.
 
 Both read the experiment's files through `analysis.load` (never a pickle), so they work on a
-running sweep, a crashed one and a finished one, local or at a storage URI.
+running sweep, a crashed one and a finished one, local or at a storage URI. Every number comes
+from the files (a trial's step budget is the `total_steps` it reported): no torch, no Ray.
 """
 
 from __future__ import annotations
@@ -13,26 +14,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
-from lbs_tune.data import DATASETS
-from lbs_tune.errors import UserError
-from lbs_tune.spec import SweepSpec, TrialConfig, did_you_mean, set_dotted, total_steps
-
-
-def _nested(row: dict[str, Any], keys: list[str]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for key in keys:
-        if row.get(key) is not None:
-            set_dotted(tree, key, row[key])
-    return tree
-
-
-def _budget(row: dict[str, Any], keys: list[str]) -> int | None:
-    """The trial's total steps, from its config (None if the config is incomplete)."""
-    try:
-        config = TrialConfig.model_validate(_nested(row, keys))
-    except ValueError:
-        return None
-    return total_steps(config, DATASETS[config.dataset].train_size(config.data))
+from analysis.load import config_columns, experiment_location, load
+from lbs_tune.config import SweepSpec
+from lbs_tune.errors import UserError, did_you_mean
+from lbs_tune.experiment import has_record, read_record
 
 
 def _state(row: dict[str, Any]) -> str:
@@ -71,26 +56,19 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def _load(source: str):
     """(experiment location, lbs_sweep.json or {}, Results or None while Ray has written no
     trial files yet)."""
-    from analysis import load
-    from analysis.load import SWEEP_FILE, experiment_location
-
     experiment = experiment_location(source)
     try:
         results = load(source)
     except UserError:
         # The runner writes its record before Ray writes anything: a sweep just started.
-        if not experiment.join(SWEEP_FILE).exists():
+        if not has_record(experiment):
             raise
-        from lbs_tune.runner import read_record
-
         return experiment, read_record(experiment), None
     return experiment, results.sweep or {}, results
 
 
 def status(source: str) -> str:
     """The status table of an experiment: one row per trial, below a header about the sweep."""
-    from analysis.load import config_columns
-
     experiment, sweep, results = _load(source)
     spec = sweep.get("spec") or {}
     metric = (spec.get("metric") or {}).get("name", "val/accuracy")
@@ -105,7 +83,7 @@ def status(source: str) -> str:
     for t in trials:
         state = _state(t)
         states[state] = states.get(state, 0) + 1
-        step, budget = t.get("final/step"), _budget(t, keys)
+        step, budget = t.get("final/step"), t.get("final/total_steps")
         progress = f"{step or 0}/{budget}" if budget else str(step or 0)
         where = t.get("final/host") or "-"
         if t.get("final/node_id"):
@@ -162,8 +140,6 @@ def status(source: str) -> str:
 
 def where(source: str, filters: list[str]) -> list[str]:
     """The folders of the trials whose config matches every KEY=VALUE exactly (dotted keys)."""
-    from analysis.load import config_columns
-
     experiment, sweep, results = _load(source)
     keys = config_columns(results.trials) if results else []
     if not keys and sweep.get("spec"):
@@ -189,8 +165,7 @@ def _spec_keys(spec: dict[str, Any]) -> list[str]:
     """The dotted config keys of a sweep's trials, from its recorded spec: for the first seconds
     of a sweep, before Ray has written any trial's config ([] for a spec this version rejects)."""
     try:
-        sweep = SweepSpec.model_validate(spec)
-        return list(TrialConfig.model_validate(sweep.trial_dict(sweep.points()[0])).flat())
+        return list(SweepSpec.model_validate(spec).trials[0].flat())
     except ValueError:
         return []
 

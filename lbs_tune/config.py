@@ -1,0 +1,313 @@
+"""The trial config and the sweep spec: plain, typed data (pydantic only; no torch, no zoo).
+
+A `TrialConfig` holds every knob of one training run; a `SweepSpec` is a `base` trial config plus
+a `grid` of dotted keys. Validating them checks types, ranges and consistency; the checks that
+need the dataset and model zoos (a known model, a batch that fits the split) live in
+`lbs_tune.checks` and run once per grid point before anything starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+from functools import cached_property
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# The metric names of every report: the same in the loop, in Ray's files, in the tables and plots.
+METRICS = (
+    "step",
+    "epoch",
+    "examples",
+    "lr",
+    "train/loss",
+    "train/accuracy",
+    "val/loss",
+    "val/accuracy",
+    "test/loss",
+    "test/accuracy",
+    "images_per_s",
+    "diverged",
+    "total_steps",
+    "peak_lr",
+)
+MetricName = Literal[METRICS]
+
+
+class KeyedError(ValueError):
+    """A config error that belongs to one key although a whole-model validator found it."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OptimizerConfig(_Strict):
+    """Optimizer and its hyper-parameters; the learning rate itself comes from `LRConfig`."""
+
+    name: Literal["sgd", "adamw", "lars", "lamb"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    # Goyal et al. 2017 and most large-batch work exempt batch-norm and bias parameters.
+    decay_norm_and_bias: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    trust_coefficient: float = Field(0.001, gt=0)
+
+
+class LRConfig(_Strict):
+    """Learning-rate rule: a base LR at a base batch size, a scaling rule, warmup and decay."""
+
+    base: float = Field(0.1, gt=0)
+    base_batch_size: int = Field(256, gt=0)
+    scaling: Literal["none", "linear", "sqrt"] = "none"
+    warmup_epochs: float = Field(0.0, ge=0)
+    warmup_from: Literal["base", "zero"] = "base"
+    decay: Literal["constant", "step", "cosine", "linear"] = "constant"
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = Field(0.1, gt=0)
+
+    @field_validator("milestones")
+    @classmethod
+    def _fractions(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 < m < 1 for m in value) or list(value) != sorted(value):
+            raise ValueError("milestones are increasing fractions of the budget in (0, 1)")
+        return value
+
+
+class DataConfig(_Strict):
+    """Where data lives and how the chosen dataset is split and augmented."""
+
+    dir: str | None = None
+    download: bool = False
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    samples: int = Field(50_000, gt=0)
+    crop_padding: int | None = Field(None, ge=0)
+    flip: bool | None = None
+    shape: tuple[int, ...] = (3, 32, 32)
+    classes: int = Field(10, ge=2)
+
+
+class TrialConfig(_Strict):
+    """Every knob of one training run. One grid point of a sweep is one `TrialConfig`."""
+
+    dataset: str = "mnist1d"
+    data: DataConfig = DataConfig()
+    model: str = "mlp"
+    batch_size: int = Field(128, gt=0)
+    seed: int = 0
+    epochs: float | None = Field(None, gt=0)
+    steps: int | None = Field(None, gt=0)
+    examples: int | None = Field(None, gt=0)
+    eval_every: float = Field(1.0, gt=0)
+    eval_batch_size: int = Field(1024, gt=0)
+    checkpoint_every: float = Field(1.0, gt=0)
+    keep_checkpoints: int | None = Field(None, gt=0)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    lr: LRConfig = LRConfig()
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool | None = None
+    max_device_batch: int | None = Field(None, gt=0)
+    ghost_batch_size: int | None = Field(None, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    divergence_loss: float | None = Field(None, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrialConfig:
+        budgets = [k for k in BUDGET_KEYS if getattr(self, k) is not None]
+        if len(budgets) > 1:
+            raise KeyedError(budgets[-1], f"give one budget, not {' and '.join(budgets)}")
+        if not budgets:
+            raise ValueError("no budget: set one of epochs, steps or examples")
+        for key in ("max_device_batch", "ghost_batch_size"):
+            size = getattr(self, key)
+            if size is not None and size < self.batch_size and self.batch_size % size:
+                raise KeyedError(key, f"{key} {size} must divide batch_size {self.batch_size}")
+        micro, ghost = self.micro_batch_size, self.ghost_batch_size
+        if ghost is not None and ghost < micro and micro % ghost:
+            raise KeyedError(
+                "ghost_batch_size", f"ghost_batch_size {ghost} must divide max_device_batch {micro}"
+            )
+        return self
+
+    @property
+    def micro_batch_size(self) -> int:
+        """The largest batch that goes through the network at once (gradient accumulation)."""
+        return min(self.batch_size, self.max_device_batch or self.batch_size)
+
+    def flat(self) -> dict[str, Any]:
+        """The config as a flat dict with dotted keys (`lr.scaling`), for tables and reports."""
+        return flatten(self.model_dump(mode="json"))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'lr': {'base': 0.1}} -> {'lr.base': 0.1}; lists and tuples stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def changes(old: dict[str, Any], new: dict[str, Any], ignore=(), limit: int = 4) -> str:
+    """What differs between two nested configs, as 'key: old -> new; ...' (at most `limit`
+    keys, then '(+N more)'); keys in `ignore` (dotted) do not count. '' when nothing differs."""
+    a, b = flatten(old), flatten(new)
+    changed = [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if k not in ignore and a.get(k) != b.get(k)
+    ]
+    more = f" (+{len(changed) - limit} more)" if len(changed) > limit else ""
+    return "; ".join(changed[:limit]) + more
+
+
+BUDGET_KEYS = ("epochs", "steps", "examples")
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set `tree['a']['b'] = value` for key 'a.b', making the inner dicts as needed.
+
+    Setting one budget key (epochs, steps, examples) removes the others: it replaces the budget.
+    """
+    if key in BUDGET_KEYS:
+        for other in BUDGET_KEYS:
+            tree.pop(other, None)
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = tree.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"'{part}' of '{key}' is a value, not a section")
+        tree = child
+    tree[leaf] = value
+
+
+# --------------------------------------------------------------------------- Sweep spec
+
+
+class Resources(_Strict):
+    """Resources of one trial. `gpu` maps batch size to a GPU fraction so small trials share."""
+
+    cpu: float = Field(1.0, gt=0)
+    gpu: float | dict[str, float] = 0.0
+
+    @field_validator("gpu", mode="before")
+    @classmethod
+    def _keys_as_text(cls, value: Any) -> Any:
+        # YAML reads `{16: 0.25}` with int keys; keep them as text so JSON round-trips.
+        return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+
+    @field_validator("gpu")
+    @classmethod
+    def _gpu(cls, value: float | dict[str, float]) -> float | dict[str, float]:
+        values = value.values() if isinstance(value, dict) else [value]
+        if any(v < 0 for v in values):
+            raise ValueError("GPU fractions are >= 0")
+        if isinstance(value, dict):
+            for key in value:
+                if key != "default" and not key.isdigit():
+                    raise ValueError(f"gpu keys are batch sizes or 'default', not '{key}'")
+            for v in values:
+                if v > 1 and v != int(v):
+                    raise ValueError(f"a GPU request above 1 must be whole, not {v}")
+        return value
+
+    def for_batch(self, batch_size: int) -> tuple[float, float]:
+        """(cpu, gpu) for a trial of this batch size. Listed sizes are upper bounds: the
+        smallest listed size >= it wins ({32: 0.25, 128: 0.5, default: 1} gives batches up to 32
+        a quarter GPU, up to 128 half, larger ones `default`)."""
+        if not isinstance(self.gpu, dict):
+            return self.cpu, self.gpu
+        sizes = sorted(int(k) for k in self.gpu if k != "default")
+        fitting = [s for s in sizes if s >= batch_size]
+        if fitting:
+            return self.cpu, self.gpu[str(fitting[0])]
+        return self.cpu, self.gpu.get("default", 1.0)
+
+
+class Metric(_Strict):
+    name: MetricName = "val/accuracy"
+    mode: Literal["max", "min"] = "max"
+
+
+class Target(_Strict):
+    metric: MetricName = "val/accuracy"
+    value: float
+
+
+class SweepSpec(_Strict):
+    """A whole sweep: the base trial config, the grid, the analysis target and the resources."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    base: dict[str, Any] = {}
+    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = {}
+    metric: Metric = Metric()
+    target: Target | None = None
+    resources: Resources = Resources()
+    max_concurrent: int | None = Field(None, gt=0)
+    max_failures: int = Field(2, ge=0)
+
+    @field_validator("grid")
+    @classmethod
+    def _values_once(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in grid.items():
+            repeated = [v for i, v in enumerate(values) if v in values[:i]]
+            if repeated:
+                raise KeyedError(
+                    key,
+                    f"{repeated[0]!r} listed twice; each grid value makes trials; list it once "
+                    "(seeds make repeats)",
+                )
+        return grid
+
+    def points(self) -> list[dict[str, Any]]:
+        """The grid points in order: one {dotted key: value} dict each (one {} for no grid)."""
+        keys = list(self.grid)
+        return [
+            dict(zip(keys, combo, strict=True)) for combo in itertools.product(*self.grid.values())
+        ]
+
+    @cached_property
+    def trials(self) -> list[TrialConfig]:
+        """Every grid point as a validated TrialConfig, in grid order (`points()` order)."""
+        return [TrialConfig.model_validate(self.trial_dict(p)) for p in self.points()]
+
+    def trial_dict(self, point: dict[str, Any]) -> dict[str, Any]:
+        """The nested, unvalidated config dict of one grid point (base + point)."""
+        tree = copy.deepcopy(self.base)
+        for key, value in point.items():
+            set_dotted(tree, key, value)
+        return tree
+
+    def digest(self) -> str:
+        """A hash of everything that decides the trials, to recognise the same sweep again."""
+        body = self.model_dump(mode="json", exclude={"description"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def steps_per_epoch(train_size: int, batch_size: int) -> int:
+    """Full batches in one pass over the training split (the last partial batch is dropped)."""
+    return max(1, train_size // batch_size)
+
+
+def total_steps(config: TrialConfig, train_size: int) -> int:
+    """The budget in optimizer steps: epochs x steps per epoch, or examples // batch size."""
+    if config.steps is not None:
+        return config.steps
+    if config.examples is not None:
+        return max(1, config.examples // config.batch_size)
+    return max(1, math.floor(config.epochs * steps_per_epoch(train_size, config.batch_size) + 1e-9))

@@ -1,0 +1,293 @@
+"""The experiment folder and the run folder: every file name, the sweep record, checkpoint
+folders and the fall-back to an earlier checkpoint. Everything else asks this module.
+
+An experiment folder `<storage>/<name>/` is Ray Tune's own experiment folder (its
+`experiment_state-*.json`, one folder per trial with `params.json`, `result.json`, `error.txt` and
+`checkpoint_NNNNNN/state.pt`) plus our files: `lbs_sweep.json` (the sweep record), the evaluation
+table of `lbs-tune evaluate`, the loader's cache and the report. A run folder of `lbs-tune train`
+holds `config.json`, `metrics.jsonl` and `checkpoints/step_NNNNNNNN.pt`.
+
+No torch and no Ray here: `analysis` reads through these names too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from lbs_tune import __version__
+from lbs_tune.errors import UserError
+from lbs_tune.storage import Location
+
+T = TypeVar("T")
+
+# ---------------------------------------------------------------------------- File names
+
+SWEEP_FILE = "lbs_sweep.json"
+RESULT_FILE = "result.json"
+PARAMS_FILE = "params.json"
+ERROR_FILE = "error.txt"
+TRIAL_FILES = (RESULT_FILE, PARAMS_FILE, ERROR_FILE)
+STATE_FILE = re.compile(r"^experiment_state-.*\.json$")
+CHECKPOINT_DIR = re.compile(r"^checkpoint_\d+$")  # Ray Tune's checkpoint folders in a trial
+CHECKPOINT_FILE = "state.pt"  # our state inside each of them
+EVALUATION_FILE = "evaluation.parquet"
+CACHE_DIR = ".lbs_cache"
+REPORT_FILE = "report.html"
+SUMMARY_FILE = "summary.json"
+# `lbs-tune evaluate`'s table: one row per checkpoint and split (a non-finite loss is null).
+EVALUATION_SCHEMA = pa.schema(
+    [
+        ("trial_id", pa.string()),
+        ("step", pa.int64()),
+        ("split", pa.string()),
+        ("loss", pa.float64()),
+        ("accuracy", pa.float64()),
+    ]
+)
+# A run folder of `lbs-tune train`.
+RUN_CONFIG_FILE = "config.json"
+RUN_METRICS_FILE = "metrics.jsonl"
+RUN_CHECKPOINTS = "checkpoints"
+RUN_CHECKPOINT = re.compile(r"^step_(\d+)\.pt$")
+
+
+def run_checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}.pt"
+
+
+# ---------------------------------------------------------------------------- The sweep record
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def git_commit(folder: Path) -> str | None:
+    """The commit checked out in `folder` ('+dirty' if it has changes); outside git, the one
+    that $LBS_GIT_COMMIT names (the Docker image sets it to the commit it was built from)."""
+    outside = os.environ.get("LBS_GIT_COMMIT") or None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10
+        )
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return outside
+    if commit.returncode != 0:
+        return outside
+    return commit.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+
+
+def has_record(experiment: Location) -> bool:
+    return experiment.join(SWEEP_FILE).exists()
+
+
+def read_record(experiment: Location) -> dict[str, Any]:
+    """The sweep's lbs_sweep.json; a damaged one is the user's to restore (UserError)."""
+    meta = experiment.join(SWEEP_FILE)
+    try:
+        record = json.loads(meta.read_text())
+        problem = None if isinstance(record, dict) else "not a JSON object"
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        problem = f"not valid JSON: {exc}"
+    if problem is None:
+        missing = [k for k in ("spec", "digest") if k not in record]
+        problem = f"no {' and '.join(missing)}" if missing else None
+    if problem:
+        raise UserError(
+            f"{meta.uri}: damaged sweep record ({problem}); restore it, or run the sweep file "
+            "with --fresh to move this sweep aside and start again"
+        )
+    return record
+
+
+def write_record(experiment: Location, record: dict[str, Any]) -> None:
+    experiment.join(SWEEP_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def record_start(
+    experiment: Location, spec: dict[str, Any], digest: str, recorded: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Write lbs_sweep.json at the start of a run: the spec (as JSON) and its digest, version,
+    commit, command and times; a resumed sweep keeps its record and gains an entry in `runs`.
+    Returns the record written."""
+    command = [Path(sys.argv[0]).name, *sys.argv[1:]]
+    record = recorded or {
+        "name": spec["name"],
+        "spec": spec,
+        "digest": digest,
+        "lbs_tune_version": __version__,
+        "git_commit": git_commit(Path.cwd()),
+        "command": command,
+        "started": now_iso(),
+        "storage": experiment.uri,
+        "runs": [],
+    }
+    record["runs"] = [*record["runs"], {"started": now_iso(), "command": command}]
+    record["ended"] = None
+    write_record(experiment, record)
+    return record
+
+
+def record_end(experiment: Location) -> None:
+    """Stamp the end time into lbs_sweep.json."""
+    record = read_record(experiment)
+    record["ended"] = now_iso()
+    write_record(experiment, record)
+
+
+def count_outcomes(trials) -> dict[str, int]:
+    """Trials by outcome from (Ray state, diverged) pairs: finished, diverged, errored, and
+    running or pending (the rest)."""
+    counts = {"finished": 0, "diverged": 0, "errored": 0, "running or pending": 0}
+    for state, diverged in trials:
+        if state == "ERROR":
+            counts["errored"] += 1
+        elif diverged:
+            counts["diverged"] += 1
+        elif state == "TERMINATED":
+            counts["finished"] += 1
+        else:
+            counts["running or pending"] += 1
+    return counts
+
+
+# ---------------------------------------------------------------------------- Checkpoints
+
+
+def trial_checkpoints(trial: Location) -> list[Location]:
+    """The `state.pt` of each of Ray's checkpoint folders of a trial, oldest first."""
+    try:
+        infos = trial.fs.get_file_info(pafs.FileSelector(trial.path))
+    except (FileNotFoundError, OSError):
+        return []
+    names = sorted(
+        i.base_name
+        for i in infos
+        if i.type == pafs.FileType.Directory and CHECKPOINT_DIR.match(i.base_name)
+    )
+    return [trial.join(name, CHECKPOINT_FILE) for name in names]
+
+
+def run_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the checkpoints of a run folder's `checkpoints/`, newest first."""
+    found = []
+    for path in (folder / RUN_CHECKPOINTS).glob("step_*.pt"):
+        match = RUN_CHECKPOINT.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def newest_readable(
+    candidates: list[Location], load: Callable[[Location], T], fix: str, set_aside: bool = False
+) -> T | None:
+    """The state of the newest of `candidates` (newest first) that `load` reads. Each damaged one
+    newer than it is reported on stderr and, with `set_aside`, renamed to `<name>.damaged` (so
+    the resumed run can write that step again); none is deleted. None without candidates; a
+    UserError whose fix is `fix` if every one is damaged."""
+    damaged = []
+    for candidate in candidates:
+        try:
+            state = load(candidate)
+        except UserError as exc:
+            damaged.append((candidate, str(exc)))
+            continue
+        except OSError as exc:
+            damaged.append((candidate, f"{candidate.uri}: cannot read the checkpoint ({exc})"))
+            continue
+        for bad, problem in damaged:
+            if set_aside:
+                aside = f"{bad.path}.damaged"
+                bad.fs.move(bad.path, aside)
+                problem += f"; moved it aside to {posixpath.basename(aside)}"
+            print(
+                f"lbs-tune: warning: {problem}; resuming from {_checkpoint_name(candidate)}",
+                file=sys.stderr,
+            )
+        return state
+    if damaged:
+        raise UserError(f"{damaged[-1][1]}; no earlier checkpoint to {fix}")
+    return None
+
+
+def _checkpoint_name(checkpoint: Location) -> str:
+    """'checkpoint_000002' for Ray's `.../checkpoint_000002/state.pt`, else the file's name."""
+    folder = checkpoint.parent().name
+    return folder if CHECKPOINT_DIR.match(folder) else checkpoint.name
+
+
+# ---------------------------------------------------------------------------- Trials
+
+
+def trial_folders(experiment: Location) -> list[Location]:
+    """The trial folders of an experiment (those with a params.json), in name order."""
+    try:
+        infos = experiment.fs.get_file_info(pafs.FileSelector(experiment.path))
+    except (FileNotFoundError, NotADirectoryError):
+        raise UserError(
+            f"{experiment.uri}: no such experiment folder; give <storage>/<sweep name>"
+        ) from None
+    folders = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+    return [experiment.join(f) for f in folders if experiment.join(f, PARAMS_FILE).exists()]
+
+
+def reported_checkpoints(trial: Location) -> tuple[str | None, dict[str, int]]:
+    """(Ray's trial id, {checkpoint folder name: step}) from a trial's result.json: the reports
+    that came with a checkpoint name it. Lines that are not JSON (a report being written) are
+    skipped."""
+    result = trial.join(RESULT_FILE)
+    if not result.exists():
+        return None, {}
+    trial_id, steps = None, {}
+    for line in result.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        trial_id = trial_id or row.get("trial_id")
+        if row.get("checkpoint_dir_name") and row.get("step") is not None:
+            steps[row["checkpoint_dir_name"]] = row["step"]
+    return trial_id, steps
+
+
+# ---------------------------------------------------------------------------- Tables
+
+
+def read_parquet(source: Location) -> pa.Table:
+    # ParquetFile skips the dataset discovery of pq.read_table: a third faster on small files.
+    with source.fs.open_input_file(source.path) as f:
+        return pq.ParquetFile(f).read()
+
+
+def write_parquet(target: Location, table: pa.Table) -> None:
+    """Write a table whole (atomically on a local disk: readers never see half a file)."""
+    with target.atomic_output() as f:
+        pq.write_table(table, f)
+
+
+def read_evaluation(experiment: Location) -> pa.Table | None:
+    """The experiment's evaluation table (written by `lbs-tune evaluate`), None without one."""
+    target = experiment.join(EVALUATION_FILE)
+    if not target.exists():
+        return None
+    return read_parquet(target).cast(EVALUATION_SCHEMA)
