@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from lbs_tune import __version__
-from lbs_tune.errors import UserError
+from lbs_tune.errors import UserError, printable
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -38,6 +40,7 @@ def _run(args: argparse.Namespace) -> int:
         name=args.name,
         fresh=args.fresh,
         dry_run=args.dry_run,
+        force_unlock=args.force_unlock,
         **_ray_args(args),
     )
 
@@ -45,7 +48,7 @@ def _run(args: argparse.Namespace) -> int:
 def _resume(args: argparse.Namespace) -> int:
     from lbs_tune.runner import resume
 
-    return resume(args.experiment, **_ray_args(args))
+    return resume(args.experiment, force_unlock=args.force_unlock, **_ray_args(args))
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -67,7 +70,8 @@ def _report(args: argparse.Namespace) -> int:
     from analysis.report import parse_target, write_report
 
     target = parse_target(args.target) if args.target else None
-    path = write_report(args.experiment, args.o, target, args.x, args.static)
+    with _output("-o", args.o):
+        path = write_report(args.experiment, args.o, target, args.x, args.static)
     print(f"report written to {path}")
     return 0
 
@@ -75,9 +79,23 @@ def _report(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from analysis import export
 
-    for path in export(args.experiment, args.o):
+    with _output("-o", args.o):
+        written = export(args.experiment, args.o)
+    for path in written:
         print(path)
     return 0
+
+
+@contextlib.contextmanager
+def _output(flag: str, path) -> Iterator[None]:
+    """An output path the user chose that cannot be written (under a file, read-only, a full
+    disk) is their mistake to fix: one line, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc).splitlines()[0]
+        where = f"{flag} {path}" if path else "the experiment folder"
+        raise UserError(f"{where}: cannot write there ({reason}); choose another path") from None
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -92,6 +110,11 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus", type=int, help="CPUs of the local Ray (default: all)")
     parser.add_argument(
         "--address", help="join this Ray cluster instead of starting one (auto, ray://host:port)"
+    )
+    parser.add_argument(
+        "--force-unlock",
+        action="store_true",
+        help="take over the sweep's lock held by a run on another host that is gone",
     )
 
 
@@ -207,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"lbs-tune: error: {exc}", file=sys.stderr)
+        print(f"lbs-tune: error: {printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("lbs-tune: interrupted", file=sys.stderr)

@@ -13,7 +13,9 @@ import hashlib
 import itertools
 import json
 import math
+import os
 from functools import cached_property
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -38,6 +40,13 @@ METRICS = (
 MetricName = Literal[METRICS]
 
 
+# Upper bounds that keep every derived count finite and within int64 (examples = steps x batch).
+MAX_BATCH = 2**31
+MAX_STEPS = 10**12
+MAX_EPOCHS = 1e6
+MAX_SAMPLES = 10**7
+
+
 class KeyedError(ValueError):
     """A config error that belongs to one key although a whole-model validator found it."""
 
@@ -47,7 +56,8 @@ class KeyedError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Every number finite: an inf or NaN passes a `gt=0` check and then fails every trial.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class OptimizerConfig(_Strict):
@@ -68,9 +78,9 @@ class LRConfig(_Strict):
     """Learning-rate rule: a base LR at a base batch size, a scaling rule, warmup and decay."""
 
     base: float = Field(0.1, gt=0)
-    base_batch_size: int = Field(256, gt=0)
+    base_batch_size: int = Field(256, gt=0, le=MAX_BATCH)
     scaling: Literal["none", "linear", "sqrt"] = "none"
-    warmup_epochs: float = Field(0.0, ge=0)
+    warmup_epochs: float = Field(0.0, ge=0, le=MAX_EPOCHS)
     warmup_from: Literal["base", "zero"] = "base"
     decay: Literal["constant", "step", "cosine", "linear"] = "constant"
     milestones: tuple[float, ...] = (0.5, 0.75)
@@ -90,11 +100,20 @@ class DataConfig(_Strict):
     dir: str | None = None
     download: bool = False
     val_fraction: float = Field(0.1, ge=0, lt=1)
-    samples: int = Field(50_000, gt=0)
+    samples: int = Field(50_000, gt=0, le=MAX_SAMPLES)
     crop_padding: int | None = Field(None, ge=0)
     flip: bool | None = None
-    shape: tuple[int, ...] = (3, 32, 32)
-    classes: int = Field(10, ge=2)
+    shape: tuple[Annotated[int, Field(gt=0, le=65_536)], ...] = Field((3, 32, 32), min_length=1)
+    classes: int = Field(10, ge=2, le=1_000_000)
+
+
+def data_dir(data: DataConfig) -> Path:
+    """The absolute data folder of a config: data.dir, else $LBS_DATA_DIR, else
+    ~/.cache/lbs-tune/data."""
+    if data.dir:
+        return Path(data.dir).expanduser().resolve()
+    env = os.environ.get("LBS_DATA_DIR")
+    return (Path(env) if env else Path.home() / ".cache" / "lbs-tune" / "data").resolve()
 
 
 class TrialConfig(_Strict):
@@ -103,21 +122,21 @@ class TrialConfig(_Strict):
     dataset: str = "mnist1d"
     data: DataConfig = DataConfig()
     model: str = "mlp"
-    batch_size: int = Field(128, gt=0)
-    seed: int = 0
-    epochs: float | None = Field(None, gt=0)
-    steps: int | None = Field(None, gt=0)
-    examples: int | None = Field(None, gt=0)
-    eval_every: float = Field(1.0, gt=0)
-    eval_batch_size: int = Field(1024, gt=0)
-    checkpoint_every: float = Field(1.0, gt=0)
+    batch_size: int = Field(128, gt=0, le=MAX_BATCH)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    epochs: float | None = Field(None, gt=0, le=MAX_EPOCHS)
+    steps: int | None = Field(None, gt=0, le=MAX_STEPS)
+    examples: int | None = Field(None, gt=0, le=MAX_STEPS)
+    eval_every: float = Field(1.0, gt=0, le=MAX_EPOCHS)
+    eval_batch_size: int = Field(1024, gt=0, le=MAX_BATCH)
+    checkpoint_every: float = Field(1.0, gt=0, le=MAX_EPOCHS)
     keep_checkpoints: int | None = Field(None, gt=0)
     optimizer: OptimizerConfig = OptimizerConfig()
     lr: LRConfig = LRConfig()
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool | None = None
-    max_device_batch: int | None = Field(None, gt=0)
-    ghost_batch_size: int | None = Field(None, gt=0)
+    max_device_batch: int | None = Field(None, gt=0, le=MAX_BATCH)
+    ghost_batch_size: int | None = Field(None, gt=0, le=MAX_BATCH)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     divergence_loss: float | None = Field(None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -201,7 +220,7 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 class Resources(_Strict):
     """Resources of one trial. `gpu` maps batch size to a GPU fraction so small trials share."""
 
-    cpu: float = Field(1.0, gt=0)
+    cpu: float = Field(1.0, gt=0, le=10_000)
     gpu: float | dict[str, float] = 0.0
 
     @field_validator("gpu", mode="before")
@@ -251,15 +270,16 @@ class Target(_Strict):
 class SweepSpec(_Strict):
     """A whole sweep: the base trial config, the grid, the analysis target and the resources."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # The experiment folder's name: short enough for every file system with Ray's names inside.
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
     description: str = ""
     base: dict[str, Any] = {}
     grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = {}
     metric: Metric = Metric()
     target: Target | None = None
     resources: Resources = Resources()
-    max_concurrent: int | None = Field(None, gt=0)
-    max_failures: int = Field(2, ge=0)
+    max_concurrent: int | None = Field(None, gt=0, le=1_000_000)
+    max_failures: int = Field(2, ge=0, le=10_000)
 
     @field_validator("grid")
     @classmethod

@@ -13,12 +13,11 @@ import random
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from lbs_tune.config import DataConfig, TrialConfig, steps_per_epoch
+from lbs_tune.config import DataConfig, TrialConfig, data_dir
 from lbs_tune.errors import UserError
 from lbs_tune.formats import RawData, read_torchvision
 
@@ -83,17 +82,6 @@ def batch_too_large(config: TrialConfig, train_size: int, where: str = "") -> st
 
 def _val_count(full: int, fraction: float) -> int:
     return round(full * fraction)
-
-
-def default_data_dir() -> Path:
-    """$LBS_DATA_DIR, else ~/.cache/lbs-tune/data."""
-    env = os.environ.get("LBS_DATA_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "lbs-tune" / "data"
-
-
-def data_dir(data: DataConfig) -> Path:
-    """The absolute data folder of a config (data.dir, $LBS_DATA_DIR or the default)."""
-    return Path(data.dir).expanduser().resolve() if data.dir else default_data_dir().resolve()
 
 
 # ============================================================================ Raw arrays
@@ -300,36 +288,45 @@ def load_dataset(
 
 
 class BatchSampler:
-    """Seeded epoch permutations: the batch of 0-based step s is slice s % spe of epoch s // spe.
+    """Seeded epoch permutations read as one stream: the batch of 0-based step s holds examples
+    s*B .. (s+1)*B - 1 of the concatenated permutations of epochs 0, 1, 2, ...
 
-    The last partial batch of each epoch is dropped. The generator state and the current
-    epoch's permutation go into checkpoints, so a resumed run sees the same batches.
+    Every example is seen once per epoch and no tail is dropped: a batch may end one epoch and
+    begin the next, so every batch size sees the same examples for the same budget. Steps are
+    asked for in increasing order. The generator state and the permutations in use go into
+    checkpoints, so a resumed run sees the same batches.
     """
 
     def __init__(self, size: int, batch_size: int, seed: int, device: torch.device):
         self.size, self.batch_size, self.device = size, batch_size, device
-        self.steps_per_epoch = steps_per_epoch(size, batch_size)
         # On the training device: a new epoch's order costs no host-device transfer.
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.epoch = -1
-        self.perm = torch.empty(0, dtype=torch.int64, device=device)
+        self.first = 0  # the epoch of perms[0]
+        self.perms: list[torch.Tensor] = []
 
     def batch(self, step: int) -> torch.Tensor:
         """The training-set indices of the batch of 0-based `step`, on the device."""
-        epoch, i = divmod(step, self.steps_per_epoch)
-        while self.epoch < epoch:
-            self.perm = torch.randperm(self.size, generator=self.generator, device=self.device)
-            self.epoch += 1
-        return self.perm[i * self.batch_size : (i + 1) * self.batch_size]
+        start = step * self.batch_size
+        first, last = start // self.size, (start + self.batch_size - 1) // self.size
+        while self.first + len(self.perms) <= last:
+            self.perms.append(
+                torch.randperm(self.size, generator=self.generator, device=self.device)
+            )
+        del self.perms[: first - self.first]
+        self.first = first
+        offset = start - first * self.size
+        if first == last:
+            return self.perms[0][offset : offset + self.batch_size]
+        return torch.cat(self.perms[: last - first + 1])[offset : offset + self.batch_size]
 
     def state_dict(self) -> dict:
         return {
             "generator": self.generator.get_state(),
-            "epoch": self.epoch,
-            "perm": self.perm.cpu(),
+            "first": self.first,
+            "perms": [p.cpu() for p in self.perms],
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
-        self.epoch = state["epoch"]
-        self.perm = state["perm"].to(self.device)
+        self.first = state["first"]
+        self.perms = [p.to(self.device) for p in state["perms"]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import re
 from collections.abc import Iterable
 
 
@@ -33,3 +34,27 @@ def did_you_mean(value: object, candidates: Iterable[str]) -> str:
 def _common_prefix(a: str, b: str) -> int:
     same = itertools.takewhile(lambda pair: pair[0] == pair[1], zip(a, b, strict=False))
     return sum(1 for _ in same)
+
+
+# C0 and C1 control characters (ESC, BEL, CSI ...) except tab and newline: terminal escape
+# sequences in a file name, a config value or an error file could set the title or clear it.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_ESCAPE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|.)")
+
+
+def printable(text: str) -> str:
+    """`text` without terminal escape sequences and control characters (tabs and newlines stay),
+    for echoing what came from files or configs."""
+    return _CONTROL.sub("", _ESCAPE.sub("", text))
+
+
+def short(value: object, limit: int = 80) -> str:
+    """repr(value), printable and cut to `limit` characters ('...' marks a cut), for values
+    echoed in one-line error messages."""
+    return cut(repr(value), limit)
+
+
+def cut(text: str, limit: int = 80) -> str:
+    """`text`, printable and cut to `limit` characters ('...' marks a cut)."""
+    text = printable(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -12,13 +12,15 @@ No torch and no Ray here: `analysis` reads through these names too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
 import re
+import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -125,27 +127,59 @@ def write_record(experiment: Location, record: dict[str, Any]) -> None:
 
 
 def record_start(
-    experiment: Location, spec: dict[str, Any], digest: str, recorded: dict[str, Any] | None
+    experiment: Location,
+    spec: dict[str, Any],
+    digest: str,
+    recorded: dict[str, Any] | None,
+    data_dirs: list[str],
 ) -> dict[str, Any]:
     """Write lbs_sweep.json at the start of a run: the spec (as JSON) and its digest, version,
-    commit, command and times; a resumed sweep keeps its record and gains an entry in `runs`.
-    Returns the record written."""
+    commit, command and times. Every run (the first and each resume) is an entry of `runs` with
+    its own start, command, lbs-tune version, git commit and data folders; a resume whose code
+    or data differ from the first run's is warned about in one line. Returns the record."""
     command = [Path(sys.argv[0]).name, *sys.argv[1:]]
+    run = {
+        "started": now_iso(),
+        "command": command,
+        "lbs_tune_version": __version__,
+        "git_commit": git_commit(Path.cwd()),
+        "data_dirs": data_dirs,
+    }
     record = recorded or {
         "name": spec["name"],
         "spec": spec,
         "digest": digest,
-        "lbs_tune_version": __version__,
-        "git_commit": git_commit(Path.cwd()),
+        "lbs_tune_version": run["lbs_tune_version"],
+        "git_commit": run["git_commit"],
         "command": command,
-        "started": now_iso(),
+        "started": run["started"],
         "storage": experiment.uri,
         "runs": [],
     }
-    record["runs"] = [*record["runs"], {"started": now_iso(), "command": command}]
+    differ = mixed_runs([*record["runs"], run])
+    if differ:
+        print(
+            f"lbs-tune: warning: this run differs from the sweep's first: {differ}", file=sys.stderr
+        )
+    record["runs"] = [*record["runs"], run]
     record["ended"] = None
     write_record(experiment, record)
     return record
+
+
+def mixed_runs(runs: list[dict[str, Any]]) -> str:
+    """What the last of a sweep's runs has that differs from its first (lbs-tune version, git
+    commit, data folders), as 'key: first -> last; ...'; '' if nothing (or one run)."""
+    if len(runs) < 2:
+        return ""
+    first, last = runs[0], runs[-1]
+    keys = ("lbs_tune_version", "git_commit", "data_dirs")
+    # Runs recorded before these keys existed carry none of them: nothing to compare.
+    return "; ".join(
+        f"{k}: {first.get(k)} -> {last.get(k)}"
+        for k in keys
+        if k in first and k in last and first[k] != last[k]
+    )
 
 
 def record_end(experiment: Location) -> None:
@@ -291,3 +325,109 @@ def read_evaluation(experiment: Location) -> pa.Table | None:
     if not target.exists():
         return None
     return read_parquet(target).cast(EVALUATION_SCHEMA)
+
+
+# ---------------------------------------------------------------------------- One writer
+
+
+def lock_location(experiment: Location) -> Location:
+    """The lock of an experiment: beside its folder, so `--fresh` can move the folder aside
+    while the lock stays held, and readers of the folder never meet it."""
+    return experiment.parent().join(f".{experiment.name}.lbs-lock")
+
+
+@contextlib.contextmanager
+def exclusive(experiment: Location, force: bool = False) -> Iterator[None]:
+    """Hold the experiment's lock (host, pid, start time, command) while the body runs.
+
+    A lock held by a live process, or by any process on another host, is a UserError naming the
+    holder; with `force`, a lock of another host is taken over. A lock left by a dead process of
+    this host is taken over with a warning. On a local disk the lock file is created atomically
+    (O_EXCL); on an object store, where nothing is, it is checked and then written.
+    """
+    lock = lock_location(experiment)
+    mine = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": now_iso(),
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+    }
+    while not _create(lock, mine):
+        holder = _holder(lock)
+        if holder is None:
+            continue  # released meanwhile, or unreadable and removed: try again
+        who = (
+            f"{holder.get('host')} pid {holder.get('pid')} since {holder.get('started')} "
+            f"({' '.join(map(str, holder.get('command') or []))})"
+        )
+        if holder.get("host") == mine["host"] and not _alive(holder.get("pid")):
+            print(f"lbs-tune: warning: taking over the lock of a dead run: {who}", file=sys.stderr)
+        elif holder.get("host") != mine["host"] and force:
+            print(
+                f"lbs-tune: warning: --force-unlock: taking over the lock of {who}", file=sys.stderr
+            )
+        elif holder.get("host") != mine["host"]:
+            raise UserError(
+                f"{experiment.uri}: another run holds this sweep: {who}; wait for it, or if that "
+                f"host's run is gone, run again with --force-unlock"
+            )
+        else:
+            raise UserError(
+                f"{experiment.uri}: another run holds this sweep: {who}; wait for it to end or "
+                "stop it (a second writer would run its trials twice)"
+            )
+        _remove(lock)
+    try:
+        yield
+    finally:
+        if _holder(lock) == mine:
+            _remove(lock)
+
+
+def _create(lock: Location, content: dict[str, Any]) -> bool:
+    """Write the lock if there is none; False if there is one."""
+    text = json.dumps(content).encode()
+    if not lock.is_local:
+        if lock.exists():
+            return False
+        with lock.fs.open_output_stream(lock.path) as f:
+            f.write(text)
+        return True
+    os.makedirs(posixpath.dirname(lock.path), exist_ok=True)
+    try:
+        fd = os.open(lock.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(text)
+    return True
+
+
+def _holder(lock: Location) -> dict[str, Any] | None:
+    """The lock's content; None if there is none. A lock that is not JSON (its writer died while
+    writing it) is removed."""
+    try:
+        holder = json.loads(lock.read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):
+        _remove(lock)
+        return None
+    return holder if isinstance(holder, dict) else {}
+
+
+def _remove(lock: Location) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        lock.fs.delete_file(lock.path)
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

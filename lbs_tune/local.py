@@ -9,6 +9,7 @@ continuous.
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from lbs_tune.progress import Progress
 from lbs_tune.storage import Location, locate
 from lbs_tune.training import train
 
+# A full disk, a quota, a read-only or forbidden folder: the user's to fix, not a bug.
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 # Keys that may differ between a run and its resumption.
 RESUMABLE_KEYS = {"device", "data.dir", "data.download"}
 
@@ -114,5 +117,13 @@ def run_local(config: TrialConfig, out: Path) -> dict[str, Any]:
     try:
         reporter = LocalReporter(out, config.keep_checkpoints, progress, kept)
         return train(config, reporter, resume)
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRORS:
+            raise
+        # The checkpoint being written was removed; the last whole one stays to resume from.
+        raise UserError(
+            f"{out}: cannot write the run's files ({exc.strerror}); free space (or use another "
+            "--out) and run again to resume"
+        ) from None
     finally:
         progress.close()

@@ -17,11 +17,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lbs_tune.config import SweepSpec, changes, set_dotted
+from lbs_tune.config import SweepSpec, changes, data_dir, set_dotted
 from lbs_tune.errors import UserError
 from lbs_tune.experiment import (
     SWEEP_FILE,
     count_outcomes,
+    exclusive,
     has_record,
     read_record,
     record_end,
@@ -120,7 +121,7 @@ def prepare_data(spec: SweepSpec) -> None:
     """For a cluster on this machine: check that the files of torchvision datasets are there
     (a missing file is a UserError before anything starts, not a failure of every trial), and
     generate embedded datasets once, so that trials starting together don't all do it."""
-    from lbs_tune.data import data_dir, load_raw
+    from lbs_tune.data import load_raw
     from lbs_tune.formats import DATASET_NAMES, check_files
 
     seen = set()
@@ -172,9 +173,14 @@ def _use_token_if_there() -> None:
 def start_ray(address: str | None = None, cpus: int | None = None, gpus: int | None = None) -> None:
     """Join the cluster at `address`, or start a local one with the dashboard on.
 
+    A local Ray listens on the loopback only (GCS, raylets, workers, the metrics endpoint, the
+    dashboard): Ray takes 127.0.0.1 as its node address when told this machine is no cluster
+    node (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read by Ray and by every process it starts).
     Trials see the environment of the node they run on: a local cluster's nodes inherit this
     process's (LBS_DATA_DIR included); a cluster's nodes have their own (see docker/).
     """
+    if not address:
+        os.environ[LOCAL_ONLY] = "0"
     import ray
 
     if ray.is_initialized():
@@ -190,6 +196,7 @@ def start_ray(address: str | None = None, cpus: int | None = None, gpus: int | N
                 f"--address {address}: cannot join the Ray cluster ({reason})"
             ) from None
     else:
+        _loopback_in_this_process()
         # address="local": always a new cluster, never one that happens to run on this machine.
         context = ray.init(
             address="local",
@@ -200,10 +207,37 @@ def start_ray(address: str | None = None, cpus: int | None = None, gpus: int | N
         )
     if context.dashboard_url:
         print(f"Ray dashboard: http://{context.dashboard_url}")
-        print(
-            "  token authentication is on: sign in with the token in ~/.ray/auth_token "
+        print(f"  {_auth_mode()}")
+
+
+LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _loopback_in_this_process() -> None:
+    """Ray reads LOCAL_ONLY when it is imported: if it was imported before (a test, a notebook),
+    set what it read. Without that module (another Ray), the loopback is not guaranteed."""
+    try:
+        from ray._private import ray_constants
+    except ImportError:
+        return
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _auth_mode() -> str:
+    """One line that says how to sign in to the dashboard, from the mode Ray really runs in."""
+    try:
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+    except ImportError:
+        return "sign in with the token in ~/.ray/auth_token if the dashboard asks for one"
+    if is_token_auth_enabled():
+        return (
+            "token authentication is on: sign in with the token in ~/.ray/auth_token "
             "(`ray get-auth-token` prints it)"
         )
+    return (
+        "token authentication is OFF (RAY_AUTH_MODE=disabled or a cluster without a token): "
+        "whoever reaches the dashboard controls the cluster"
+    )
 
 
 def _summary(results, started: float) -> tuple[str, int]:
@@ -219,13 +253,14 @@ def _summary(results, started: float) -> tuple[str, int]:
 
 def execute(spec: SweepSpec, experiment: Location, recorded: dict | None, **ray_args) -> int:
     """Run (or resume) the sweep into `experiment`; return the exit code."""
+    started = time.monotonic()
+    start_ray(**ray_args)
     from ray import tune
 
     from lbs_tune.trainable import placement, train_trial
 
-    started = time.monotonic()
-    start_ray(**ray_args)
-    record_start(experiment, spec.model_dump(mode="json"), spec.digest(), recorded)
+    data_dirs = sorted({str(data_dir(t.data)) for t in spec.trials})
+    record_start(experiment, spec.model_dump(mode="json"), spec.digest(), recorded, data_dirs)
     keep = spec.trials[0].keep_checkpoints
     gpu_of = functools.partial(_gpu_for_batch, spec.resources)
     trainable = tune.with_resources(
@@ -273,6 +308,21 @@ def _gpu_for_batch(resources, batch_size: int) -> float:
     return resources.for_batch(batch_size)[1]
 
 
+def check_writable(storage: Location) -> None:
+    """UserError unless a file can be written in `storage` (made if missing): a path under a
+    file, a read-only folder or a full disk is found before Ray starts, not after."""
+    probe = storage.join(f".lbs-write-check-{os.getpid()}")
+    try:
+        probe.write_text("lbs-tune checks that it can write here\n")
+        probe.fs.delete_file(probe.path)
+    except OSError as exc:
+        reason = exc.strerror or str(exc).splitlines()[0]
+        raise UserError(
+            f"--storage {storage.uri}: cannot write there ({reason}); choose a folder you can "
+            "write, with free space"
+        ) from None
+
+
 def run(
     spec_path: Path,
     overrides: list[str] = (),
@@ -280,22 +330,26 @@ def run(
     name: str | None = None,
     fresh: bool = False,
     dry_run: bool = False,
+    force_unlock: bool = False,
     **ray_args,
 ) -> int:
-    """`lbs-tune run`: validate the spec, then run or resume it under `<storage>/<name>`."""
+    """`lbs-tune run`: validate the spec, then run or resume it under `<storage>/<name>`, as the
+    only writer of that experiment."""
     spec = load_spec(spec_path, list(overrides) + ([f"name={name}"] if name else []))
     experiment = locate(storage).join(spec.name)
     if dry_run:
         recorded = read_record(experiment) if has_record(experiment) else None
         print_dry_run(spec, experiment, recorded)
         return 0
-    if not ray_args.get("address"):  # a cluster's nodes have their own data folders
-        prepare_data(spec)
-    recorded = prepare_folder(spec, experiment, fresh)
-    return execute(spec, experiment, recorded, **ray_args)
+    check_writable(experiment.parent())
+    with exclusive(experiment, force_unlock):
+        if not ray_args.get("address"):  # a cluster's nodes have their own data folders
+            prepare_data(spec)
+        recorded = prepare_folder(spec, experiment, fresh)
+        return execute(spec, experiment, recorded, **ray_args)
 
 
-def resume(experiment_path: str, **ray_args) -> int:
+def resume(experiment_path: str, force_unlock: bool = False, **ray_args) -> int:
     """`lbs-tune resume`: continue the sweep recorded in an experiment folder."""
     experiment = locate(experiment_path)
     if not has_record(experiment):
@@ -305,6 +359,8 @@ def resume(experiment_path: str, **ray_args) -> int:
     recorded = read_record(experiment)
     meta = experiment.join(SWEEP_FILE)
     spec = check_spec(recorded["spec"], lambda key: f"{meta.uri} (spec.{key})")
-    if not ray_args.get("address"):
-        prepare_data(spec)
-    return execute(spec, experiment, recorded, **ray_args)
+    check_writable(experiment.parent())
+    with exclusive(experiment, force_unlock):
+        if not ray_args.get("address"):
+            prepare_data(spec)
+        return execute(spec, experiment, recorded, **ray_args)

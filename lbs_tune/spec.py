@@ -11,15 +11,21 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from lbs_tune.config import KeyedError, SweepSpec, TrialConfig, set_dotted
-from lbs_tune.errors import UserError, did_you_mean
+from lbs_tune.errors import UserError, cut, did_you_mean, short
 
 Where = Callable[[str], str]
+
+
+# A sweep file of a few hundred nodes is large; aliases that expand past this are an attack
+# ("billion laughs": 1.8 KB of nested aliases make gigabytes).
+MAX_NODES = 100_000
+MAX_BYTES = 1_000_000
 
 
 class _Source:
@@ -27,26 +33,71 @@ class _Source:
 
     def __init__(self, path: Path):
         self.path = path
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise UserError(f"{path}: cannot read the sweep file ({exc.strerror})") from None
+        text = self._text()
         # One parse: the node tree gives the lines, the same nodes give the data.
         loader = yaml.SafeLoader(text)
         try:
             node = loader.get_single_node()
+            if node is not None:
+                self._check_size(node)
             self.data = loader.construct_document(node) if node is not None else None
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            problem = getattr(exc, "problem", None) or str(exc)
-            raise UserError(f"{where}: malformed YAML: {problem}; fix the syntax") from None
+            raise UserError(self._yaml_problem(exc)) from None
+        except RecursionError:
+            raise UserError(f"{path}: nested too deeply to be a sweep file; flatten it") from None
+        except ValueError as exc:  # e.g. an integer of thousands of digits
+            reason = cut(str(exc).split(";")[0], 120)
+            raise UserError(f"{path}: a value YAML cannot read ({reason}); fix it") from None
         finally:
             loader.dispose()
         if not isinstance(self.data, dict):
             raise UserError(f"{path}: a sweep file is a mapping with 'name', 'base' and 'grid'")
         self.lines: dict[str, int] = {}
-        self._index(node, "")
+        try:
+            self._index(node, "")
+        except RecursionError:
+            raise UserError(f"{path}: nested too deeply to be a sweep file; flatten it") from None
+
+    def _text(self) -> str:
+        try:
+            raw = self.path.read_bytes()
+        except OSError as exc:
+            raise UserError(f"{self.path}: cannot read the sweep file ({exc.strerror})") from None
+        if len(raw) > MAX_BYTES:
+            raise UserError(f"{self.path}: {len(raw)} bytes is too large for a sweep file")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(
+                f"{self.path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8"
+            ) from None
+
+    def _yaml_problem(self, exc: yaml.YAMLError) -> str:
+        if isinstance(exc, yaml.reader.ReaderError):  # a control character such as NUL
+            return (
+                f"{self.path}: character {exc.character!r} at byte {exc.position} is not "
+                "allowed in YAML; remove it"
+            )
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{self.path}:{mark.line + 1}" if mark else str(self.path)
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        return f"{where}: malformed YAML: {cut(problem, 120)}; fix the syntax"
+
+    def _check_size(self, root: yaml.Node) -> None:
+        """UserError if the document, with its aliases expanded, has more than MAX_NODES."""
+        count, todo = 0, [root]
+        while todo:
+            node = todo.pop()
+            count += 1
+            if count > MAX_NODES:
+                raise UserError(
+                    f"{self.path}: more than {MAX_NODES} values once its aliases (*name) are "
+                    "expanded; write the values out or use fewer aliases"
+                )
+            if isinstance(node, yaml.SequenceNode):
+                todo.extend(node.value)
+            elif isinstance(node, yaml.MappingNode):
+                todo.extend(n for pair in node.value for n in pair)
 
     def _index(self, node, prefix: str) -> None:
         if not isinstance(node, yaml.MappingNode):
@@ -83,10 +134,10 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> tuple[str, str]:
     key = ".".join(loc)
     if error["type"] == "extra_forbidden":
         fields = _fields_at(model, loc[:-1])
-        return key, f"unknown key '{loc[-1]}'{did_you_mean(loc[-1], fields)}"
-    message = error["msg"].removeprefix("Value error, ")
+        return key, f"unknown key {short(loc[-1])}{did_you_mean(cut(loc[-1]), fields)}"
+    message = cut(error["msg"].removeprefix("Value error, "), 200)
     if error["type"] == "literal_error":
-        message = f"got {error['input']!r}: {message.lower()}"
+        message = f"got {short(error['input'])}: {message.lower()}"
         choices = re.findall(r"'([^']*)'", error.get("ctx", {}).get("expected", ""))
         hint = did_you_mean(error["input"], choices) if choices else ""
         if hint.startswith(" (did you mean"):
@@ -97,13 +148,19 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> tuple[str, str]:
 
 
 def _fields_at(model: type[BaseModel], path: list[str]) -> list[str]:
+    """The keys known at `path` inside `model` (through optional sections: `Target | None`)."""
     for part in path:
         field = model.model_fields.get(part)
         annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        inner = [a for a in (annotation, *get_args(annotation)) if _is_model(a)]
+        if not inner:
             return []
-        model = annotation
+        model = inner[0]
     return list(model.model_fields)
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def validation_message(exc: ValidationError, model: type[BaseModel], where: Where) -> str:
@@ -170,24 +227,45 @@ def check_spec(data: dict[str, Any], where: Where) -> SweepSpec:
     except ValidationError as exc:
         raise UserError(validation_message(exc, SweepSpec, where)) from None
     trials = [_trial_config(spec, point, where) for point in spec.points()]
+    _check_base(spec, where)
     spec.__dict__["trials"] = trials  # the cached_property, filled with what was just checked
     return spec
+
+
+def _check_base(spec: SweepSpec, where: Where) -> None:
+    """The base's own values, also those that every grid point overrides (`base.batch_size: 0`
+    is a mistake even under a grid of batch sizes). Whole-config rules (one budget, sizes that
+    divide) are left to the grid points, which the base alone may not satisfy."""
+    try:
+        TrialConfig.model_validate(spec.base)
+    except ValidationError as exc:
+        errors = [e for e in exc.errors() if e["loc"] and e["type"] != "value_error"]
+        if errors:
+            key, message = _describe(errors[0], TrialConfig)
+            raise UserError(f"{where(f'base.{key}')}: {key}: {message}") from None
 
 
 def _trial_config(spec: SweepSpec, point: dict[str, Any], where: Where) -> TrialConfig:
     """One grid point as a checked TrialConfig; errors placed at the grid or base key."""
 
     def locate(key: str) -> str:
-        in_grid = next((g for g in point if key == g or key.startswith(g + ".")), None)
+        # The grid key that set `key`, or one below it (grid.foo.bar makes the unknown 'foo').
+        in_grid = next(
+            (g for g in point if key == g or key.startswith(g + ".") or g.startswith(key + ".")),
+            None,
+        )
         return where(f"grid.{in_grid}") if in_grid else where(f"base.{key}")
 
     try:
         tree = spec.trial_dict(point)
     except ValueError as exc:  # a grid key under a base key that holds a value
-        key = next(k for k in point if k.split(".")[0] in spec.base)
+        key = next(
+            k for k in point if "." in k and not isinstance(spec.base.get(k.split(".")[0]), dict)
+        )
         fix = f"make base.{key.split('.')[0]} a section or change grid.{key}"
         raise UserError(f"{where(f'grid.{key}')}: grid.{key}: {exc}; {fix}") from None
-    at = f" (grid point {', '.join(f'{k}={v}' for k, v in point.items())})" if point else ""
+    label = ", ".join(f"{k}={cut(str(v), 40)}" for k, v in point.items())
+    at = f" (grid point {label})" if point else ""
     return _checked(tree, locate, at)
 
 

@@ -32,18 +32,25 @@ def test_random_flip_flips_about_half_left_right():
     assert flipped + kept == 1000 and 400 < flipped < 600
 
 
-def test_sampler_epochs_are_seeded_permutations_and_resume_exactly():
+def test_sampler_reads_epoch_permutations_as_one_stream_and_resumes_exactly():
     sampler = BatchSampler(10, 3, seed=7, device=torch.device("cpu"))
-    assert sampler.steps_per_epoch == 3  # the tenth example is dropped each epoch
-    first = torch.cat([sampler.batch(s) for s in range(3)])
-    assert len(set(first.tolist())) == 9
-    state = sampler.state_dict()
-    rest = [sampler.batch(s) for s in range(3, 8)]
+    # 10 steps of 3 are exactly 3 epochs of 10: each epoch is a permutation, no tail dropped
+    # (step 3 holds the last example of epoch 0 and the first two of epoch 1).
+    stream = torch.cat([sampler.batch(s) for s in range(10)])
+    for epoch in range(3):
+        assert sorted(stream[epoch * 10 : (epoch + 1) * 10].tolist()) == list(range(10))
+    assert all(len(sampler.batch(s)) == 3 for s in range(10, 12))
+
+    fresh = BatchSampler(10, 3, seed=7, device=torch.device("cpu"))
+    first = [fresh.batch(s) for s in range(3)]
+    state = fresh.state_dict()
+    rest = [fresh.batch(s) for s in range(3, 8)]
     again = BatchSampler(10, 3, seed=7, device=torch.device("cpu"))
     again.load_state_dict(state)
     assert all(torch.equal(a, again.batch(s)) for s, a in zip(range(3, 8), rest, strict=True))
+    assert torch.equal(torch.cat(first + rest), stream[:24])
     other = BatchSampler(10, 3, seed=8, device=torch.device("cpu"))
-    assert not torch.equal(torch.cat([other.batch(s) for s in range(3)]), first)
+    assert not torch.equal(torch.cat([other.batch(s) for s in range(3)]), stream[:9])
 
 
 def test_val_split_is_seeded_and_disjoint(data_dir):
