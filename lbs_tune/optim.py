@@ -14,6 +14,15 @@ from torch import Tensor
 
 from lbs_tune.config import OptimizerConfig
 
+# The epsilon each optimizer uses when the config leaves it unset (None): LAMB's paper and common
+# implementations use 1e-6, Adam's 1e-8. SGD and LARS have no epsilon.
+DEFAULT_EPS = {"adamw": 1e-8, "lamb": 1e-6}
+
+
+def resolved_eps(config: OptimizerConfig) -> float:
+    """`config.eps`, or the default of `config.name` (DEFAULT_EPS) when it is None."""
+    return config.eps if config.eps is not None else DEFAULT_EPS[config.name]
+
 
 def param_groups(model: torch.nn.Module, config: OptimizerConfig) -> list[dict]:
     """Trainable parameters of `model` as named param groups, without the learning rate.
@@ -38,7 +47,8 @@ def build_optimizer(model: torch.nn.Module, config: OptimizerConfig) -> torch.op
     """The optimizer `config.name` over `model`'s trainable parameters, with lr 0.0 in each group.
 
     Groups come from `param_groups`. SGD uses nesterov only when momentum > 0; LARS ignores
-    `nesterov` (the paper's update has none); LAMB ignores `momentum` and `nesterov`.
+    `nesterov` (the paper's update has none); LAMB ignores `momentum` and `nesterov`. AdamW and
+    LAMB take `resolved_eps(config)`.
     """
     groups = param_groups(model, config)
     if config.name == "sgd":
@@ -50,10 +60,12 @@ def build_optimizer(model: torch.nn.Module, config: OptimizerConfig) -> torch.op
             foreach=True,
         )
     if config.name == "adamw":
-        return torch.optim.AdamW(groups, lr=0.0, betas=config.betas, eps=config.eps, foreach=True)
+        return torch.optim.AdamW(
+            groups, lr=0.0, betas=config.betas, eps=resolved_eps(config), foreach=True
+        )
     if config.name == "lars":
         return LARS(groups, momentum=config.momentum, trust_coefficient=config.trust_coefficient)
-    return LAMB(groups, betas=config.betas, eps=config.eps)
+    return LAMB(groups, betas=config.betas, eps=resolved_eps(config))
 
 
 def _trust_ratios(

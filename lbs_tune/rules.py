@@ -4,7 +4,8 @@ The rule: a base LR is tuned at a base batch size; for batch size B with k = B /
 peak LR is base (`none`), base x k (`linear`, Goyal et al. 2017) or base x sqrt(k) (`sqrt`,
 Krizhevsky 2014; Hoffer et al. 2017). Warmup raises the LR linearly per step over `warmup_epochs`
 from the base LR (or from zero) to the peak; then the peak is held (`constant`) or decayed
-(`step`, `cosine`, `linear` to zero) over the rest of the budget.
+(`step`, `cosine`, `linear` to zero, or `poly`: peak x (1 - progress)^power, power 2 in the LARS
+paper, You et al. 2017) over the rest of the budget.
 """
 
 from __future__ import annotations
@@ -48,4 +49,6 @@ def lr_at(
     progress = (step - warm) / max(1, total_steps - warm)
     if rule.decay == "cosine":
         return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if rule.decay == "poly":
+        return peak * (1.0 - progress) ** rule.power
     return peak * (1.0 - progress)

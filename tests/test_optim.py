@@ -91,6 +91,19 @@ def test_adamw_betas_and_eps():
     assert all(g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6 for g in optimizer.param_groups)
 
 
+@pytest.mark.parametrize(("name", "eps"), [("lamb", 1e-6), ("adamw", 1e-8)])
+def test_default_eps_per_optimizer(name, eps):
+    # Needs OptimizerConfig.eps to default to None (config.py, issue 10): today it is 1e-8 for all.
+    optimizer = build_optimizer(_net(), OptimizerConfig.model_validate({"name": name}))
+    assert all(g["eps"] == eps for g in optimizer.param_groups)
+
+
+@pytest.mark.parametrize("name", ["lamb", "adamw"])
+def test_eps_set_by_the_user_wins(name):
+    optimizer = build_optimizer(_net(), OptimizerConfig(name=name, eps=1e-3))
+    assert all(g["eps"] == 1e-3 for g in optimizer.param_groups)
+
+
 # --------------------------------------------------------------------------- LARS and LAMB
 
 

@@ -76,3 +76,20 @@ def test_warmup_never_goes_down_for_small_batches():
     # Below the base batch size the sqrt rule gives a peak under the base LR: hold the peak.
     rule = LRConfig(base=0.1, base_batch_size=256, scaling="sqrt", warmup_epochs=1)
     assert lr_at(0, rule, 64, 1000, 100) == pytest.approx(0.05)
+
+
+def test_poly_decay_after_warmup():
+    # Needs LRConfig's `decay: poly` and `power` (config.py, issue 10).
+    rule = LRConfig.model_validate({"base": 1.0, "decay": "poly", "power": 2, "warmup_epochs": 1})
+    # 10 warmup steps, then 100 decay steps with progress p = (step - 10) / 100: lr = (1 - p)².
+    assert lr_at(10, rule, 256, 110, 10) == pytest.approx(1.0)
+    assert lr_at(60, rule, 256, 110, 10) == pytest.approx(0.25)  # p = 0.5
+    assert lr_at(100, rule, 256, 110, 10) == pytest.approx(0.01)  # p = 0.9: 0.1²
+    assert lr_at(109, rule, 256, 110, 10) == pytest.approx(1e-4)  # p = 0.99: 0.01²
+    # Power 1 is the linear decay; power 0.5 at p = 0.25 gives sqrt(0.75) = 0.866.
+    for step in (0, 37, 99):
+        assert lr_at(step, rule.model_copy(update={"power": 1.0}), 256, 100, 10) == pytest.approx(
+            lr_at(step, LRConfig(base=1.0, decay="linear", warmup_epochs=1), 256, 100, 10)
+        )
+    half = LRConfig.model_validate({"base": 2.0, "decay": "poly", "power": 0.5})
+    assert lr_at(25, half, 256, 100, 10) == pytest.approx(2.0 * math.sqrt(0.75))
