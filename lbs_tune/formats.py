@@ -1,16 +1,25 @@
-"""Read torchvision's on-disk image datasets (CIFAR-10/100, MNIST, Fashion-MNIST, SVHN) into arrays.
+"""Read datasets from their standard files into arrays: torchvision's image datasets (CIFAR-10/100,
+MNIST, Fashion-MNIST, SVHN), WikiText-2 and Cityscapes.
 
 The files are read exactly where and as torchvision keeps them under its `root`. MNIST-family IDX
 files go through torchvision's own readers. CIFAR pickles and SVHN .mat files are read by small
 readers that follow torchvision's code, because torchvision's CIFAR and SVHN classes
 check the MD5 of the official files when constructed; those checks belong to the download step,
 which is torchvision's own and runs only when files are missing.
+
+WikiText-2 (`read_wikitext2`) is tokenised as PyTorch's word_language_model example does.
+Cityscapes (`read_cityscapes`) is read in torchvision's Cityscapes layout with Pillow, as
+torchvision's own Cityscapes class reads it (Pillow is a requirement of torchvision, whose
+`torchvision.io` PNG decoding is deprecated since 0.29). Neither is downloaded here (Cityscapes
+needs a registration): a missing file is a one-line error naming it and where to get it.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -19,6 +28,7 @@ from typing import Any
 import numpy as np
 import scipy.io
 import torchvision.datasets
+from PIL import Image
 from torchvision.datasets import mnist as tv_mnist
 
 from lbs_tune.errors import UserError
@@ -30,7 +40,8 @@ _IDX_LABELS = 0x0801
 
 @dataclass(frozen=True, eq=False)
 class RawData:
-    """A dataset as arrays: uint8 images (N, C, H, W) or float vectors, and int64 labels (N,).
+    """A dataset as arrays: uint8 images (N, C, H, W) or float vectors, and int64 labels (N,),
+    or for segmentation uint8 masks (N, H, W) of class ids with 255 for pixels to ignore.
 
     `test_x` and `test_y` are None for a dataset without a test split (synthetic).
     """
@@ -75,11 +86,13 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
+def _corrupt_file(name: str, path: Path, why: str, fix: str) -> UserError:
+    return UserError(f"{name}: {path} is corrupted ({why}); delete it and {fix}")
+
+
 def _corrupt(fmt: _Format, path: Path, why: str) -> UserError:
-    return UserError(
-        f"{fmt.name}: {path} is corrupted ({why}); delete it and download it again "
-        "(set data.download: true, or copy torchvision's file there)"
-    )
+    fix = "download it again (set data.download: true, or copy torchvision's file there)"
+    return _corrupt_file(fmt.name, path, why, fix)
 
 
 def _check_split(fmt: _Format, x_path: Path, x: np.ndarray, y_path: Path, y: np.ndarray) -> None:
@@ -258,6 +271,8 @@ _FORMATS: dict[str, _Format] = {
 }
 
 DATASET_NAMES = tuple(_FORMATS)
+# Datasets read from their own files by read_wikitext2 and read_cityscapes, never downloaded.
+LOCAL_DATASET_NAMES = ("wikitext2", "cityscapes")
 
 
 def _missing(fmt: _Format, folder: Path) -> list[str]:
@@ -304,7 +319,15 @@ def _check_meta(fmt: _Format, folder: Path) -> None:
 
 
 def check_files(name: str, root: Path) -> None:
-    """UserError, as read_torchvision would raise it, if files of dataset `name` are missing."""
+    """UserError, as the reader would raise it, if files of dataset `name` (one of
+    DATASET_NAMES or LOCAL_DATASET_NAMES) are missing under the data folder `root`."""
+    if name == "wikitext2":
+        _wikitext2_paths(Path(root))
+        return
+    if name == "cityscapes":
+        for split in CITYSCAPES_SPLITS:
+            _cityscapes_pairs(Path(root), split)
+        return
     fmt = _FORMATS[name]
     folder = Path(root) / fmt.folder
     missing = _missing(fmt, folder)
@@ -336,3 +359,223 @@ def read_torchvision(name: str, root: Path, download: bool) -> RawData:
     test_x, test_y = fmt.read(fmt, folder, fmt.test_files)
     _check_meta(fmt, folder)
     return RawData(train_x, train_y, test_x, test_y, fmt.num_classes)
+
+
+# ============================================================================ WikiText-2
+
+WIKITEXT2_FOLDER = "wikitext-2"
+WIKITEXT2_FILES = {
+    "train": "wiki.train.tokens",
+    "valid": "wiki.valid.tokens",
+    "test": "wiki.test.tokens",
+}
+WIKITEXT2_SOURCE = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip"
+EOS, UNK = "<eos>", "<unk>"
+
+
+@dataclass(frozen=True, eq=False)
+class TokenData:
+    """A tokenised corpus: int64 token ids (T,) per split, and the words of the ids in order."""
+
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+    vocab: tuple[str, ...]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+
+def _wikitext2_paths(root: Path) -> dict[str, Path]:
+    """The three token files under `root`; UserError naming the missing ones and the source."""
+    folder = root / WIKITEXT2_FOLDER
+    paths = {split: folder / file for split, file in WIKITEXT2_FILES.items()}
+    missing = [path.name for path in paths.values() if not path.is_file()]
+    if missing:
+        raise UserError(
+            f"wikitext2: WikiText-2 files missing from {folder}: {', '.join(missing)}; unzip "
+            f"{WIKITEXT2_SOURCE} (Merity et al. 2016) into {root}, or set data.dir or "
+            f"LBS_DATA_DIR to the folder that holds {WIKITEXT2_FOLDER}"
+        )
+    return paths
+
+
+def _wikitext2_corrupt(path: Path, why: str) -> UserError:
+    return _corrupt_file("wikitext2", path, why, f"unzip it again from {WIKITEXT2_SOURCE}")
+
+
+def _read_lines(path: Path) -> list[list[str]]:
+    """The words of each line of a token file, split on whitespace, as PyTorch's example does."""
+    try:
+        with path.open(encoding="utf8") as f:
+            lines = [line.split() for line in f]
+    except UnicodeDecodeError as exc:
+        raise _wikitext2_corrupt(path, _describe(exc)) from exc
+    if not any(lines):
+        raise _wikitext2_corrupt(path, "it holds no words")
+    return lines
+
+
+def tokenize(
+    train: list[list[str]], others: Sequence[list[list[str]]]
+) -> tuple[tuple[str, ...], np.ndarray, list[np.ndarray]]:
+    """Token ids of lines of words, with `<eos>` after each line (PyTorch's word_language_model).
+
+    The vocabulary is the training split's words in order of first appearance, so the ids are
+    the example's; `<unk>` is appended if the training split lacks it. A word of `others` (valid,
+    test) that is not in the vocabulary becomes `<unk>`. Returns the vocabulary, the training
+    ids and the ids of each of `others`, int64.
+    """
+    index: dict[str, int] = {}
+    for words in train:
+        for word in (*words, EOS):
+            index.setdefault(word, len(index))
+    index.setdefault(UNK, len(index))
+    unk = index[UNK]
+
+    def ids(lines: list[list[str]]) -> np.ndarray:
+        return np.fromiter(
+            (index.get(word, unk) for words in lines for word in (*words, EOS)), dtype=np.int64
+        )
+
+    return tuple(index), ids(train), [ids(lines) for lines in others]
+
+
+def read_wikitext2(root: Path) -> TokenData:
+    """Read WikiText-2's `wikitext-2/wiki.{train,valid,test}.tokens` under the data folder `root`.
+
+    Returns each split as int64 token ids with `<eos>` ending every line, over the training
+    split's vocabulary (33,278 words for the real files; see `tokenize`). UserError on one line
+    naming the file when one is missing, not UTF-8 or empty.
+    """
+    paths = _wikitext2_paths(Path(root))
+    lines = {split: _read_lines(path) for split, path in paths.items()}
+    vocab, train, (valid, test) = tokenize(lines["train"], [lines["valid"], lines["test"]])
+    return TokenData(train, valid, test, vocab)
+
+
+# ============================================================================ Cityscapes
+
+CITYSCAPES_FOLDER = "cityscapes"
+CITYSCAPES_SPLITS = ("train", "val")  # the test split's labels are withheld
+CITYSCAPES_CLASSES = 19
+CITYSCAPES_SOURCE = (
+    "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from "
+    "https://www.cityscapes-dataset.com/downloads/ (free registration)"
+)
+IGNORE_LABEL = 255
+_IMAGE_SUFFIX = "_leftImg8bit.png"
+_LABEL_SUFFIX = "_gtFine_labelIds.png"
+
+# labelId -> trainId for the 19 evaluated classes, from cityscapesscripts' labels.py (the table
+# that torchvision.datasets.Cityscapes.classes also holds); every other id is ignored.
+_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11}
+_TRAIN_IDS |= {25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+LABEL_TO_TRAIN_ID = np.full(256, IGNORE_LABEL, dtype=np.uint8)
+LABEL_TO_TRAIN_ID[list(_TRAIN_IDS)] = list(_TRAIN_IDS.values())
+
+
+def _cityscapes_missing(root: Path, what: str) -> UserError:
+    return UserError(
+        f"cityscapes: {what}; unzip {CITYSCAPES_SOURCE} into {root / CITYSCAPES_FOLDER}, "
+        f"or set data.dir or LBS_DATA_DIR to the folder that holds {CITYSCAPES_FOLDER}"
+    )
+
+
+def _cityscapes_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
+    """(image, labelIds) paths of `split` in torchvision's layout, sorted; UserError naming
+    the folder when it holds no images, or the first label file missing."""
+    folder = root / CITYSCAPES_FOLDER
+    images = sorted((folder / "leftImg8bit" / split).glob(f"*/*{_IMAGE_SUFFIX}"))
+    if not images:
+        where = folder / "leftImg8bit" / split
+        raise _cityscapes_missing(root, f"no <city>/*{_IMAGE_SUFFIX} images in {where}")
+    pairs = []
+    for image in images:
+        stem = image.name.removesuffix(_IMAGE_SUFFIX)
+        label = folder / "gtFine" / split / image.parent.name / f"{stem}{_LABEL_SUFFIX}"
+        pairs.append((image, label))
+    missing = [label for _, label in pairs if not label.is_file()]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise _cityscapes_missing(root, f"label file {missing[0]}{more} missing")
+    return pairs
+
+
+def _cityscapes_corrupt(path: Path, why: str) -> UserError:
+    return _corrupt_file("cityscapes", path, why, f"unzip it again from {CITYSCAPES_SOURCE}")
+
+
+def _read_png(path: Path) -> Image.Image:
+    """The PNG file `path`, decoded; UserError naming it if Pillow cannot read it."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    # Pillow raises OSError (UnidentifiedImageError, truncated data), SyntaxError or ValueError
+    # on a damaged file.
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise _cityscapes_corrupt(path, f"not a PNG Pillow can decode: {_describe(exc)}") from exc
+
+
+def _read_cityscapes_pair(
+    image_path: Path, label_path: Path, size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """One image (3, H, W) and its train-id mask (H, W), uint8, resized to `size` (H, W)."""
+    image = _read_png(image_path).convert("RGB")
+    label = _read_png(label_path)
+    if label.mode != "L":
+        why = f"mode {label.mode}, expected L: one 8-bit channel of label ids"
+        raise _cityscapes_corrupt(label_path, why)
+    if label.size != image.size:
+        why = f"labels {label.height}x{label.width} for an image of {image.height}x{image.width}"
+        raise _cityscapes_corrupt(label_path, why)
+    height, width = size
+    if image.size != (width, height):
+        # Pillow's bilinear filter widens with the scale (antialiasing) when shrinking;
+        # nearest (pixel centres) never blends label ids into another class.
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+        label = label.resize((width, height), Image.Resampling.NEAREST)
+    return np.asarray(image).transpose(2, 0, 1), LABEL_TO_TRAIN_ID[np.asarray(label)]
+
+
+def _read_cityscapes_split(
+    root: Path, split: str, size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    pairs = _cityscapes_pairs(root, split)
+    images = np.empty((len(pairs), 3, *size), dtype=np.uint8)
+    masks = np.empty((len(pairs), *size), dtype=np.uint8)
+
+    def read(index: int) -> None:
+        images[index], masks[index] = _read_cityscapes_pair(*pairs[index], size)
+
+    # Pillow decodes and resizes without the GIL: threads cut the minutes a split takes (about
+    # 0.1 s per full-size pair on one core) by the cores there are.
+    pool = ThreadPoolExecutor(min(8, len(os.sched_getaffinity(0))))
+    try:
+        for _ in pool.map(read, range(len(pairs))):
+            pass  # map re-raises a worker's error here, in file order
+    finally:
+        # After an error, drop the files not yet started rather than decode them all first.
+        pool.shutdown(cancel_futures=True)
+    return images, masks
+
+
+def read_cityscapes(root: Path, size: tuple[int, int]) -> RawData:
+    """Read Cityscapes' fine annotations under `root`/cityscapes in torchvision's layout:
+    `leftImg8bit/{train,val}/<city>/<name>_leftImg8bit.png` and
+    `gtFine/{train,val}/<city>/<name>_gtFine_labelIds.png`.
+
+    Every image is resized to `size` (H, W): Pillow's bilinear (antialiased) for the images,
+    nearest for the label maps, whose label ids become the 19 training ids (255: ignore). Returns
+    RawData with uint8 images (N, 3, H, W) and uint8 masks (N, H, W) in file-name order; the
+    training split is `train` (2,975 images in the real files) and the test split is the
+    official `val` (500), since the official test split's labels are withheld. UserError on one
+    line naming the folder or file when one is missing or cannot be decoded.
+    """
+    root = Path(root)
+    size = (int(size[0]), int(size[1]))
+    train_x, train_y = _read_cityscapes_split(root, "train", size)
+    val_x, val_y = _read_cityscapes_split(root, "val", size)
+    return RawData(train_x, train_y, val_x, val_y, CITYSCAPES_CLASSES)

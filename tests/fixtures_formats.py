@@ -1,8 +1,10 @@
-"""Write tiny datasets in torchvision's real on-disk formats, for tests that read them back.
+"""Write tiny datasets in their real on-disk formats, for tests that read them back.
 
-Each `write_*` takes the data folder (torchvision's `root`) and the split sizes, writes the files
-where torchvision keeps them, and returns the `RawData` that `read_torchvision` should give back.
-Pixels follow `pattern_images` and labels `pattern_labels`, so tests can check exact values.
+Each `write_*` of torchvision's datasets takes the data folder (torchvision's `root`) and the
+split sizes, writes the files where torchvision keeps them, and returns the `RawData` that
+`read_torchvision` should give back. Pixels follow `pattern_images` and labels `pattern_labels`,
+so tests can check exact values. `write_wikitext2` writes a tiny corpus in the style of the
+WikiText-2 token files; `write_cityscapes` writes PNGs in torchvision's Cityscapes layout.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import scipy.io
+from PIL import Image
 
 from lbs_tune.formats import RawData
 
@@ -167,3 +170,84 @@ WRITERS = {
     "fashion_mnist": write_fashion_mnist,
     "svhn": write_svhn,
 }
+
+
+# Lines as the WikiText-2 token files have them: a space before each line, headings between
+# "=", blank lines of one space, "@-@" for hyphens, and "<unk>" for rare words.
+WIKITEXT2_TRAIN = (
+    " ",
+    " = Valkyria Chronicles = ",
+    " ",
+    " The game 's <unk> @-@ system is new . ",
+    " The game is new . ",
+)
+WIKITEXT2_VALID = (" ", " = Chronicles = ", " The system is old . ")
+WIKITEXT2_TEST = (" The <unk> game ",)
+
+
+def write_wikitext2(
+    root: Path,
+    train: tuple[str, ...] = WIKITEXT2_TRAIN,
+    valid: tuple[str, ...] = WIKITEXT2_VALID,
+    test: tuple[str, ...] = WIKITEXT2_TEST,
+) -> Path:
+    """Write root/wikitext-2/wiki.{train,valid,test}.tokens, UTF-8, one line of `train` etc.
+    per line, each ended by a newline as in the real files; returns the folder."""
+    folder = root / "wikitext-2"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, lines in (("train", train), ("valid", valid), ("test", test)):
+        text = "".join(f"{line}\n" for line in lines)
+        (folder / f"wiki.{split}.tokens").write_text(text, encoding="utf8")
+    return folder
+
+
+CITYSCAPES_CITIES = {"train": ("aachen", "bochum"), "val": ("frankfurt",)}
+
+
+def save_png(path: Path, array: np.ndarray) -> None:
+    """Write uint8 `array` as a PNG: (H, W) as one 8-bit channel (mode L), (C, H, W) as RGB."""
+    pixels = array if array.ndim == 2 else array.transpose(1, 2, 0)
+    Image.fromarray(np.ascontiguousarray(pixels)).save(path, format="PNG")
+
+
+def pattern_label_ids(start: int, shape: tuple[int, int]) -> np.ndarray:
+    """uint8 Cityscapes label ids (H, W): every id 0..33 and 255, placed by image and pixel."""
+    ids = np.array([*range(34), 255], dtype=np.uint8)
+    h, w = np.indices(shape)
+    return ids[(5 * start + 3 * h + w) % len(ids)]
+
+
+def cityscapes_name(split: str, index: int) -> tuple[str, str]:
+    """(city, file stem) of image `index` of `split`: cities in turn, as <city>_xxxxxx_yyyyyy."""
+    cities = CITYSCAPES_CITIES[split]
+    city = cities[index % len(cities)]
+    return city, f"{city}_{index:06d}_000019"
+
+
+def write_cityscapes(
+    root: Path, n_train: int = 3, n_val: int = 2, shape: tuple[int, int] = (8, 12)
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Write root/cityscapes/leftImg8bit/{split}/<city>/<stem>_leftImg8bit.png (RGB) and
+    gtFine/{split}/<city>/<stem>_gtFine_labelIds.png (one channel) for train and val.
+
+    Image i of a split (numbered on from the train images for val) has pixels
+    pattern_images(i) and label ids pattern_label_ids(i). Returns the images (N, 3, H, W) and
+    the label ids (N, H, W) written per split, in the file-name order a reader sorts them in.
+    """
+    images, labels = {}, {}
+    start = 0
+    for split, n in (("train", n_train), ("val", n_val)):
+        named = sorted((cityscapes_name(split, i), i) for i in range(n))
+        x = pattern_images(start, n, (3, *shape))
+        y = np.stack([pattern_label_ids(start + i, shape) for i in range(n)])
+        for (city, stem), i in named:
+            image_dir = root / "cityscapes" / "leftImg8bit" / split / city
+            label_dir = root / "cityscapes" / "gtFine" / split / city
+            image_dir.mkdir(parents=True, exist_ok=True)
+            label_dir.mkdir(parents=True, exist_ok=True)
+            save_png(image_dir / f"{stem}_leftImg8bit.png", x[i])
+            save_png(label_dir / f"{stem}_gtFine_labelIds.png", y[i])
+        order = [i for _, i in named]
+        images[split], labels[split] = x[order], y[order]
+        start += n
+    return images, labels

@@ -1,4 +1,5 @@
-"""torchvision's on-disk formats: tiny real files read back exactly, and one-line errors."""
+"""On-disk formats (torchvision's, WikiText-2, Cityscapes): tiny real files read back exactly,
+and one-line errors."""
 
 from __future__ import annotations
 
@@ -12,16 +13,28 @@ import scipy.io
 import torchvision.datasets
 from fixtures_formats import (
     WRITERS,
+    cityscapes_name,
     pattern_images,
     pattern_labels,
+    save_png,
     write_cifar10,
+    write_cityscapes,
     write_idx,
     write_mnist,
     write_svhn,
+    write_wikitext2,
 )
 
 from lbs_tune.errors import UserError
-from lbs_tune.formats import DATASET_NAMES, read_torchvision
+from lbs_tune.formats import (
+    DATASET_NAMES,
+    LABEL_TO_TRAIN_ID,
+    LOCAL_DATASET_NAMES,
+    check_files,
+    read_cityscapes,
+    read_torchvision,
+    read_wikitext2,
+)
 
 FOLDERS = {
     "cifar10": "cifar-10-batches-py",
@@ -246,3 +259,197 @@ def test_download_failure_is_one_line(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
     with pytest.raises(UserError, match=r"^cifar100: downloading CIFAR-100 into .* failed"):
         read_torchvision("cifar100", tmp_path, download=True)
+
+
+# ---------------------------------------------------------------------------- WikiText-2
+
+
+def _one_line(reader, *needles: str) -> str:
+    """Call `reader`, expect a one-line UserError containing every needle, return it."""
+    with pytest.raises(UserError) as info:
+        reader()
+    message = str(info.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message
+    return message
+
+
+def test_wikitext2_ids_as_pytorch_example_numbers_them(tmp_path: Path) -> None:
+    write_wikitext2(tmp_path)
+    data = read_wikitext2(tmp_path)
+    # Words numbered in order of first appearance in train, <eos> closing every line: the
+    # first line is blank (" "), so <eos> is 0; "<unk>" is a word of the file like any other.
+    assert data.vocab == (
+        "<eos>", "=", "Valkyria", "Chronicles", "The", "game", "'s", "<unk>", "@-@",
+        "system", "is", "new", ".",
+    )  # fmt: skip
+    assert data.vocab_size == 13
+    assert data.train.dtype == data.valid.dtype == data.test.dtype == np.int64
+    assert data.train.tolist() == [
+        0,
+        1, 2, 3, 1, 0,
+        0,
+        4, 5, 6, 7, 8, 9, 10, 11, 12, 0,
+        4, 5, 10, 11, 12, 0,
+    ]  # fmt: skip
+    # "old" is not in the training vocabulary: <unk> (7).
+    assert data.valid.tolist() == [0, 1, 3, 1, 0, 4, 9, 10, 7, 12, 0]
+    assert data.test.tolist() == [4, 7, 5, 0]
+
+
+def test_wikitext2_without_unk_in_train_appends_it(tmp_path: Path) -> None:
+    write_wikitext2(tmp_path, train=(" a b ",), valid=(" b c ",), test=(" a ",))
+    data = read_wikitext2(tmp_path)
+    assert data.vocab == ("a", "b", "<eos>", "<unk>")
+    assert data.valid.tolist() == [1, 3, 2]
+
+
+def test_wikitext2_keeps_non_ascii_words(tmp_path: Path) -> None:
+    write_wikitext2(tmp_path, train=(" Senjō no Valkyria ", " Senjō "))
+    data = read_wikitext2(tmp_path)
+    assert data.vocab[0] == "Senjō" and data.train.tolist() == [0, 1, 2, 3, 0, 3]
+
+
+@pytest.mark.parametrize("file", ["wiki.train.tokens", "wiki.test.tokens"])
+def test_wikitext2_missing_file_is_named_with_its_source(file: str, tmp_path: Path) -> None:
+    folder = write_wikitext2(tmp_path)
+    (folder / file).unlink()
+    message = _one_line(
+        lambda: read_wikitext2(tmp_path),
+        f"wikitext2: WikiText-2 files missing from {folder}: {file};",
+        "wikitext-2-v1.zip",
+        "data.dir or LBS_DATA_DIR",
+    )
+    assert "wiki.valid.tokens" not in message
+    _one_line(lambda: check_files("wikitext2", tmp_path), file)
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [(b"caf\xe9 au lait\n", "UnicodeDecodeError"), (b" \n \n", "it holds no words")],
+)
+def test_wikitext2_corrupt_file_is_named(content: bytes, why: str, tmp_path: Path) -> None:
+    folder = write_wikitext2(tmp_path)
+    path = folder / "wiki.valid.tokens"
+    path.write_bytes(content)
+    _one_line(lambda: read_wikitext2(tmp_path), f"wikitext2: {path} is corrupted ({why}", "delete")
+
+
+# ---------------------------------------------------------------------------- Cityscapes
+
+
+def test_cityscapes_label_table_is_cityscapesscripts(tmp_path: Path) -> None:
+    # torchvision keeps its own copy of cityscapesscripts' table; every id not in it is ignored.
+    table = {c.id: c.train_id for c in torchvision.datasets.Cityscapes.classes if c.id >= 0}
+    assert sorted(table) == list(range(34))
+    for label_id in range(256):
+        assert LABEL_TO_TRAIN_ID[label_id] == table.get(label_id, 255), label_id
+    assert sorted(set(table.values()) - {255}) == list(range(19))
+
+
+def test_cityscapes_reads_back_exactly_at_its_size(tmp_path: Path) -> None:
+    images, labels = write_cityscapes(tmp_path, n_train=3, n_val=2, shape=(8, 12))
+    data = read_cityscapes(tmp_path, (8, 12))
+    assert data.num_classes == 19
+    for split, x, y in (("train", data.train_x, data.train_y), ("val", data.test_x, data.test_y)):
+        assert x.dtype == y.dtype == np.uint8
+        assert x.shape == (len(images[split]), 3, 8, 12) and y.shape == (len(x), 8, 12)
+        np.testing.assert_array_equal(x, images[split])
+        np.testing.assert_array_equal(y, LABEL_TO_TRAIN_ID[labels[split]])
+    # Sorted by path: aachen's images (0, 2) before bochum's (1).
+    assert [cityscapes_name("train", i)[0] for i in (0, 2, 1)] == ["aachen", "aachen", "bochum"]
+    assert data.train_x[1, 2, 3, 4] == (37 * 2 + 101 * 2 + 7 * 3 + 3 * 4) % 256
+    assert labels["train"][0, 2, 5] == 11 and data.train_y[0, 2, 5] == 2  # building
+    assert labels["train"][0, 0, 7] == 7 and data.train_y[0, 0, 7] == 0  # road
+    assert labels["train"][0, 0, 0] == 0 and data.train_y[0, 0, 0] == 255  # unlabeled
+    assert set(np.unique(data.train_y)) == set(range(19)) | {255}
+
+
+def test_cityscapes_resizes_images_smoothly_and_masks_by_nearest(tmp_path: Path) -> None:
+    _, labels = write_cityscapes(tmp_path, n_train=1, n_val=1, shape=(8, 12))
+    # Stripes of 0 and 200 one column wide: shrinking by 2 blends each pair of columns to 100
+    # where a nearest pick would give 0 or 200. Channels scaled by 1, 1/2, 1/4.
+    stripes = 200 * (np.arange(12) % 2)
+    image = np.stack([np.broadcast_to(stripes // k, (8, 12)) for k in (1, 2, 4)]).astype(np.uint8)
+    save_png(
+        tmp_path / "cityscapes/leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png", image
+    )
+    data = read_cityscapes(tmp_path, (4, 6))
+    assert data.train_x.shape == (1, 3, 4, 6) and data.train_y.shape == (1, 4, 6)
+    # Away from the border (where the filter is cut off) every pixel is the stripes' mean.
+    inner = data.train_x[0, :, :, 1:-1].astype(int)
+    np.testing.assert_allclose(
+        inner, np.broadcast_to([[[100]], [[50]], [[25]]], inner.shape), atol=1
+    )
+    # Halving by nearest (pixel centres) takes the pixel at (2i + 1, 2j + 1): ids are
+    # picked, never averaged into another class.
+    np.testing.assert_array_equal(
+        data.train_y[0], LABEL_TO_TRAIN_ID[labels["train"][0, 1::2, 1::2]]
+    )
+    np.testing.assert_array_equal(data.test_y[0], LABEL_TO_TRAIN_ID[labels["val"][0, 1::2, 1::2]])
+
+
+def test_cityscapes_missing_folder_and_missing_label_are_named(tmp_path: Path) -> None:
+    folder = tmp_path / "cityscapes"
+    _one_line(
+        lambda: read_cityscapes(tmp_path, (8, 12)),
+        f"cityscapes: no <city>/*_leftImg8bit.png images in {folder}/leftImg8bit/train;",
+        "gtFine_trainvaltest.zip",
+        "cityscapes-dataset.com",
+        "data.dir or LBS_DATA_DIR",
+    )
+    write_cityscapes(tmp_path, n_train=3, n_val=2)
+    label = folder / "gtFine/val/frankfurt/frankfurt_000001_000019_gtFine_labelIds.png"
+    label.unlink()
+    message = _one_line(
+        lambda: read_cityscapes(tmp_path, (8, 12)), f"cityscapes: label file {label} missing;"
+    )
+    assert "more" not in message
+    _one_line(lambda: check_files("cityscapes", tmp_path), str(label))
+
+
+def _truncate_png(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    ("file", "damage", "why"),
+    [
+        (
+            "leftImg8bit/train/bochum/bochum_000001_000019_leftImg8bit.png",
+            _truncate_png,
+            "not a PNG Pillow can decode",
+        ),
+        (
+            "gtFine/val/frankfurt/frankfurt_000000_000019_gtFine_labelIds.png",
+            lambda p: p.write_bytes(b"not a PNG at all"),
+            "not a PNG Pillow can decode",
+        ),
+        (
+            "gtFine/train/aachen/aachen_000002_000019_gtFine_labelIds.png",
+            lambda p: save_png(p, np.zeros((3, 8, 12), np.uint8)),
+            "mode RGB, expected L: one 8-bit channel of label ids",
+        ),
+        (
+            "gtFine/train/aachen/aachen_000000_000019_gtFine_labelIds.png",
+            lambda p: save_png(p, np.zeros((4, 12), np.uint8)),
+            "labels 4x12 for an image of 8x12",
+        ),
+    ],
+)
+def test_cityscapes_corrupt_file_is_named(file: str, damage, why: str, tmp_path: Path) -> None:
+    write_cityscapes(tmp_path, n_train=3, n_val=2)
+    path = tmp_path / "cityscapes" / file
+    damage(path)
+    message = _one_line(
+        lambda: read_cityscapes(tmp_path, (8, 12)),
+        f"cityscapes: {path} is corrupted ({why}",
+        "delete it and unzip it again from leftImg8bit_trainvaltest.zip",
+    )
+    assert ".cpp" not in message
+
+
+def test_local_datasets_are_not_torchvision_downloads() -> None:
+    assert set(LOCAL_DATASET_NAMES) == {"wikitext2", "cityscapes"}
+    assert not set(LOCAL_DATASET_NAMES) & set(DATASET_NAMES)

@@ -19,9 +19,27 @@ def conv_length(size: int, kernel: int, stride: int = 1, padding: int = 0) -> in
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
     """A 3x3 "same" convolution without bias (a batch norm follows and cancels any bias)."""
-    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+    return nn.Conv2d(
+        in_channels,
+        out_channels,
+        3,
+        stride=stride,
+        padding=dilation,
+        dilation=dilation,
+        bias=False,
+    )
+
+
+def cifar_stem_conv(in_channels: int, out_channels: int) -> nn.Conv2d:
+    """The 3x3 stride-1 stem conv that CIFAR variants put in place of ImageNet's strided stem.
+
+    Kaiming-normal (fan-out, ReLU) initialised, as torchvision initialises the conv it replaces.
+    """
+    conv = conv3x3(in_channels, out_channels)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return conv
 
 
 def residual_stages(
