@@ -1,0 +1,503 @@
+"""The `search` section and the per-grid-point Optuna studies (lbs_tune.search).
+
+The searcher is driven as Ray Tune drives it (suggest, on_trial_result, on_trial_complete, save,
+pickling into tuner.pkl and restore), with reports from a closed-form stand-in for training;
+one Ray test runs it in a real Tuner, once through and once with the driver SIGKILLed mid-way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from pydantic import ValidationError
+
+from lbs_tune.config import SweepSpec, Target
+from lbs_tune.errors import UserError
+from lbs_tune.search import (
+    Objective,
+    SearchSpec,
+    StudySearcher,
+    check_search,
+    read_studies,
+    study_storage,
+)
+
+SPACE = {
+    "lr.base": {"log_uniform": [0.01, 10.0]},
+    "optimizer.momentum": {"uniform": [0.0, 0.99]},
+}
+POINTS = [{"batch_size": 32}, {"batch_size": 256}]
+NAMES = ["batch_size=32", "batch_size=256"]
+TARGET = Objective("steps_to_target", "val/accuracy", "max", 0.9)
+
+
+def spec(**changes) -> SearchSpec:
+    return SearchSpec.model_validate({"space": SPACE, "trials_per_point": 3, **changes})
+
+
+def configs(delay: float = 0.0) -> list[dict]:
+    return [
+        {
+            "batch_size": p["batch_size"],
+            "steps": 100,
+            "lr": {"base": 0.1, "scaling": "none"},
+            "optimizer": {"momentum": 0.9},
+            "delay": delay,  # seconds per report, for the Ray test
+        }
+        for p in POINTS
+    ]
+
+
+def searcher(folder: Path, objective=TARGET, **changes) -> StudySearcher:
+    return StudySearcher(spec(**changes), POINTS, configs(), folder, objective)
+
+
+def reports(config: dict) -> list[dict]:
+    """What a trial reports every 10 steps: val/accuracy grows linearly and reaches the target
+    0.9 after 20 (1 + 64 / B) (1 + log10(lr / 0.3)^2) steps; lr > 5 diverges at step 30. Ends at
+    the first report that reaches the target (as Ray's stop condition ends it), or at step 100."""
+    lr, batch = config["lr"]["base"], config["batch_size"]
+    needed = 20 * (1 + 64 / batch) * (1 + math.log10(lr / 0.3) ** 2)
+    rows = []
+    for step in range(10, 101, 10):
+        diverged = lr > 5 and step >= 30
+        accuracy = 0.1 if diverged else min(0.95, 0.9 * step / needed)
+        rows.append({"step": step, "val/accuracy": accuracy, "diverged": diverged})
+        if diverged or TARGET.stop("", rows[-1]):
+            break
+    return rows
+
+
+def run(s: StudySearcher, trial_id: str, config: dict) -> None:
+    """One trial as Ray runs it: every report but the last, then the last at completion."""
+    rows = reports(config)
+    for row in rows[:-1]:
+        s.on_trial_result(trial_id, row)
+    s.on_trial_complete(trial_id, rows[-1])
+
+
+def ray_knows(folder: Path, trial_ids: list[str]) -> None:
+    """Ray's experiment state as Tuner.restore finds it: the trials it saved, by id."""
+    state = {"trial_data": [[json.dumps({"trial_id": t}), {}] for t in trial_ids]}
+    (folder / "experiment_state-2025-01-01_00-00-00.json").write_text(json.dumps(state))
+
+
+def restored(pickled: bytes, folder: Path) -> StudySearcher:
+    """The searcher as Tuner.restore rebuilds it: tuner.pkl's copy, then restore()."""
+    s = pickle.loads(pickled)
+    s.restore(str(folder / "searcher-state.pkl"))
+    return s
+
+
+def params_by_trial(folder: Path) -> dict[tuple[str, int], dict]:
+    return {(r.name, t["number"]): t["params"] for r in read_studies(folder) for t in r.trials}
+
+
+# ---------------------------------------------------------------------------- The spec
+
+
+def test_a_search_section_parses_with_defaults():
+    s = SearchSpec.model_validate({"space": {**SPACE, "seed": {"int": [0, 3]}}})
+    assert (s.trials_per_point, s.sampler, s.seed, s.objective) == (16, "tpe", 0, "steps_to_target")
+    assert s.space["seed"].bounds == (0, 3)
+    assert SearchSpec.model_validate(s.dump()) == s
+    d = s.distributions()
+    assert d["lr.base"] == optuna.distributions.FloatDistribution(0.01, 10.0, log=True)
+    assert d["seed"] == optuna.distributions.IntDistribution(0, 3)
+
+
+@pytest.mark.parametrize(
+    "section, loc, message",
+    [
+        ({"space": {"lr.base": {"log_uniform": [1.0, 0.5]}}}, "space.lr.base.log_uniform", "low <"),
+        ({"space": {"lr.base": {"log_uniform": [0, 1]}}}, "space.lr.base.log_uniform", "> 0"),
+        ({"space": {"lr.base": {"uniform": [0.5, 0.5]}}}, "space.lr.base.uniform", "low < high"),
+        ({"space": {"seed": {"int": [3, 1]}}}, "space.seed.int", "low < high"),
+        ({"space": {"seed": {"int": [1, "a"]}}}, "space.seed.int.int.1", "valid integer"),
+        ({"space": {"x": {"uniform": [0, math.inf]}}}, "space.x.uniform.uniform.1", "finite"),
+        ({"space": {"x": {"values": []}}}, "space.x.values.values", "at least 1"),
+        ({"space": {"x": {"values": [1, 2, 1]}}}, "space.x.values.values", "1 listed twice"),
+        ({"space": {"x": {"loguniform": [1, 2]}}}, "space.x", "did you mean 'log_uniform'"),
+        ({"space": {"x": {"uniform": [0, 1], "int": [0, 1]}}}, "space.x", "not uniform and int"),
+        ({"space": {"x": 0.1}}, "space.x", "give a distribution"),
+        ({"space": {}}, "space", "at least 1"),
+        ({"space": SPACE, "trials_per_point": 0}, "trials_per_point", "greater than or equal"),
+        ({"space": SPACE, "sampler": "grid"}, "sampler", "'tpe', 'qmc' or 'random'"),
+        ({"space": SPACE, "objective": "loss"}, "objective", "'steps_to_target' or 'metric'"),
+        ({"space": SPACE, "trials": 3}, "trials", "Extra inputs"),
+    ],
+)
+def test_bad_search_sections_are_refused_at_their_key(section, loc, message):
+    with pytest.raises(ValidationError) as caught:
+        SearchSpec.model_validate(section)
+    error = caught.value.errors()[0]
+    assert ".".join(str(p) for p in error["loc"]) == loc
+    assert message in error["msg"]
+
+
+def sweep(base_changes=None, grid=None) -> SweepSpec:
+    base = {"steps": 10, "lr": {"base": 0.1, "scaling": "none"}, **(base_changes or {})}
+    return SweepSpec(name="s", base=base, grid=grid or {"batch_size": [16, 64]})
+
+
+@pytest.mark.parametrize(
+    "space, sweep_spec, target, expected",
+    [
+        (SPACE, sweep(), Target(value=0.9), []),
+        ({"batch_size": {"int": [8, 16]}}, sweep(), Target(value=0.9), [
+            ("search.space.batch_size", "also a grid key")]),
+        ({"lr.bas": {"uniform": [0, 1]}}, sweep(), Target(value=0.9), [
+            ("search.space.lr.bas", "not a trial config key (did you mean 'lr.base'?)")]),
+        ({"lr": {"uniform": [0, 1]}}, sweep(), Target(value=0.9), [
+            ("search.space.lr", "not a trial config key")]),
+        ({"steps": {"int": [10, 20]}}, sweep(), Target(value=0.9), [
+            ("search.space.steps", "the budget is not searched")]),
+        ({"optimizer.momentum": {"uniform": [0, 1]}}, sweep(), Target(value=0.9), [
+            ("search.space.optimizer.momentum", "1.0 is not a valid optimizer.momentum")]),
+        ({"ghost_batch_size": {"values": [8, 12]}}, sweep(), Target(value=0.9), [
+            ("search.space.ghost_batch_size", "12 is not a valid ghost_batch_size")]),
+        (SPACE, sweep({"lr": {"scaling": "linear"}}), Target(value=0.9), [
+            ("base.lr.scaling", "must be 'none' when search.space has lr.base")]),
+        (SPACE, sweep(grid={"batch_size": [16], "lr.scaling": ["none", "sqrt"]}),
+         Target(value=0.9), [("grid.lr.scaling", "not 'sqrt'")]),
+        (SPACE, sweep(), None, [("search.objective", "needs a `target`")]),
+        (SPACE, sweep(), Target(metric="step", value=5), [
+            ("target.metric", "'step' has no better direction")]),
+    ],
+)  # fmt: skip
+def test_cross_checks_name_the_key_in_the_sweep_file(space, sweep_spec, target, expected):
+    search = SearchSpec.model_validate({"space": space})
+    found = check_search(search, sweep_spec.grid, sweep_spec.trials, target)
+    assert [key for key, _ in found] == [key for key, _ in expected]
+    for (_, message), (_, fragment) in zip(found, expected, strict=True):
+        assert fragment in message
+
+
+def test_objective_outcomes_are_values_or_reasons():
+    assert TARGET.outcome({10: 0.5, 20: 0.91, 30: 0.95}, diverged=False) == (20.0, None)
+    assert TARGET.outcome({10: 0.95}, diverged=True) == (10.0, None)  # reached, then diverged
+    assert TARGET.outcome({10: 0.5}, diverged=True) == (None, "diverged")
+    assert TARGET.outcome({10: 0.5, 20: 0.7}, diverged=False) == (
+        None,
+        "target val/accuracy >= 0.9 not reached (best 0.7)",
+    )
+    assert TARGET.outcome({}, diverged=False) == (None, "no report of val/accuracy")
+    loss = Objective("steps_to_target", "val/loss", "min", 0.3)
+    assert loss.outcome({10: 0.5, 20: 0.3}, diverged=False) == (20.0, None)
+    best = Objective("metric", "val/accuracy", "max")
+    assert best.direction == "maximize" and TARGET.direction == "minimize"
+    assert best.outcome({10: 0.5, 20: 0.8, 30: 0.7}, diverged=False) == (0.8, None)
+    assert best.outcome({10: 0.5}, diverged=True) == (None, "diverged")
+    assert TARGET.stop("t", {"val/accuracy": 0.9}) and not TARGET.stop("t", {"val/accuracy": None})
+    assert not best.stop("t", {"val/accuracy": 1.0})
+
+
+def test_storage_url_and_dashboard_command(tmp_path):
+    storage = study_storage(tmp_path / "my sweep")
+    assert storage.url == f"sqlite:///{tmp_path}/my sweep/optuna.db"
+    assert storage.dashboard == f"optuna-dashboard 'sqlite:///{tmp_path}/my sweep/optuna.db'"
+
+
+# ---------------------------------------------------------------------------- The searcher
+
+
+def test_each_study_asks_its_trials_in_turn_then_finished(tmp_path):
+    s = searcher(tmp_path, sampler="random")
+    suggestions = [s.suggest(f"t{i}") for i in range(6)]
+    assert [c["search"]["point"] for c in suggestions] == [0, 1, 0, 1, 0, 1]
+    assert [c["search"]["number"] for c in suggestions] == [0, 0, 1, 1, 2, 2]
+    assert [c["search"]["study"] for c in suggestions[:2]] == NAMES
+    assert s.suggest("t6") == s.FINISHED
+    for i, config in enumerate(suggestions):
+        run(s, f"t{i}", config)
+    studies = read_studies(tmp_path)
+    assert [(r.name, r.point, r.finished) for r in studies] == [
+        (NAMES[0], POINTS[0], 3),
+        (NAMES[1], POINTS[1], 3),
+    ]
+    for r, point_configs in zip(studies, (suggestions[0::2], suggestions[1::2]), strict=True):
+        for t, config in zip(r.trials, point_configs, strict=True):
+            assert t["params"] == {
+                "lr.base": config["lr"]["base"],
+                "optimizer.momentum": config["optimizer"]["momentum"],
+            }
+            assert t["ray_trial_id"] == f"t{suggestions.index(config)}"
+            rows = reports(config)
+            assert t["values"] == {r["step"]: r["val/accuracy"] for r in rows}
+            reached = [r["step"] for r in rows if r["val/accuracy"] >= 0.9]
+            assert t["value"] == (reached[0] if reached else None)
+    # Opened with Optuna's own API, as optuna-dashboard does.
+    study = optuna.load_study(study_name=NAMES[1], storage=study_storage(tmp_path).url)
+    assert len(study.trials) == 3
+
+
+def test_a_study_that_finished_asking_leaves_the_machines_to_the_others(tmp_path):
+    s = searcher(tmp_path, sampler="random")
+    first = [s.suggest(f"t{i}") for i in range(4)]  # 0, 1, 0, 1
+    run(s, "t0", first[0])
+    run(s, "t2", first[2])
+    assert s.suggest("t4")["search"]["point"] == 0  # a tie: the first point
+    assert s.suggest("t5")["search"]["point"] == 1
+    assert s.suggest("t6") == s.FINISHED
+
+
+def test_infeasible_trials_fail_with_their_reason_and_errored_ones_wait(tmp_path):
+    s = searcher(tmp_path, trials_per_point=5, sampler="random")
+    for i in range(5):
+        s.suggest(f"t{i}")  # point 0 gets t0, t2, t4
+    s.on_trial_result("t0", {"step": 10, "val/accuracy": 0.5})
+    s.on_trial_result("t0", {"step": 20, "val/accuracy": None})  # no value: not kept
+    s.on_trial_complete("t0", {"step": 30, "val/accuracy": 0.92, "diverged": False})
+    s.on_trial_result("t2", {"step": 10, "val/accuracy": 0.5})
+    s.on_trial_complete("t2", {"step": 20, "val/accuracy": 0.1, "diverged": True})
+    s.on_trial_complete("t4", {"step": 100, "val/accuracy": 0.6, "diverged": False})
+    s.on_trial_complete("t1", error=True)  # Ray gave up on it
+    s.on_trial_complete("t3")  # stopped before any report
+    point0, point1 = read_studies(tmp_path)
+    assert [(t["state"], t["value"], t["reason"], t["diverged"]) for t in point0.trials] == [
+        ("COMPLETE", 30.0, None, False),
+        ("FAIL", None, "diverged", True),
+        ("FAIL", None, "target val/accuracy >= 0.9 not reached (best 0.6)", False),
+    ]
+    assert point0.trials[0]["values"] == {10: 0.5, 30: 0.92}
+    assert [(t["state"], t["reason"], t["ray_errors"]) for t in point1.trials] == [
+        ("RUNNING", None, 1),
+        ("FAIL", "no report of val/accuracy", 0),
+    ]
+    assert point0.best()["number"] == 0 and point1.best() is None
+
+
+def test_the_best_trial_breaks_a_tie_of_steps_by_the_value_at_that_step(tmp_path):
+    s = searcher(tmp_path, sampler="random")
+    for i in range(6):
+        s.suggest(f"t{i}")
+    for trial_id, accuracy in (("t0", 0.91), ("t2", 0.97), ("t4", 0.93)):
+        s.on_trial_complete(trial_id, {"step": 40, "val/accuracy": accuracy})
+    assert read_studies(tmp_path)[0].best()["ray_trial_id"] == "t2"
+
+
+def test_suggestions_hold_what_the_param_space_lacks(tmp_path):
+    s = searcher(tmp_path)
+    base = configs()[0]
+    assert s.set_search_properties("val/accuracy", "max", base)
+    s.suggest("t0")
+    suggestion = s.suggest("t1")
+    assert set(suggestion) == {"batch_size", "lr", "optimizer", "search"}
+    assert set(suggestion["lr"]) == {"base"}
+    merged = {**base, **suggestion, "lr": {**base["lr"], **suggestion["lr"]}}
+    assert merged == {
+        **configs()[1],
+        "lr": {"base": suggestion["lr"]["base"], "scaling": "none"},
+        "optimizer": suggestion["optimizer"],
+        "search": {"study": NAMES[1], "point": 1, "number": 0},
+    }
+
+
+def test_replayed_reports_and_a_second_completion_change_nothing(tmp_path):
+    s = searcher(tmp_path)
+    config = s.suggest("t0")
+    rows = reports(config)
+    for row in rows + rows[:2]:  # a resumed trial sends its reports up to its checkpoint again
+        s.on_trial_result("t0", row)
+    s.on_trial_complete("t0", rows[-1])
+    # Ray ran it again after a restart that lost its end: told once, kept as told.
+    s.on_trial_result("t0", {"step": 10, "val/accuracy": 0.99})
+    s.on_trial_complete("t0", {"step": 10, "val/accuracy": 0.99})
+    (trial,) = [t for t in read_studies(tmp_path)[0].trials]
+    assert trial["values"] == {r["step"]: r["val/accuracy"] for r in rows}
+    assert trial["state"] in ("COMPLETE", "FAIL")
+
+
+@pytest.mark.parametrize("sampler", ["qmc", "random"])
+def test_a_killed_driver_resumes_each_study_with_the_parameters_of_an_unbroken_run(
+    tmp_path, sampler
+):
+    unbroken = searcher(tmp_path / "unbroken", sampler=sampler)
+    suggestions = [unbroken.suggest(f"u{i}") for i in range(6)]
+    for i in (5, 2, 0, 3, 1, 4):  # finishing order does not change what a study asks
+        run(unbroken, f"u{i}", suggestions[i])
+    assert unbroken.suggest("u6") == unbroken.FINISHED
+
+    folder = tmp_path / "killed"
+    first = searcher(folder, sampler=sampler)
+    pickled = pickle.dumps(first)  # tuner.pkl: written when the Tuner is made
+    asked = [first.suggest(f"k{i}") for i in range(5)]
+    run(first, "k0", asked[0])
+    run(first, "k3", asked[3])
+    first.save(str(folder / "searcher-state.pkl"))
+    # Ray saved its state when k0..k2 existed; k3 and k4 were asked after it (k3 even finished),
+    # then the driver was killed.
+    ray_knows(folder, ["k0", "k1", "k2"])
+    del first
+
+    second = restored(pickled, folder)
+    # k4 is offered again, same trial, same parameters; k3 is done; nothing new is asked first.
+    again = second.suggest("r0")
+    assert again == asked[4]
+    # Ray runs its own unfinished trials again under their ids; k0 was told already.
+    run(second, "k0", asked[0])
+    for trial_id in ("k1", "k2"):
+        run(second, trial_id, asked[int(trial_id[1])])
+    run(second, "r0", again)
+    last = second.suggest("r1")
+    assert last["search"] == {"study": NAMES[1], "point": 1, "number": 2}
+    run(second, "r1", last)
+    assert second.suggest("r2") == second.FINISHED
+
+    studies = read_studies(folder)
+    assert [r.finished for r in studies] == [3, 3]
+    assert [t["ray_trial_id"] for t in studies[0].trials] == ["k0", "k2", "r0"]
+    assert params_by_trial(folder) == params_by_trial(tmp_path / "unbroken")
+    drawn = {json.dumps(p, sort_keys=True) for p in params_by_trial(folder).values()}
+    assert len(drawn) == 6  # every trial draws its own values
+
+
+def test_a_trial_asked_before_its_parameters_landed_is_completed_and_offered(tmp_path):
+    s = searcher(tmp_path, sampler="qmc")
+    pickled = pickle.dumps(s)
+    s.suggest("t0")
+    ray_knows(tmp_path, ["t0"])
+    # The driver died between Optuna's ask and the first parameter.
+    storage = optuna.storages.RDBStorage(study_storage(tmp_path).url)
+    optuna.load_study(study_name=NAMES[1], storage=storage).ask()
+    again = restored(pickled, tmp_path).suggest("t1")
+    assert again["search"] == {"study": NAMES[1], "point": 1, "number": 0}
+    assert set(params_by_trial(tmp_path)[NAMES[1], 0]) == set(SPACE)
+
+
+def test_an_errored_trial_is_run_again_by_ray_on_resume_and_then_told(tmp_path):
+    s = searcher(tmp_path, trials_per_point=1)
+    pickled = pickle.dumps(s)
+    config = s.suggest("t0")
+    s.suggest("t1")
+    s.on_trial_complete("t0", error=True)
+    run(s, "t1", s.configs[1] | {"lr": {"base": 0.3}})
+    assert s.suggest("t2") == s.FINISHED  # t0 is asked: no trial replaces it
+    ray_knows(tmp_path, ["t0", "t1"])
+    again = restored(pickled, tmp_path)
+    assert again.suggest("t2") == again.FINISHED
+    run(again, "t0", config)
+    (trial,) = read_studies(tmp_path)[0].trials
+    assert trial["state"] != "RUNNING" and trial["ray_errors"] == 1
+
+
+def test_studies_of_another_search_or_a_lost_storage_are_refused(tmp_path):
+    searcher(tmp_path, sampler="qmc").suggest("t0")
+    with pytest.raises(UserError, match="made by another search"):
+        searcher(tmp_path, sampler="random").suggest("t0")
+    pickled = pickle.dumps(searcher(tmp_path / "lost"))
+    with pytest.raises(UserError, match="studies of this sweep are missing"):
+        restored(pickled, tmp_path / "lost").suggest("t0")
+
+
+# ---------------------------------------------------------------------------- Ray Tune
+
+
+def closed_form_trial(config: dict) -> None:
+    """A Ray Tune function trainable that reports `reports(config)`, `delay` s apart."""
+    from ray import tune
+
+    for row in reports(config):
+        time.sleep(config["delay"])
+        tune.report(row)
+
+
+def tune_sweep(address: str, storage: str, name: str, delay: str, restore: str = "") -> None:
+    """Run (or, with `restore`, resume) the 2 x 3 qmc sweep in a Ray Tune experiment."""
+    import ray
+    from ray import tune
+
+    from lbs_tune.runner import start_ray
+
+    start_ray(address=address)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # for Ray's workers
+    base = configs(float(delay))
+    if restore:
+        tuner = tune.Tuner.restore(
+            str(Path(storage, name)),
+            closed_form_trial,
+            resume_unfinished=True,
+            resume_errored=True,
+            param_space=base[0],
+        )
+    else:
+        search = StudySearcher(spec(sampler="qmc"), POINTS, base, Path(storage, name), TARGET)
+        tuner = tune.Tuner(
+            closed_form_trial,
+            param_space=base[0],
+            tune_config=tune.TuneConfig(search_alg=search, num_samples=6, reuse_actors=True),
+            run_config=tune.RunConfig(name=name, storage_path=storage, stop=TARGET.stop),
+        )
+    results = tuner.fit()
+    assert not results.errors
+
+
+DRIVER = "import sys; sys.path.insert(0, sys.argv[1]); import test_search as t; t.tune_sweep(*sys.argv[2:])"  # noqa: E501
+
+
+@pytest.mark.ray
+def test_ray_tune_resumes_the_studies_of_a_killed_driver(ray_cluster, tmp_path):
+    # What an unbroken run asks: with qmc, a function of the seed, the point and the number.
+    unbroken = searcher(tmp_path / "unbroken", sampler="qmc")
+    for i, config in enumerate([unbroken.suggest(f"u{i}") for i in range(6)]):
+        run(unbroken, f"u{i}", config)
+
+    storage, folder = str(tmp_path), tmp_path / "killed"
+    # Ray saves its experiment state at its first step (one trial made) and then not for
+    # 1000 s: the trials asked later are unknown to the restored experiment.
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1000"}
+    tests = str(Path(__file__).parent)
+    log = tmp_path / "driver.log"
+    with log.open("w") as out:
+        driver = subprocess.Popen(
+            [sys.executable, "-c", DRIVER, tests, ray_cluster.address, storage, "killed", "0.4"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            studies = read_studies(folder) if (folder / "optuna.db").exists() else []
+            running = {
+                (r.name, t["number"]): t["ray_trial_id"]
+                for r in studies
+                for t in r.trials
+                if t["state"] == "RUNNING"
+            }
+            told = sum(r.finished for r in studies)
+            if told >= 2 and running and list(folder.glob("experiment_state-*.json")):
+                break
+            if driver.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"no mid-way to kill the driver at; its log:\n{log.read_text()}")
+            time.sleep(0.05)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert 2 <= told < 6
+
+    tune_sweep(ray_cluster.address, storage, "killed", "0", restore="yes")
+    studies = read_studies(folder)
+    assert [(r.name, r.finished, len(r.trials)) for r in studies] == [
+        (NAMES[0], 3, 3),
+        (NAMES[1], 3, 3),
+    ]
+    assert params_by_trial(folder) == params_by_trial(tmp_path / "unbroken")
+    now = {(r.name, t["number"]): t["ray_trial_id"] for r in studies for t in r.trials}
+    assert any(now[key] != ray_id for key, ray_id in running.items())  # offered again
+    for r in studies:
+        for t in r.trials:
+            if t["state"] == "COMPLETE":  # stopped at its first report that reaches the target
+                assert max(t["values"]) == t["value"] and t["at_value"] >= 0.9
