@@ -22,12 +22,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lbs_tune.config import DataConfig, TrialConfig, steps_per_epoch
+from lbs_tune.config import DataConfig, TrialConfig, epoch_steps
 from lbs_tune.data import DATASETS, DeviceData, load_dataset, random_crop, random_flip
 from lbs_tune.errors import UserError
 from lbs_tune.models import build_model
 from lbs_tune.optim import build_optimizer
-from lbs_tune.training import resolve_device, resolve_precision, train
+from lbs_tune.training import ListReporter, resolve_device, resolve_precision, train
 
 TARGET_OVERHEAD_PCT = 10.0
 CIFAR_SHAPE = (3, 32, 32)
@@ -107,31 +107,17 @@ def trial_config(args: argparse.Namespace, model: str, batch_size: int) -> Trial
     }
     train_size = DATASETS["synthetic"].train_size(DataConfig(**data))
     # eval_every is in epochs; the loop rounds it back to `warmup` steps.
-    eval_every = args.warmup / steps_per_epoch(train_size, batch_size)
+    eval_every = args.warmup / epoch_steps(train_size, batch_size)
     return TrialConfig.model_validate({**config, "eval_every": eval_every})
-
-
-class Capture:
-    """A Reporter that keeps the metrics of every report and drops the checkpoints."""
-
-    def __init__(self) -> None:
-        self.reports: list[dict[str, Any]] = []
-
-    def step(self, step: int, total: int) -> None:
-        """Nothing: the loop calls this after every step."""
-
-    def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
-        """Keep the metrics."""
-        self.reports.append(metrics)
 
 
 def loop_images_per_s(config: TrialConfig, warmup: int) -> float:
     """Images/s of `lbs_tune.training.train` over the steps after the first `warmup`."""
-    capture = Capture()
+    capture = ListReporter()
     train(config, capture)
-    first, *timed = capture.reports
+    first, *timed = capture.rows
     if first["step"] != warmup or timed[-1]["step"] != config.steps:
-        raise RuntimeError(f"reports at steps {[r['step'] for r in capture.reports]}")
+        raise RuntimeError(f"reports at steps {[r['step'] for r in capture.rows]}")
     if timed[-1]["diverged"]:
         raise RuntimeError(f"{config.model} at batch {config.batch_size} diverged")
     # Each report's images/s covers the steps since the one before; their seconds add up.

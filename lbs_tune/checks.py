@@ -24,9 +24,16 @@ def check_trial(config: TrialConfig) -> None:
     except ValueError as exc:
         raise KeyedError("model", str(exc)) from None
     info = DATASETS[config.dataset]
-    problem = batch_too_large(config, info.train_size(config.data))
+    train_size = info.train_size(config.data)
+    problem = batch_too_large(config, train_size)
     if problem:
         raise KeyedError("batch_size", problem)
+    if config.sharpness is not None and config.sharpness.batch > train_size:
+        raise KeyedError(
+            "sharpness.batch",
+            f"sharpness.batch {config.sharpness.batch} is larger than the {train_size} training "
+            f"examples of {config.dataset}; use at most {train_size}",
+        )
     shape, classes = info.input_shape(config.data), info.num_classes(config.data)
     try:
         check_model_fits(config.model, classes, shape)

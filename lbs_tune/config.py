@@ -12,7 +12,6 @@ import copy
 import hashlib
 import itertools
 import json
-import math
 import os
 from functools import cached_property
 from pathlib import Path
@@ -36,6 +35,13 @@ METRICS = (
     "diverged",
     "total_steps",
     "peak_lr",
+    "bn_batch",
+    "target/step",
+    "train/smoothed_loss",
+    "noise/grad_sq",
+    "noise/trace_cov",
+    "noise/b_simple",
+    "sharpness/top_eig",
 )
 MetricName = Literal[METRICS]
 
@@ -70,7 +76,7 @@ class OptimizerConfig(_Strict):
     # Goyal et al. 2017 and most large-batch work exempt batch-norm and bias parameters.
     decay_norm_and_bias: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
+    eps: float | None = Field(None, gt=0)  # None: 1e-6 for lamb, 1e-8 for adamw (optim)
     trust_coefficient: float = Field(0.001, gt=0)
 
 
@@ -82,9 +88,10 @@ class LRConfig(_Strict):
     scaling: Literal["none", "linear", "sqrt"] = "none"
     warmup_epochs: float = Field(0.0, ge=0, le=MAX_EPOCHS)
     warmup_from: Literal["base", "zero"] = "base"
-    decay: Literal["constant", "step", "cosine", "linear"] = "constant"
+    decay: Literal["constant", "step", "cosine", "linear", "poly"] = "constant"
     milestones: tuple[float, ...] = (0.5, 0.75)
     gamma: float = Field(0.1, gt=0)
+    power: float = Field(2.0, gt=0, le=100)  # poly decay: peak x (1 - progress)^power (LARS: 2)
 
     @field_validator("milestones")
     @classmethod
@@ -105,6 +112,44 @@ class DataConfig(_Strict):
     flip: bool | None = None
     shape: tuple[Annotated[int, Field(gt=0, le=65_536)], ...] = Field((3, 32, 32), min_length=1)
     classes: int = Field(10, ge=2, le=1_000_000)
+
+
+class NoiseScaleConfig(_Strict):
+    """The gradient noise scale (McCandlish et al. 2018) every `every` epochs, on the step's batch
+    split into micro-batches of `micro_batch`; |G|^2 and tr(Sigma) are averaged with decay `ema`
+    before their ratio B_simple is taken."""
+
+    every: float = Field(gt=0, le=MAX_EPOCHS)
+    micro_batch: int = Field(gt=0, le=MAX_BATCH)
+    ema: float = Field(0.9, ge=0, lt=1)
+
+
+class SharpnessConfig(_Strict):
+    """The top eigenvalue of the training loss's Hessian every `every` epochs, on the first
+    `batch` training examples (unaugmented), by `iterations` Lanczos steps."""
+
+    every: float = Field(gt=0, le=MAX_EPOCHS)
+    batch: int = Field(1024, gt=0, le=MAX_BATCH)
+    iterations: int = Field(20, ge=1, le=10_000)
+
+
+class TrialTarget(_Strict):
+    """A value of a metric that the trial watches for at its evaluations: the first step that
+    reaches it is reported as `target/step` (null until then); with `stop`, the trial ends there
+    (all a steps-to-target measurement needs)."""
+
+    metric: MetricName = "val/accuracy"
+    value: float
+    stop: bool = False
+
+
+def direction(metric: str) -> Literal["max", "min"] | None:
+    """'max' for an accuracy, 'min' for a loss or a perplexity, None for a metric without one."""
+    if metric.endswith("accuracy") or metric.endswith("miou"):
+        return "max"
+    if metric.endswith("loss") or metric.endswith("perplexity"):
+        return "min"
+    return None
 
 
 def data_dir(data: DataConfig) -> Path:
@@ -140,6 +185,9 @@ class TrialConfig(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     divergence_loss: float | None = Field(None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    noise_scale: NoiseScaleConfig | None = None
+    sharpness: SharpnessConfig | None = None
+    target: TrialTarget | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> TrialConfig:
@@ -157,12 +205,41 @@ class TrialConfig(_Strict):
             raise KeyedError(
                 "ghost_batch_size", f"ghost_batch_size {ghost} must divide max_device_batch {micro}"
             )
+        if (
+            ghost is not None
+            and self.max_device_batch is not None
+            and ghost > self.max_device_batch
+        ):
+            # Each micro-batch is normalised by its own statistics: a larger ghost batch can't be.
+            raise KeyedError(
+                "ghost_batch_size",
+                f"ghost_batch_size {ghost} is larger than max_device_batch "
+                f"{self.max_device_batch}; use at most {self.max_device_batch}",
+            )
+        if self.target is not None and direction(self.target.metric) is None:
+            raise KeyedError(
+                "target.metric", f"{self.target.metric} has no better direction to reach"
+            )
+        if self.noise_scale is not None:
+            small = self.noise_scale.micro_batch
+            if small >= self.batch_size or self.batch_size % small:
+                raise KeyedError(
+                    "noise_scale.micro_batch",
+                    f"noise_scale.micro_batch {small} must divide batch_size {self.batch_size} "
+                    "and be smaller; use e.g. batch_size / 8",
+                )
         return self
 
     @property
     def micro_batch_size(self) -> int:
         """The largest batch that goes through the network at once (gradient accumulation)."""
         return min(self.batch_size, self.max_device_batch or self.batch_size)
+
+    @property
+    def bn_batch(self) -> int:
+        """The examples each batch norm normalises over: the ghost batch, else the micro-batch
+        (with gradient accumulation every micro-batch is normalised by its own statistics)."""
+        return min(self.ghost_batch_size or self.micro_batch_size, self.micro_batch_size)
 
     def flat(self) -> dict[str, Any]:
         """The config as a flat dict with dotted keys (`lr.scaling`), for tables and reports."""
@@ -279,6 +356,9 @@ class SweepSpec(_Strict):
     target: Target | None = None
     resources: Resources = Resources()
     max_concurrent: int | None = Field(None, gt=0, le=1_000_000)
+    # Which trials start first: the longest (by estimated cost: small batches take the most
+    # steps) so the sweep does not wait on them at its end, or the grid's own order.
+    schedule: Literal["longest_first", "grid"] = "longest_first"
     max_failures: int = Field(2, ge=0, le=10_000)
 
     @field_validator("grid")
@@ -315,19 +395,22 @@ class SweepSpec(_Strict):
 
     def digest(self) -> str:
         """A hash of everything that decides the trials, to recognise the same sweep again."""
-        body = self.model_dump(mode="json", exclude={"description"})
+        # The start order and the description decide nothing about any trial's results.
+        body = self.model_dump(mode="json", exclude={"description", "schedule"})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def steps_per_epoch(train_size: int, batch_size: int) -> int:
-    """Full batches in one pass over the training split (the last partial batch is dropped)."""
-    return max(1, train_size // batch_size)
+def epoch_steps(train_size: int, batch_size: int) -> float:
+    """Steps in one epoch, N / B: fractional, since batches run across epoch boundaries (every
+    batch size sees the same examples per epoch; `lbs_tune.data.BatchSampler`)."""
+    return train_size / batch_size
 
 
 def total_steps(config: TrialConfig, train_size: int) -> int:
-    """The budget in optimizer steps: epochs x steps per epoch, or examples // batch size."""
+    """The budget in optimizer steps: round(epochs x N / B) (the same examples for every batch
+    size, within one batch), examples // B, or the steps given."""
     if config.steps is not None:
         return config.steps
     if config.examples is not None:
         return max(1, config.examples // config.batch_size)
-    return max(1, math.floor(config.epochs * steps_per_epoch(train_size, config.batch_size) + 1e-9))
+    return max(1, round(config.epochs * epoch_steps(train_size, config.batch_size)))

@@ -46,12 +46,47 @@ def param_space(spec: SweepSpec, grid_search) -> dict[str, Any]:
     """
     tree = spec.trials[0].model_dump(mode="json")
     if tree["data"]["dir"]:
-        tree["data"]["dir"] = str(Path(tree["data"]["dir"]).expanduser().resolve())
+        tree["data"]["dir"] = _absolute(tree["data"]["dir"])
     for key, values in spec.grid.items():
         if key == "data.dir":
-            values = [str(Path(v).expanduser().resolve()) for v in values]
+            values = [_absolute(v) for v in values]
         set_dotted(tree, key, grid_search(values))
     return tree
+
+
+def _absolute(folder: str) -> str:
+    return str(Path(folder).expanduser().resolve())
+
+
+def start_order(spec: SweepSpec) -> list[int]:
+    """The grid points' indices in the order their trials start: longest first by an estimated
+    cost (steps x seconds per step from the H200 throughput table of lbs_tune.schedule; models
+    it lacks cost like ResNet-20, which keeps the order of batch sizes right), or grid order."""
+    if spec.schedule == "grid":
+        return list(range(len(spec.trials)))
+    from lbs_tune import schedule
+    from lbs_tune.data import DATASETS
+
+    jobs = schedule.sweep_jobs(
+        spec,
+        lambda c: DATASETS[c.dataset].train_size(c.data),
+        schedule.H200_DEVICE_RESIDENT,
+        stand_in="resnet20",
+    )
+    return schedule.longest_first([job.seconds for job in jobs])
+
+
+def _presets(spec: SweepSpec, order: list[int]) -> list[dict[str, Any]]:
+    """The grid values of each point, nested, in start order: Ray Tune's points_to_evaluate,
+    which fill the param_space's grid keys and make trials in this order."""
+    points = spec.points()
+    presets = []
+    for i in order:
+        tree: dict[str, Any] = {}
+        for key, value in points[i].items():
+            set_dotted(tree, key, _absolute(value) if key == "data.dir" else value)
+        presets.append(tree)
+    return presets
 
 
 def print_dry_run(spec: SweepSpec, experiment: Location, recorded: dict | None) -> None:
@@ -66,7 +101,11 @@ def print_dry_run(spec: SweepSpec, experiment: Location, recorded: dict | None) 
             f"  (a sweep of another spec is there ({diff}): running would be refused; "
             "--fresh moves it aside)"
         )
-    for i, (point, config) in enumerate(zip(points, spec.trials, strict=True)):
+    order = start_order(spec)
+    if spec.schedule == "longest_first":
+        print("  (trials start longest first: schedule: grid keeps the grid's order)")
+    for i in order:
+        point, config = points[i], spec.trials[i]
         cpu, gpu = spec.resources.for_batch(config.batch_size)
         grid = ", ".join(f"{k}={v}" for k, v in point.items()) or "(base config)"
         print(f"  {i:4d}  {grid}  [cpu {cpu:g}, gpu {gpu:g}]")
@@ -281,10 +320,7 @@ def execute(spec: SweepSpec, experiment: Location, recorded: dict | None, **ray_
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(
-                metric=spec.metric.name,
-                mode=spec.metric.mode,
-                max_concurrent_trials=spec.max_concurrent,
-                reuse_actors=True,
+                metric=spec.metric.name, mode=spec.metric.mode, reuse_actors=True, **_order(spec)
             ),
             run_config=tune.RunConfig(
                 name=experiment.name,
@@ -302,6 +338,21 @@ def execute(spec: SweepSpec, experiment: Location, recorded: dict | None, **ray_
     print(f"sweep {spec.name}: {line}")
     print(f"next: lbs-tune report {experiment.uri}")
     return 1 if errored else 0
+
+
+def _order(spec: SweepSpec) -> dict[str, Any]:
+    """TuneConfig arguments that make the trials in `start_order`. Ray creates trials in its
+    search algorithm's order and starts them in that order as resources free up."""
+    if spec.schedule == "grid":
+        return {"max_concurrent_trials": spec.max_concurrent}
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    presets = _presets(spec, start_order(spec))
+    # With a search algorithm Ray ignores max_concurrent_trials: the generator limits instead.
+    generator = BasicVariantGenerator(
+        points_to_evaluate=presets, max_concurrent=spec.max_concurrent or 0
+    )
+    return {"num_samples": len(presets), "search_alg": generator}
 
 
 def _gpu_for_batch(resources, batch_size: int) -> float:

@@ -18,14 +18,18 @@ import torch
 import torch.nn.functional as F
 
 from lbs_tune.checkpoints import rng_states, set_rng_states
-from lbs_tune.config import TrialConfig, steps_per_epoch, total_steps
+from lbs_tune.config import TrialConfig, direction, epoch_steps, total_steps
 from lbs_tune.data import BatchSampler, DeviceData, Split, load_dataset
 from lbs_tune.errors import UserError
+from lbs_tune.measure import NoiseScale, gradient_norms, top_hessian_eigenvalue
 from lbs_tune.models import build_model
 from lbs_tune.optim import build_optimizer
 from lbs_tune.rules import lr_at, peak_lr
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+# A non-finite loss is looked for every this many steps (one host sync), so a diverged trial
+# stops within that many steps of it, not at its next evaluation thousands of steps later.
+DIVERGENCE_CHECK_STEPS = 25
 
 
 class Reporter(Protocol):
@@ -36,6 +40,20 @@ class Reporter(Protocol):
 
     def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
         """Called at every evaluation with the metrics and, every checkpoint_every, the state."""
+
+
+class ListReporter:
+    """A Reporter that keeps the metrics of every report in `rows` and drops the checkpoints:
+    for a trial run from Python (benchmarks, tests, a notebook)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def step(self, step: int, total: int) -> None:
+        """Nothing per step."""
+
+    def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
+        self.rows.append(metrics)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -125,17 +143,29 @@ def train(
 
     batch_size, micro = config.batch_size, config.micro_batch_size
     train_size = len(data.train)
-    epoch_steps = steps_per_epoch(train_size, batch_size)
+    per_epoch = epoch_steps(train_size, batch_size)
     budget = total_steps(config, train_size)
-    eval_interval = max(1, round(config.eval_every * epoch_steps))
+    eval_interval = max(1, round(config.eval_every * per_epoch))
     # Checkpoints fall on evaluations, so every checkpoint has a report of the same step.
     checkpoint_interval = eval_interval * max(
-        1, round(config.checkpoint_every * epoch_steps / eval_interval)
+        1, round(config.checkpoint_every * per_epoch / eval_interval)
     )
     sampler = BatchSampler(train_size, batch_size, order_seed, device)
     augment = torch.Generator(device=device).manual_seed(augment_seed)
 
-    step, elapsed = 0, 0.0
+    def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss being optimised (with label smoothing, if any)."""
+        return F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+
+    # Measurements (off by default) leave the trajectory exactly as it would have been.
+    noise = NoiseScale(config.noise_scale.ema) if config.noise_scale else None
+    noise_interval = _interval(config.noise_scale, per_epoch)
+    sharp_interval = _interval(config.sharpness, per_epoch)
+    if config.sharpness:
+        probe = data.train.x[: config.sharpness.batch], data.train.y[: config.sharpness.batch]
+    measured: dict[str, float] = {}
+
+    step, elapsed, reached = 0, 0.0, None
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -144,6 +174,9 @@ def train(
         augment.set_state(resume["augment"])
         set_rng_states(resume["rng"])
         step, elapsed = resume["step"], resume["elapsed"]
+        reached = resume.get("target_step")
+        if noise and resume.get("noise_scale"):
+            noise.load_state_dict(resume["noise_scale"])
 
     def state(finished: bool) -> dict[str, Any]:
         return {
@@ -156,20 +189,41 @@ def train(
             "sampler": sampler.state_dict(),
             "augment": augment.get_state(),
             "rng": rng_states(),
+            "noise_scale": noise.state_dict() if noise else None,
+            "target_step": reached,
         }
 
     # ---------------------------------------------------------------- Training
     model.train()
-    loss_sum = torch.zeros((), device=device)
+    smoothing = config.label_smoothing > 0
+    loss_sum = torch.zeros((), device=device)  # the plain cross-entropy, as for val and test
+    smoothed_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
+    non_finite = torch.zeros((), device=device, dtype=torch.bool)
     seen, metrics = 0, {}
     started = time.perf_counter()
     while step < budget:
-        lr = lr_at(step, config.lr, batch_size, budget, epoch_steps)
+        lr = lr_at(step, config.lr, batch_size, budget, per_epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
         index = sampler.batch(step)
         inputs, labels = data.train_batch(index, augment), data.train.y[index]
+        if noise and step % noise_interval == 0:
+            paused = time.perf_counter()
+            with _autocast(device, precision):
+                small_sq, big_sq = gradient_norms(
+                    model,
+                    data.normalise(inputs),
+                    labels,
+                    loss_fn,
+                    config.noise_scale.micro_batch,
+                    generators=[augment],
+                )
+            estimate = noise.update(small_sq, big_sq, config.noise_scale.micro_batch, batch_size)
+            measured["noise/grad_sq"] = estimate.grad_sq
+            measured["noise/trace_cov"] = estimate.trace_cov
+            measured["noise/b_simple"] = estimate.b_simple
+            started += time.perf_counter() - paused  # images/s stays a training figure
         # Micro-batches of one step share one augmentation draw, so accumulation changes nothing.
         chunks = (
             [(inputs, labels)]
@@ -179,17 +233,35 @@ def train(
         for x, y in chunks:
             with _autocast(device, precision):
                 logits = model(data.normalise(x))
-                loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+                loss = loss_fn(logits, y)
             scaler.scale(loss if micro == batch_size else loss * (len(y) / batch_size)).backward()
-            loss_sum.add_(loss.detach(), alpha=len(y))
+            plain = F.cross_entropy(logits.detach(), y) if smoothing else loss.detach()
+            loss_sum.add_(plain, alpha=len(y))
+            smoothed_sum.add_(loss.detach(), alpha=len(y))
             correct += (logits.argmax(1) == y).sum()
+        non_finite |= ~torch.isfinite(loss_sum)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         seen += batch_size
         reporter.step(step, budget)
-        if step % eval_interval and step != budget:
+        if sharp_interval and step % sharp_interval == 0:
+            paused = time.perf_counter()
+            # In fp32: Hessian-vector products in bf16 are too noisy to find an eigenvalue.
+            measured["sharpness/top_eig"] = top_hessian_eigenvalue(
+                model,
+                data.normalise(probe[0]),
+                probe[1],
+                loss_fn,
+                config.sharpness.iterations,
+                seed=config.seed,
+                max_batch=micro,
+                generators=[augment],
+            )
+            started += time.perf_counter() - paused
+        blown = step % DIVERGENCE_CHECK_STEPS == 0 and bool(non_finite)
+        if step % eval_interval and step != budget and not blown:
             continue
 
         # ------------------------------------------------------------ Evaluation
@@ -205,23 +277,47 @@ def train(
             "total_steps": budget,
             "lr": lr,
             "peak_lr": peak_lr(config.lr, batch_size),
+            "bn_batch": config.bn_batch,
             "train/loss": train_loss,
             "train/accuracy": correct.item() / seen,
         }
+        if smoothing:
+            metrics["train/smoothed_loss"] = smoothed_sum.item() / seen
         for name, split in (("val", data.val), ("test", data.test)):
             if split is not None:
                 loss, accuracy = evaluate(model, data, split, config.eval_batch_size, precision)
                 metrics[f"{name}/loss"], metrics[f"{name}/accuracy"] = loss, accuracy
+        reached = reached or _reached(config, metrics, step)
+        if config.target:
+            metrics["target/step"] = reached
+        metrics.update(measured)
+        measured.clear()
         elapsed += time.perf_counter() - started
         metrics.update(images_per_s=seen / train_time, diverged=diverged, time_s=round(elapsed, 3))
         metrics = finite_or_none(metrics)
-        finished = diverged or step == budget
+        stop = reached is not None and config.target.stop
+        finished = diverged or stop or step == budget
         due = finished or step % checkpoint_interval == 0
         reporter.report(metrics, state(finished) if due else None)
         loss_sum.zero_()
+        smoothed_sum.zero_()
         correct.zero_()
         seen = 0
         started = time.perf_counter()
-        if diverged:
+        if diverged or stop:
             break
     return metrics
+
+
+def _interval(block, per_epoch: float) -> int:
+    """Steps between measurements of a block with `every` epochs; 0 for no block."""
+    return max(1, round(block.every * per_epoch)) if block else 0
+
+
+def _reached(config: TrialConfig, metrics: dict[str, Any], step: int) -> int | None:
+    """`step` if this evaluation reaches the trial's target, else None."""
+    if config.target is None or metrics.get(config.target.metric) is None:
+        return None
+    value, goal = metrics[config.target.metric], config.target.value
+    hit = value >= goal if direction(config.target.metric) == "max" else value <= goal
+    return step if hit else None

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Capture, tiny_base, without_timing, write_spec
+from conftest import tiny_base, without_timing, write_spec
 
 from analysis.report import write_report
 from analysis.status import status
@@ -28,7 +28,7 @@ from lbs_tune.checkpoints import load_checkpoint
 from lbs_tune.config import TrialConfig
 from lbs_tune.errors import UserError
 from lbs_tune.runner import run
-from lbs_tune.training import train
+from lbs_tune.training import ListReporter, train
 
 
 class WorkerNode:
@@ -159,7 +159,7 @@ def test_node_lost_mid_sweep_trials_continue_on_the_others(ray_cluster, workers,
     try:
         expected = {}
         for seed in found:
-            expected[seed] = Capture()
+            expected[seed] = ListReporter()
             train(TrialConfig.model_validate({**base, "seed": seed}), expected[seed])
     finally:
         torch.set_num_threads(threads)

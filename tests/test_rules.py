@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from lbs_tune.config import LRConfig, steps_per_epoch
+from lbs_tune.config import LRConfig, epoch_steps
 from lbs_tune.rules import lr_at, peak_lr, warmup_steps
 
 
@@ -29,27 +29,27 @@ def test_no_scaling_keeps_base():
 
 def test_warmup_over_five_epochs_of_50000_examples():
     rule = LRConfig(base=0.1, base_batch_size=256, scaling="linear", warmup_epochs=5)
-    spe = steps_per_epoch(50_000, 8192)  # 6 full batches per epoch
-    assert spe == 6
-    assert warmup_steps(rule, spe) == 30
+    spe = epoch_steps(50_000, 8192)  # 6.1035 steps per epoch: batches run across epochs
+    assert spe == pytest.approx(6.1035, abs=1e-4)
+    assert warmup_steps(rule, spe) == 31  # round(5 x 6.1035) = round(30.52): the same examples
     total = 600
-    # lr(t) = 0.1 + (3.2 - 0.1) x (t + 1) / 30 during warmup.
-    assert lr_at(0, rule, 8192, total, spe) == pytest.approx(0.1 + 3.1 / 30)
-    assert lr_at(14, rule, 8192, total, spe) == pytest.approx(0.1 + 3.1 * 15 / 30)  # 1.65
-    assert lr_at(29, rule, 8192, total, spe) == pytest.approx(3.2)
-    assert lr_at(30, rule, 8192, total, spe) == pytest.approx(3.2)  # constant after
+    # lr(t) = 0.1 + (3.2 - 0.1) x (t + 1) / 31 during warmup.
+    assert lr_at(0, rule, 8192, total, spe) == pytest.approx(0.1 + 3.1 / 31)
+    assert lr_at(14, rule, 8192, total, spe) == pytest.approx(0.1 + 3.1 * 15 / 31)  # 1.6
+    assert lr_at(30, rule, 8192, total, spe) == pytest.approx(3.2)
+    assert lr_at(31, rule, 8192, total, spe) == pytest.approx(3.2)  # constant after
 
 
 def test_warmup_from_zero():
     rule = LRConfig(
         base=0.1, base_batch_size=256, scaling="linear", warmup_epochs=5, warmup_from="zero"
     )
-    # Batch 1024: 48 steps per epoch, 240 warmup steps to 0.4.
-    spe = steps_per_epoch(50_000, 1024)
-    assert spe == 48
-    assert lr_at(0, rule, 1024, 1000, spe) == pytest.approx(0.4 / 240)
-    assert lr_at(119, rule, 1024, 1000, spe) == pytest.approx(0.2)
-    assert lr_at(239, rule, 1024, 1000, spe) == pytest.approx(0.4)
+    # Batch 1000: 50 steps per epoch, 250 warmup steps to 0.1 x 1000 / 256 = 0.390625.
+    spe = epoch_steps(50_000, 1000)
+    assert spe == 50
+    assert lr_at(0, rule, 1000, 1000, spe) == pytest.approx(0.390625 / 250)
+    assert lr_at(124, rule, 1000, 1000, spe) == pytest.approx(0.390625 / 2)
+    assert lr_at(249, rule, 1000, 1000, spe) == pytest.approx(0.390625)
 
 
 def test_step_decay_at_budget_fractions():

@@ -153,6 +153,9 @@ def test_budget_in_steps():
     assert total_steps(config, 40_000) == 390  # the ANCHORS table's 390 steps
     config = TrialConfig(batch_size=16, epochs=10)
     assert total_steps(config, 40_000) == 25_000
+    # 8 epochs of 36,000 at batch 2048: 140.625 steps, rounded to 141 = 288,768 examples, within
+    # one batch of 8 x 36,000 = 288,000 (the last partial batch of an epoch is not dropped).
+    assert total_steps(TrialConfig(batch_size=2048, epochs=8), 36_000) == 141
 
 
 def test_gpu_fraction_by_batch_size():
@@ -166,3 +169,27 @@ def test_gpu_fraction_by_batch_size():
         1,
     ]
     assert resources.for_batch(64)[0] == 2
+
+
+@pytest.mark.parametrize(
+    ("changes", "key", "words"),
+    [
+        ({"noise_scale": {"every": 1, "micro_batch": 5}}, "noise_scale.micro_batch", "divide"),
+        ({"noise_scale": {"every": 1, "micro_batch": 32}}, "noise_scale.micro_batch", "smaller"),
+        ({"noise_scale": {"every": 0, "micro_batch": 4}}, "noise_scale.every", "greater than 0"),
+        (
+            {"sharpness": {"every": 1, "iterations": 0}},
+            "sharpness.iterations",
+            "greater than or equal to 1",
+        ),
+        ({"sharpness": {"every": -1}}, "sharpness.every", "greater than 0"),
+        ({"sharpness": {"every": 1, "batch": 5000}}, "sharpness.batch", "1440 training"),
+        ({"max_device_batch": 8, "ghost_batch_size": 16}, "ghost_batch_size", "at most 8"),
+    ],
+)
+def test_measurement_blocks_and_batch_norm_sizes_are_checked_before_anything_runs(
+    tmp_path, changes, key, words
+):
+    path = write_spec(tmp_path / "m.yaml", {**tiny_base(), **changes})
+    message = error_of(path)
+    assert f"{path}:" in message and f"{key}:" in message and words in message, message

@@ -20,16 +20,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Capture, tiny_base, without_ray_lines, without_timing, write_spec
+from conftest import tiny_base, without_ray_lines, without_timing, write_spec
 from fixtures_formats import write_cifar10
 
 from analysis.status import status
 from lbs_tune.config import TrialConfig
 from lbs_tune.runner import run
 from lbs_tune.spec import load_spec
-from lbs_tune.training import train
+from lbs_tune.training import ListReporter, train
 
 SWEEPS = sorted(Path(__file__).parent.parent.joinpath("sweeps").glob("*.yaml"))
+QUICKSTART_FILE = Path(__file__).parent.parent / "sweeps" / "quickstart.yaml"
 TIMING = {"images_per_s", "time_s"}
 
 
@@ -86,7 +87,7 @@ def test_reference_sweep_files_and_reports(reference):
     assert sorted(found) == [(32, "linear", 0), (32, "none", 0), (64, "linear", 0), (64, "none", 0)]
     # 1440 training examples: 45 steps per epoch at batch 32, 22 at batch 64.
     assert [r["step"] for r in found[(32, "none", 0)]] == [22, 44, 66, 88, 110, 132, 154, 176, 180]
-    assert [r["step"] for r in found[(64, "none", 0)]][-1] == 88
+    assert [r["step"] for r in found[(64, "none", 0)]][-1] == 90  # round(4 x 1440 / 64)
     last = found[(64, "linear", 0)][-1]
     assert last["lr"] == pytest.approx(0.1) and last["diverged"] is False
     assert last["host"] and last["device"] == "cpu" and last["gpu_ids"] == ""
@@ -444,7 +445,7 @@ def test_a_trial_that_raises_is_retried_and_its_error_stays_visible(ray_cluster,
     assert f"  {meta['num_failures']}  " in text.splitlines()[5], "the failures column"
 
     (rows,) = histories(experiment).values()
-    expected = Capture()
+    expected = ListReporter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -470,3 +471,29 @@ def test_an_address_nobody_answers_at_is_a_clear_error_at_once(tmp_path):
     (line,) = [ln for ln in done.stderr.splitlines() if ln.startswith("lbs-tune: error:")]
     assert f"--address 127.0.0.1:{port}: cannot join the Ray cluster (nothing answers" in line
     assert "Traceback" not in done.stderr and not storage.exists()
+
+
+def test_trials_are_made_longest_first_each_with_its_whole_config():
+    """Ray Tune's own generator, fed as `lbs-tune run` feeds it, makes the quickstart's 24 trials
+    smallest batch (most steps) first, each config one of the spec's full trial configs."""
+    from ray import tune
+    from ray.tune.experiment import Experiment
+
+    from lbs_tune.runner import _order, param_space
+
+    spec = load_spec(QUICKSTART_FILE)
+    options = _order(spec)
+    generator = options["search_alg"]
+    space = param_space(spec, tune.grid_search)
+    generator.add_configurations(
+        Experiment("order", lambda config: None, config=space, num_samples=options["num_samples"])
+    )
+    trials = list(iter(generator.next_trial, None))
+    sizes = [t.config["batch_size"] for t in trials]
+    assert sizes == sorted(sizes) and len(trials) == len(spec.trials) == 24
+    assert sorted(json.dumps(t.config, sort_keys=True) for t in trials) == sorted(
+        json.dumps(c.model_dump(mode="json"), sort_keys=True) for c in spec.trials
+    )
+    grid_order = load_spec(QUICKSTART_FILE, ["schedule=grid"])
+    assert _order(grid_order) == {"max_concurrent_trials": None}
+    assert grid_order.digest() == spec.digest(), "the start order is no part of the sweep"

@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import read_jsonl, tiny_base, write_spec
+from conftest import read_jsonl, tiny_base, without_timing, write_spec
 
 from lbs_tune.checkpoints import load_checkpoint
+from lbs_tune.config import TrialConfig
 from lbs_tune.experiment import run_checkpoints
+from lbs_tune.training import ListReporter, train
 
 TIMING = {"images_per_s", "time_s"}
 
@@ -241,3 +243,84 @@ def test_progress_bar_on_a_terminal(tmp_path, data_dir):
     text = output.decode()
     assert "\r[" in text and "] step 45/45" in text, text[-500:]
     assert "\nstep 22/45" not in text, "no plain lines on a terminal"
+
+
+def test_a_non_finite_loss_stops_the_run_within_fifty_steps(data_dir):
+    """The evaluation is 1000 steps away, but a NaN is looked for every 25 steps."""
+    config = TrialConfig.model_validate(tiny_base(lr__base=1e6, steps=1000, eval_every=100))
+    reporter = ListReporter()
+    train(config, reporter)
+    (last,) = reporter.rows
+    assert last["diverged"] is True and last["step"] <= 50
+
+
+def test_label_smoothing_reports_the_plain_loss_and_bounds_it(data_dir):
+    """At step 1 the reported train loss is the first batch's loss under the initial weights:
+    the same plain cross-entropy whatever the smoothing; the smoothed loss comes apart."""
+    base = tiny_base(steps=1, eval_every=0.001)
+    plain = ListReporter()
+    train(TrialConfig.model_validate(base), plain)
+    smoothed = ListReporter()
+    train(TrialConfig.model_validate({**base, "label_smoothing": 0.3}), smoothed)
+    (a,), (b,) = plain.rows, smoothed.rows
+    assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-6)
+    assert "train/smoothed_loss" not in a and b["train/smoothed_loss"] != b["train/loss"]
+    # A bound between the two: the plain loss is what divergence_loss is compared with.
+    bound = (b["train/loss"] + b["train/smoothed_loss"]) / 2
+    bounded = ListReporter()
+    config = {**base, "label_smoothing": 0.3, "divergence_loss": bound}
+    train(TrialConfig.model_validate(config), bounded)
+    assert bounded.rows[-1]["diverged"] is (b["train/loss"] > bound)
+
+
+def test_a_trial_with_a_target_reports_its_step_and_may_stop_there(data_dir):
+    base = tiny_base(epochs=4, eval_every=0.25, target={"metric": "val/accuracy", "value": 0.3})
+    watched = ListReporter()
+    train(TrialConfig.model_validate(base), watched)
+    first = next(r for r in watched.rows if r["val/accuracy"] >= 0.3)
+    assert all(r["target/step"] is None for r in watched.rows if r["step"] < first["step"])
+    assert all(
+        r["target/step"] == first["step"] for r in watched.rows if r["step"] >= first["step"]
+    )
+    assert watched.rows[-1]["step"] == 180, "without stop the budget runs out"
+
+    base["target"]["stop"] = True
+    stopped = ListReporter()
+    train(TrialConfig.model_validate(base), stopped)
+    same = [without_timing(r) for r in watched.rows[: len(stopped.rows)]]
+    assert [without_timing(r) for r in stopped.rows] == same
+    assert stopped.rows[-1]["step"] == first["step"] < 180
+
+
+def test_measurements_leave_the_trial_unchanged_and_report_positive_values(data_dir):
+    base = tiny_base(batch_size=64, epochs=2, eval_every=0.5)
+    measured = {
+        **base,
+        "noise_scale": {"every": 0.5, "micro_batch": 8},
+        "sharpness": {"every": 1, "batch": 256, "iterations": 10},
+    }
+    plain, both = ListReporter(), ListReporter()
+    train(TrialConfig.model_validate(base), plain)
+    train(TrialConfig.model_validate(measured), both)
+    measures = ("noise/", "sharpness/")
+    unmeasured = [{k: v for k, v in r.items() if not k.startswith(measures)} for r in both.rows]
+    assert [without_timing(r) for r in unmeasured] == [without_timing(r) for r in plain.rows]
+    noise = [r["noise/b_simple"] for r in both.rows if "noise/b_simple" in r]
+    sharp = [r["sharpness/top_eig"] for r in both.rows if "sharpness/top_eig" in r]
+    # 22.5 steps per epoch: measured before steps 0, 11, 22, 33 and 44 (every 11), each
+    # reported with the next evaluation (steps 11, 22, 33, 44, 45).
+    assert len(noise) == 5 and all(v is not None and v > 0 for v in noise)
+    assert len(sharp) == 2 and all(v > 0 for v in sharp)
+
+
+def test_an_epoch_budget_gives_every_batch_size_the_same_examples(data_dir):
+    # 1440 training examples, 8 epochs = 11,520 examples: batch 256 takes exactly 45 steps;
+    # batch 1000 takes round(11.52) = 12 steps, 12,000 examples, within one batch of it.
+    for batch, steps in ((256, 45), (1000, 12)):
+        reporter = ListReporter()
+        train(TrialConfig.model_validate(tiny_base(batch_size=batch, epochs=8)), reporter)
+        last = reporter.rows[-1]
+        assert last["step"] == last["total_steps"] == steps
+        assert abs(last["examples"] - 8 * 1440) < batch
+        assert last["epoch"] == pytest.approx(last["examples"] / 1440)
+        assert last["bn_batch"] == batch
