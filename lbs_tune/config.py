@@ -31,6 +31,12 @@ METRICS = (
     "val/accuracy",
     "test/loss",
     "test/accuracy",
+    "val/perplexity",
+    "test/perplexity",
+    "val/miou",
+    "test/miou",
+    "val/pixel_accuracy",
+    "test/pixel_accuracy",
     "images_per_s",
     "diverged",
     "total_steps",
@@ -112,6 +118,12 @@ class DataConfig(_Strict):
     flip: bool | None = None
     shape: tuple[Annotated[int, Field(gt=0, le=65_536)], ...] = Field((3, 32, 32), min_length=1)
     classes: int = Field(10, ge=2, le=1_000_000)
+    # Language models: each sequence of a batch is `bptt` tokens (truncated backpropagation).
+    bptt: int = Field(35, gt=0, le=100_000)
+    # Segmentation: images and masks are resized to (height, width) once, when loaded.
+    image_size: tuple[
+        Annotated[int, Field(gt=0, le=65_536)], Annotated[int, Field(gt=0, le=65_536)]
+    ] = (256, 512)
 
 
 class NoiseScaleConfig(_Strict):
@@ -182,7 +194,11 @@ class TrialConfig(_Strict):
     channels_last: bool | None = None
     max_device_batch: int | None = Field(None, gt=0, le=MAX_BATCH)
     ghost_batch_size: int | None = Field(None, gt=0, le=MAX_BATCH)
+    # Keyword arguments of the model's builder (e.g. the LSTM's emsize, nhid, nlayers, dropout).
+    model_options: dict[str, int | float | bool] = {}
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # Clip the gradient's global norm to this before each update (None: no clipping).
+    clip_grad_norm: float | None = Field(None, gt=0)
     divergence_loss: float | None = Field(None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     noise_scale: NoiseScaleConfig | None = None
