@@ -1,8 +1,10 @@
-"""The numbers of batch-size science, as pure functions of the loaded tables (no I/O, no plots).
+"""The numbers of batch-size science, as pure functions of the loaded tables (no I/O, no plots),
+and the preparation of those tables for the figures.
 
 Every function takes pyarrow Tables shaped like `analysis.load`'s (`history`: one row per report
 with `trial_id` and the metric columns, ordered by step within each trial; per-trial tables: one
-row per trial with config columns) and returns a Table or plain Python values.
+row per trial with config columns) and returns a Table or plain Python values. Groups come from
+a stable sort (`analysis._arrow.groups`), so nothing here imports pandas.
 """
 
 from __future__ import annotations
@@ -11,10 +13,18 @@ import math
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from analysis._arrow import from_numpy, group_ids, groups, strings, to_numpy, valid
+from analysis.columns import config_columns
+
 Mode = Literal["max", "min"]
+# The config keys that the figures arrange trials by.
+RULE = "lr.scaling"
+BATCH = "batch_size"
+SEED = "seed"
 
 
 def mode_of(metric: str) -> Mode | None:
@@ -26,11 +36,24 @@ def mode_of(metric: str) -> Mode | None:
     return None
 
 
+def comparison(metric: str) -> str:
+    """'≥' for a metric whose target is reached from below, '≤' for a loss."""
+    return "≤" if mode_of(metric) == "min" else "≥"
+
+
 def _mode(metric: str, mode: Mode | None) -> Mode:
     mode = mode or mode_of(metric)
     if mode is None:
         raise ValueError(f"'{metric}' has no natural direction: pass mode='max' or 'min'")
     return mode
+
+
+def _floats(values: np.ndarray) -> pa.Array:
+    """Floats as an Arrow array, null where not finite."""
+    return from_numpy(values.astype(np.float64), np.isfinite(values))
+
+
+# ============================================================================ Per trial
 
 
 def final_and_best(history: pa.Table, fields: Sequence[str]) -> pa.Table:
@@ -39,23 +62,26 @@ def final_and_best(history: pa.Table, fields: Sequence[str]) -> pa.Table:
     `best/<field>` (max for accuracies, min for losses, nulls skipped) for every field that
     has a direction. `history` must be ordered by step within each trial.
     """
-    keep_nulls = pc.ScalarAggregateOptions(skip_nulls=False)
     directed = [f for f in fields if mode_of(f)]
-    aggregations = [([], "count_all")]
-    aggregations += [(f, "last", keep_nulls) for f in fields]
-    aggregations += [(f, mode_of(f)) for f in directed]
-    # Ordered aggregations ("last") need a single-threaded group-by.
-    table = history.group_by("trial_id", use_threads=False).aggregate(aggregations)
-    names = {"count_all": "reports", "trial_id": "trial_id"}
-    names |= {f"{f}_last": f"final/{f}" for f in fields}
-    names |= {f"{f}_{mode_of(f)}": f"best/{f}" for f in directed}
-    order = [
-        "trial_id",
-        "reports",
-        *(f"final/{f}" for f in fields),
-        *(f"best/{f}" for f in directed),
-    ]
-    return table.rename_columns([names[n] for n in table.column_names]).select(order)
+    ids = history["trial_id"]
+    unique = pc.unique(ids)
+    codes = to_numpy(pc.index_in(ids, value_set=unique), -1)
+    order = np.argsort(codes, kind="stable")
+    n = len(order)
+    starts = np.flatnonzero(np.diff(codes[order], prepend=-1))
+    ends = np.append(starts[1:], n) if n else starts
+    columns = {"trial_id": unique, "reports": from_numpy((ends - starts).astype(np.int64))}
+    finals = history.select(list(fields)).take(from_numpy(order[ends - 1]))
+    for field in fields:
+        columns[f"final/{field}"] = finals[field]
+    for field in directed:
+        values = to_numpy(history[field], np.nan).astype(np.float64)[order]
+        pick = np.fmax if mode_of(field) == "max" else np.fmin
+        # fmax/fmin skip NaN (a null here) unless the whole trial has none.
+        best = pick.reduceat(values, starts) if n else values
+        kind = history.schema.field(field).type
+        columns[f"best/{field}"] = from_numpy(best, ~np.isnan(best)).cast(kind)
+    return pa.table(columns)
 
 
 def to_target(
@@ -67,13 +93,36 @@ def to_target(
     Returns a Table of `trial_id` and `x`, one row per trial in order of first appearance, with
     null where the trial never reached the target. `x` must grow with the step.
     """
-    compare = pc.greater_equal if _mode(metric, mode) == "max" else pc.less_equal
-    hit = pc.fill_null(compare(history[metric], target), False)
-    first = history.filter(hit).group_by("trial_id").aggregate([(x, "min")])
-    reached = dict(zip(first["trial_id"].to_pylist(), first[f"{x}_min"].to_pylist(), strict=True))
-    ids = pc.unique(history["trial_id"]).to_pylist()
-    values = pa.array([reached.get(i) for i in ids], type=history.schema.field(x).type)
-    return pa.table({"trial_id": pa.array(ids, pa.string()), x: values})
+    values = to_numpy(history[metric], np.nan)
+    with np.errstate(invalid="ignore"):
+        hit = values >= target if _mode(metric, mode) == "max" else values <= target
+    hit &= valid(history[x])
+    ids = history["trial_id"]
+    unique = pc.unique(ids)
+    codes = to_numpy(pc.index_in(ids, value_set=unique), -1)
+    xs = to_numpy(history[x], 0)
+    rows = np.flatnonzero(hit)
+    # Hits by trial, smallest x first: a trial's first hit row is its first in this order.
+    rows = rows[np.lexsort((xs[rows], codes[rows]))]
+    found, first_row = np.unique(codes[rows], return_index=True)
+    first = np.zeros(len(unique), xs.dtype)
+    reached = np.zeros(len(unique), bool)
+    first[found], reached[found] = xs[rows[first_row]], True
+    kind = history.schema.field(x).type
+    return pa.table({"trial_id": unique, x: from_numpy(first, reached).cast(kind)})
+
+
+def reached_at(
+    trials: pa.Table, history: pa.Table, metric: str, target: float, x: str = "step"
+) -> pa.Array:
+    """The steps-to-target column: for each row of `trials`, the `x` of its first report at which
+    `metric` reaches `target` (see `to_target`), null where it never did."""
+    reached = to_target(history, metric, target, x)
+    index = pc.index_in(trials["trial_id"], value_set=reached["trial_id"])
+    return reached[x].take(index)
+
+
+# ============================================================================ Over seeds
 
 
 def seed_spread(table: pa.Table, value: str, by: Sequence[str], mode: Mode) -> pa.Table:
@@ -82,32 +131,44 @@ def seed_spread(table: pa.Table, value: str, by: Sequence[str], mode: Mode) -> p
     never reached); a statistic that lands on it comes out null.
 
     Returns the `by` columns plus `median`, `low`, `high` and `seeds` (rows in the group),
-    sorted by `by`.
+    sorted by `by` (nulls last).
     """
     worst = -math.inf if mode == "max" else math.inf
-    frame = table.select([*by, value]).to_pandas()
-    frame[value] = frame[value].astype(float).fillna(worst)
-    grouped = frame.groupby(list(by), dropna=False, sort=True)[value]
-    spread = grouped.agg(median="median", low="min", high="max", seeds="count").reset_index()
-    stats = ["median", "low", "high"]
-    spread[stats] = spread[stats].replace([math.inf, -math.inf], math.nan)
-    return pa.Table.from_pandas(spread, preserve_index=False)
+    order, starts = groups(table, by)
+    n = len(order)
+    values = to_numpy(table[value], worst).astype(np.float64)[order]
+    values[np.isnan(values)] = worst
+    group = group_ids(starts, n)
+    # Sorted by value within each group: the median sits in the middle of its group.
+    values = values[np.lexsort((values, group))]
+    counts = np.diff(np.r_[starts, n])
+    median = (values[starts + (counts - 1) // 2] + values[starts + counts // 2]) / 2
+    keys = table.select(list(by)).take(from_numpy(order[starts]))
+    stats = {
+        "median": _floats(median),
+        "low": _floats(values[starts]),
+        "high": _floats(values[starts + counts - 1]),
+        "seeds": from_numpy(counts.astype(np.int64)),
+    }
+    for name, column in stats.items():
+        keys = keys.append_column(name, column)
+    return keys
 
 
 def best_per_batch_size(spread: pa.Table, mode: Mode, by: Sequence[str]) -> pa.Table:
     """The row of `spread` (from `seed_spread`) with the best median in each group of `by`
     (e.g. LR rule and batch size): for a searched sweep, the best lr.base per batch size.
 
-    Ties go to the earlier row; a group whose medians are all null keeps one row. Returns the
-    winning rows, sorted by `by`.
+    Ties go to the earlier row; a group whose medians are all null keeps its first row. Returns
+    the winning rows, sorted by `by`.
     """
-    frame = spread.to_pandas()
-    score = frame["median"] if mode == "max" else -frame["median"]
-    ranked = frame.assign(_score=score).sort_values(
-        "_score", ascending=False, na_position="last", kind="stable"
-    )
-    best = ranked.drop_duplicates(list(by)).drop(columns="_score").sort_values(list(by))
-    return pa.Table.from_pandas(best, preserve_index=False)
+    order, starts = groups(spread, by)
+    n = len(order)
+    score = to_numpy(spread["median"], np.nan)[order]
+    score = np.where(np.isnan(score), -np.inf, score if mode == "max" else -score)
+    # Best score first within each group, then the earlier row (`order` keeps table order).
+    ranked = np.lexsort((np.arange(n), -score, group_ids(starts, n)))
+    return spread.take(from_numpy(order[ranked[starts]]))
 
 
 def perfect_scaling(
@@ -121,3 +182,56 @@ def perfect_scaling(
         return [None] * len(batch_sizes)
     anchor, anchor_steps = min(reached)
     return [anchor_steps * anchor / b for b in batch_sizes]
+
+
+# ============================================================================ For the figures
+
+
+def prepared(trials: pa.Table) -> pa.Table:
+    """The trials that figures show: errored ones dropped (a crash is not a result; a diverged
+    trial stays), a missing LR rule or batch size set to its TrialConfig default, and list-valued
+    config keys turned into text (groupable)."""
+    # Imported here: the loader uses this module and stays free of pydantic's import time.
+    from lbs_tune.config import LRConfig, TrialConfig
+
+    defaults = {RULE: LRConfig().scaling, BATCH: TrialConfig.model_fields[BATCH].default}
+    trials = trials.filter(pc.invert(pc.is_in(trials["state"], value_set=strings(["ERROR"]))))
+    for key, default in defaults.items():
+        column = trials[key] if key in trials.column_names else pa.nulls(trials.num_rows)
+        values = [default if v is None else v for v in column.to_pylist()]
+        column = strings(values) if isinstance(default, str) else from_numpy(np.array(values))
+        if key in trials.column_names:
+            trials = trials.set_column(trials.schema.get_field_index(key), key, column)
+        else:
+            trials = trials.append_column(key, column)
+    for key in config_columns(trials):
+        if pa.types.is_nested(trials.schema.field(key).type):
+            text = strings([None if v is None else str(v) for v in trials[key].to_pylist()])
+            trials = trials.set_column(trials.schema.get_field_index(key), key, text)
+    return trials
+
+
+def varying_keys(trials: pa.Table) -> list[str]:
+    """The config keys whose value differs between trials."""
+    return [k for k in config_columns(trials) if len({repr(v) for v in trials[k].to_pylist()}) > 1]
+
+
+def searched_keys(trials: pa.Table) -> list[str]:
+    """Config keys that vary across the trials, other than rule, batch size and seed."""
+    return [k for k in varying_keys(trials) if k not in (RULE, BATCH, SEED)]
+
+
+def best_configs(trials: pa.Table, value: str, mode: Mode) -> pa.Table:
+    """Seed spread of the per-trial column `value` for the best configuration (by median) of
+    each LR rule and batch size; one row per rule and batch size (see `best_per_batch_size`)."""
+    spread = seed_spread(trials, value, [RULE, BATCH, *searched_keys(trials)], mode)
+    return best_per_batch_size(spread, mode, [RULE, BATCH])
+
+
+def attach(history: pa.Table, trials: pa.Table, keys: Sequence[str]) -> pa.Table:
+    """`history` restricted to `trials`, with their `keys` columns added to each report."""
+    history = history.filter(pc.is_in(history["trial_id"], value_set=trials["trial_id"]))
+    index = pc.index_in(history["trial_id"], value_set=trials["trial_id"])
+    for key in keys:
+        history = history.append_column(key, trials[key].take(index))
+    return history

@@ -21,11 +21,19 @@ import plotly.graph_objects as go
 import plotly.io
 import plotly.offline
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from analysis import figures
-from analysis.load import Results, experiment_location, load, load_evaluation
-from analysis.metrics import to_target
+from analysis.figures import (
+    evaluation_curves,
+    learning_curves,
+    learning_rates,
+    metric_vs_batch_size,
+    parallel_coordinates,
+    steps_to_target,
+    throughput,
+)
+from analysis.load import experiment_location, load, load_evaluation
+from analysis.metrics import comparison, reached_at, varying_keys
+from analysis.tables import Results
 from lbs_tune.config import METRICS
 from lbs_tune.errors import UserError, did_you_mean
 from lbs_tune.experiment import REPORT_FILE, count_outcomes
@@ -101,29 +109,29 @@ def build_figures(
     checkpoints' curves only with an `evaluation` table from `lbs-tune evaluate`)."""
     trials, history = results
     drawn = {
-        "learning-curves": figures.plot_learning_curves(
-            figures.learning_curves(trials, history, metric, x)
+        "learning-curves": learning_curves.render(
+            learning_curves.extract(trials, history, metric, x)
         )
     }
     if metric != "train/loss":
-        drawn["loss-curves"] = figures.plot_learning_curves(
-            figures.learning_curves(trials, history, "train/loss", x)
+        drawn["loss-curves"] = learning_curves.render(
+            learning_curves.extract(trials, history, "train/loss", x)
         )
     if evaluation is not None and evaluation.num_rows:
-        drawn["evaluation"] = figures.plot_evaluation_curves(
-            figures.evaluation_curves(trials, evaluation)
+        drawn["evaluation"] = evaluation_curves.render(
+            evaluation_curves.extract(trials, evaluation)
         )
-    drawn["metric-vs-batch-size"] = figures.plot_metric_vs_batch_size(
-        figures.metric_vs_batch_size(trials, metric)
+    drawn["metric-vs-batch-size"] = metric_vs_batch_size.render(
+        metric_vs_batch_size.extract(trials, metric)
     )
     if target is not None:
-        drawn["steps-to-target"] = figures.plot_steps_to_target(
-            figures.steps_to_target(trials, history, *target)
+        drawn["steps-to-target"] = steps_to_target.render(
+            steps_to_target.extract(trials, history, *target)
         )
-    drawn["learning-rate"] = figures.plot_learning_rates(figures.learning_rates(trials, history))
-    drawn["throughput"] = figures.plot_throughput(figures.throughput(trials, history))
-    drawn["parallel-coordinates"] = figures.plot_parallel_coordinates(
-        figures.parallel_coordinates(trials, metric)
+    drawn["learning-rate"] = learning_rates.render(learning_rates.extract(trials, history))
+    drawn["throughput"] = throughput.render(throughput.extract(trials, history))
+    drawn["parallel-coordinates"] = parallel_coordinates.render(
+        parallel_coordinates.extract(trials, metric)
     )
     return drawn
 
@@ -215,7 +223,7 @@ def _header(results: Results, name: str, experiment: str, target: tuple[str, flo
         "started": sweep.get("started"),
         "ended": sweep.get("ended") or ("running (not ended)" if sweep else None),
         "runs": len(sweep["runs"]) if sweep.get("runs") else None,
-        "target": target and f"{target[0]} {figures.comparison(target[0])} {target[1]:g}",
+        "target": target and f"{target[0]} {comparison(target[0])} {target[1]:g}",
         "report written": datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     rows = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts.items() if v is not None)
@@ -238,14 +246,12 @@ def _header(results: Results, name: str, experiment: str, target: tuple[str, flo
 
 def _table(results: Results, metric: str, target: tuple[str, float] | None, x: str) -> str:
     trials, history = results
-    columns = ["trial_id", "state", *figures.varying_keys(trials), "diverged"]
+    columns = ["trial_id", "state", *varying_keys(trials), "diverged"]
     columns += [c for c in (f"final/{metric}", f"best/{metric}") if c in trials.column_names]
     table = trials
     if target is not None:
-        reached = to_target(history, target[0], target[1], x)
-        index = pc.index_in(trials["trial_id"], reached["trial_id"])
-        label = f"{x} to reach {target[0]} {figures.comparison(target[0])} {target[1]:g}"
-        table = table.append_column(label, reached[x].take(index))
+        label = f"{x} to reach {target[0]} {comparison(target[0])} {target[1]:g}"
+        table = table.append_column(label, reached_at(trials, history, *target, x))
         columns.append(label)
     columns += ["reports", "final/time_s", "final/device", "error"]
     columns = [c for c in columns if c in table.column_names]

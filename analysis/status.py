@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
-from analysis.load import config_columns, experiment_location, load
+from analysis.columns import config_columns
+from analysis.load import experiment_location, load
 from lbs_tune.config import SweepSpec
 from lbs_tune.errors import UserError, did_you_mean
 from lbs_tune.experiment import has_record, read_record

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -329,3 +330,48 @@ def raw_trials(experiment: Path) -> list[RawTrial]:
         reports = [by_step[s] for s in sorted(by_step)]
         found.append(RawTrial(trial["trial_id"], trial["status"], folder, config, reports))
     return sorted(found, key=lambda t: t.trial_id)
+
+
+# ---------------------------------------------------------------------------- Committed sweeps
+
+# tests/make_tiny_experiment.py writes here what the two sweeps above write (text files only):
+# quickstart/ (QUICKSTART_TINY: 12 trials, B=256 linear diverges) and broken/ (one errored).
+# A Ray test in tests/test_analysis_load.py checks that a real sweep still writes the same.
+TINY_EXPERIMENTS = Path(__file__).parent / "experiments"
+
+
+def broken_overrides(data: Path) -> list[str]:
+    """The overrides of `broken_sweep` (sweeps/quickstart.yaml), with its data folder `data`."""
+    return [
+        *QUICKSTART_TINY,
+        "name=broken",
+        f"base.data.dir={data}",
+        "base.data.shape=[40]",
+        "base.examples=11520",
+        "grid.batch_size=[16]",
+        "grid.lr.scaling=[none]",
+        "grid.seed=[0]",
+        "grid.dataset=[synthetic, cifar10]",
+        "max_concurrent=1",
+        "max_failures=0",
+    ]
+
+
+def _committed(name: str, tmp_path_factory) -> Path:
+    """A copy of a committed experiment folder: loading writes a cache, reports a report.html."""
+    target = tmp_path_factory.mktemp("committed") / name
+    shutil.copytree(TINY_EXPERIMENTS / name, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_quickstart(tmp_path_factory) -> Path:
+    """The committed folder of the tiny quickstart sweep (as `quickstart_experiment`, no Ray);
+    shared by the test run: copy it to change it."""
+    return _committed("quickstart", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_broken(tmp_path_factory) -> Path:
+    """The committed folder of the sweep with an errored trial (as `broken_experiment`)."""
+    return _committed("broken", tmp_path_factory)

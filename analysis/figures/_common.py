@@ -1,0 +1,78 @@
+"""What several figures share: the named tuples of their data (a curve over steps, a line over
+batch sizes, single trials as points) and how rows of the prepared tables become them."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import pyarrow as pa
+
+from analysis.metrics import BATCH, RULE
+
+
+class Curve(NamedTuple):
+    """One learning curve: the seeds of one configuration, median and min–max per x."""
+
+    panel: str
+    batch_size: int
+    x: list[float]
+    median: list[float | None]
+    low: list[float | None]
+    high: list[float | None]
+
+
+class Line(NamedTuple):
+    """A value against batch size: the median over seeds with its min–max band."""
+
+    panel: str
+    name: str
+    batch_sizes: list[int]
+    median: list[float | None]
+    low: list[float | None]
+    high: list[float | None]
+
+
+class Points(NamedTuple):
+    """Single trials: x, y and the trial ids (hover text)."""
+
+    panel: str
+    name: str
+    x: list[float]
+    y: list[float | None]
+    text: list[str]
+
+
+def lines(best: pa.Table, panel: str | None = None) -> list[Line]:
+    """One Line per LR rule from the rows of `metrics.best_configs`; `panel` names the subplot
+    (default: the rule)."""
+    rows = best.to_pylist()
+    found = []
+    for rule in sorted({r[RULE] for r in rows}):
+        mine = [r for r in rows if r[RULE] == rule]
+        found.append(
+            Line(
+                panel if panel is not None else rule,
+                rule,
+                [r[BATCH] for r in mine],
+                *([r[stat] for r in mine] for stat in ("median", "low", "high")),
+            )
+        )
+    return found
+
+
+def points(panel: str, name: str, rows: list[dict[str, Any]], values: list) -> Points:
+    """Trials (rows of a trials table) as Points: batch size against `values`."""
+    return Points(panel, name, [r[BATCH] for r in rows], values, [r["trial_id"] for r in rows])
+
+
+def points_by_rule(panel: str, rows: list[dict[str, Any]], values: list) -> list[Points]:
+    """`points` per LR rule, `values` aligned with `rows`."""
+    return [
+        points(
+            panel,
+            rule,
+            [r for r in rows if r[RULE] == rule],
+            [v for r, v in zip(rows, values, strict=True) if r[RULE] == rule],
+        )
+        for rule in sorted({r[RULE] for r in rows})
+    ]

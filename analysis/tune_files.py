@@ -1,0 +1,259 @@
+"""Ray Tune's files in an experiment folder, read and parsed (text files only, never a pickle).
+
+Which files make the tables (`manifest`), the newest `experiment_state-*.json` (trial ids,
+states, configs, times, failures), every trial's `result.json` (its reports, parsed by pyarrow's
+JSON reader in one call per chunk of files), `params.json`, the last line of `error.txt`, and our
+`lbs_sweep.json`. The file names come from `lbs_tune.experiment`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.json as pajson
+
+from analysis._arrow import empty
+from lbs_tune.config import METRICS
+from lbs_tune.errors import UserError
+from lbs_tune.experiment import (
+    ERROR_FILE,
+    PARAMS_FILE,
+    RESULT_FILE,
+    STATE_FILE,
+    SWEEP_FILE,
+    TRIAL_FILES,
+)
+from lbs_tune.storage import Location
+
+# One read_json call parses up to this many bytes; bigger sweeps are parsed in chunks of it.
+CHUNK_BYTES = 256 * 2**20
+# A report line may be long (Ray repeats the whole config in it); blocks must hold whole lines.
+BLOCK_BYTES = 8 * 2**20
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+_COUNTS = ("step", "epoch", "examples", "diverged", "total_steps")
+_MEASURES = [m for m in METRICS if m not in _COUNTS]
+# The report fields we read; the rest of a line (Ray's nested `config` above all) is skipped.
+REPORT_SCHEMA = pa.schema(
+    [("trial_id", pa.string()), ("step", pa.int64()), ("epoch", pa.float64())]
+    + [("examples", pa.int64()), ("training_iteration", pa.int64())]
+    + [("timestamp", pa.float64()), ("time_s", pa.float64())]
+    + [(m, pa.float64()) for m in _MEASURES]
+    + [("diverged", pa.bool_()), ("total_steps", pa.int64())]
+    + [("host", pa.string()), ("node_id", pa.string()), ("gpu_ids", pa.string())]
+    + [("device", pa.string()), ("checkpoint_dir_name", pa.string())]
+)
+_PARSE = pajson.ParseOptions(explicit_schema=REPORT_SCHEMA, unexpected_field_behavior="ignore")
+_READ = pajson.ReadOptions(block_size=BLOCK_BYTES)
+
+
+def manifest(where: Location) -> dict[str, list[int]]:
+    """[size, mtime_ns] of every file that the tables are made of, by path in the experiment:
+    lbs_sweep.json, the newest experiment state, and each trial folder's result.json,
+    params.json and error.txt. A folder that is no Ray Tune experiment is a UserError."""
+    try:
+        infos = where.fs.get_file_info(pafs.FileSelector(where.path, recursive=True))
+    except (FileNotFoundError, NotADirectoryError):
+        raise UserError(
+            f"{where.uri}: no such experiment folder; give <storage>/<sweep name>"
+        ) from None
+    files, states = {}, {}
+    for info in infos:
+        relative = info.path[len(where.path) :].lstrip("/")
+        parts = relative.split("/")
+        if len(parts) == 1 and STATE_FILE.match(relative):
+            states[relative] = [info.size, info.mtime_ns or 0]
+        elif relative == SWEEP_FILE or (len(parts) == 2 and parts[1] in TRIAL_FILES):
+            files[relative] = [info.size, info.mtime_ns or 0]
+    if not states and not any(p.endswith(RESULT_FILE) for p in files):
+        raise UserError(
+            f"{where.uri}: not a Ray Tune experiment folder (no experiment_state-*.json and no "
+            f"trial folders with {RESULT_FILE}); give <storage>/<sweep name>"
+        )
+    # Ray names state files by time; the newest is the current one.
+    if states:
+        newest = max(states)
+        files[newest] = states[newest]
+    return dict(sorted(files.items()))
+
+
+def state_file(files: dict[str, list[int]]) -> str | None:
+    """The experiment state among the files of a manifest, None without one."""
+    return next((p for p in files if STATE_FILE.match(p)), None)
+
+
+def read_bytes(where: Location, paths: list[str]) -> list[bytes]:
+    """The contents of files of the experiment (paths relative to it)."""
+
+    def read(path: str) -> bytes:
+        with where.fs.open_input_stream(where.join(path).path) as f:
+            return f.readall()
+
+    if where.is_local:
+        return [read(p) for p in paths]
+    # Threads overlap the latency of many small reads from an object store.
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(read, paths))
+
+
+def read_sweep(where: Location) -> bytes | None:
+    """lbs_sweep.json as bytes; None (with a warning) if it is not JSON."""
+    raw = read_bytes(where, [SWEEP_FILE])[0]
+    try:
+        json.loads(raw)
+    except ValueError:
+        warnings.warn(f"{where.join(SWEEP_FILE).uri}: not JSON; ignored it", stacklevel=2)
+        return None
+    return raw
+
+
+def read_state(where: Location, name: str) -> dict[str, dict[str, Any]]:
+    """Folder -> trial_id, state, config, start_time, end_time (Ray's last result time) and
+    num_failures, from Ray's experiment state `name`; {} with a warning if it is unreadable."""
+    trials = {}
+    try:
+        state = json.loads(read_bytes(where, [name])[0])
+        for trial_json, runtime_json in state["trial_data"]:
+            trial, runtime = json.loads(trial_json), json.loads(runtime_json)
+            # A trial that never started may have no folder name yet.
+            trials[trial.get("relative_logdir") or trial["trial_id"]] = {
+                "trial_id": trial["trial_id"],
+                "state": trial["status"],
+                "config": trial.get("config"),
+                "start_time": runtime.get("start_time"),
+                "end_time": runtime.get("last_result_time"),
+                "num_failures": runtime.get("num_failures"),
+            }
+    except (ValueError, KeyError, TypeError) as exc:
+        warnings.warn(
+            f"{where.join(name).uri}: unreadable ({exc}); trial states are unknown", stacklevel=2
+        )
+        return {}
+    return trials
+
+
+def read_params(where: Location, folders: list[str]) -> dict[str, dict[str, Any]]:
+    """Folder -> the config in its params.json; a file that is not a JSON object is left out
+    with a warning."""
+    texts = read_bytes(where, [f"{f}/{PARAMS_FILE}" for f in folders])
+    params = {}
+    for folder, text in zip(folders, texts, strict=True):
+        try:
+            config = json.loads(text)
+        except ValueError:
+            config = None
+        if isinstance(config, dict):
+            params[folder] = config
+        else:
+            warnings.warn(f"{where.join(folder, PARAMS_FILE).uri}: not JSON", stacklevel=2)
+    return params
+
+
+def read_errors(where: Location, folders: list[str]) -> dict[str, str | None]:
+    """Folder -> the last line of its error.txt (the trial's latest exception, colours
+    removed), None for an empty file."""
+    texts = read_bytes(where, [f"{f}/{ERROR_FILE}" for f in folders])
+    return {f: _last_line(t.decode(errors="replace")) for f, t in zip(folders, texts, strict=True)}
+
+
+def _last_line(text: str) -> str | None:
+    lines = [line.strip() for line in ANSI.sub("", text).splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
+# ============================================================================ Reports
+
+
+def read_reports(
+    where: Location, folders: list[str], sizes: list[int]
+) -> tuple[pa.Table, np.ndarray]:
+    """All reports in the result.json of `folders` (of about `sizes` bytes) as a table of
+    REPORT_SCHEMA, and for each row the index of its folder in `folders`. A truncated last
+    line is dropped and a malformed line skipped, each with a warning."""
+    tables, owners = [], []
+    for chunk in _chunks(sizes):
+        names = [where.join(folders[i]).uri for i in chunk]
+        raw = read_bytes(where, [f"{folders[i]}/{RESULT_FILE}" for i in chunk])
+        blobs = [_whole_lines(blob, name) for blob, name in zip(raw, names, strict=True)]
+        table, counts = _parse(blobs, names)
+        tables.append(table)
+        owners.append(np.repeat(np.asarray(chunk, dtype=np.int64), counts))
+    if not tables:
+        return empty(REPORT_SCHEMA), np.zeros(0, dtype=np.int64)
+    return pa.concat_tables(tables), np.concatenate(owners)
+
+
+def _chunks(sizes: list[int]) -> Iterator[list[int]]:
+    chunk, total = [], 0
+    for i, size in enumerate(sizes):
+        if chunk and total + size > CHUNK_BYTES:
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(i)
+        total += size
+    if chunk:
+        yield chunk
+
+
+def _whole_lines(blob: bytes, name: str) -> bytes:
+    """The blob up to its last complete line; a truncated last line is dropped with a warning."""
+    if not blob or blob.endswith(b"\n"):
+        return blob
+    head, newline, tail = blob.rpartition(b"\n")
+    try:
+        json.loads(tail)
+        return blob + b"\n"
+    except ValueError:
+        warnings.warn(
+            f"{name}/{RESULT_FILE}: the last line is incomplete (a running or interrupted "
+            "trial); skipped it",
+            stacklevel=2,
+        )
+        return head + newline
+
+
+def _parse(blobs: list[bytes], names: list[str]) -> tuple[pa.Table, list[int]]:
+    """Parse whole-line blobs with one read_json call; file by file if some line is bad."""
+    counts = [blob.count(b"\n") for blob in blobs]
+    table = _read_json(b"".join(blobs), sum(counts))
+    if table is not None:
+        return table, counts
+    tables = [_parse_file(blob, name) for blob, name in zip(blobs, names, strict=True)]
+    return pa.concat_tables(tables), [t.num_rows for t in tables]
+
+
+def _read_json(data: bytes, lines: int) -> pa.Table | None:
+    """The reports in `data`, or None unless every one of its `lines` is a valid report."""
+    if not lines:
+        return empty(REPORT_SCHEMA)
+    try:
+        table = pajson.read_json(pa.BufferReader(data), read_options=_READ, parse_options=_PARSE)
+    except pa.ArrowInvalid:
+        return None
+    return table if table.num_rows == lines else None
+
+
+def _parse_file(blob: bytes, name: str) -> pa.Table:
+    """One file; if some line is bad, line by line, skipping bad lines with a warning."""
+    table = _read_json(blob, blob.count(b"\n"))
+    if table is not None:
+        return table
+    rows = []
+    for number, line in enumerate(blob.split(b"\n"), start=1):
+        row = _read_json(line, 1) if line.strip() else None
+        if row is not None:
+            rows.append(row)
+        elif line.strip():
+            warnings.warn(
+                f"{name}/{RESULT_FILE}: line {number} is not a valid report; skipped it",
+                stacklevel=2,
+            )
+    return pa.concat_tables(rows) if rows else empty(REPORT_SCHEMA)
