@@ -1,15 +1,18 @@
-"""Loading a sweep's results: Ray's ExperimentAnalysis beside analysis.load, in one run.
+"""Loading a sweep's results: Ray's ExperimentAnalysis beside analysis.load, process by process.
 
 A real Ray Tune experiment (a real Tuner running a trivial function trainable that reports our
 metric names; by default 10 batch sizes x 3 LR rules x 10 seeds = 300 trials x 200 reports) is
-built once under --folder and reused by later runs. On it this times Ray's
-`ExperimentAnalysis(path)` + `.dataframe()` + `.trial_dataframes`, our first load (cache removed),
-our cached load and the HTML report. Then the same on a folder of --big trials synthesised from
-the real one, since running 10,000 real trials takes too long here: new trial ids in a rewritten
+built once under --folder and reused by later runs. On it this times, each in a fresh Python
+process as a user runs it (imports included): Ray's `ExperimentAnalysis(path)` + `.dataframe()`
++ `.trial_dataframes`, and our first load (cache removed); then in this process our cached load
+and the HTML report. Then the same on a folder of --big trials synthesised from the real one,
+since running 10,000 real trials takes too long here: new trial ids in a rewritten
 experiment_state file, each trial folder hard-linked to a real one's result.json and params.json.
-Each measurement is one JSON line on stdout; the last lines compare with the targets.
+Each measurement is one JSON line on stdout (wall seconds, the median of --repeat runs taken in
+turn with Ray's, and the processes' CPU seconds); the last lines compare with the targets.
 
     python benchmarks/analysis.py [--seeds 10] [--reports 200] [--big 10000] [--repeat 3]
+    python benchmarks/analysis.py --tiny    # seconds: the committed tests/experiments/quickstart
 """
 
 # ruff: noqa: E402  (the path fix below must run before the package imports)
@@ -20,8 +23,10 @@ import copy
 import json
 import math
 import os
+import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -33,17 +38,33 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 from analysis import load
 from analysis.report import write_report
 from lbs_tune.config import set_dotted
-from lbs_tune.experiment import CACHE_DIR, RESULT_FILE, SWEEP_FILE
+from lbs_tune.experiment import CACHE_DIR, PARAMS_FILE, RESULT_FILE, SWEEP_FILE
 from lbs_tune.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "bench"
+# The committed experiment that --tiny measures (12 trials of a real tiny sweep).
+TINY = ROOT / "tests" / "experiments" / "quickstart"
 # 8 to 4096: all within the quickstart's 18,000 training examples.
 BATCH_SIZES = [2**k for k in range(3, 13)]
 RULES = ["none", "linear", "sqrt"]
 # Targets: the first load takes at most this share of Ray's time; a cached load at most this long.
 FIRST_LOAD_SHARE = 1 / 5
 CACHED_LOAD_S = 0.2
+# What each process runs on the folder in argv[1]; its last stdout line is the counts as JSON.
+LOADERS = {
+    "ray": (
+        "from ray.tune import ExperimentAnalysis\n"
+        "a = ExperimentAnalysis(sys.argv[1])\n"
+        "frame, frames = a.dataframe(), a.trial_dataframes\n"
+        "print(json.dumps([len(frame), sum(len(f) for f in frames.values())]))"
+    ),
+    "ours": (
+        "import analysis\n"
+        "trials, history = analysis.load(sys.argv[1])\n"
+        "print(json.dumps([trials.num_rows, history.num_rows]))"
+    ),
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,7 +77,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-ray-big", action="store_true", help="skip Ray's loader on the big folder"
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help=f"measure a copy of {TINY.relative_to(ROOT)} and 60 trials made of it, once each "
+        "(seconds; what tests/test_benchmarks.py runs)",
+    )
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.big, args.repeat = 60, 1
+    return args
 
 
 # ============================================================================ Folders
@@ -64,7 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_real(folder: Path, seeds: int, reports: int) -> Path:
     """A real Tune experiment of the quickstart config over batch size x rule x seed."""
-    experiment = folder / f"real-{seeds}seeds-{reports}reports" / NAME
+    # v2: reports carry total_steps and peak_lr, as the training loop's do.
+    experiment = folder / f"real-v2-{seeds}seeds-{reports}reports" / NAME
     if (experiment / SWEEP_FILE).exists():  # written last: the folder is complete
         return experiment
     import ray
@@ -87,7 +118,9 @@ def build_real(folder: Path, seeds: int, reports: int) -> Path:
                     "step": step,
                     "epoch": examples / 18_000,
                     "examples": examples,
+                    "total_steps": reports * steps_per_report,
                     "lr": lr,
+                    "peak_lr": lr,
                     "train/loss": 2.3 * (1 - accuracy) + 0.01,
                     "train/accuracy": accuracy + 0.02,
                     "val/loss": 2.3 * (1 - accuracy),
@@ -124,6 +157,14 @@ def build_real(folder: Path, seeds: int, reports: int) -> Path:
     return experiment
 
 
+def copy_tiny(folder: Path) -> Path:
+    """A fresh copy of the committed tiny experiment (without a cache), alone in `folder/tiny`."""
+    experiment = folder / "tiny" / "copy" / TINY.name
+    shutil.rmtree(experiment.parent.parent, ignore_errors=True)
+    shutil.copytree(TINY, experiment, ignore=shutil.ignore_patterns(CACHE_DIR))
+    return experiment
+
+
 def synthesise(real: Path, folder: Path, trials: int) -> Path:
     """A folder of `trials` trials made of the real ones, without running anything.
 
@@ -150,7 +191,7 @@ def synthesise(real: Path, folder: Path, trials: int) -> Path:
             trial["relative_logdir"] = f"trainable_{trial['trial_id']}"
         target = big / trial["relative_logdir"]
         target.mkdir()
-        for name in (RESULT_FILE, "params.json"):
+        for name in (RESULT_FILE, PARAMS_FILE):
             os.link(source / name, target / name)
         entries.append([json.dumps(trial), runtime_json])
     (big / state_path.name).write_text(json.dumps(state | {"trial_data": entries}))
@@ -173,44 +214,76 @@ def timed(run: Callable[[], object], repeat: int, before: Callable[[], None] = l
     return statistics.median(times), value
 
 
-def ray_load(path: Path) -> dict:
-    from ray.tune import ExperimentAnalysis
+def process(loader: str, path: Path) -> tuple[float, float, list[int]]:
+    """Run LOADERS[loader] on `path` in a fresh Python: (wall seconds, CPU seconds of the
+    process and its children, [trials, report rows])."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", "import json, sys\n" + LOADERS[loader], str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode:
+        raise RuntimeError(f"{loader} loader failed on {path}:\n{done.stderr[-2000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, json.loads(done.stdout.splitlines()[-1])
 
-    analysis = ExperimentAnalysis(str(path))
-    frame = analysis.dataframe()
-    frames = analysis.trial_dataframes
-    return {"trials": len(frame), "rows": sum(len(f) for f in frames.values())}
+
+def processes(path: Path, repeat: int, with_ray: bool) -> dict[str, dict]:
+    """Median wall and CPU seconds and the counts of each loader, runs taken in turn (Ray's, then
+    ours with the cache removed) so that a busy machine weighs on both alike."""
+    runs: dict[str, list] = {name: [] for name in LOADERS if with_ray or name != "ray"}
+    for _ in range(repeat):
+        for name in runs:
+            shutil.rmtree(path / CACHE_DIR, ignore_errors=True)
+            runs[name].append(process(name, path))
+    return {
+        name: {
+            "wall_s": statistics.median(r[0] for r in found),
+            "cpu_s": statistics.median(r[1] for r in found),
+            "counts": found[-1][2],
+        }
+        for name, found in runs.items()
+    }
 
 
 def measure(path: Path, repeat: int, with_ray: bool, label: str) -> dict:
-    """Every figure of one folder, printed as JSON lines; returns them by name."""
+    """Every figure of one folder, printed as a JSON line; returns them by name."""
     size = sum(p.stat().st_size for p in path.glob(f"*/{RESULT_FILE}"))
-    cache = path / CACHE_DIR
     figures = {"folder": label, "result_json_mb": round(size / 2**20, 1)}
+    found = processes(path, repeat, with_ray)
+    ours = found["ours"]
+    figures |= {"first_load_s": round(ours["wall_s"], 3), "first_load_cpu_s": ours["cpu_s"]}
+    figures |= {"trials": ours["counts"][0], "rows": ours["counts"][1]}
     if with_ray:
-        seconds, counts = timed(lambda: ray_load(path), repeat)
-        figures |= {"ray_s": round(seconds, 3), "ray_rows": counts["rows"]}
-    seconds, results = timed(
-        lambda: load(path), repeat, lambda: shutil.rmtree(cache, ignore_errors=True)
-    )
-    trials, history = results
-    figures |= {"first_load_s": round(seconds, 3), "trials": trials.num_rows}
-    figures["rows"] = history.num_rows
+        ray = found["ray"]
+        figures |= {"ray_s": round(ray["wall_s"], 3), "ray_cpu_s": round(ray["cpu_s"], 3)}
+        figures |= {"ray_trials": ray["counts"][0], "ray_rows": ray["counts"][1]}
+        figures["first_load_share_of_ray"] = round(ours["wall_s"] / ray["wall_s"], 3)
+    figures["first_load_cpu_s"] = round(figures["first_load_cpu_s"], 3)
+    load(path)  # the cache, as the processes above left it removed
     seconds, _ = timed(lambda: load(path), max(repeat, 5))
     figures["cached_load_s"] = round(seconds, 4)
-    if with_ray:
-        figures["first_load_share_of_ray"] = round(figures["first_load_s"] / figures["ray_s"], 3)
     print(json.dumps(figures), flush=True)
     return figures
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    real = build_real(args.folder, args.seeds, args.reports)
+    if args.tiny:
+        real = copy_tiny(args.folder)
+    else:
+        real = build_real(args.folder, args.seeds, args.reports)
+    # Beside the real folder: a fresh --tiny copy replaces its synthesised folder too.
+    where = real.parent.parent
     small = measure(real, args.repeat, True, f"real: {real}")
     seconds, _ = timed(lambda: write_report(real, out=args.folder / "report.html"), 1)
     print(json.dumps({"folder": "real", "report_s": round(seconds, 2)}), flush=True)
-    big = synthesise(real, args.folder, args.big)
+    big = synthesise(real, where, args.big)
     print(
         f"synthesised: {args.big} trials from the {small['trials']} real ones (new trial ids, "
         "hard-linked result.json and params.json; Ray reads the real folders named in its "
@@ -220,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     large = measure(big, 1, not args.no_ray_big, f"synthesised: {big}")
     checks = [
         (
-            "first load <= 1/5 of Ray's (real folder)",
+            "first load <= 1/5 of Ray's, process against process (real folder)",
             small["first_load_s"] <= FIRST_LOAD_SHARE * small["ray_s"],
         ),
         (
@@ -231,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if "ray_s" in large:
         checks.append(
             (
-                "first load <= 1/5 of Ray's (synthesised folder)",
+                "first load <= 1/5 of Ray's, process against process (synthesised folder)",
                 large["first_load_s"] <= FIRST_LOAD_SHARE * large["ray_s"],
             )
         )

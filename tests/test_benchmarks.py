@@ -1,16 +1,21 @@
-"""benchmarks/throughput.py: a tiny CPU run prints both figures per case and a summary line."""
+"""The benchmarks, at a tiny size: benchmarks/throughput.py prints both figures per case and a
+summary line; benchmarks/analysis.py times Ray's loader and ours, process against process, on
+the committed tiny experiment and a folder made of it."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import without_ray_lines
+from conftest import TINY_EXPERIMENTS, raw_trials, without_ray_lines
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "throughput.py"
 CASE_FIELDS = {
     "model",
     "batch_size",
@@ -63,3 +68,29 @@ def test_tiny_cpu_run_prints_both_figures_per_case(throughput, capsys):
         ("mlp", cases[1]["overhead_pct"] <= 10),
     ]
     assert summary["all_within_target"] == all(v["within_target"] for v in summary["cases"])
+
+
+def test_tiny_analysis_benchmark_times_both_loaders_on_the_same_rows(tmp_path):
+    script = ROOT / "benchmarks" / "analysis.py"
+    argv = [sys.executable, str(script), "--tiny", "--no-ray-big", "--folder", str(tmp_path)]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path)
+    *figures, first, cached = done.stdout.splitlines()
+    real, report, big = (json.loads(line) for line in figures)
+    reports = sum(len(t.reports) for t in raw_trials(TINY_EXPERIMENTS / "quickstart"))
+    # Both loaders, each in its own process, read every trial and every report.
+    assert (real["trials"], real["rows"]) == (real["ray_trials"], real["ray_rows"]) == (12, reports)
+    assert real["first_load_s"] > 0 and real["ray_s"] > 0 and real["cached_load_s"] > 0
+    assert real["first_load_share_of_ray"] == pytest.approx(
+        real["first_load_s"] / real["ray_s"], abs=2e-3
+    )
+    assert report["report_s"] > 0 and (tmp_path / "report.html").exists()
+    # 60 trials made of the 12: five times every report; Ray's loader skipped there.
+    assert (big["trials"], big["rows"]) == (60, 5 * reports) and "ray_s" not in big
+    fast = real["first_load_s"] <= 0.2 * real["ray_s"]  # as the script decides
+    quick = real["cached_load_s"] <= 0.2
+    assert first.split(": ") == [
+        "PASS" if fast else "FAIL",
+        "first load <= 1/5 of Ray's, process against process (real folder)",
+    ]
+    assert cached.split(": ") == ["PASS" if quick else "FAIL", "cached load <= 0.2 s (real folder)"]
+    assert done.returncode == (0 if first.startswith("PASS") and cached.startswith("PASS") else 1)
