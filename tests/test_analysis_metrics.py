@@ -7,9 +7,11 @@ import pytest
 
 from analysis.metrics import (
     best_per_batch_size,
+    comparison,
     final_and_best,
     mode_of,
     perfect_scaling,
+    reached_at,
     seed_spread,
     to_target,
 )
@@ -30,6 +32,7 @@ def test_the_direction_of_a_metric_follows_its_name():
     assert mode_of("val/accuracy") == "max" and mode_of("test/accuracy") == "max"
     assert mode_of("train/loss") == "min" and mode_of("val/loss") == "min"
     assert mode_of("images_per_s") is None and mode_of("lr") is None
+    assert (comparison("val/accuracy"), comparison("train/loss")) == ("≥", "≤")
 
 
 def test_to_target_is_the_first_report_that_reaches_it():
@@ -151,3 +154,41 @@ def test_perfect_scaling_halves_the_steps_per_doubling_from_the_smallest_that_re
     assert perfect_scaling([32, 64, 128, 256], [None, 400, 250, None]) == [800, 400, 200, 100]
     assert perfect_scaling([16, 32], [None, None]) == [None, None]
     assert perfect_scaling([], []) == []
+
+
+def test_reached_at_is_the_steps_to_target_column_of_a_trials_table():
+    table = history(
+        ("a", [10, 20], {"val/accuracy": [0.4, 0.6]}),
+        ("b", [5, 10], {"val/accuracy": [0.7, 0.8]}),
+        ("c", [10], {"val/accuracy": [0.1]}),
+    )
+    # Trials in another order, one without any report.
+    trials = pa.table({"trial_id": ["c", "never", "b", "a"]})
+    assert reached_at(trials, table, "val/accuracy", 0.5).to_pylist() == [None, None, 5, 20]
+
+
+def test_final_and_best_of_no_reports_is_an_empty_table():
+    empty = pa.table(
+        {"trial_id": pa.array([], pa.string()), "val/loss": pa.array([], pa.float64())}
+    )
+    out = final_and_best(empty, ["val/loss"])
+    assert out.column_names == ["trial_id", "reports", "final/val/loss", "best/val/loss"]
+    assert out.num_rows == 0
+
+
+def test_seed_spread_groups_by_several_keys_with_missing_ones_last():
+    table = pa.table(
+        {
+            "rule": ["b", "a", None, "a", "b", None],
+            "batch_size": [64, 32, 32, 32, 64, 32],
+            "acc": [0.5, 0.1, 0.9, 0.3, 0.7, 0.8],
+        }
+    )
+    spread = seed_spread(table, "acc", ["rule", "batch_size"], "max").to_pylist()
+    assert [(r["rule"], r["batch_size"], r["seeds"]) for r in spread] == [
+        ("a", 32, 2),
+        ("b", 64, 2),
+        (None, 32, 2),  # a trial without the key is its own group, sorted last
+    ]
+    assert [r["median"] for r in spread] == pytest.approx([0.2, 0.6, 0.85])
+    assert [(r["low"], r["high"]) for r in spread] == [(0.1, 0.3), (0.5, 0.7), (0.8, 0.9)]
