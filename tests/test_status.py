@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -151,6 +154,20 @@ def test_a_sweep_that_ray_has_not_written_to_yet(cli, tiny_quickstart, tmp_path)
     assert cli("where", folder, "batch_size=64") == (0, "", "")
     code, _, err = cli("where", folder, "batch_sise=64")
     assert code == 2 and "(did you mean 'batch_size'?)" in err
+
+
+def test_status_imports_neither_torch_nor_ray_nor_pandas(tiny_quickstart, tmp_path):
+    folder = tmp_path / "quickstart"
+    shutil.copytree(tiny_quickstart, folder)
+    # A fresh interpreter, as `lbs-tune status` runs: every number comes from the files.
+    code = (
+        "import sys; from lbs_tune.cli import main; main(['status', sys.argv[1]]); "
+        "print(sorted(m for m in ('torch', 'ray', 'pandas') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"sweep quickstart at {folder}\n")
+    assert done.stdout.endswith("\n[]\n")
 
 
 # ============================================================================ where
