@@ -64,6 +64,8 @@ STUDY_FILE = "optuna.db"
 # The key of a searched trial's config that names its study and Optuna trial (params.json has
 # it too); the trainable removes it before validating the TrialConfig.
 SEARCH_KEY = "search"
+# The Optuna user attr of a study that holds its grid point and search (one attr: one write).
+STUDY = "lbs_tune"
 # Optuna user attrs of a trial.
 RAY_TRIAL = "ray_trial_id"  # the Ray Tune trial that runs (or last ran) it
 REASON = "reason"  # why it is FAIL
@@ -433,14 +435,18 @@ def _qmc_class():
 def _ray_trial_ids(folder: str) -> set[str]:
     """The trial ids of Ray Tune's newest experiment state in `folder`: the state that
     Tuner.restore restores (it takes the newest by name too), so these are the trials that Ray
-    runs again or keeps; none if there is no state yet."""
+    runs again or keeps; none if there is no state yet. A newer state that this run's driver
+    is copying there right now (half a file) is passed over for the one before it."""
     from lbs_tune.experiment import STATE_FILE
 
     states = sorted(p for p in Path(folder).iterdir() if STATE_FILE.match(p.name))
-    if not states:
-        return set()
-    state = json.loads(states[-1].read_text())
-    return {json.loads(trial)["trial_id"] for trial, _ in state["trial_data"]}
+    for path in reversed(states):
+        try:
+            state = json.loads(path.read_text())
+        except ValueError:
+            continue
+        return {json.loads(trial)["trial_id"] for trial, _ in state["trial_data"]}
+    return set()
 
 
 class StudyRecord(NamedTuple):
@@ -486,8 +492,10 @@ def read_studies(folder: str | Path) -> list[StudyRecord]:
     records = []
     for name in optuna.get_all_study_names(storage):
         study = optuna.load_study(study_name=name, storage=storage)
-        attrs = study.user_attrs
-        objective = Objective(attrs["objective"], attrs["metric"], attrs["mode"], attrs["target"])
+        attrs = study.user_attrs.get(STUDY)
+        if attrs is None:  # made this instant: its attrs follow
+            continue
+        objective = Objective(*attrs["objective"])
         trials = []
         for t in study.get_trials(deepcopy=False):
             values = dict(sorted(t.intermediate_values.items()))
@@ -546,12 +554,12 @@ class _Run:
                 load_if_exists=True,
             )
             expected = searcher.study_attrs(index)
-            if not study.user_attrs:
-                for key, value in expected.items():
-                    study.set_user_attr(key, value)
-            elif study.user_attrs != expected:
+            found = study.user_attrs.get(STUDY)
+            if found is None:
+                study.set_user_attr(STUDY, expected)
+            elif found != expected:
                 raise UserError(
-                    f"{db}: study '{name}' was made by another search ({study.user_attrs}); "
+                    f"{db}: study '{name}' was made by another search ({found}); "
                     "run this sweep with --fresh or under another --name"
                 )
             trials = study.get_trials(deepcopy=False)
@@ -613,15 +621,12 @@ class _StudySearch:
         self.__dict__.update(state)
 
     def study_attrs(self, index: int) -> dict[str, Any]:
-        """The user attrs of a study: its grid point and the search that made it."""
+        """A study's user attr STUDY: its grid point and the search that made it."""
         return {
             "point": self.points[index],
             "index": index,
             "search": self.search.dump(),
-            "objective": self.objective.kind,
-            "metric": self.objective.metric,
-            "mode": self.objective.mode,
-            "target": self.objective.target,
+            "objective": list(self.objective),
         }
 
     def _open(self) -> _Run:
