@@ -559,8 +559,8 @@ class _Run:
                 study.set_user_attr(STUDY, expected)
             elif found != expected:
                 raise UserError(
-                    f"{db}: study '{name}' was made by another search ({found}); "
-                    "run this sweep with --fresh or under another --name"
+                    f"{db}: study '{name}' was made by another search (space, sampler, seed, "
+                    "objective or grid); run this sweep with --fresh or under another --name"
                 )
             trials = study.get_trials(deepcopy=False)
             for t in trials:
