@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lbs_tune.search import SearchSpec
+
 # The metric names of every report: the same in the loop, in Ray's files, in the tables and plots.
 METRICS = (
     "step",
@@ -370,6 +372,8 @@ class SweepSpec(_Strict):
     grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = {}
     metric: Metric = Metric()
     target: Target | None = None
+    # Tuned hyper-parameters: one Optuna study per grid point (lbs_tune.search).
+    search: SearchSpec | None = None
     resources: Resources = Resources()
     max_concurrent: int | None = Field(None, gt=0, le=1_000_000)
     # Which trials start first: the longest (by estimated cost: small batches take the most

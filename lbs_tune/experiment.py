@@ -132,11 +132,13 @@ def record_start(
     digest: str,
     recorded: dict[str, Any] | None,
     data_dirs: list[str],
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write lbs_sweep.json at the start of a run: the spec (as JSON) and its digest, version,
     commit, command and times. Every run (the first and each resume) is an entry of `runs` with
     its own start, command, lbs-tune version, git commit and data folders; a resume whose code
-    or data differ from the first run's is warned about in one line. Returns the record."""
+    or data differ from the first run's is warned about in one line. `extra` joins a new
+    record (e.g. where a searched sweep's studies live). Returns the record."""
     command = [Path(sys.argv[0]).name, *sys.argv[1:]]
     run = {
         "started": now_iso(),
@@ -154,6 +156,7 @@ def record_start(
         "command": command,
         "started": run["started"],
         "storage": experiment.uri,
+        **(extra or {}),
         "runs": [],
     }
     differ = mixed_runs([*record["runs"], run])

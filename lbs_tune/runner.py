@@ -9,6 +9,7 @@ their newest checkpoint; pending ones start); another spec under the same name i
 from __future__ import annotations
 
 import functools
+import json
 import os
 import socket
 import sys
@@ -90,9 +91,19 @@ def _presets(spec: SweepSpec, order: list[int]) -> list[dict[str, Any]]:
 
 
 def print_dry_run(spec: SweepSpec, experiment: Location, recorded: dict | None) -> None:
-    """The trials that would run: grid point and resources, one line each."""
+    """The trials that would run: grid point and resources, one line each (for a searched sweep,
+    one line per grid point's study, with the space, the sampler and the number of trials)."""
     points = spec.points()
-    print(f"sweep {spec.name}: {len(points)} trials -> {experiment.uri}")
+    search = spec.search
+    count = len(points) * (search.trials_per_point if search else 1)
+    print(f"sweep {spec.name}: {count} trials -> {experiment.uri}")
+    if search is not None:
+        space = ", ".join(f"{k} {json.dumps(v)}" for k, v in search.dump()["space"].items())
+        print(
+            f"  search: {search.trials_per_point} trials per grid point ({len(points)} studies), "
+            f"sampler {search.sampler} (seed {search.seed}), objective {search.objective}; "
+            f"space: {space}"
+        )
     if recorded is not None and recorded["digest"] == spec.digest():
         print("  (a sweep of this spec is there: running would resume it)")
     elif recorded is not None:
@@ -101,8 +112,8 @@ def print_dry_run(spec: SweepSpec, experiment: Location, recorded: dict | None) 
             f"  (a sweep of another spec is there ({diff}): running would be refused; "
             "--fresh moves it aside)"
         )
-    order = start_order(spec)
-    if spec.schedule == "longest_first":
+    order = start_order(spec) if search is None else list(range(len(points)))
+    if spec.schedule == "longest_first" and search is None:
         print("  (trials start longest first: schedule: grid keeps the grid's order)")
     for i in order:
         point, config = points[i], spec.trials[i]
@@ -299,13 +310,20 @@ def execute(spec: SweepSpec, experiment: Location, recorded: dict | None, **ray_
     from lbs_tune.trainable import placement, train_trial
 
     data_dirs = sorted({str(data_dir(t.data)) for t in spec.trials})
-    record_start(experiment, spec.model_dump(mode="json"), spec.digest(), recorded, data_dirs)
+    studies = _studies(spec, experiment)
+    record_start(
+        experiment, spec.model_dump(mode="json"), spec.digest(), recorded, data_dirs, studies
+    )
     keep = spec.trials[0].keep_checkpoints
     gpu_of = functools.partial(_gpu_for_batch, spec.resources)
     trainable = tune.with_resources(
         train_trial, functools.partial(placement, cpu=spec.resources.cpu, gpu_by_batch=gpu_of)
     )
-    space = param_space(spec, tune.grid_search)
+    if spec.search is None:
+        space = param_space(spec, tune.grid_search)
+        options, stop = _order(spec), None
+    else:
+        space, options, stop = _searched(spec, experiment)
     if recorded is not None and tune.Tuner.can_restore(experiment.uri):
         print(f"resuming sweep {spec.name} in {experiment.uri}")
         tuner = tune.Tuner.restore(
@@ -320,7 +338,7 @@ def execute(spec: SweepSpec, experiment: Location, recorded: dict | None, **ray_
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(
-                metric=spec.metric.name, mode=spec.metric.mode, reuse_actors=True, **_order(spec)
+                metric=spec.metric.name, mode=spec.metric.mode, reuse_actors=True, **options
             ),
             run_config=tune.RunConfig(
                 name=experiment.name,
@@ -330,6 +348,7 @@ def execute(spec: SweepSpec, experiment: Location, recorded: dict | None, **ray_
                 # Trial files reach the storage from the driver's staging folder at most every
                 # sync_period (Ray's default is 5 minutes): keep status and reports current.
                 sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
+                stop=stop,
             ),
         )
     results = tuner.fit()
@@ -353,6 +372,45 @@ def _order(spec: SweepSpec) -> dict[str, Any]:
         points_to_evaluate=presets, max_concurrent=spec.max_concurrent or 0
     )
     return {"num_samples": len(presets), "search_alg": generator}
+
+
+def _studies(spec: SweepSpec, experiment: Location) -> dict[str, str]:
+    """For a searched sweep, where its Optuna studies live (printed, and kept in the record)."""
+    if spec.search is None:
+        return {}
+    from lbs_tune.search import study_storage
+
+    if not experiment.is_local:
+        raise UserError(
+            f"--storage {experiment.parent().uri}: a sweep with a `search` keeps its Optuna "
+            "studies in SQLite, which needs a local or shared folder, not an object store"
+        )
+    url, dashboard = study_storage(experiment.path)
+    print(f"Optuna studies: {url}\n  watch them with: {dashboard}")
+    return {"optuna_storage": url}
+
+
+def _searched(spec: SweepSpec, experiment: Location) -> tuple[dict, dict, Any]:
+    """(param_space, TuneConfig arguments, stop condition) of a searched sweep: one Optuna
+    study per grid point (lbs_tune.search), trials_per_point trials each; a steps-to-target
+    trial stops at its first report that reaches the target."""
+    from lbs_tune.search import StudySearcher, objective_for
+
+    configs = []
+    for trial in spec.trials:
+        config = trial.model_dump(mode="json")
+        if config["data"]["dir"]:
+            config["data"]["dir"] = _absolute(config["data"]["dir"])
+        configs.append(config)
+    objective = objective_for(spec.search, spec.metric, spec.target)
+    searcher = StudySearcher(spec.search, spec.points(), configs, experiment.path, objective)
+    options = {
+        "search_alg": searcher,
+        "num_samples": len(configs) * spec.search.trials_per_point,
+        "max_concurrent_trials": spec.max_concurrent,
+    }
+    stop = objective.stop if objective.kind == "steps_to_target" else None
+    return configs[0], options, stop
 
 
 def _gpu_for_batch(resources, batch_size: int) -> float:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from lbs_tune.config import KeyedError, SweepSpec, TrialConfig, set_dotted
 from lbs_tune.errors import UserError, cut, did_you_mean, short
+from lbs_tune.search import check_search
 
 Where = Callable[[str], str]
 
@@ -228,6 +229,11 @@ def check_spec(data: dict[str, Any], where: Where) -> SweepSpec:
         raise UserError(validation_message(exc, SweepSpec, where)) from None
     trials = [_trial_config(spec, point, where) for point in spec.points()]
     _check_base(spec, where)
+    if spec.search is not None:
+        problems = check_search(spec.search, spec.grid, trials, spec.target)
+        if problems:
+            key, message = problems[0]
+            raise UserError(f"{where(key)}: {key}: {message}")
     spec.__dict__["trials"] = trials  # the cached_property, filled with what was just checked
     return spec
 

@@ -21,6 +21,7 @@ from ray.util.metrics import Gauge
 from lbs_tune.checkpoints import load_checkpoint, save_checkpoint
 from lbs_tune.config import TrialConfig
 from lbs_tune.experiment import CHECKPOINT_FILE, newest_readable, trial_checkpoints
+from lbs_tune.search import SEARCH_KEY
 from lbs_tune.storage import Location
 from lbs_tune.training import resolve_device, train
 
@@ -93,7 +94,8 @@ def _read(state: Location) -> dict[str, Any]:
 
 def train_trial(params: dict[str, Any]) -> None:
     """Ray Tune function trainable: train one grid point, resuming from Tune's checkpoint."""
-    config = TrialConfig.model_validate(params)
+    # A searched trial's params also name its study and Optuna trial (lbs_tune.search).
+    config = TrialConfig.model_validate({k: v for k, v in params.items() if k != SEARCH_KEY})
     # As many torch threads as the CPUs Ray gave the trial (resources.cpu), so trials sharing a
     # node don't oversubscribe it.
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
