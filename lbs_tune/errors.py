@@ -58,3 +58,12 @@ def cut(text: str, limit: int = 80) -> str:
     """`text`, printable and cut to `limit` characters ('...' marks a cut)."""
     text = printable(text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def out_of_memory(batch_size: int, micro_batch: int) -> str:
+    """The message of a trial that ran out of GPU memory: the batch and the fix."""
+    return (
+        f"out of GPU memory at batch_size {batch_size} ({micro_batch} examples through the "
+        "network at once); set max_device_batch to a smaller divisor of batch_size "
+        "(gradient accumulation) or use a smaller model"
+    )

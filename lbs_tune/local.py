@@ -14,9 +14,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lbs_tune.checkpoints import load_checkpoint, save_checkpoint
 from lbs_tune.config import TrialConfig, changes
-from lbs_tune.errors import UserError
+from lbs_tune.errors import UserError, out_of_memory
 from lbs_tune.experiment import (
     RUN_CHECKPOINTS,
     RUN_CONFIG_FILE,
@@ -117,6 +119,10 @@ def run_local(config: TrialConfig, out: Path) -> dict[str, Any]:
     try:
         reporter = LocalReporter(out, config.keep_checkpoints, progress, kept)
         return train(config, reporter, resume)
+    except torch.OutOfMemoryError:
+        raise UserError(
+            f"{out}: {out_of_memory(config.batch_size, config.micro_batch_size)}"
+        ) from None
     except OSError as exc:
         if exc.errno not in WRITE_ERRORS:
             raise

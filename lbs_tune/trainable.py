@@ -20,6 +20,7 @@ from ray.util.metrics import Gauge
 
 from lbs_tune.checkpoints import load_checkpoint, save_checkpoint
 from lbs_tune.config import TrialConfig
+from lbs_tune.errors import out_of_memory
 from lbs_tune.experiment import CHECKPOINT_FILE, newest_readable, trial_checkpoints
 from lbs_tune.search import SEARCH_KEY
 from lbs_tune.storage import Location
@@ -125,4 +126,17 @@ def train_trial(params: dict[str, Any]) -> None:
     # checkpoint, so none is lost. Readers keep the last report of each step.
     for row in sent:
         tune.report({**row, "replayed": True})
-    train(config, RayReporter(where, tags, sent), resume)
+    try:
+        train(config, RayReporter(where, tags, sent), resume)
+    except torch.OutOfMemoryError:
+        # Not a crash to retry (it would run out of memory again): the trial ends with a result
+        # that says so and how to fix it; the sweep goes on.
+        last = sent[-1] if sent else {}
+        tune.report(
+            {
+                **last,
+                **where,
+                "failed": out_of_memory(config.batch_size, config.micro_batch_size),
+                "diverged": False,
+            }
+        )

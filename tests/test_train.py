@@ -324,3 +324,18 @@ def test_an_epoch_budget_gives_every_batch_size_the_same_examples(data_dir):
         assert abs(last["examples"] - 8 * 1440) < batch
         assert last["epoch"] == pytest.approx(last["examples"] / 1440)
         assert last["bn_batch"] == batch
+
+
+def test_out_of_memory_is_one_line_naming_the_batch_and_the_fix(cli, spec, tmp_path, monkeypatch):
+    """A CUDA out-of-memory error cannot happen on a CPU: it is injected where the loop runs."""
+    import torch
+
+    import lbs_tune.local
+
+    def too_big(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(lbs_tune.local, "train", too_big)
+    code, _, stderr = cli("train", spec, "--out", tmp_path / "run")
+    assert code == 2 and stderr.count("\n") == 1
+    assert "out of GPU memory at batch_size 32" in stderr and "max_device_batch" in stderr
