@@ -52,6 +52,18 @@ REPORT_SCHEMA = pa.schema(
     + [("device", pa.string()), ("checkpoint_dir_name", pa.string())]
 )
 _PARSE = pajson.ParseOptions(explicit_schema=REPORT_SCHEMA, unexpected_field_behavior="ignore")
+_RUNTIME = pajson.ParseOptions(
+    explicit_schema=pa.schema(
+        [
+            ("start_time", pa.float64()),
+            ("last_result_time", pa.float64()),
+            ("num_failures", pa.int64()),
+        ]
+    ),
+    unexpected_field_behavior="ignore",
+    # Ray writes some of them indented, over many lines.
+    newlines_in_values=True,
+)
 _READ = pajson.ReadOptions(block_size=BLOCK_BYTES)
 
 
@@ -92,13 +104,18 @@ def state_file(files: dict[str, list[int]]) -> str | None:
 
 def read_bytes(where: Location, paths: list[str]) -> list[bytes]:
     """The contents of files of the experiment (paths relative to it)."""
+    if where.is_local:
+        # Plain reads: a tenth of the per-file cost of pyarrow's streams, for hundreds of files.
+        found = []
+        for path in paths:
+            with open(f"{where.path}/{path}", "rb") as f:
+                found.append(f.read())
+        return found
 
     def read(path: str) -> bytes:
-        with where.fs.open_input_stream(where.join(path).path) as f:
+        with where.fs.open_input_stream(f"{where.path}/{path}") as f:
             return f.readall()
 
-    if where.is_local:
-        return [read(p) for p in paths]
     # Threads overlap the latency of many small reads from an object store.
     with ThreadPoolExecutor(max_workers=16) as pool:
         return list(pool.map(read, paths))
@@ -120,19 +137,24 @@ def read_state(where: Location, name: str) -> dict[str, dict[str, Any]]:
     num_failures, from Ray's experiment state `name`; {} with a warning if it is unreadable."""
     trials = {}
     try:
-        state = json.loads(read_bytes(where, [name])[0])
-        for trial_json, runtime_json in state["trial_data"]:
-            trial, runtime = json.loads(trial_json), json.loads(runtime_json)
+        pairs = json.loads(read_bytes(where, [name])[0])["trial_data"]
+        # Ray's run-time record of a trial is long (every metric's history): pyarrow's reader
+        # takes the three numbers from all of them in one pass.
+        runtime = pajson.read_json(
+            pa.BufferReader("\n".join(r for _, r in pairs).encode()), parse_options=_RUNTIME
+        ).to_pylist()
+        for (trial_json, _), times in zip(pairs, runtime, strict=True):
+            trial = json.loads(trial_json)
             # A trial that never started may have no folder name yet.
             trials[trial.get("relative_logdir") or trial["trial_id"]] = {
                 "trial_id": trial["trial_id"],
                 "state": trial["status"],
                 "config": trial.get("config"),
-                "start_time": runtime.get("start_time"),
-                "end_time": runtime.get("last_result_time"),
-                "num_failures": runtime.get("num_failures"),
+                "start_time": times["start_time"],
+                "end_time": times["last_result_time"],
+                "num_failures": times["num_failures"],
             }
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, pa.ArrowException) as exc:
         warnings.warn(
             f"{where.join(name).uri}: unreadable ({exc}); trial states are unknown", stacklevel=2
         )
@@ -180,10 +202,10 @@ def read_reports(
     line is dropped and a malformed line skipped, each with a warning."""
     tables, owners = [], []
     for chunk in _chunks(sizes):
-        names = [where.join(folders[i]).uri for i in chunk]
-        raw = read_bytes(where, [f"{folders[i]}/{RESULT_FILE}" for i in chunk])
-        blobs = [_whole_lines(blob, name) for blob, name in zip(raw, names, strict=True)]
-        table, counts = _parse(blobs, names)
+        names = [f"{folders[i]}/{RESULT_FILE}" for i in chunk]
+        raw = read_bytes(where, names)
+        blobs = [_whole_lines(blob, where, name) for blob, name in zip(raw, names, strict=True)]
+        table, counts = _parse(blobs, where, names)
         tables.append(table)
         owners.append(np.repeat(np.asarray(chunk, dtype=np.int64), counts))
     if not tables:
@@ -203,7 +225,7 @@ def _chunks(sizes: list[int]) -> Iterator[list[int]]:
         yield chunk
 
 
-def _whole_lines(blob: bytes, name: str) -> bytes:
+def _whole_lines(blob: bytes, where: Location, name: str) -> bytes:
     """The blob up to its last complete line; a truncated last line is dropped with a warning."""
     if not blob or blob.endswith(b"\n"):
         return blob
@@ -213,20 +235,20 @@ def _whole_lines(blob: bytes, name: str) -> bytes:
         return blob + b"\n"
     except ValueError:
         warnings.warn(
-            f"{name}/{RESULT_FILE}: the last line is incomplete (a running or interrupted "
+            f"{where.join(name).uri}: the last line is incomplete (a running or interrupted "
             "trial); skipped it",
             stacklevel=2,
         )
         return head + newline
 
 
-def _parse(blobs: list[bytes], names: list[str]) -> tuple[pa.Table, list[int]]:
+def _parse(blobs: list[bytes], where: Location, names: list[str]) -> tuple[pa.Table, list[int]]:
     """Parse whole-line blobs with one read_json call; file by file if some line is bad."""
     counts = [blob.count(b"\n") for blob in blobs]
     table = _read_json(b"".join(blobs), sum(counts))
     if table is not None:
         return table, counts
-    tables = [_parse_file(blob, name) for blob, name in zip(blobs, names, strict=True)]
+    tables = [_parse_file(blob, where, name) for blob, name in zip(blobs, names, strict=True)]
     return pa.concat_tables(tables), [t.num_rows for t in tables]
 
 
@@ -241,7 +263,7 @@ def _read_json(data: bytes, lines: int) -> pa.Table | None:
     return table if table.num_rows == lines else None
 
 
-def _parse_file(blob: bytes, name: str) -> pa.Table:
+def _parse_file(blob: bytes, where: Location, name: str) -> pa.Table:
     """One file; if some line is bad, line by line, skipping bad lines with a warning."""
     table = _read_json(blob, blob.count(b"\n"))
     if table is not None:
@@ -253,7 +275,7 @@ def _parse_file(blob: bytes, name: str) -> pa.Table:
             rows.append(row)
         elif line.strip():
             warnings.warn(
-                f"{name}/{RESULT_FILE}: line {number} is not a valid report; skipped it",
+                f"{where.join(name).uri}: line {number} is not a valid report; skipped it",
                 stacklevel=2,
             )
     return pa.concat_tables(rows) if rows else empty(REPORT_SCHEMA)

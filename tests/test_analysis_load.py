@@ -180,6 +180,24 @@ def test_a_trial_missing_from_the_state_file_is_named_by_its_reports(copy):
     assert trials["trial_id"].to_pylist() == sorted(trials["trial_id"].to_pylist())
 
 
+def test_a_state_file_with_indented_trial_records_reads_the_same(copy):
+    # Ray writes a trial's run-time record indented over many lines in some of its versions.
+    before, _ = load(copy, cache=False)
+    (state,) = [p for p in copy.iterdir() if STATE_FILE.match(p.name)]
+    content = json.loads(state.read_text())
+    content["trial_data"] = [
+        [trial, json.dumps(json.loads(runtime), indent=2)]
+        for trial, runtime in content["trial_data"]
+    ]
+    state.write_text(json.dumps(content))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        after, _ = load(copy, cache=False)
+    assert after.equals(before)
+    assert after["num_failures"].to_pylist() == [0] * 12
+    assert after["end_time"].null_count == 0
+
+
 def test_a_config_key_of_mixed_kinds_becomes_text(copy):
     (state,) = [p for p in copy.iterdir() if STATE_FILE.match(p.name)]
     content = json.loads(state.read_text())
