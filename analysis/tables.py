@@ -24,7 +24,7 @@ from analysis.tune_files import (
     read_reports,
     read_state,
     read_sweep,
-    state_file,
+    state_files,
 )
 from lbs_tune.config import flatten
 from lbs_tune.experiment import ERROR_FILE, PARAMS_FILE, RESULT_FILE, SWEEP_FILE
@@ -53,10 +53,11 @@ _TIME = pa.timestamp("ms", tz="UTC")
 class Results(NamedTuple):
     """What `analysis.load` returns; unpacks as `trials, history`.
 
-    `trials`: one row per trial (TRIAL_FIELDS, the config as dotted columns, `final/<field>`
-    and `best/<metric>`); `history`: one row per report (trial_id, step, epoch, examples, Ray's
-    training_iteration and timestamp, time_s, the metrics, total_steps, host, node_id, gpu_ids,
-    device, and Ray's checkpoint_dir_name where the report came with a checkpoint).
+    `trials`: one row per trial (`columns.TRIAL_FIELDS`, the config as dotted columns,
+    `final/<field>` and `best/<metric>`); `history`: one row per report (trial_id, step, epoch,
+    examples, Ray's training_iteration and timestamp, time_s, the metrics, total_steps, host,
+    node_id, gpu_ids, device, and Ray's checkpoint_dir_name where the report came with a
+    checkpoint).
     """
 
     trials: pa.Table
@@ -72,8 +73,7 @@ class Results(NamedTuple):
 def build(where: Location, files: dict[str, list[int]]) -> Results:
     """The tables of the experiment at `where`, made of `files` (its manifest)."""
     trial_files = {p for p in files if "/" in p}
-    state_name = state_file(files)
-    known = read_state(where, state_name) if state_name else {}
+    known = read_state(where, state_files(files))
     folders = set(known) | {p.split("/")[0] for p in trial_files}
     with_results = sorted(f for f in folders if f"{f}/{RESULT_FILE}" in trial_files)
     sizes = [files[f"{f}/{RESULT_FILE}"][0] for f in with_results]

@@ -1,9 +1,9 @@
 """Ray Tune's files in an experiment folder, read and parsed (text files only, never a pickle).
 
-Which files make the tables (`manifest`), the newest `experiment_state-*.json` (trial ids,
-states, configs, times, failures), every trial's `result.json` (its reports, parsed by pyarrow's
-JSON reader in one call per chunk of files), `params.json`, the last line of `error.txt`, and our
-`lbs_sweep.json`. The file names come from `lbs_tune.experiment`.
+Which files make the tables (`manifest`), the newest readable `experiment_state-*.json` (trial
+ids, states, configs, times, failures), every trial's `result.json` (its reports, parsed by
+pyarrow's JSON reader in one call per chunk of files), `params.json`, the last line of
+`error.txt`, and our `lbs_sweep.json`. The file names come from `lbs_tune.experiment`.
 """
 
 from __future__ import annotations
@@ -69,37 +69,34 @@ _READ = pajson.ReadOptions(block_size=BLOCK_BYTES)
 
 def manifest(where: Location) -> dict[str, list[int]]:
     """[size, mtime_ns] of every file that the tables are made of, by path in the experiment:
-    lbs_sweep.json, the newest experiment state, and each trial folder's result.json,
-    params.json and error.txt. A folder that is no Ray Tune experiment is a UserError."""
+    lbs_sweep.json, Ray's experiment states (one per run of the sweep), and each trial folder's
+    result.json, params.json and error.txt. A folder that is no Ray Tune experiment is a
+    UserError."""
     try:
         infos = where.fs.get_file_info(pafs.FileSelector(where.path, recursive=True))
     except (FileNotFoundError, NotADirectoryError):
         raise UserError(
             f"{where.uri}: no such experiment folder; give <storage>/<sweep name>"
         ) from None
-    files, states = {}, {}
+    files = {}
     for info in infos:
         relative = info.path[len(where.path) :].lstrip("/")
         parts = relative.split("/")
-        if len(parts) == 1 and STATE_FILE.match(relative):
-            states[relative] = [info.size, info.mtime_ns or 0]
-        elif relative == SWEEP_FILE or (len(parts) == 2 and parts[1] in TRIAL_FILES):
+        state = len(parts) == 1 and STATE_FILE.match(relative)
+        if state or relative == SWEEP_FILE or (len(parts) == 2 and parts[1] in TRIAL_FILES):
             files[relative] = [info.size, info.mtime_ns or 0]
-    if not states and not any(p.endswith(RESULT_FILE) for p in files):
+    if not state_files(files) and not any(p.endswith(RESULT_FILE) for p in files):
         raise UserError(
             f"{where.uri}: not a Ray Tune experiment folder (no experiment_state-*.json and no "
             f"trial folders with {RESULT_FILE}); give <storage>/<sweep name>"
         )
-    # Ray names state files by time; the newest is the current one.
-    if states:
-        newest = max(states)
-        files[newest] = states[newest]
     return dict(sorted(files.items()))
 
 
-def state_file(files: dict[str, list[int]]) -> str | None:
-    """The experiment state among the files of a manifest, None without one."""
-    return next((p for p in files if STATE_FILE.match(p)), None)
+def state_files(files: dict[str, list[int]]) -> list[str]:
+    """The experiment states among the files of a manifest, newest first (Ray names each by
+    the time its run of the sweep started)."""
+    return sorted((p for p in files if STATE_FILE.match(p)), reverse=True)
 
 
 def read_bytes(where: Location, paths: list[str]) -> list[bytes]:
@@ -132,33 +129,40 @@ def read_sweep(where: Location) -> bytes | None:
     return raw
 
 
-def read_state(where: Location, name: str) -> dict[str, dict[str, Any]]:
+def read_state(where: Location, names: list[str]) -> dict[str, dict[str, Any]]:
     """Folder -> trial_id, state, config, start_time, end_time (Ray's last result time) and
-    num_failures, from Ray's experiment state `name`; {} with a warning if it is unreadable."""
+    num_failures, from the newest readable of Ray's experiment states `names` (newest first).
+    A newer one that cannot be read (the driver of a resumed sweep copying it right now) is
+    passed over with a warning; {} with a warning if none can be read."""
+    for number, name in enumerate(names):
+        try:
+            return _parse_state(read_bytes(where, [name])[0])
+        except (ValueError, KeyError, TypeError, pa.ArrowException) as exc:
+            older = names[number + 1] if number + 1 < len(names) else None
+            then = f"read {older} instead" if older else "trial states are unknown"
+            warnings.warn(f"{where.join(name).uri}: unreadable ({exc}); {then}", stacklevel=2)
+    return {}
+
+
+def _parse_state(raw: bytes) -> dict[str, dict[str, Any]]:
+    pairs = json.loads(raw)["trial_data"]
+    # Ray's run-time record of a trial is long (every metric's history): pyarrow's reader
+    # takes the three numbers from all of them in one pass.
+    runtime = pajson.read_json(
+        pa.BufferReader("\n".join(r for _, r in pairs).encode()), parse_options=_RUNTIME
+    ).to_pylist()
     trials = {}
-    try:
-        pairs = json.loads(read_bytes(where, [name])[0])["trial_data"]
-        # Ray's run-time record of a trial is long (every metric's history): pyarrow's reader
-        # takes the three numbers from all of them in one pass.
-        runtime = pajson.read_json(
-            pa.BufferReader("\n".join(r for _, r in pairs).encode()), parse_options=_RUNTIME
-        ).to_pylist()
-        for (trial_json, _), times in zip(pairs, runtime, strict=True):
-            trial = json.loads(trial_json)
-            # A trial that never started may have no folder name yet.
-            trials[trial.get("relative_logdir") or trial["trial_id"]] = {
-                "trial_id": trial["trial_id"],
-                "state": trial["status"],
-                "config": trial.get("config"),
-                "start_time": times["start_time"],
-                "end_time": times["last_result_time"],
-                "num_failures": times["num_failures"],
-            }
-    except (ValueError, KeyError, TypeError, pa.ArrowException) as exc:
-        warnings.warn(
-            f"{where.join(name).uri}: unreadable ({exc}); trial states are unknown", stacklevel=2
-        )
-        return {}
+    for (trial_json, _), times in zip(pairs, runtime, strict=True):
+        trial = json.loads(trial_json)
+        # A trial that never started may have no folder name yet.
+        trials[trial.get("relative_logdir") or trial["trial_id"]] = {
+            "trial_id": trial["trial_id"],
+            "state": trial["status"],
+            "config": trial.get("config"),
+            "start_time": times["start_time"],
+            "end_time": times["last_result_time"],
+            "num_failures": times["num_failures"],
+        }
     return trials
 
 

@@ -198,6 +198,31 @@ def test_a_state_file_with_indented_trial_records_reads_the_same(copy):
     assert after["end_time"].null_count == 0
 
 
+def test_a_half_copied_newer_state_file_is_passed_over_for_the_one_before(copy):
+    # A resumed sweep starts a state file of its own; its driver may be copying it right now.
+    before, _ = load(copy, cache=False)
+    (state,) = [p for p in copy.iterdir() if STATE_FILE.match(p.name)]
+    newer = copy / "experiment_state-2999-01-01_00-00-00.json"
+    newer.write_text(state.read_text()[:1000])
+    with pytest.warns(UserWarning, match=f"{newer.name}: unreadable .*; read {state.name} instead"):
+        after, _ = load(copy, cache=False)
+    assert after.equals(before)
+    newer.write_text("")
+    state.write_text("")
+    with pytest.warns(UserWarning) as caught:
+        unknown, _ = load(copy, cache=False)
+    assert [str(w.message).split(": unreadable")[0].rsplit("/", 1)[1] for w in caught] == [
+        newer.name,
+        state.name,
+    ]
+    assert str(caught[1].message).endswith("; trial states are unknown")
+    # Without Ray's states: the folders, their params.json and their reports still make the rows.
+    assert unknown["state"].to_pylist() == [None] * 12
+    assert unknown.select(["trial_id", "folder", "batch_size", "final/step"]).equals(
+        before.select(["trial_id", "folder", "batch_size", "final/step"])
+    )
+
+
 def test_a_config_key_of_mixed_kinds_becomes_text(copy):
     (state,) = [p for p in copy.iterdir() if STATE_FILE.match(p.name)]
     content = json.loads(state.read_text())
