@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from analysis._arrow import from_numpy, group_ids, groups, strings, to_numpy, valid
 from analysis.columns import config_columns
+from lbs_tune.config import LRConfig, TrialConfig, direction
 
 Mode = Literal["max", "min"]
 # The config keys that the figures arrange trials by.
@@ -28,12 +29,9 @@ SEED = "seed"
 
 
 def mode_of(metric: str) -> Mode | None:
-    """'max' for an accuracy, 'min' for a loss, None for a metric with no better direction."""
-    if metric.endswith("accuracy"):
-        return "max"
-    if metric.endswith("loss"):
-        return "min"
-    return None
+    """'max' for an accuracy or a mean IoU, 'min' for a loss or a perplexity, None for a metric
+    with no better direction (the loop's own `lbs_tune.config.direction`)."""
+    return direction(metric)
 
 
 def comparison(metric: str) -> str:
@@ -191,9 +189,6 @@ def prepared(trials: pa.Table) -> pa.Table:
     """The trials that figures show: errored ones dropped (a crash is not a result; a diverged
     trial stays), a missing LR rule or batch size set to its TrialConfig default, and list-valued
     config keys turned into text (groupable)."""
-    # Imported here: the loader uses this module and stays free of pydantic's import time.
-    from lbs_tune.config import LRConfig, TrialConfig
-
     defaults = {RULE: LRConfig().scaling, BATCH: TrialConfig.model_fields[BATCH].default}
     trials = trials.filter(pc.invert(pc.is_in(trials["state"], value_set=strings(["ERROR"]))))
     for key, default in defaults.items():

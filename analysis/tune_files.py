@@ -39,15 +39,17 @@ CHUNK_BYTES = 256 * 2**20
 BLOCK_BYTES = 8 * 2**20
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
-_COUNTS = ("step", "epoch", "examples", "diverged", "total_steps")
-_MEASURES = [m for m in METRICS if m not in _COUNTS]
+# Whole numbers and flags among the metrics; every other metric is a float.
+_KINDS = {"diverged": pa.bool_()} | dict.fromkeys(
+    ("step", "examples", "total_steps", "bn_batch", "target/step"), pa.int64()
+)
+_FIRST = ("step", "epoch", "examples")
 # The report fields we read; the rest of a line (Ray's nested `config` above all) is skipped.
 REPORT_SCHEMA = pa.schema(
     [("trial_id", pa.string()), ("step", pa.int64()), ("epoch", pa.float64())]
     + [("examples", pa.int64()), ("training_iteration", pa.int64())]
     + [("timestamp", pa.float64()), ("time_s", pa.float64())]
-    + [(m, pa.float64()) for m in _MEASURES]
-    + [("diverged", pa.bool_()), ("total_steps", pa.int64())]
+    + [(m, _KINDS.get(m, pa.float64())) for m in METRICS if m not in _FIRST]
     + [("host", pa.string()), ("node_id", pa.string()), ("gpu_ids", pa.string())]
     + [("device", pa.string()), ("checkpoint_dir_name", pa.string())]
 )

@@ -96,6 +96,11 @@ def test_history_has_one_row_per_report_in_step_order(tiny_quickstart):
         "time_s",
     ]
     assert "config" not in history.column_names
+    # Counts are whole numbers; a metric this sweep does not measure is an empty column.
+    kinds = {name: str(history.schema.field(name).type) for name in history.column_names}
+    assert kinds["total_steps"] == kinds["bn_batch"] == kinds["target/step"] == "int64"
+    assert kinds["diverged"] == "bool" and kinds["val/loss"] == kinds["peak_lr"] == "double"
+    assert history["noise/b_simple"].null_count == history.num_rows
     raw = raw_trials(tiny_quickstart)
     assert history.num_rows == sum(len(t.reports) for t in raw)
     for t in raw:
@@ -103,7 +108,7 @@ def test_history_has_one_row_per_report_in_step_order(tiny_quickstart):
         assert [r["step"] for r in rows] == [r["step"] for r in t.reports]
         for name in ("val/accuracy", "train/loss", "test/loss", "lr", "images_per_s"):
             assert [r[name] for r in rows] == [r[name] for r in t.reports], name
-        for name in ("total_steps", "peak_lr", "node_id", "checkpoint_dir_name"):
+        for name in ("total_steps", "peak_lr", "bn_batch", "node_id", "checkpoint_dir_name"):
             assert [r[name] for r in rows] == [r[name] for r in t.reports], name
         assert rows[0]["timestamp"].timestamp() == t.reports[0]["timestamp"]
     # B=16, 5760 examples: 360 steps, a report every 45 (half an epoch of 1440).

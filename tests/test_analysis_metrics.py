@@ -31,6 +31,7 @@ def history(*trials: tuple[str, list[int], dict[str, list]]) -> pa.Table:
 def test_the_direction_of_a_metric_follows_its_name():
     assert mode_of("val/accuracy") == "max" and mode_of("test/accuracy") == "max"
     assert mode_of("train/loss") == "min" and mode_of("val/loss") == "min"
+    assert mode_of("val/perplexity") == "min" and mode_of("test/miou") == "max"
     assert mode_of("images_per_s") is None and mode_of("lr") is None
     assert (comparison("val/accuracy"), comparison("train/loss")) == ("≥", "≤")
 
