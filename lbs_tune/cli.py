@@ -31,6 +31,7 @@ def _ray_args(args: argparse.Namespace) -> dict:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from analysis.status import status
     from lbs_tune.runner import run
 
     return run(
@@ -41,14 +42,23 @@ def _run(args: argparse.Namespace) -> int:
         fresh=args.fresh,
         dry_run=args.dry_run,
         force_unlock=args.force_unlock,
+        verbose=args.verbose,
+        table=status,
         **_ray_args(args),
     )
 
 
 def _resume(args: argparse.Namespace) -> int:
+    from analysis.status import status
     from lbs_tune.runner import resume
 
-    return resume(args.experiment, force_unlock=args.force_unlock, **_ray_args(args))
+    return resume(
+        args.experiment,
+        force_unlock=args.force_unlock,
+        verbose=args.verbose,
+        table=status,
+        **_ray_args(args),
+    )
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -115,6 +125,12 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
         "--force-unlock",
         action="store_true",
         help="take over the sweep's lock held by a run on another host that is gone",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print Ray's own output (its tables, every trial's stdout and stderr) instead of "
+        "one line per trial event and a status every 30 s",
     )
 
 

@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -220,8 +221,14 @@ def _use_token_if_there() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-def start_ray(address: str | None = None, cpus: int | None = None, gpus: int | None = None) -> None:
-    """Join the cluster at `address`, or start a local one with the dashboard on.
+def start_ray(
+    address: str | None = None,
+    cpus: int | None = None,
+    gpus: int | None = None,
+    log_to_driver: bool = True,
+) -> None:
+    """Join the cluster at `address`, or start a local one with the dashboard on. The trials'
+    stdout and stderr reach this process only with `log_to_driver`.
 
     A local Ray listens on the loopback only (GCS, raylets, workers, the metrics endpoint, the
     dashboard): Ray takes 127.0.0.1 as its node address when told this machine is no cluster
@@ -239,7 +246,7 @@ def start_ray(address: str | None = None, cpus: int | None = None, gpus: int | N
         _use_token_if_there()
         _check_reachable(address)
         try:
-            context = ray.init(address=address, log_to_driver=True)
+            context = ray.init(address=address, log_to_driver=log_to_driver)
         except (ConnectionError, ValueError, RuntimeError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UserError(
@@ -254,6 +261,7 @@ def start_ray(address: str | None = None, cpus: int | None = None, gpus: int | N
             num_gpus=gpus,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
+            log_to_driver=log_to_driver,
         )
     if context.dashboard_url:
         print(f"Ray dashboard: http://{context.dashboard_url}")
@@ -301,13 +309,25 @@ def _summary(results, started: float) -> tuple[str, int]:
     return f"{line}, wall time {wall:.0f} s", counts["errored"]
 
 
-def execute(spec: SweepSpec, experiment: Location, recorded: dict | None, **ray_args) -> int:
-    """Run (or resume) the sweep into `experiment`; return the exit code."""
+def execute(
+    spec: SweepSpec,
+    experiment: Location,
+    recorded: dict | None,
+    verbose: bool = False,
+    table: Callable[[str], str] | None = None,
+    **ray_args,
+) -> int:
+    """Run (or resume) the sweep into `experiment`; return the exit code. `verbose` keeps Ray's
+    own output; `table` (experiment URI -> text) is printed at the end."""
     started = time.monotonic()
-    start_ray(**ray_args)
+    from lbs_tune.console import Console, ray_init_options
+
+    start_ray(**ray_args, **ray_init_options(verbose, ray_args.get("address")))
     from ray import tune
 
     from lbs_tune.trainable import placement, train_trial
+
+    console = Console(spec, experiment, verbose=verbose, table=table)
 
     data_dirs = sorted({str(data_dir(t.data)) for t in spec.trials})
     studies = _studies(spec, experiment)
@@ -351,11 +371,10 @@ def execute(spec: SweepSpec, experiment: Location, recorded: dict | None, **ray_
                 stop=stop,
             ),
         )
-    results = tuner.fit()
+    results = console.fit(tuner)
     line, errored = _summary(results, started)
     record_end(experiment)
-    print(f"sweep {spec.name}: {line}")
-    print(f"next: lbs-tune report {experiment.uri}")
+    console.finish(f"sweep {spec.name}: {line}")
     return 1 if errored else 0
 
 
@@ -440,6 +459,8 @@ def run(
     fresh: bool = False,
     dry_run: bool = False,
     force_unlock: bool = False,
+    verbose: bool = False,
+    table: Callable[[str], str] | None = None,
     **ray_args,
 ) -> int:
     """`lbs-tune run`: validate the spec, then run or resume it under `<storage>/<name>`, as the
@@ -455,10 +476,16 @@ def run(
         if not ray_args.get("address"):  # a cluster's nodes have their own data folders
             prepare_data(spec)
         recorded = prepare_folder(spec, experiment, fresh)
-        return execute(spec, experiment, recorded, **ray_args)
+        return execute(spec, experiment, recorded, verbose, table, **ray_args)
 
 
-def resume(experiment_path: str, force_unlock: bool = False, **ray_args) -> int:
+def resume(
+    experiment_path: str,
+    force_unlock: bool = False,
+    verbose: bool = False,
+    table: Callable[[str], str] | None = None,
+    **ray_args,
+) -> int:
     """`lbs-tune resume`: continue the sweep recorded in an experiment folder."""
     experiment = locate(experiment_path)
     if not has_record(experiment):
@@ -472,4 +499,4 @@ def resume(experiment_path: str, force_unlock: bool = False, **ray_args) -> int:
     with exclusive(experiment, force_unlock):
         if not ray_args.get("address"):
             prepare_data(spec)
-        return execute(spec, experiment, recorded, **ray_args)
+        return execute(spec, experiment, recorded, verbose, table, **ray_args)

@@ -635,7 +635,6 @@ def test_tiny_sweep_through_a_tuner_prints_its_events_and_no_ray_tables(
 
 
 @pytest.mark.ray
-@pytest.mark.xfail(strict=False, reason="needs runner wiring")
 def test_24_trial_quickstart_prints_at_most_120_lines_without_a_tty(ray_cluster, tmp_path):
     """`lbs-tune run` as a user runs it, its output to pipes (no TTY)."""
     overrides = [
