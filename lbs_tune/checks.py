@@ -1,16 +1,25 @@
 """The checks of a trial config that need the dataset and model zoos, run once per grid point.
 
 `lbs_tune.config` validates types, ranges and consistency without importing torch; these checks
-ask the zoos (is the model known, does it take the dataset's inputs, does the batch fit the
-training split) before anything starts: in `lbs-tune run`, `run --dry-run` and `train`.
+ask the zoos (is the model known, does it serve the dataset's task and take its inputs, does the
+batch fit the training split) before anything starts: in `lbs-tune run`, `run --dry-run` and
+`train`.
 """
 
 from __future__ import annotations
 
 from lbs_tune.config import KeyedError, TrialConfig
-from lbs_tune.data import DATASETS, batch_too_large
+from lbs_tune.data import DATASETS, batch_too_large, dataset_info
 from lbs_tune.errors import did_you_mean
-from lbs_tune.models import check_model_fits, models_that_fit, validate_model_name
+from lbs_tune.models import (
+    TASK_MODELS,
+    check_model_fits,
+    model_options,
+    model_task,
+    models_that_fit,
+    validate_model_name,
+)
+from lbs_tune.segmentation import IGNORE_INDEX
 
 
 def check_trial(config: TrialConfig) -> None:
@@ -23,24 +32,48 @@ def check_trial(config: TrialConfig) -> None:
         validate_model_name(config.model)
     except ValueError as exc:
         raise KeyedError("model", str(exc)) from None
-    info = DATASETS[config.dataset]
-    train_size = info.train_size(config.data)
-    problem = batch_too_large(config, train_size)
+    known = model_options(config.model)
+    unknown = sorted(set(config.model_options) - set(known))
+    if unknown:
+        raise KeyedError(
+            "model_options",
+            f"model {config.model} has no option {', '.join(unknown)}; its options: "
+            f"{', '.join(f'{k} (default {v})' for k, v in known.items()) or 'none'}",
+        )
+    info = dataset_info(config)
+    max_batch = info.max_batch(config.data)
+    problem = batch_too_large(config, max_batch, task=info.task)
     if problem:
         raise KeyedError("batch_size", problem)
-    if config.sharpness is not None and config.sharpness.batch > train_size:
+    if config.sharpness is not None and config.sharpness.batch > max_batch:
+        unit = "rows of data.bptt + 1 tokens" if info.task == "language_model" else "examples"
         raise KeyedError(
             "sharpness.batch",
-            f"sharpness.batch {config.sharpness.batch} is larger than the {train_size} training "
-            f"examples of {config.dataset}; use at most {train_size}",
+            f"sharpness.batch {config.sharpness.batch} is larger than the {max_batch} training "
+            f"{unit} of {config.dataset}; use at most {max_batch}",
         )
     shape, classes = info.input_shape(config.data), info.num_classes(config.data)
-    try:
-        check_model_fits(config.model, classes, shape)
-    except ValueError as exc:
-        fitting = ", ".join(models_that_fit(classes, shape)) or "none of the zoo"
+    if info.task == "segmentation" and classes >= IGNORE_INDEX:
         raise KeyedError(
-            "model",
-            f"{config.model} cannot take {config.dataset} inputs of shape {shape} ({exc}); "
-            f"models that can: {fitting}",
-        ) from None
+            "data.classes",
+            f"{classes} classes for segmentation: masks are uint8 with {IGNORE_INDEX} for "
+            f"ignored pixels; use at most {IGNORE_INDEX - 1}",
+        )
+    served = model_task(config.model)
+    problem = None
+    if served != info.task:
+        needed = TASK_MODELS[info.task]
+        problem = f"{config.model} is {TASK_MODELS[served]}; {config.dataset} needs {needed}"
+    else:
+        try:
+            check_model_fits(config.model, classes, shape, info.task)
+        except ValueError as exc:
+            problem = f"{config.model} cannot take {config.dataset} inputs of shape {shape} ({exc})"
+    if problem:
+        fitting = ", ".join(models_that_fit(classes, shape, info.task)) or "none of the zoo"
+        raise KeyedError("model", f"{problem}; models that can: {fitting}")
+    if config.model_options:
+        try:
+            check_model_fits(config.model, classes, shape, info.task, **config.model_options)
+        except ValueError as exc:
+            raise KeyedError("model_options", f"{config.model}: {exc}") from None

@@ -32,6 +32,7 @@ from PIL import Image
 from torchvision.datasets import mnist as tv_mnist
 
 from lbs_tune.errors import UserError
+from lbs_tune.segmentation import IGNORE_INDEX
 
 # IDX magic numbers of MNIST-family files: 0x08 (uint8) then the number of dimensions.
 _IDX_IMAGES = 0x0803
@@ -325,8 +326,7 @@ def check_files(name: str, root: Path) -> None:
         _wikitext2_paths(Path(root))
         return
     if name == "cityscapes":
-        for split in CITYSCAPES_SPLITS:
-            _cityscapes_pairs(Path(root), split)
+        cityscapes_files(Path(root))
         return
     fmt = _FORMATS[name]
     folder = Path(root) / fmt.folder
@@ -464,7 +464,6 @@ CITYSCAPES_SOURCE = (
     "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from "
     "https://www.cityscapes-dataset.com/downloads/ (free registration)"
 )
-IGNORE_LABEL = 255
 _IMAGE_SUFFIX = "_leftImg8bit.png"
 _LABEL_SUFFIX = "_gtFine_labelIds.png"
 
@@ -472,7 +471,7 @@ _LABEL_SUFFIX = "_gtFine_labelIds.png"
 # that torchvision.datasets.Cityscapes.classes also holds); every other id is ignored.
 _TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11}
 _TRAIN_IDS |= {25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-LABEL_TO_TRAIN_ID = np.full(256, IGNORE_LABEL, dtype=np.uint8)
+LABEL_TO_TRAIN_ID = np.full(256, IGNORE_INDEX, dtype=np.uint8)
 LABEL_TO_TRAIN_ID[list(_TRAIN_IDS)] = list(_TRAIN_IDS.values())
 
 
@@ -501,6 +500,17 @@ def _cityscapes_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise _cityscapes_missing(root, f"label file {missing[0]}{more} missing")
     return pairs
+
+
+def cityscapes_files(root: Path) -> list[Path]:
+    """Every image and label file of Cityscapes' train and val splits under `root`, sorted by
+    split then name; UserError naming what is missing, as `read_cityscapes` would."""
+    return [
+        path
+        for split in CITYSCAPES_SPLITS
+        for pair in _cityscapes_pairs(root, split)
+        for path in pair
+    ]
 
 
 def _cityscapes_corrupt(path: Path, why: str) -> UserError:

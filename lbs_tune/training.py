@@ -3,30 +3,31 @@
 The loop keeps every split on the device, runs each step without host-device synchronisation
 (losses and accuracies accumulate on the device) and synchronises only at evaluation time,
 every `eval_every` epochs, where it reports the metrics of ARCHITECTURE.md and, every
-`checkpoint_every` epochs, a checkpoint that lets a resumed run continue exactly.
+`checkpoint_every` epochs, a checkpoint that lets a resumed run continue exactly. What differs
+between classification, segmentation and language modelling (batches, loss, scores,
+evaluation) is asked of a `lbs_tune.tasks.Task`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lbs_tune.checkpoints import rng_states, set_rng_states
-from lbs_tune.config import TrialConfig, direction, epoch_steps, total_steps
-from lbs_tune.data import BatchSampler, DeviceData, Split, load_dataset
+from lbs_tune.config import TrialConfig, direction, epoch_steps
+from lbs_tune.data import load_dataset
 from lbs_tune.errors import UserError
 from lbs_tune.measure import NoiseScale, gradient_norms, top_hessian_eigenvalue
 from lbs_tune.models import build_model
 from lbs_tune.optim import build_optimizer
 from lbs_tune.rules import lr_at, peak_lr
+from lbs_tune.tasks import autocast, budget_steps, make_task
+from lbs_tune.tasks import evaluate as evaluate  # the classifier's, for lbs_tune.evaluate
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 # A non-finite loss is looked for every this many steps (one host sync), so a diverged trial
 # stops within that many steps of it, not at its next evaluation thousands of steps later.
 DIVERGENCE_CHECK_STEPS = 25
@@ -78,32 +79,6 @@ def derived_seeds(seed: int) -> tuple[int, int, int]:
     return int(init), int(order), int(augment)
 
 
-def _autocast(device: torch.device, precision: str):
-    dtype = AMP_DTYPES[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-@torch.no_grad()
-def evaluate(
-    model, data: DeviceData, split: Split, batch_size: int, precision: str
-) -> tuple[float, float]:
-    """(mean loss, accuracy) of `model` on `split`, in eval mode; one synchronisation."""
-    was_training = model.training
-    model.eval()
-    device = split.y.device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    for x, y in data.eval_batches(split, batch_size):
-        with _autocast(device, precision):
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-    model.train(was_training)
-    return loss_sum.item() / len(split), correct.item() / len(split)
-
-
 def finite_or_none(metrics: dict[str, Any]) -> dict[str, Any]:
     """NaN and inf become None (JSON null): a diverged run's loss is 'no value', not NaN."""
     return {
@@ -134,35 +109,39 @@ def train(
     torch.manual_seed(init_seed)
 
     data = load_dataset(config, device, channels_last)
-    model = build_model(config.model, data.num_classes, data.input_shape, config.ghost_batch_size)
+    model = build_model(
+        config.model,
+        data.num_classes,
+        data.input_shape,
+        config.ghost_batch_size,
+        **config.model_options,
+    )
     model = model.to(device)
     if data.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config.optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
+    task = make_task(config, data, precision, order_seed, augment_seed)
     batch_size, micro = config.batch_size, config.micro_batch_size
-    train_size = len(data.train)
-    per_epoch = epoch_steps(train_size, batch_size)
-    budget = total_steps(config, train_size)
+    per_epoch = epoch_steps(task.epoch_examples, task.examples_per_step)
+    budget = budget_steps(config, task)
     eval_interval = max(1, round(config.eval_every * per_epoch))
     # Checkpoints fall on evaluations, so every checkpoint has a report of the same step.
     checkpoint_interval = eval_interval * max(
         1, round(config.checkpoint_every * per_epoch / eval_interval)
     )
-    sampler = BatchSampler(train_size, batch_size, order_seed, device)
-    augment = torch.Generator(device=device).manual_seed(augment_seed)
 
-    def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The loss being optimised (with label smoothing, if any)."""
-        return F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+    def loss_fn(outputs: Any, y: torch.Tensor) -> torch.Tensor:
+        """The loss being optimised (with label smoothing, if any) of the model's outputs."""
+        return task.loss(task.logits(outputs), y, config.label_smoothing)
 
     # Measurements (off by default) leave the trajectory exactly as it would have been.
     noise = NoiseScale(config.noise_scale.ema) if config.noise_scale else None
     noise_interval = _interval(config.noise_scale, per_epoch)
     sharp_interval = _interval(config.sharpness, per_epoch)
     if config.sharpness:
-        probe = data.train.x[: config.sharpness.batch], data.train.y[: config.sharpness.batch]
+        probe = task.probe(config.sharpness.batch)
     measured: dict[str, float] = {}
 
     step, elapsed, reached = 0, 0.0, None
@@ -170,8 +149,7 @@ def train(
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
-        sampler.load_state_dict(resume["sampler"])
-        augment.set_state(resume["augment"])
+        task.load_state_dict(resume)
         set_rng_states(resume["rng"])
         step, elapsed = resume["step"], resume["elapsed"]
         reached = resume.get("target_step")
@@ -186,8 +164,7 @@ def train(
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
-            "sampler": sampler.state_dict(),
-            "augment": augment.get_state(),
+            **task.state_dict(),
             "rng": rng_states(),
             "noise_scale": noise.state_dict() if noise else None,
             "target_step": reached,
@@ -199,6 +176,7 @@ def train(
     loss_sum = torch.zeros((), device=device)  # the plain cross-entropy, as for val and test
     smoothed_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
+    scored = torch.zeros((), device=device, dtype=torch.int64)  # examples, pixels or tokens
     non_finite = torch.zeros((), device=device, dtype=torch.bool)
     seen, metrics = 0, {}
     started = time.perf_counter()
@@ -206,18 +184,17 @@ def train(
         lr = lr_at(step, config.lr, batch_size, budget, per_epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        index = sampler.batch(step)
-        inputs, labels = data.train_batch(index, augment), data.train.y[index]
+        inputs, targets = task.batch(step)
         if noise and step % noise_interval == 0:
             paused = time.perf_counter()
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 small_sq, big_sq = gradient_norms(
                     model,
-                    data.normalise(inputs),
-                    labels,
+                    task.inputs(inputs),
+                    targets,
                     loss_fn,
                     config.noise_scale.micro_batch,
-                    generators=[augment],
+                    generators=task.generators,
                 )
             estimate = noise.update(small_sq, big_sq, config.noise_scale.micro_batch, batch_size)
             measured["noise/grad_sq"] = estimate.grad_sq
@@ -226,20 +203,25 @@ def train(
             started += time.perf_counter() - paused  # images/s stays a training figure
         # Micro-batches of one step share one augmentation draw, so accumulation changes nothing.
         chunks = (
-            [(inputs, labels)]
+            [(inputs, targets)]
             if micro == batch_size
-            else zip(inputs.split(micro), labels.split(micro), strict=True)
+            else zip(inputs.split(micro), targets.split(micro), strict=True)
         )
-        for x, y in chunks:
-            with _autocast(device, precision):
-                logits = model(data.normalise(x))
-                loss = loss_fn(logits, y)
+        for chunk, (x, y) in enumerate(chunks):
+            with autocast(device, precision):
+                logits = task.forward(model, x, chunk)
+                loss = task.loss(logits, y, config.label_smoothing)
             scaler.scale(loss if micro == batch_size else loss * (len(y) / batch_size)).backward()
-            plain = F.cross_entropy(logits.detach(), y) if smoothing else loss.detach()
+            plain = task.loss(logits.detach(), y) if smoothing else loss.detach()
             loss_sum.add_(plain, alpha=len(y))
             smoothed_sum.add_(loss.detach(), alpha=len(y))
-            correct += (logits.argmax(1) == y).sum()
+            right, count = task.scores(logits, y)
+            correct += right
+            scored += count
         non_finite |= ~torch.isfinite(loss_sum)
+        if config.clip_grad_norm is not None:
+            scaler.unscale_(optimizer)  # clip the gradient itself, not fp16's scaled one
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -251,13 +233,13 @@ def train(
             # In fp32: Hessian-vector products in bf16 are too noisy to find an eigenvalue.
             measured["sharpness/top_eig"] = top_hessian_eigenvalue(
                 model,
-                data.normalise(probe[0]),
+                task.inputs(probe[0]),
                 probe[1],
                 loss_fn,
                 config.sharpness.iterations,
                 seed=config.seed,
                 max_batch=micro,
-                generators=[augment],
+                generators=task.generators,
             )
             started += time.perf_counter() - paused
         blown = step % DIVERGENCE_CHECK_STEPS == 0 and bool(non_finite)
@@ -272,28 +254,31 @@ def train(
         )
         metrics = {
             "step": step,
-            "epoch": round(step * batch_size / train_size, 6),
-            "examples": step * batch_size,
+            "epoch": round(step * task.examples_per_step / task.epoch_examples, 6),
+            "examples": step * task.examples_per_step,
             "total_steps": budget,
             "lr": lr,
             "peak_lr": peak_lr(config.lr, batch_size),
             "bn_batch": config.bn_batch,
             "train/loss": train_loss,
-            "train/accuracy": correct.item() / seen,
+            "train/accuracy": correct.item() / scored.item(),
         }
         if smoothing:
             metrics["train/smoothed_loss"] = smoothed_sum.item() / seen
-        for name, split in (("val", data.val), ("test", data.test)):
-            if split is not None:
-                loss, accuracy = evaluate(model, data, split, config.eval_batch_size, precision)
-                metrics[f"{name}/loss"], metrics[f"{name}/accuracy"] = loss, accuracy
+        for split in ("val", "test"):
+            scores = task.evaluate(model, split, config.eval_batch_size)
+            metrics.update({f"{split}/{name}": value for name, value in (scores or {}).items()})
         reached = reached or _reached(config, metrics, step)
         if config.target:
             metrics["target/step"] = reached
         metrics.update(measured)
         measured.clear()
         elapsed += time.perf_counter() - started
-        metrics.update(images_per_s=seen / train_time, diverged=diverged, time_s=round(elapsed, 3))
+        # Examples per second: tokens for a language model (a row of a batch is bptt tokens).
+        per_row = task.examples_per_step // batch_size
+        metrics.update(
+            images_per_s=seen * per_row / train_time, diverged=diverged, time_s=round(elapsed, 3)
+        )
         metrics = finite_or_none(metrics)
         stop = reached is not None and config.target.stop
         finished = diverged or stop or step == budget
@@ -302,6 +287,7 @@ def train(
         loss_sum.zero_()
         smoothed_sum.zero_()
         correct.zero_()
+        scored.zero_()
         seen = 0
         started = time.perf_counter()
         if diverged or stop:

@@ -9,7 +9,14 @@ from conftest import read_jsonl, tiny_base, write_spec
 from fixtures_formats import write_cifar10, write_mnist
 
 from lbs_tune.config import TrialConfig
-from lbs_tune.data import BatchSampler, load_dataset, random_crop, random_flip
+from lbs_tune.data import (
+    BatchSampler,
+    DeviceData,
+    Split,
+    load_dataset,
+    random_crop,
+    random_flip,
+)
 
 
 def test_random_crop_is_a_shifted_window_of_the_padded_image():
@@ -30,6 +37,23 @@ def test_random_flip_flips_about_half_left_right():
     flipped = (out[:, 0, 0, 0] == x[:, 0, 0, 3]).sum().item()
     kept = (out[:, 0, 0, 0] == x[:, 0, 0, 0]).sum().item()
     assert flipped + kept == 1000 and 400 < flipped < 600
+
+
+def test_a_mask_is_cropped_and_flipped_with_its_image():
+    # Channel 0 of each image holds its mask (as value mod 5), and is never 0 but in padding: a
+    # mask moved as its image was is 255 exactly where the crop shifted padding in.
+    images = torch.randint(1, 251, (64, 3, 6, 7), dtype=torch.uint8)
+    data = DeviceData(
+        train=Split(images, images[:, 0] % 5), val=None, test=None, num_classes=5,
+        input_shape=(3, 6, 7), mean=None, std=None, crop_padding=2, flip=True,
+    )  # fmt: skip
+    x, y = data.train_batch(torch.arange(64), torch.Generator().manual_seed(0))
+    assert y.dtype == torch.uint8 and y.shape == (64, 6, 7)
+    assert torch.equal(y, torch.where(x[:, 0] == 0, 255, x[:, 0] % 5).to(torch.uint8))
+    assert (y == 255).any() and (y != 255).any()
+    # The same draws as an image alone: a crop, then a flip.
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(x, random_flip(random_crop(images, 2, generator), generator))
 
 
 def test_sampler_reads_epoch_permutations_as_one_stream_and_resumes_exactly():

@@ -37,6 +37,7 @@ from lbs_tune.models.wrn import check_wrn, parse_wrn_name, wide_resnet
 __all__ = [
     "MODEL_NAMES",
     "TASKS",
+    "TASK_MODELS",
     "GhostBatchNorm",
     "LSTMLanguageModel",
     "Task",
@@ -52,6 +53,12 @@ __all__ = [
 
 Task = Literal["classification", "segmentation", "language_model"]
 TASKS: tuple[Task, ...] = ("classification", "segmentation", "language_model")
+# The model a task needs, in words for messages.
+TASK_MODELS: dict[Task, str] = {
+    "classification": "a classifier",
+    "segmentation": "a segmentation model",
+    "language_model": "a language model",
+}
 
 # Each builder takes (num_classes, input_shape) and returns a freshly initialised model; its
 # keyword-only parameters are the model's options (sizes a config may set).
@@ -157,10 +164,7 @@ def check_model_fits(
     that every grid point of a sweep is checked before it starts. Options must be hashable."""
     served = model_task(name)
     if served != task:
-        raise ValueError(
-            f"{name} is a {served.replace('_', ' ')} model; the dataset needs a "
-            f"{task.replace('_', ' ')} model"
-        )
+        raise ValueError(f"{name} is {TASK_MODELS[served]}; the dataset needs {TASK_MODELS[task]}")
     build_model(name, num_classes, input_shape, **options)
 
 
