@@ -169,21 +169,24 @@ def prepare_folder(spec: SweepSpec, experiment: Location, fresh: bool) -> dict[s
 
 
 def prepare_data(spec: SweepSpec) -> None:
-    """For a cluster on this machine: check that the files of torchvision datasets are there
-    (a missing file is a UserError before anything starts, not a failure of every trial), and
-    generate embedded datasets once, so that trials starting together don't all do it."""
+    """For a cluster on this machine: check that the dataset files are there (a missing file is
+    a UserError before anything starts, not a failure of every trial), and generate or resize
+    datasets once (MNIST-1D, Cityscapes), so that trials starting together don't all do it."""
     from lbs_tune.data import load_raw
-    from lbs_tune.formats import DATASET_NAMES, check_files
+    from lbs_tune.formats import DATASET_NAMES, LOCAL_DATASET_NAMES, check_files
 
     seen = set()
     for config in spec.trials:
-        key = (config.dataset, config.data.dir, config.data.samples)
+        key = (config.dataset, config.data.dir, config.data.samples, config.data.image_size)
         if key in seen:
             continue
         seen.add(key)
-        if config.dataset in DATASET_NAMES and not config.data.download:
+        # WikiText-2 and Cityscapes cannot be downloaded: their files must be there.
+        if config.dataset in LOCAL_DATASET_NAMES or (
+            config.dataset in DATASET_NAMES and not config.data.download
+        ):
             check_files(config.dataset, data_dir(config.data))
-        elif config.dataset == "mnist1d":
+        if config.dataset in ("mnist1d", "cityscapes"):
             load_raw(config)
 
 
