@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from analysis._arrow import from_numpy, group_ids, groups, strings, to_numpy, valid
 from analysis.columns import config_columns
-from lbs_tune.config import LRConfig, TrialConfig, direction
+from lbs_tune.config import direction
 
 Mode = Literal["max", "min"]
 # The config keys that the figures arrange trials by.
@@ -189,6 +189,10 @@ def prepared(trials: pa.Table) -> pa.Table:
     """The trials that figures show: errored ones dropped (a crash is not a result; a diverged
     trial stays), a missing LR rule or batch size set to its TrialConfig default, and list-valued
     config keys turned into text (groupable)."""
+    # Imported here: reading an experiment needs no trial-config models (pydantic builds them
+    # in a fifth of a second).
+    from lbs_tune.config import LRConfig, TrialConfig
+
     defaults = {RULE: LRConfig().scaling, BATCH: TrialConfig.model_fields[BATCH].default}
     trials = trials.filter(pc.invert(pc.is_in(trials["state"], value_set=strings(["ERROR"]))))
     for key, default in defaults.items():
