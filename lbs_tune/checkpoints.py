@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -17,9 +18,14 @@ STATE_KEYS = ("step", "finished", "model", "optimizer", "sampler", "rng", "repor
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write `state` to `path` atomically: a crash leaves the old file or the new one."""
+    """Write `state` to `path` atomically: a crash leaves the old file or the new one.
+
+    Serialised in memory first: torch's zip writer reports a failed write (a full disk) as a
+    RuntimeError, a plain write reports it as the OSError it is."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     with locate(path).atomic_output() as f:
-        torch.save(state, f)
+        f.write(buffer.getbuffer())
 
 
 def load_checkpoint(path: Path | str, stream: BinaryIO | None = None) -> dict[str, Any]:

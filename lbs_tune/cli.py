@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lbs_tune import __version__
-from lbs_tune.errors import UserError, printable
+from lbs_tune.errors import UserError, cut
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"lbs-tune: error: {printable(str(exc))}", file=sys.stderr)
+        # One line, whatever a file or a value put in it (and never a screenful).
+        print(f"lbs-tune: error: {cut(' '.join(str(exc).split()), 1000)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("lbs-tune: interrupted", file=sys.stderr)

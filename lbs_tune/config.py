@@ -316,7 +316,7 @@ class Resources(_Strict):
     """Resources of one trial. `gpu` maps batch size to a GPU fraction so small trials share."""
 
     cpu: float = Field(1.0, gt=0, le=10_000)
-    gpu: float | dict[str, float] = 0.0
+    gpu: Annotated[float, Field(le=1024)] | dict[str, Annotated[float, Field(le=1024)]] = 0.0
 
     @field_validator("gpu", mode="before")
     @classmethod
@@ -334,9 +334,9 @@ class Resources(_Strict):
             for key in value:
                 if key != "default" and not key.isdigit():
                     raise ValueError(f"gpu keys are batch sizes or 'default', not '{key}'")
-            for v in values:
-                if v > 1 and v != int(v):
-                    raise ValueError(f"a GPU request above 1 must be whole, not {v}")
+        for v in values:
+            if v > 1 and v != int(v):
+                raise ValueError(f"a GPU request above 1 must be whole, not {v}")
         return value
 
     def for_batch(self, batch_size: int) -> tuple[float, float]:

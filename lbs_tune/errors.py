@@ -28,7 +28,7 @@ def did_you_mean(value: object, candidates: Iterable[str]) -> str:
     if close:
         best = max(close, key=lambda c: _common_prefix(value, c))
         return f" (did you mean '{best}'?)"
-    return f"; known: {', '.join(sorted(candidates))}"
+    return f"; known: {cut(', '.join(sorted(candidates)), 80)}"
 
 
 def _common_prefix(a: str, b: str) -> int:

@@ -20,6 +20,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -333,6 +334,10 @@ def read_evaluation(experiment: Location) -> pa.Table | None:
 # ---------------------------------------------------------------------------- One writer
 
 
+# The longest a lock may stay empty while its writer writes it (one small write).
+LOCK_WRITE_S = 2.0
+
+
 def lock_location(experiment: Location) -> Location:
     """The lock of an experiment: beside its folder, so `--fresh` can move the folder aside
     while the lock stays held, and readers of the folder never meet it."""
@@ -407,16 +412,23 @@ def _create(lock: Location, content: dict[str, Any]) -> bool:
 
 
 def _holder(lock: Location) -> dict[str, Any] | None:
-    """The lock's content; None if there is none. A lock that is not JSON (its writer died while
-    writing it) is removed."""
-    try:
-        holder = json.loads(lock.read_text())
-    except FileNotFoundError:
-        return None
-    except (ValueError, UnicodeDecodeError):
-        _remove(lock)
-        return None
-    return holder if isinstance(holder, dict) else {}
+    """The lock's content; None if there is none. A lock that is not JSON yet is being written
+    (its writer created it and writes next): wait for it; one still not JSON after
+    LOCK_WRITE_S was left by a writer that died in between, and is removed."""
+    waited = 0.0
+    while True:
+        try:
+            holder = json.loads(lock.read_text())
+        except FileNotFoundError:
+            return None
+        except (ValueError, UnicodeDecodeError):
+            if waited >= LOCK_WRITE_S:
+                _remove(lock)
+                return None
+            time.sleep(0.05)
+            waited += 0.05
+            continue
+        return holder if isinstance(holder, dict) else {}
 
 
 def _remove(lock: Location) -> None:

@@ -16,6 +16,7 @@ needs a registration): a missing file is a one-line error naming it and where to
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 from collections.abc import Callable, Sequence
@@ -108,12 +109,59 @@ def _check_split(fmt: _Format, x_path: Path, x: np.ndarray, y_path: Path, y: np.
         raise _corrupt(fmt, y_path, why)
 
 
+# What a CIFAR batch may hold besides dicts, lists, strings and bytes: numpy arrays. Anything
+# else in a pickle (a function to call, an object to build) is refused before it is made, so a
+# file that is not a CIFAR batch cannot run code when it is read.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),  # how protocol-2 pickles of Python 3 rebuild bytes
+}
+# torchvision's MD5 of the archives it downloads (torchvision.datasets.CIFAR10/100.tgz_md5).
+ARCHIVE_MD5 = {
+    "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+    "cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85",
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"holds {module}.{name}, which no CIFAR batch holds (refused unread)"
+            )
+        return super().find_class(module, name)
+
+
+def check_archive(root: Path) -> None:
+    """UserError if a CIFAR archive that torchvision downloaded into `root` is there and its MD5
+    is not torchvision's (a damaged or replaced download)."""
+    for name, md5 in ARCHIVE_MD5.items():
+        archive = root / name
+        if not archive.exists():
+            continue
+        digest = hashlib.md5(usedforsecurity=False)
+        with archive.open("rb") as f:
+            for block in iter(lambda: f.read(2**20), b""):
+                digest.update(block)
+        if digest.hexdigest() != md5:
+            raise UserError(
+                f"{archive}: MD5 {digest.hexdigest()} is not torchvision's {md5}: a damaged or "
+                "replaced download; delete it and the folder it was unpacked into, and download "
+                "again"
+            )
+
+
 def _unpickle(fmt: _Format, path: Path, keys: Sequence[str]) -> dict[str, Any]:
-    """Load one CIFAR pickle as torchvision does and check it is a dict holding `keys`."""
+    """Load one CIFAR pickle as torchvision does, building nothing but dicts, lists, strings and
+    numpy arrays, and check it is a dict holding `keys`."""
+    check_archive(path.parent.parent)
     try:
         with path.open("rb") as f:
             # latin1, as torchvision: the files were pickled by Python 2 with byte-string keys.
-            entry = pickle.load(f, encoding="latin1")
+            entry = _CifarUnpickler(f, encoding="latin1").load()
     # Unpickling a damaged file can raise nearly any exception type.
     except Exception as exc:
         raise _corrupt(fmt, path, _describe(exc)) from exc

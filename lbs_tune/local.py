@@ -9,8 +9,10 @@ continuous.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,33 +105,42 @@ def _check_same_config(out: Path, config: TrialConfig) -> None:
 def run_local(config: TrialConfig, out: Path) -> dict[str, Any]:
     """Run (or resume, or confirm finished) the trial in folder `out`; return its last metrics."""
     out = out.expanduser().resolve()
-    _check_same_config(out, config)
-    resume = newest_checkpoint(out)
-    metrics_path = out / RUN_METRICS_FILE
-    kept = list(resume["reports"]) if resume else []
-    if resume and resume["finished"]:
-        print(
-            f"{out}: this run already finished at step {resume['step']}; metrics in {metrics_path}"
-        )
-        return kept[-1] if kept else {}
-    locate(metrics_path).write_text("".join(json.dumps(row) + "\n" for row in kept))
-    if resume:
-        print(f"{out}: resuming from the checkpoint of step {resume['step']}")
-    progress = Progress()
+    with _writes(out):
+        _check_same_config(out, config)
+        resume = newest_checkpoint(out)
+        metrics_path = out / RUN_METRICS_FILE
+        kept = list(resume["reports"]) if resume else []
+        if resume and resume["finished"]:
+            print(
+                f"{out}: this run already finished at step {resume['step']}; "
+                f"metrics in {metrics_path}"
+            )
+            return kept[-1] if kept else {}
+        locate(metrics_path).write_text("".join(json.dumps(row) + "\n" for row in kept))
+        if resume:
+            print(f"{out}: resuming from the checkpoint of step {resume['step']}")
+        progress = Progress()
+        try:
+            reporter = LocalReporter(out, config.keep_checkpoints, progress, kept)
+            return train(config, reporter, resume)
+        except torch.OutOfMemoryError:
+            raise UserError(
+                f"{out}: {out_of_memory(config.batch_size, config.micro_batch_size)}"
+            ) from None
+        finally:
+            progress.close()
+
+
+@contextlib.contextmanager
+def _writes(out: Path) -> Iterator[None]:
+    """A run folder that cannot be written (a full disk, a quota, no permission) is one line:
+    the file being written was removed, the last whole checkpoint stays to resume from."""
     try:
-        reporter = LocalReporter(out, config.keep_checkpoints, progress, kept)
-        return train(config, reporter, resume)
-    except torch.OutOfMemoryError:
-        raise UserError(
-            f"{out}: {out_of_memory(config.batch_size, config.micro_batch_size)}"
-        ) from None
+        yield
     except OSError as exc:
         if exc.errno not in WRITE_ERRORS:
             raise
-        # The checkpoint being written was removed; the last whole one stays to resume from.
         raise UserError(
             f"{out}: cannot write the run's files ({exc.strerror}); free space (or use another "
             "--out) and run again to resume"
         ) from None
-    finally:
-        progress.close()

@@ -36,8 +36,9 @@ class _Source:
         self.path = path
         text = self._text()
         # One parse: the node tree gives the lines, the same nodes give the data.
-        loader = yaml.SafeLoader(text)
+        loader = None
         try:
+            loader = yaml.SafeLoader(text)  # its reader refuses control characters at once
             node = loader.get_single_node()
             if node is not None:
                 self._check_size(node)
@@ -50,7 +51,8 @@ class _Source:
             reason = cut(str(exc).split(";")[0], 120)
             raise UserError(f"{path}: a value YAML cannot read ({reason}); fix it") from None
         finally:
-            loader.dispose()
+            if loader is not None:
+                loader.dispose()
         if not isinstance(self.data, dict):
             raise UserError(f"{path}: a sweep file is a mapping with 'name', 'base' and 'grid'")
         self.lines: dict[str, int] = {}
@@ -135,7 +137,7 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> tuple[str, str]:
     key = ".".join(loc)
     if error["type"] == "extra_forbidden":
         fields = _fields_at(model, loc[:-1])
-        return key, f"unknown key {short(loc[-1])}{did_you_mean(cut(loc[-1]), fields)}"
+        return key, f"unknown key {short(loc[-1], 40)}{did_you_mean(cut(loc[-1]), fields)}"
     message = cut(error["msg"].removeprefix("Value error, "), 200)
     if error["type"] == "literal_error":
         message = f"got {short(error['input'])}: {message.lower()}"
@@ -169,7 +171,7 @@ def validation_message(exc: ValidationError, model: type[BaseModel], where: Wher
     errors = exc.errors()
     key, message = _describe(errors[0], model)
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{where(key)}: {key or 'config'}: {message}{more}"
+    return f"{where(key)}: {cut(key, 40) or 'config'}: {message}{more}"
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -245,7 +247,8 @@ def _check_base(spec: SweepSpec, where: Where) -> None:
     try:
         TrialConfig.model_validate(spec.base)
     except ValidationError as exc:
-        errors = [e for e in exc.errors() if e["loc"] and e["type"] != "value_error"]
+        # Errors of one value (field level) only: whole-config rules are the grid points'.
+        errors = [e for e in exc.errors() if e["loc"]]
         if errors:
             key, message = _describe(errors[0], TrialConfig)
             raise UserError(f"{where(f'base.{key}')}: {key}: {message}") from None

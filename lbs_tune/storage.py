@@ -77,8 +77,11 @@ class Location:
                 f.flush()
                 os.fsync(f.fileno())
             except BaseException:
-                f.close()
-                os.unlink(f.name)
+                # Closing flushes what is buffered and may fail the same way (a full disk).
+                with contextlib.suppress(OSError):
+                    f.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f.name)
                 raise
         os.replace(f.name, self.path)
 
