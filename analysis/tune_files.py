@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,8 @@ CHUNK_BYTES = 256 * 2**20
 # A report line may be long (Ray repeats the whole config in it); blocks must hold whole lines.
 BLOCK_BYTES = 8 * 2**20
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Ray copies a state file in milliseconds: one read again this much later finds it whole.
+STATE_RETRY_S = 0.2
 
 # Whole numbers and flags among the metrics; every other metric is a float.
 _KINDS = {"diverged": pa.bool_()} | dict.fromkeys(
@@ -134,15 +137,21 @@ def read_sweep(where: Location) -> bytes | None:
 def read_state(where: Location, names: list[str]) -> dict[str, dict[str, Any]]:
     """Folder -> trial_id, state, config, start_time, end_time (Ray's last result time) and
     num_failures, from the newest readable of Ray's experiment states `names` (newest first).
-    A newer one that cannot be read (the driver of a resumed sweep copying it right now) is
-    passed over with a warning; {} with a warning if none can be read."""
+
+    Ray rewrites a running sweep's state file in place, so a reader may find it empty or cut
+    short: it is read again once, STATE_RETRY_S later. One still unreadable is passed over for
+    the one before (an earlier run's) with a warning; {} with a warning if none can be read."""
     for number, name in enumerate(names):
-        try:
-            return _parse_state(read_bytes(where, [name])[0])
-        except (ValueError, KeyError, TypeError, pa.ArrowException) as exc:
-            older = names[number + 1] if number + 1 < len(names) else None
-            then = f"read {older} instead" if older else "trial states are unknown"
-            warnings.warn(f"{where.join(name).uri}: unreadable ({exc}); {then}", stacklevel=2)
+        for attempt in range(2):
+            try:
+                return _parse_state(read_bytes(where, [name])[0])
+            except (ValueError, KeyError, TypeError, pa.ArrowException) as exc:
+                problem = exc
+                if attempt == 0:
+                    time.sleep(STATE_RETRY_S)
+        older = names[number + 1] if number + 1 < len(names) else None
+        then = f"read {older} instead" if older else "trial states are unknown"
+        warnings.warn(f"{where.join(name).uri}: unreadable ({problem}); {then}", stacklevel=2)
     return {}
 
 

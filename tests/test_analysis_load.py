@@ -21,7 +21,7 @@ import pytest
 from conftest import HOSTILE, TINY_EXPERIMENTS, raw_trials
 from make_tiny_experiment import text_files
 
-from analysis import load
+from analysis import load, tune_files
 from lbs_tune.errors import UserError
 from lbs_tune.experiment import CACHE_DIR, STATE_FILE
 
@@ -201,6 +201,26 @@ def test_a_state_file_with_indented_trial_records_reads_the_same(copy):
     assert after.equals(before)
     assert after["num_failures"].to_pylist() == [0] * 12
     assert after["end_time"].null_count == 0
+
+
+def test_a_state_file_caught_while_ray_rewrites_it_is_read_again(copy, monkeypatch):
+    before, _ = load(copy, cache=False)
+    (state,) = [p for p in copy.iterdir() if STATE_FILE.match(p.name)]
+    whole = state.read_text()
+    state.write_text(whole[: len(whole) // 2])
+    pauses = []
+
+    def ray_finishes_its_copy(seconds: float) -> None:
+        pauses.append(seconds)
+        state.write_text(whole)
+
+    # The loader's pause before it reads again is when Ray's copy completes.
+    monkeypatch.setattr(tune_files.time, "sleep", ray_finishes_its_copy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        after, _ = load(copy, cache=False)
+    assert pauses == [tune_files.STATE_RETRY_S]
+    assert after.equals(before)
 
 
 def test_a_half_copied_newer_state_file_is_passed_over_for_the_one_before(copy):
