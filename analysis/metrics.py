@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from analysis._arrow import from_numpy, group_ids, groups, strings, to_numpy, valid
 from analysis.columns import config_columns
-from lbs_tune.config import direction
+from lbs_tune.names import direction
 
 Mode = Literal["max", "min"]
 # The config keys that the figures arrange trials by.

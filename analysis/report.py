@@ -34,9 +34,9 @@ from analysis.figures import (
 from analysis.load import experiment_location, load, load_evaluation
 from analysis.metrics import comparison, reached_at, varying_keys
 from analysis.tables import Results
-from lbs_tune.config import METRICS
 from lbs_tune.errors import UserError, did_you_mean
 from lbs_tune.experiment import REPORT_FILE, count_outcomes
+from lbs_tune.names import METRICS
 
 X_AXES = ("step", "examples", "epoch")
 STATIC_FORMATS = ("png", "pdf", "svg")

@@ -26,8 +26,8 @@ from analysis.tune_files import (
     read_sweep,
     state_files,
 )
-from lbs_tune.config import flatten
 from lbs_tune.experiment import ERROR_FILE, PARAMS_FILE, RESULT_FILE, SWEEP_FILE
+from lbs_tune.names import flatten
 from lbs_tune.storage import Location
 
 SWEEP_KEY = b"lbs_sweep"

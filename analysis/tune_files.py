@@ -22,7 +22,6 @@ import pyarrow.fs as pafs
 import pyarrow.json as pajson
 
 from analysis._arrow import empty
-from lbs_tune.config import METRICS
 from lbs_tune.errors import UserError
 from lbs_tune.experiment import (
     ERROR_FILE,
@@ -32,6 +31,7 @@ from lbs_tune.experiment import (
     SWEEP_FILE,
     TRIAL_FILES,
 )
+from lbs_tune.names import METRICS
 from lbs_tune.storage import Location
 
 # One read_json call parses up to this many bytes; bigger sweeps are parsed in chunks of it.

@@ -19,38 +19,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lbs_tune.names import BUDGET_KEYS, METRICS, direction, flatten, set_dotted
 from lbs_tune.search import SearchSpec
 
-# The metric names of every report: the same in the loop, in Ray's files, in the tables and plots.
-METRICS = (
-    "step",
-    "epoch",
-    "examples",
-    "lr",
-    "train/loss",
-    "train/accuracy",
-    "val/loss",
-    "val/accuracy",
-    "test/loss",
-    "test/accuracy",
-    "val/perplexity",
-    "test/perplexity",
-    "val/miou",
-    "test/miou",
-    "val/pixel_accuracy",
-    "test/pixel_accuracy",
-    "images_per_s",
-    "diverged",
-    "total_steps",
-    "peak_lr",
-    "bn_batch",
-    "target/step",
-    "train/smoothed_loss",
-    "noise/grad_sq",
-    "noise/trace_cov",
-    "noise/b_simple",
-    "sharpness/top_eig",
-)
 MetricName = Literal[METRICS]
 
 
@@ -157,15 +128,6 @@ class TrialTarget(_Strict):
     stop: bool = False
 
 
-def direction(metric: str) -> Literal["max", "min"] | None:
-    """'max' for an accuracy, 'min' for a loss or a perplexity, None for a metric without one."""
-    if metric.endswith("accuracy") or metric.endswith("miou"):
-        return "max"
-    if metric.endswith("loss") or metric.endswith("perplexity"):
-        return "min"
-    return None
-
-
 def data_dir(data: DataConfig) -> Path:
     """The absolute data folder of a config: data.dir, else $LBS_DATA_DIR, else
     ~/.cache/lbs-tune/data."""
@@ -264,18 +226,6 @@ class TrialConfig(_Strict):
         return flatten(self.model_dump(mode="json"))
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'lr': {'base': 0.1}} -> {'lr.base': 0.1}; lists and tuples stay values."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def changes(old: dict[str, Any], new: dict[str, Any], ignore=(), limit: int = 4) -> str:
     """What differs between two nested configs, as 'key: old -> new; ...' (at most `limit`
     keys, then '(+N more)'); keys in `ignore` (dotted) do not count. '' when nothing differs."""
@@ -287,26 +237,6 @@ def changes(old: dict[str, Any], new: dict[str, Any], ignore=(), limit: int = 4)
     ]
     more = f" (+{len(changed) - limit} more)" if len(changed) > limit else ""
     return "; ".join(changed[:limit]) + more
-
-
-BUDGET_KEYS = ("epochs", "steps", "examples")
-
-
-def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    """Set `tree['a']['b'] = value` for key 'a.b', making the inner dicts as needed.
-
-    Setting one budget key (epochs, steps, examples) removes the others: it replaces the budget.
-    """
-    if key in BUDGET_KEYS:
-        for other in BUDGET_KEYS:
-            tree.pop(other, None)
-    *parents, leaf = key.split(".")
-    for part in parents:
-        child = tree.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ValueError(f"'{part}' of '{key}' is a value, not a section")
-        tree = child
-    tree[leaf] = value
 
 
 # --------------------------------------------------------------------------- Sweep spec
