@@ -34,8 +34,8 @@ from analysis.figures import (
 from analysis.load import experiment_location, load, load_evaluation
 from analysis.metrics import comparison, reached_at, varying_keys
 from analysis.tables import Results
-from lbs_tune.errors import UserError, did_you_mean
-from lbs_tune.experiment import REPORT_FILE, count_outcomes
+from lbs_tune.errors import UserError, cut, did_you_mean
+from lbs_tune.experiment import REPORT_FILE, SWEEP_FILE, count_outcomes
 from lbs_tune.names import METRICS
 
 X_AXES = ("step", "examples", "epoch")
@@ -84,6 +84,13 @@ def write_report(
     metric = (spec.get("metric") or {}).get("name") or "val/accuracy"
     if target is None and spec.get("target"):
         target = (spec["target"]["metric"], spec["target"]["value"])
+    for name in (metric, target and target[0]):
+        if name and name not in METRICS:  # a record of another version of lbs-tune
+            raise UserError(
+                f"{where.join(SWEEP_FILE).uri}: the sweep's metric '{cut(name)}' is not one this "
+                f"lbs-tune reports{did_you_mean(name, METRICS)}; report it with the version "
+                "that ran it"
+            )
     drawn = build_figures(results, metric, target, x, load_evaluation(source))
     if out is None:
         remote = Path(f"{where.name}-report.html")

@@ -18,8 +18,8 @@ import yaml
 from analysis.columns import config_columns
 from analysis.load import experiment_location, load
 from lbs_tune.config import SweepSpec
-from lbs_tune.errors import UserError, did_you_mean
-from lbs_tune.experiment import has_record, read_record
+from lbs_tune.errors import UserError, cut, did_you_mean, printable
+from lbs_tune.experiment import has_record, mixed_runs, read_record
 
 
 def _state(row: dict[str, Any]) -> str:
@@ -143,12 +143,16 @@ def status(source: str) -> str:
         f"  git commit {sweep.get('git_commit') or '-'}, started {sweep.get('started', '-')}, "
         f"ended {ended}",
         f"  {len(trials)} trials: {counts}",
-        "",
-        _table(header, rows) if rows else "(no trials yet)",
     ]
+    runs = sweep.get("runs") or []
+    mixed = mixed_runs(runs)
+    if mixed:
+        lines.append(f"  {len(runs)} runs, under other code or data than the first: {mixed}")
+    lines += ["", _table(header, rows) if rows else "(no trials yet)"]
     if errors:
         lines += ["", "errors:", *errors]
-    return "\n".join(lines)
+    # Error files, configs and the record are other people's text: no terminal escapes.
+    return printable("\n".join(lines))
 
 
 def where(source: str, filters: list[str]) -> list[str]:
@@ -164,7 +168,14 @@ def where(source: str, filters: list[str]) -> list[str]:
             raise UserError(f"{text}: expected KEY=VALUE, e.g. batch_size=32 or lr.scaling=linear")
         if key not in keys:
             raise UserError(f"{text}: no config key '{key}' in this sweep{did_you_mean(key, keys)}")
-        wanted.append((key, yaml.safe_load(raw) if raw else ""))
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as exc:
+            problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+            raise UserError(
+                f"{cut(text)}: the value is not YAML ({problem}); quote it, e.g. 'key=\"...\"'"
+            ) from None
+        wanted.append((key, value))
     if results is None:
         return []
     found = []

@@ -124,13 +124,19 @@ def read_bytes(where: Location, paths: list[str]) -> list[bytes]:
 
 
 def read_sweep(where: Location) -> bytes | None:
-    """lbs_sweep.json as bytes; None (with a warning) if it is not JSON."""
+    """lbs_sweep.json as bytes; None (with a warning) if it is not JSON. JSON that is not a
+    sweep record (a list, a number) is a UserError: the record was replaced, not cut short."""
     raw = read_bytes(where, [SWEEP_FILE])[0]
     try:
-        json.loads(raw)
+        record = json.loads(raw)
     except ValueError:
         warnings.warn(f"{where.join(SWEEP_FILE).uri}: not JSON; ignored it", stacklevel=2)
         return None
+    if not isinstance(record, dict):
+        raise UserError(
+            f"{where.join(SWEEP_FILE).uri}: damaged sweep record (not a JSON object); restore "
+            "it, or move it aside to read the trials without it"
+        )
     return raw
 
 
