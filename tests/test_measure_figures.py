@@ -1,0 +1,149 @@
+"""The figures of the in-trial measurements (issue 10): the gradient noise scale over training
+and against the fitted critical batch size, sharpness with the 2 / lr line; and which of the
+report's extra figures apply. Tables made by hand, numbers checked without drawing."""
+
+from __future__ import annotations
+
+import math
+
+import plotly.graph_objects as go
+import pyarrow as pa
+import pytest
+from test_summary import formula_studies, steps_at
+
+from analysis.figures import noise_scale, sharpness
+from analysis.figures._common import Curve
+from analysis.summary import best_trial_ids, extra_figures, summarize
+from analysis.tables import Results
+
+NOISE, SHARP = noise_scale.COLUMN, sharpness.COLUMN
+
+
+def measured_sweep() -> tuple[pa.Table, pa.Table]:
+    """Rule none: B=16 seeds 0 and 1, B=64 seed 0, and an errored B=64 seed 1. Reports at
+    epochs 0.5, 1 and 1.5: B_simple at 0.5 and 1.5 (B=16: 10 x (seed + 1) x epoch; B=64:
+    40 x epoch), sharpness at 1 and 1.5 (B=16: 2 + seed; B=64: 5 x epoch), lr 0.1 at B=16 and
+    0.4 at B=64 but 0.2 at epoch 1.5 (a decay)."""
+    trials, reports = [], []
+    for trial_id, batch, seed, state in (
+        ("a", 16, 0, "TERMINATED"),
+        ("b", 16, 1, "TERMINATED"),
+        ("c", 64, 0, "TERMINATED"),
+        ("e", 64, 1, "ERROR"),
+    ):
+        trials.append(
+            {"trial_id": trial_id, "state": state, "diverged": False, "lr.scaling": "none"}
+            | {"batch_size": batch, "seed": seed, "final/val/accuracy": 0.5}
+        )
+        for epoch in (0.5, 1.0, 1.5):
+            noise = 10 * (seed + 1) * epoch if batch == 16 else 40 * epoch
+            sharp = 2.0 + seed if batch == 16 else 5 * epoch
+            lr = 0.1 if batch == 16 else (0.2 if epoch == 1.5 else 0.4)
+            reports.append(
+                {
+                    "trial_id": trial_id,
+                    "step": int(epoch * 1024 / batch),
+                    "epoch": epoch,
+                    "lr": lr,
+                    NOISE: noise if epoch != 1.0 else None,
+                    SHARP: sharp if epoch != 0.5 else None,
+                }
+            )
+    return pa.Table.from_pylist(trials), pa.Table.from_pylist(reports)
+
+
+def test_b_simple_over_training_per_batch_size_over_seeds_without_crashes():
+    trials, history = measured_sweep()
+    data = noise_scale.extract(trials, history, "epoch")
+    assert (data.column, data.x, data.panels) == (NOISE, "epoch", ["none"])
+    assert data.curves == [
+        Curve("none", 16, [0.5, 1.5], [7.5, 22.5], [5.0, 15.0], [10.0, 30.0]),
+        # The errored seed is no result: only seed 0.
+        Curve("none", 64, [0.5, 1.5], [20.0, 60.0], [20.0, 60.0], [20.0, 60.0]),
+    ]
+    only_a = noise_scale.extract(trials, history, "step", keep={"a"})
+    assert only_a.curves == [Curve("none", 16, [32, 96], [5.0, 15.0], [5.0, 15.0], [5.0, 15.0])]
+    assert isinstance(noise_scale.render(data), go.Figure)
+
+
+def test_sharpness_beside_two_over_the_lr_of_the_same_reports():
+    trials, history = measured_sweep()
+    data = sharpness.extract(trials, history, "epoch")
+    assert data.sharpness.curves == [
+        Curve("none", 16, [1.0, 1.5], [2.5, 2.5], [2.0, 2.0], [3.0, 3.0]),
+        Curve("none", 64, [1.0, 1.5], [5.0, 7.5], [5.0, 7.5], [5.0, 7.5]),
+    ]
+    assert [(c.batch_size, c.x, c.median) for c in data.threshold] == [
+        (16, [1.0, 1.5], pytest.approx([20.0, 20.0])),
+        (64, [1.0, 1.5], pytest.approx([5.0, 10.0])),
+    ]
+    figure = sharpness.render(data)
+    assert [t.name for t in figure.data if t.name.startswith("2/lr")] == [
+        "2/lr, B=16",
+        "2/lr, B=64",
+    ]
+
+
+def test_a_grid_over_lr_shows_the_best_configuration_by_the_metric():
+    trials, _ = measured_sweep()
+    # Seed 1 at B=16 gets another lr.base and a worse final metric: B=16 shows seed 0 only.
+    trials = trials.append_column("lr.base", pa.array([0.1, 0.3, 0.1, 0.1]))
+    trials = trials.set_column(
+        trials.schema.get_field_index("final/val/accuracy"),
+        "final/val/accuracy",
+        pa.array([0.6, 0.4, 0.5, 0.5]),
+    )
+    shown = noise_scale.shown_trials(trials, "val/accuracy", None)
+    assert shown["trial_id"].to_pylist() == ["a", "c"]
+
+
+def versus_history(summary) -> pa.Table:
+    """B_simple of each best trial at half its steps to target (10), at them (20) and after
+    (30); for B=64, only after."""
+    rows = []
+    for p in summary.points:
+        steps = int(p.steps_to_target)
+        for step, value in ((steps // 2, 10.0), (steps, 20.0), (steps + 10, 30.0)):
+            if p.batch_size == 64 and step <= steps:
+                continue
+            rows.append({"trial_id": p.best["ray_trial_id"], "step": step, NOISE: value})
+            rows.append({"trial_id": "other", "step": step, NOISE: 99.0})
+    return pa.Table.from_pylist(rows)
+
+
+def test_b_simple_at_the_target_against_the_fitted_b_crit():
+    studies = [s for s in formula_studies() if s.point["batch_size"] in (16, 64, 256, 1024)]
+    summary = summarize(studies, resamples=20)
+    fit = summary.fits[0].fit
+    data = noise_scale.extract_versus(summary, versus_history(summary))
+    assert data.batch_sizes == [16, 256, 1024]  # B=64 measured only after its target
+    assert data.b_simple == [20.0, 20.0, 20.0]
+    assert data.step == [round(steps_at(b)) for b in (16, 256, 1024)]
+    assert data.b_crit == [fit.b_crit] * 3
+    low, high = fit.intervals["b_crit"]
+    assert (data.b_crit_low, data.b_crit_high) == ([low] * 3, [high] * 3)
+    figure = noise_scale.render_versus(data)
+    (line,) = [t for t in figure.data if t.name == "y = x"]
+    assert list(line.x) == list(line.y)
+    assert line.x[0] <= 20.0 and line.x[-1] >= fit.b_crit
+
+
+def test_the_extra_figures_that_apply():
+    trials, history = measured_sweep()
+    assert list(extra_figures(Results(trials, history), None, "val/accuracy")) == [
+        "noise-scale",
+        "sharpness",
+    ]
+    summary = summarize(formula_studies(), resamples=0)
+    # A searched sweep whose history has the measurement columns, all null: no such figures.
+    empty = history.set_column(
+        history.schema.get_field_index(NOISE), NOISE, pa.nulls(history.num_rows, pa.float64())
+    ).drop_columns([SHARP])
+    drawn = extra_figures(Results(trials, empty), summary, "val/accuracy")
+    assert list(drawn) == ["tuned-steps", "pareto", "best-lr", "study-objective"]
+    assert all(isinstance(f, go.Figure) for f in drawn.values())
+    with_noise = extra_figures(Results(trials, versus_history(summary)), summary, "val/accuracy")
+    assert "noise-vs-critical" in with_noise
+    assert best_trial_ids(summary) == {
+        f"r1-{0.1 * math.sqrt(b / 16)}" for b in [16, 32, 64, 128, 256, 512, 1024, 2048]
+    }

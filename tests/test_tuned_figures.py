@@ -1,0 +1,211 @@
+"""The figures of a searched sweep (issue 9): their data extracted from summaries made by hand
+and checked number by number; each render is drawn once to see that it builds."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import plotly.graph_objects as go
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from test_summary import B_NOISE, S_MIN, SIZES, formula_studies, steps_at, study, trial
+
+from analysis.figures import best_lr, pareto, study_objective, tuned_steps
+from analysis.scaling import REGIME_FACTOR
+from analysis.summary import summarize
+from lbs_tune.search import Objective
+
+
+def fixed_rule_sweep(searched: bool = False) -> tuple[pa.Table, pa.Table]:
+    """Rule linear at B=16 and 64 (two seeds each) and rule none at B=64, reports every 50
+    steps; val/accuracy reaches 0.5 at steps (16: 500 and 600), (64 linear: 150, never),
+    (64 none: 300, 300). With `searched`, a searched trial (search.study set) that reached it
+    at step 50 rides along and must be left out."""
+    reached = {("linear", 16): (500, 600), ("linear", 64): (150, None), ("none", 64): (300, 300)}
+    trials, reports = [], []
+    for (rule, batch), steps in reached.items():
+        for seed, step in enumerate(steps):
+            trial_id = f"{rule}{batch}-{seed}"
+            trials.append(
+                {"trial_id": trial_id, "state": "TERMINATED", "diverged": False}
+                | {"lr.scaling": rule, "batch_size": batch, "seed": seed, "search.study": None}
+            )
+            for at in range(50, 701, 50):
+                value = 0.6 if step is not None and at >= step else 0.2
+                reports.append({"trial_id": trial_id, "step": at, "val/accuracy": value})
+    if searched:
+        trials.append(
+            {"trial_id": "s", "state": "TERMINATED", "diverged": False, "lr.scaling": "none"}
+            | {"batch_size": 16, "seed": 0, "search.study": "batch_size=16"}
+        )
+        reports.append({"trial_id": "s", "step": 50, "val/accuracy": 0.9})
+    return pa.Table.from_pylist(trials), pa.Table.from_pylist(reports)
+
+
+# ============================================================================ Steps to target
+
+
+def test_tuned_steps_have_the_fit_b_crit_regimes_and_the_fixed_rule_series():
+    summary = summarize(formula_studies(never=(2048,)), resamples=30)
+    compared = fixed_rule_sweep()
+    data = tuned_steps.extract(summary, [("this sweep", *fixed_rule_sweep(searched=True))])
+    assert data.target == "val/accuracy ≥ 0.5"
+    (tuned,) = data.tuned
+    assert tuned.batch_sizes == SIZES
+    assert tuned.median == [round(steps_at(b)) for b in SIZES[:-1]] + [None]
+    assert data.not_reached[0].batch_sizes == [2048]
+    (curve,) = data.fits
+    assert (curve.batch_sizes[0], curve.batch_sizes[-1]) == pytest.approx((16, 2048))
+    # The drawn curve is the formula within the fit's error (< 1%: whole steps).
+    assert np.allclose(curve.steps, [steps_at(b) for b in curve.batch_sizes], rtol=0.01)
+    (critical,) = data.critical
+    assert critical.b_crit == pytest.approx(B_NOISE, rel=0.01) and critical.bracketed
+    assert critical.low <= critical.b_crit <= critical.high
+    assert data.regimes == pytest.approx(
+        (critical.b_crit / REGIME_FACTOR, critical.b_crit * REGIME_FACTOR)
+    )
+    # The fixed rules, best per rule and batch size, median over seeds (never = worst).
+    assert [(f.name, f.batch_sizes, f.median, f.low, f.high) for f in data.fixed] == [
+        ("this sweep: linear", [16, 64], [550, None], [500, 150], [600, None]),
+        ("this sweep: none", [64], [300], [300], [300]),
+    ]
+    # A compared sweep is drawn the same way, under its own name; a searched one adds none.
+    other = tuned_steps.extract(summary, [("baseline", *compared), ("tuned", *fixed_rule_sweep())])
+    assert [f.name for f in other.fixed] == [
+        "baseline: linear",
+        "baseline: none",
+        "tuned: linear",
+        "tuned: none",
+    ]
+    only_searched = fixed_rule_sweep(searched=True)[0].filter(
+        pc.is_valid(fixed_rule_sweep(searched=True)[0]["search.study"])
+    )
+    assert tuned_steps.fixed_rule_lines("x", only_searched, compared[1], "val/accuracy", 0.5) == []
+    figure = tuned_steps.render(data)
+    assert isinstance(figure, go.Figure)
+    names = {t.name for t in figure.data} | {s.name for s in figure.layout.shapes}
+    assert {"perfect scaling", "diminishing returns", "maximal data parallelism"} <= names
+
+
+def test_without_a_fit_nothing_is_marked_and_several_series_are_not_shaded():
+    two = summarize([study({"batch_size": 16}, 0, [trial(0, 100.0)])], resamples=0)
+    data = tuned_steps.extract(two)
+    assert (data.fits, data.critical, data.regimes) == ([], [], None)
+    tuned_steps.render(data)
+    sgd = [s._replace(point={**s.point, "opt": "sgd"}) for s in formula_studies()]
+    adam = [s._replace(point={**s.point, "opt": "adam"}) for s in formula_studies()]
+    data = tuned_steps.extract(summarize(sgd + adam, resamples=0))
+    assert [c.name for c in data.critical] == ["opt=sgd", "opt=adam"]
+    assert data.regimes is None
+
+
+# ============================================================================ Pareto frontier
+
+
+def test_the_frontier_is_examples_against_steps_on_the_fitted_hyperbola():
+    data = pareto.extract(summarize(formula_studies(never=(2048,)), resamples=0))
+    (f,) = data.series
+    assert f.batch_sizes == SIZES[:-1]
+    assert f.steps == [round(steps_at(b)) for b in SIZES[:-1]]
+    assert f.examples == [b * s for b, s in zip(f.batch_sizes, f.steps, strict=True)]
+    assert (f.s_min, f.e_min) == pytest.approx((S_MIN, S_MIN * B_NOISE), rel=0.01)
+    # Every point of the drawn curve satisfies (S / S_min - 1)(E / E_min - 1) = 1.
+    s, e = np.array(f.curve_steps), np.array(f.curve_examples)
+    assert np.allclose((s / f.s_min - 1) * (e / f.e_min - 1), 1)
+    # It reaches near both asymptotes: B from B_crit / 100 to 100 B_crit.
+    assert e.min() < 1.02 * f.e_min and s.min() < 1.02 * f.s_min
+    assert isinstance(pareto.render(data), go.Figure)
+    nothing = summarize([study({"batch_size": 16}, 0, [trial(0, None)])], resamples=0)
+    assert pareto.extract(nothing).series == []
+
+
+# ============================================================================ Best learning rate
+
+
+def test_the_best_lr_slope_is_fitted_log_log_beside_the_two_rules():
+    # formula_studies' best trial at batch B has lr 0.1 sqrt(B / 16): slope exactly 1/2.
+    data = best_lr.extract(summarize(formula_studies(), resamples=0))
+    (s,) = data.series
+    assert s.batch_sizes == SIZES and s.lrs == pytest.approx(
+        [0.1 * math.sqrt(b / 16) for b in SIZES]
+    )
+    assert s.slope.slope == pytest.approx(0.5) and s.slope.stderr == pytest.approx(0, abs=1e-9)
+    assert s.references["linear rule (slope 1)"] == pytest.approx([0.1 * b / 16 for b in SIZES])
+    assert s.references["square-root rule (slope 1/2)"] == pytest.approx(s.lrs)
+    figure = best_lr.render(data)
+    assert "0.50" in figure.layout.title.text
+
+
+def test_a_hand_worked_slope_and_its_standard_error():
+    # log2 B = 4, 5, 6 and log2 lr = 0, 1, 1: slope 1/2 per log2 on both axes; residuals
+    # -1/6, 1/3, -1/6 (in log2), so stderr = sqrt((1/6) / 1 / 2) = 0.2887.
+    slope = best_lr.fit_slope([16, 32, 64], [1.0, 2.0, 2.0])
+    assert slope.slope == pytest.approx(0.5)
+    assert slope.stderr == pytest.approx(math.sqrt(1 / 12))
+    assert best_lr.fit_slope([16, 16], [1.0, 2.0]) is None
+    assert best_lr.fit_slope([16, 32], [1.0, 2.0]).stderr is None
+
+
+def test_seeds_anchor_the_references_at_their_geometric_mean_and_no_lr_no_series():
+    studies = [
+        study({"batch_size": 16, "seed": 0}, 0, [trial(0, 100.0, lr=0.1)]),
+        study({"batch_size": 16, "seed": 1}, 1, [trial(0, 100.0, lr=0.4)]),
+        study({"batch_size": 64, "seed": 0}, 2, [trial(0, 40.0, lr=0.8)]),
+    ]
+    (s,) = best_lr.extract(summarize(studies, resamples=0)).series
+    assert s.sizes == [16, 64] and s.batch_sizes == [16, 16, 64]
+    assert s.references["linear rule (slope 1)"] == pytest.approx([0.2, 0.8])
+    momentum_only = [
+        study({"batch_size": 16}, 0, [{**trial(0, 10.0), "params": {"optimizer.momentum": 0.9}}])
+    ]
+    assert best_lr.extract(summarize(momentum_only, resamples=0)).series == []
+
+
+# ============================================================================ Every trial
+
+
+def test_every_finished_trial_of_every_study_against_its_lr():
+    s = study(
+        {"batch_size": 64},
+        0,
+        [
+            trial(0, 300.0, lr=0.01),
+            trial(1, 120.0, lr=0.2),
+            trial(2, None, lr=3.0, diverged=True),
+            trial(3, None, lr=0.001),
+            trial(4, None, lr=0.05, state="RUNNING"),
+        ],
+    )
+    data = study_objective.extract(summarize([s], resamples=0))
+    assert (data.param, data.objective, data.log_y) == (
+        "lr.base",
+        "steps to val/accuracy ≥ 0.5",
+        True,
+    )
+    (found,) = data.studies
+    assert found == study_objective.StudyTrials(
+        "batch_size=64",
+        64,
+        [0, 1, 2, 3],
+        [0.01, 0.2, 3.0, 0.001],
+        [300.0, 120.0, None, None],
+        [False, False, True, False],
+        [None, None, "diverged", "not reached"],
+        1,
+    )
+    figure = study_objective.render(data)
+    crosses = [t for t in figure.data if t.name.endswith(("diverged", "not reached"))]
+    # Infeasible trials along the top: 30% above the worst steps shown.
+    assert all(y == pytest.approx(300 * study_objective.CEILING) for t in crosses for y in t.y)
+
+
+def test_a_metric_study_draws_its_infeasible_trials_below_the_worst_accuracy():
+    metric = Objective("metric", "val/accuracy", "max")
+    s = study({"batch_size": 64}, 0, [trial(0, 0.8), trial(1, 0.6, lr=0.3), trial(2, None)], metric)
+    data = study_objective.extract(summarize([s], resamples=0))
+    assert (data.objective, data.log_y, data.higher_is_better) == ("val/accuracy", False, True)
+    figure = study_objective.render(data)
+    (cross,) = [t for t in figure.data if t.name.endswith("not reached")]
+    assert cross.y[0] == pytest.approx(0.6 - 0.2 * (study_objective.CEILING - 1))
