@@ -13,6 +13,7 @@ import importlib.util
 import json
 import shlex
 import sys
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from analysis.figures import (
 )
 from analysis.load import experiment_location, load, load_evaluation
 from analysis.metrics import comparison, reached_at, varying_keys
+from analysis.summary import extra_figures, read_summary, summary_path, write_summary
 from analysis.tables import Results
 from lbs_tune.errors import UserError, cut, did_you_mean
 from lbs_tune.experiment import REPORT_FILE, SWEEP_FILE, count_outcomes
@@ -65,8 +67,15 @@ def write_report(
     target: tuple[str, float] | None = None,
     x: str = "step",
     static: Path | None = None,
+    compare: Sequence[Any] = (),
 ) -> Path:
     """Write the HTML report of an experiment (folder path, URI or ResultGrid); return its path.
+
+    A searched sweep (Optuna studies) also gets the tuned figures (best steps per batch size with
+    the critical-batch fit, the examples-steps frontier, the best LR against batch size, each
+    study's basin) and `summary.json` beside the page; `compare` names experiments whose
+    fixed-rule steps to target are drawn beside the tuned ones. Measurement figures (noise scale,
+    sharpness) appear when the trials reported them.
 
     `out` defaults to `<experiment>/report.html` (`./<name>-report.html` for remote storage);
     `target` (metric, value) defaults to the sweep spec's target; `x` is the learning curves'
@@ -91,13 +100,23 @@ def write_report(
                 f"lbs-tune reports{did_you_mean(name, METRICS)}; report it with the version "
                 "that ran it"
             )
+    summary = read_summary(where, results.sweep, target)
+    compared = [(experiment_location(c).name, load(c)) for c in compare]
+    if compared and summary is None:
+        raise UserError(
+            f"--compare: {where.uri} has no studies (no search section); --compare draws "
+            "fixed-rule sweeps beside a tuned one"
+        )
     drawn = build_figures(results, metric, target, x, load_evaluation(source))
+    drawn.update(extra_figures(results, summary, metric, compared, x))
     if out is None:
         remote = Path(f"{where.name}-report.html")
         out = Path(where.path) / REPORT_FILE if where.is_local else remote
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render_html(results, drawn, where.uri, metric, target, x), encoding="utf-8")
+    if summary is not None:
+        write_summary(summary, summary_path(out))
     if static is not None:
         problem = write_static(drawn, Path(static))
         if problem:

@@ -81,7 +81,7 @@ def _report(args: argparse.Namespace) -> int:
 
     target = parse_target(args.target) if args.target else None
     with _output("-o", args.o):
-        path = write_report(args.experiment, args.o, target, args.x, args.static)
+        path = write_report(args.experiment, args.o, target, args.x, args.static, args.compare)
     print(f"report written to {path}")
     return 0
 
@@ -222,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument(
         "--static", type=Path, metavar="DIR", help="also write each figure as PNG, PDF and SVG"
+    )
+    report.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="EXPERIMENT",
+        help="a fixed-rule sweep whose steps to target are drawn beside this tuned one "
+        "(repeatable)",
     )
     report.set_defaults(func=_report)
 

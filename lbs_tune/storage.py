@@ -83,12 +83,20 @@ class Location:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(f.name)
                 raise
+        # NamedTemporaryFile makes the file 0600: give it the mode a plain open would.
+        os.chmod(f.name, 0o666 & ~_umask())
         os.replace(f.name, self.path)
 
     def listdir(self) -> list[pafs.FileInfo]:
         if not self.exists():
             return []
         return self.fs.get_file_info(pafs.FileSelector(self.path))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def locate(where: str | Path) -> Location:
