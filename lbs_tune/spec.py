@@ -8,6 +8,7 @@ whose one line names the file, the line, the key and the fix.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -140,11 +141,14 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> tuple[str, str]:
         return key, f"unknown key {short(loc[-1], 40)}{did_you_mean(cut(loc[-1]), fields)}"
     message = cut(error["msg"].removeprefix("Value error, "), 200)
     if error["type"] == "literal_error":
-        message = f"got {short(error['input'])}: {message.lower()}"
-        choices = re.findall(r"'([^']*)'", error.get("ctx", {}).get("expected", ""))
+        expected = error.get("ctx", {}).get("expected", "")
+        choices = re.findall(r"'([^']*)'", expected)
         hint = did_you_mean(error["input"], choices) if choices else ""
-        if hint.startswith(" (did you mean"):
-            message += hint
+        if len(expected) <= 80:  # a few choices: say them all
+            message = f"got {short(error['input'], 40)}: {message.lower()}"
+            message += hint if hint.startswith(" (did you mean") else ""
+        else:
+            message = f"got {short(error['input'], 40)}: not a known choice{hint}"
     elif error["type"] == "too_short" and loc[:1] == ["grid"]:
         message = "no values; list at least one or remove the key"
     return key, message
@@ -268,14 +272,36 @@ def _trial_config(spec: SweepSpec, point: dict[str, Any], where: Where) -> Trial
     try:
         tree = spec.trial_dict(point)
     except ValueError as exc:  # a grid key under a base key that holds a value
-        key = next(
-            k for k in point if "." in k and not isinstance(spec.base.get(k.split(".")[0]), dict)
-        )
-        fix = f"make base.{key.split('.')[0]} a section or change grid.{key}"
+        key = _blocked_key(spec.base, point)
+        blocked = _value_above(spec.base, key)
+        if _fields_at(TrialConfig, blocked.split(".")):  # a section that base set to a value
+            fix = f"make base.{blocked} a section or change grid.{key}"
+        else:
+            fix = f"change grid.{key} to a key of the trial config"
         raise UserError(f"{where(f'grid.{key}')}: grid.{key}: {exc}; {fix}") from None
     label = ", ".join(f"{k}={cut(str(v), 40)}" for k, v in point.items())
     at = f" (grid point {label})" if point else ""
     return _checked(tree, locate, at)
+
+
+def _blocked_key(base: dict[str, Any], point: dict[str, Any]) -> str:
+    """The first grid key of `point` that cannot be set on `base` (a part of it is a value)."""
+    for key, value in point.items():
+        try:
+            set_dotted(copy.deepcopy(base), key, value)
+        except ValueError:
+            return key
+    raise AssertionError("no grid key is blocked")
+
+
+def _value_above(base: dict[str, Any], key: str) -> str:
+    """The dotted part of `key` that holds a value in `base` (so nothing can be set below it)."""
+    parts, node = key.split("."), base
+    for i, part in enumerate(parts[:-1]):
+        node = node.get(part) if isinstance(node, dict) else None
+        if node is not None and not isinstance(node, dict):
+            return ".".join(parts[: i + 1])
+    return parts[0]
 
 
 def _checked(tree: dict[str, Any], locate: Where, at: str = "") -> TrialConfig:

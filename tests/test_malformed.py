@@ -388,7 +388,7 @@ def bad_value(draw, exclude: str = "") -> tuple[str, Any]:
 
 
 # Each family draws (how, content, args) from a shipped file's name, text and parsed data; any
-# of its files is invalid. Those of FAILING_TODAY hit a bug that is not fixed yet.
+# of its files is invalid.
 
 
 def _bad_value(draw, name, text, data):
@@ -558,13 +558,6 @@ FAMILIES = {
     "resources.gpu above 1, not whole": _gpu_above_one,
 }
 # Families that find a bug today, with the bug (the lead removes an entry once it is fixed).
-FAILING_TODAY = {
-    "unknown metric": "spec._describe keeps pydantic's literal message, which lists "
-    "every metric (cut at 200 characters): an unknown metric.name or target.metric makes a line "
-    "of 309 characters with a 25-character path",
-    "grid key below a base value": "spec._trial_config looks for the grid key under a base "
-    "value with next(...) on its first part only: grid.lr.base.x raises StopIteration",
-}
 
 
 @st.composite
@@ -596,18 +589,6 @@ def refuse_generated(families: list[str], examples: int, phases=tuple(Phase)) ->
 
 
 def test_at_least_300_generated_malformed_files_are_refused_in_one_line():
-    families = [f for f in FAMILIES if f not in FAILING_TODAY]
+    families = list(FAMILIES)
     # A few of the files drawn repeat one another.
     assert len(refuse_generated(families, 330)) >= 300
-
-
-@pytest.mark.parametrize(
-    "family",
-    [
-        pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=r))
-        for f, r in FAILING_TODAY.items()
-    ],
-)
-def test_generated_files_of_the_families_that_fail_today(family):
-    # The first failure is enough: no shrinking.
-    refuse_generated([family], 50, phases=(Phase.generate,))
