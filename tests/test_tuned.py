@@ -1,0 +1,198 @@
+"""Tuned sweeps (a `search` section), through `lbs-tune run` of sweeps/quickstart_tuned.yaml.
+
+A bad search section is refused in one line at its key's line, before anything starts. On Ray,
+the file at a tiny size runs once uninterrupted and once with its driver SIGKILLed twice and run
+again: every study ends with exactly trials_per_point trials, each asked once, with (sampler qmc)
+the parameters and the outcomes of the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TINY_MNIST1D
+from test_sweeps import _driver
+
+from lbs_tune.runner import run
+from lbs_tune.search import KINDS, read_studies
+
+QUICKSTART_TUNED = Path(__file__).parent.parent / "sweeps" / "quickstart_tuned.yaml"
+
+# ---------------------------------------------------------------------------- Bad input
+
+TEXT = QUICKSTART_TUNED.read_text()
+TARGET_SECTION = "target:\n  metric: val/accuracy\n  value: 0.5\n"
+
+
+def line_of(text: str, key: str) -> int:
+    """The line of a dotted key of a sweep file: a search space's keys hold dots themselves, and
+    a distribution's kind (`search.space.lr.base.uniform`) is on its key's line."""
+    section, _, rest = key.partition(".")
+    leaf = rest.rsplit(".", 1)[-1]
+    if section == "search":
+        head, _, last = rest.removeprefix("space.").rpartition(".")
+        leaf = head if last in KINDS else rest.removeprefix("space.")
+    lines = text.splitlines()
+    start = lines.index(f"{section}:")
+    return next(
+        i for i, t in enumerate(lines[start:], start + 1) if t.strip().startswith(leaf + ":")
+    )
+
+
+@pytest.mark.parametrize(
+    "old, new, key, message",
+    [
+        ("{log_uniform: [0.003", "{loguniform: [0.003", "search.space.lr.base",
+         "unknown distribution 'loguniform' (did you mean 'log_uniform'?)"),
+        ("{uniform: [0.8, 0.95]}", "{uniform: [0.8, 0.8]}",
+         "search.space.optimizer.momentum.uniform",
+         "low < high, not [0.8, 0.8]"),
+        ("{log_uniform: [0.003, 1.0]}", "{log_uniform: [1.0, 0.003]}",
+         "search.space.lr.base.log_uniform",
+         "low < high, not [1.0, 0.003]"),
+        ("    lr.base:", "    lr.bas:", "search.space.lr.bas",
+         "not a trial config key (did you mean 'lr.base'?)"),
+        ("    optimizer.momentum:", "    batch_size: {values: [16, 32]}\n    optimizer.momentum:",
+         "search.space.batch_size", "'batch_size' is also a grid key"),
+        ("trials_per_point: 8", "trials_per_point: 0", "search.trials_per_point",
+         "greater than or equal to 1"),
+        (TARGET_SECTION, "", "search.objective", "steps_to_target needs a `target`"),
+        ("scaling: none", "scaling: linear", "base.lr.scaling",
+         "must be 'none' when search.space has lr.base"),
+    ],
+    ids=["unknown-distribution", "empty-range", "inverted-range", "not-a-config-key",
+         "also-a-grid-key", "no-trials", "no-target", "lr-scaled"],
+)  # fmt: skip
+def test_a_bad_search_is_one_line_at_its_key_and_nothing_starts(
+    cli, tmp_path, old, new, key, message
+):
+    assert TEXT.count(old) == 1, old
+    text = TEXT.replace(old, new)
+    spec = tmp_path / "tuned.yaml"
+    spec.write_text(text)
+    line = line_of(text, key)
+    code, out, err = cli("run", spec, "--dry-run", "--storage", tmp_path / "results")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"lbs-tune: error: {spec}:{line}: {key}: "), err
+    assert message in err
+    assert not (tmp_path / "results").exists()
+
+
+# ---------------------------------------------------------------------------- On Ray
+
+# quickstart_tuned.yaml, tiny: 2 batch sizes x 3 trials of at most 4 epochs of 1440 examples,
+# evaluated every quarter epoch (every 11 steps at batch 32, every 3 at 128), to 30%.
+TINY_TUNED = [
+    f"base.data.samples={TINY_MNIST1D}",
+    "base.epochs=4",
+    "base.eval_every=0.25",
+    "base.checkpoint_every=1",
+    "grid.batch_size=[32, 128]",
+    "search.trials_per_point=3",
+    "target.value=0.3",
+    "max_concurrent=2",
+]
+STUDIES = ["batch_size=32", "batch_size=128"]
+
+
+def studies(folder: Path) -> dict[str, list[dict]]:
+    """{study: its trials in number order} (what read_studies finds now)."""
+    return {r.name: sorted(r.trials, key=lambda t: t["number"]) for r in read_studies(folder)}
+
+
+def told(folder: Path) -> int:
+    """Trials told to their study (COMPLETE or FAIL) so far, over all studies."""
+    return sum(r.finished for r in read_studies(folder))
+
+
+def best_steps(folder: Path) -> dict[str, float | None]:
+    """{study: the best trial's steps to target}: the numbers of summary.json's points."""
+    return {r.name: (r.best() or {}).get("value") for r in read_studies(folder)}
+
+
+def check_studies(folder: Path) -> None:
+    """Each study: trials 0..n-1, each asked once and told once, each by a Ray trial of its own
+    whose reports are in the folder. Ray's newest state holds no trial of its own beside them (it
+    may lack one told just before a kill, before Ray saved its state: the study keeps it)."""
+    found = studies(folder)
+    assert list(found) == STUDIES
+    for name, trials in found.items():
+        assert [t["number"] for t in trials] == [0, 1, 2], name
+        assert all(t["state"] in ("COMPLETE", "FAIL") for t in trials), (name, trials)
+    ray_ids = [t["ray_trial_id"] for trials in found.values() for t in trials]
+    assert len(set(ray_ids)) == 6
+    for ray_id in ray_ids:
+        (trial,) = folder.glob(f"train_trial_{ray_id}_*")
+        assert (trial / "result.json").read_text(), ray_id
+    state = max(folder.glob("experiment_state-*.json"))  # the newest: Tuner.restore's
+    saved = {json.loads(t)["trial_id"] for t, _ in json.loads(state.read_text())["trial_data"]}
+    assert saved <= set(ray_ids)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, tmp_path_factory) -> Path:
+    storage = tmp_path_factory.mktemp("tuned")
+    assert run(QUICKSTART_TUNED, TINY_TUNED, storage=str(storage), address=ray_cluster.address) == 0
+    return storage / "quickstart_tuned"
+
+
+@pytest.mark.ray
+def test_each_study_runs_its_trials_once_and_finds_a_best(uninterrupted):
+    check_studies(uninterrupted)
+    best = best_steps(uninterrupted)
+    assert all(best[name] is not None for name in STUDIES), best
+    meta = json.loads((uninterrupted / "lbs_sweep.json").read_text())
+    assert meta["optuna_storage"] == f"sqlite:///{uninterrupted.resolve() / 'optuna.db'}"
+
+
+@pytest.mark.ray
+def test_driver_killed_twice_then_rerun_ends_as_the_uninterrupted_run(
+    ray_cluster, uninterrupted, tmp_path
+):
+    storage = tmp_path / "results"
+    folder = storage / "quickstart_tuned"
+    command = _driver(
+        QUICKSTART_TUNED,
+        storage,
+        ray_cluster.address,
+        *(arg for override in TINY_TUNED for arg in ("--set", override)),
+    )
+
+    def kill_once_told(at_least: int) -> int:
+        """Start the driver, SIGKILL it once `at_least` trials are told; return those told."""
+        driver = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and driver.poll() is None:
+            if told(folder) >= at_least:
+                break
+            time.sleep(0.05)
+        assert driver.poll() is None, "the driver finished before it could be killed"
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        return told(folder)
+
+    first = kill_once_told(1)  # once the first trial is told
+    second = kill_once_told(first + 1)  # later: at least one more told by the resumed sweep
+    assert 1 <= first < second
+    assert run(QUICKSTART_TUNED, TINY_TUNED, storage=str(storage), address=ray_cluster.address) == 0
+
+    check_studies(folder)
+    # qmc draws what the uninterrupted run drew, and a trial trains the same, killed or not.
+    expected, found = studies(uninterrupted), studies(folder)
+    for name in STUDIES:
+        assert [t["params"] for t in found[name]] == [t["params"] for t in expected[name]], name
+        assert [(t["state"], t["value"]) for t in found[name]] == [
+            (t["state"], t["value"]) for t in expected[name]
+        ], name
+    assert best_steps(folder) == best_steps(uninterrupted)
+    meta = json.loads((folder / "lbs_sweep.json").read_text())
+    assert len(meta["runs"]) == 3 and meta["ended"]
