@@ -97,8 +97,10 @@ def test_reference_sweep_files_and_reports(reference):
 @pytest.mark.parametrize("spec", SWEEPS, ids=lambda p: p.name)
 def test_every_sweep_file_dry_runs(cli, spec, tmp_path):
     code, out, _ = cli("run", spec, "--dry-run", "--storage", tmp_path)
-    grid = load_spec(spec).points()
-    assert code == 0 and f"{len(grid)} trials" in out
+    loaded = load_spec(spec)
+    grid = loaded.points()
+    count = len(grid) * (loaded.search.trials_per_point if loaded.search else 1)
+    assert code == 0 and f"{count} trials" in out
     assert out.count("[cpu ") == len(grid)
 
 
