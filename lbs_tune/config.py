@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lbs_tune.errors import short
 from lbs_tune.names import BUDGET_KEYS, METRICS, direction, flatten, set_dotted
 from lbs_tune.search import SearchSpec
 
@@ -156,7 +157,9 @@ class TrialConfig(_Strict):
     lr: LRConfig = LRConfig()
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool | None = None
-    max_device_batch: int | None = Field(None, gt=0, le=MAX_BATCH)
+    # The most examples through the network at once (gradient accumulation above it); "auto":
+    # the largest divisor of batch_size that fits the GPU, probed at the start of the trial.
+    max_device_batch: Annotated[int, Field(gt=0, le=MAX_BATCH)] | Literal["auto"] | None = None
     ghost_batch_size: int | None = Field(None, gt=0, le=MAX_BATCH)
     # Keyword arguments of the model's builder (e.g. the LSTM's emsize, nhid, nlayers, dropout).
     model_options: dict[str, int | float | bool] = {}
@@ -165,9 +168,25 @@ class TrialConfig(_Strict):
     clip_grad_norm: float | None = Field(None, gt=0)
     divergence_loss: float | None = Field(None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # How the training step runs: eagerly ("off"), through torch.compile ("default"), or
+    # captured whole in one CUDA graph ("graphs"); "auto" is "off" until measured on a GPU.
+    compile: Literal["auto", "off", "default", "graphs"] = "auto"
     noise_scale: NoiseScaleConfig | None = None
     sharpness: SharpnessConfig | None = None
     target: TrialTarget | None = None
+
+    @field_validator("max_device_batch", mode="before")
+    @classmethod
+    def _device_batch(cls, value: Any) -> Any:
+        # One message for both forms, not one per member of the union.
+        if value is None or value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_BATCH:
+            raise ValueError(
+                f"got {short(value)}: a number of examples from 1 to {MAX_BATCH}, or auto "
+                "(the largest that fits the GPU)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> TrialConfig:
@@ -178,7 +197,9 @@ class TrialConfig(_Strict):
             raise ValueError("no budget: set one of epochs, steps or examples")
         for key in ("max_device_batch", "ghost_batch_size"):
             size = getattr(self, key)
-            if size is not None and size < self.batch_size and self.batch_size % size:
+            if size in (None, "auto"):
+                continue
+            if size < self.batch_size and self.batch_size % size:
                 raise KeyedError(key, f"{key} {size} must divide batch_size {self.batch_size}")
         micro, ghost = self.micro_batch_size, self.ghost_batch_size
         if ghost is not None and ghost < micro and micro % ghost:
@@ -187,7 +208,7 @@ class TrialConfig(_Strict):
             )
         if (
             ghost is not None
-            and self.max_device_batch is not None
+            and isinstance(self.max_device_batch, int)
             and ghost > self.max_device_batch
         ):
             # Each micro-batch is normalised by its own statistics: a larger ghost batch can't be.
@@ -212,8 +233,11 @@ class TrialConfig(_Strict):
 
     @property
     def micro_batch_size(self) -> int:
-        """The largest batch that goes through the network at once (gradient accumulation)."""
-        return min(self.batch_size, self.max_device_batch or self.batch_size)
+        """The largest batch that goes through the network at once (gradient accumulation).
+        With max_device_batch "auto" this is the whole batch: the trial finds the real one."""
+        if self.max_device_batch in (None, "auto"):
+            return self.batch_size
+        return min(self.batch_size, self.max_device_batch)
 
     @property
     def bn_batch(self) -> int:

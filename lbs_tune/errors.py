@@ -64,6 +64,6 @@ def out_of_memory(batch_size: int, micro_batch: int) -> str:
     """The message of a trial that ran out of GPU memory: the batch and the fix."""
     return (
         f"out of GPU memory at batch_size {batch_size} ({micro_batch} examples through the "
-        "network at once); set max_device_batch to a smaller divisor of batch_size "
-        "(gradient accumulation) or use a smaller model"
+        "network at once); set max_device_batch: auto (the largest micro-batch that fits, "
+        "with gradient accumulation) or a smaller divisor of batch_size, or use a smaller model"
     )

@@ -34,6 +34,7 @@ METRICS = (
     "noise/trace_cov",
     "noise/b_simple",
     "sharpness/top_eig",
+    "micro_batch",
 )
 
 

@@ -1,7 +1,8 @@
 """Optimizers: SGD and AdamW from torch, LARS and LAMB for large batches, with weight-decay groups.
 
 The learning rate is a placeholder (0.0) here: the training loop writes `group["lr"]` into every
-param group before each step. Every optimizer's `state_dict()` holds only tensors, numbers,
+param group before each step, a number, or for a step captured in a CUDA graph one device tensor
+that it fills before each replay. Every optimizer's `state_dict()` holds only tensors, numbers,
 strings, lists and dicts, so checkpoints load with `torch.load(..., weights_only=True)`.
 """
 
@@ -43,12 +44,31 @@ def param_groups(model: torch.nn.Module, config: OptimizerConfig) -> list[dict]:
     return [group for group in groups if group["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
+def capture_problem(config: OptimizerConfig) -> str | None:
+    """Why a step of this optimizer cannot be captured in a CUDA graph, or None if it can."""
+    if config.name == "lamb":
+        return "LAMB's bias correction uses a step count kept on the host"
+    return None
+
+
+def state_copies(config: OptimizerConfig) -> int:
+    """Tensors of state the optimizer keeps per parameter, each the parameter's size: Adam's two
+    moments (AdamW, LAMB), LARS's momentum, SGD's momentum when it has one."""
+    if config.name in ("adamw", "lamb"):
+        return 2
+    return 1 if config.name == "lars" or config.momentum > 0 else 0
+
+
+def build_optimizer(
+    model: torch.nn.Module, config: OptimizerConfig, capturable: bool = False
+) -> torch.optim.Optimizer:
     """The optimizer `config.name` over `model`'s trainable parameters, with lr 0.0 in each group.
 
     Groups come from `param_groups`. SGD uses nesterov only when momentum > 0; LARS ignores
     `nesterov` (the paper's update has none); LAMB ignores `momentum` and `nesterov`. AdamW and
-    LAMB take `resolved_eps(config)`.
+    LAMB take `resolved_eps(config)`. `capturable` (CUDA only, not LAMB: `capture_problem`)
+    builds the variant whose step a CUDA graph can replay with `group["lr"]` a device tensor:
+    SGD's fused kernel, AdamW's capturable path (its step count on the device); LARS as is.
     """
     groups = param_groups(model, config)
     if config.name == "sgd":
@@ -57,15 +77,41 @@ def build_optimizer(model: torch.nn.Module, config: OptimizerConfig) -> torch.op
             lr=0.0,
             momentum=config.momentum,
             nesterov=config.nesterov and config.momentum > 0,
-            foreach=True,
+            foreach=not capturable,
+            fused=capturable,
         )
     if config.name == "adamw":
         return torch.optim.AdamW(
-            groups, lr=0.0, betas=config.betas, eps=resolved_eps(config), foreach=True
+            groups,
+            lr=0.0,
+            betas=config.betas,
+            eps=resolved_eps(config),
+            foreach=True,
+            capturable=capturable,
         )
     if config.name == "lars":
         return LARS(groups, momentum=config.momentum, trust_coefficient=config.trust_coefficient)
     return LAMB(groups, betas=config.betas, eps=resolved_eps(config))
+
+
+# The keys of a param group that choose an implementation, not the math.
+IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict(state)` keeping `optimizer`'s own implementation, whichever
+    built the state (eager or captured): its param groups' `IMPLEMENTATION_KEYS`, and AdamW's step
+    count on the host, or on the parameter's device when capturable."""
+    optimizer.load_state_dict(state)
+    own = {k: v for k, v in optimizer.defaults.items() if k in IMPLEMENTATION_KEYS}
+    for group in optimizer.param_groups:
+        group.update(own)
+    on_device = own.get("capturable") or own.get("fused")
+    for param, param_state in optimizer.state.items():
+        step = param_state.get("step")
+        if isinstance(step, Tensor):
+            device = param.device if on_device else "cpu"
+            param_state["step"] = step.to(device=device, dtype=torch.float32)
 
 
 def _trust_ratios(
@@ -134,8 +180,10 @@ class LARS(_LayerwiseOptimizer):
             ratios = _trust_ratios(param_norms, grad_norms, denominators, coefficient)
             torch._foreach_mul_(updates, ratios)
         # The paper's form puts γ inside the buffer, so an LR change acts only on new gradients.
+        # γ multiplies (not `alpha=`), so that it may be a device tensor (a captured step).
+        torch._foreach_mul_(updates, group["lr"])
         torch._foreach_mul_(buffers, group["momentum"])
-        torch._foreach_add_(buffers, updates, alpha=group["lr"])
+        torch._foreach_add_(buffers, updates)
         torch._foreach_sub_(params, buffers)
 
 

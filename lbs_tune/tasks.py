@@ -26,12 +26,13 @@ from lbs_tune.segmentation import IGNORE_INDEX, confusion_matrix, mean_iou, pixe
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
-def autocast(device: torch.device, precision: str):
-    """The autocast context of `precision` ('bf16', 'fp16', 'fp32') on `device`."""
+def autocast(device: torch.device, precision: str, cache: bool = True):
+    """The autocast context of `precision` ('bf16', 'fp16', 'fp32') on `device`; `cache` False
+    for a step captured in a CUDA graph (the cast weights must not outlive the capture)."""
     dtype = AMP_DTYPES[precision]
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
 class Task(Protocol):

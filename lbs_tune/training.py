@@ -5,12 +5,14 @@ The loop keeps every split on the device, runs each step without host-device syn
 every `eval_every` epochs, where it reports the metrics of ARCHITECTURE.md and, every
 `checkpoint_every` epochs, a checkpoint that lets a resumed run continue exactly. What differs
 between classification, segmentation and language modelling (batches, loss, scores,
-evaluation) is asked of a `lbs_tune.tasks.Task`.
+evaluation) is asked of a `lbs_tune.tasks.Task`; how the step runs (eagerly, compiled, or
+captured in a CUDA graph) and the micro-batch that fits the GPU come from `lbs_tune.compiled`.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from typing import Any, Protocol
 
@@ -18,14 +20,15 @@ import numpy as np
 import torch
 
 from lbs_tune.checkpoints import rng_states, set_rng_states
+from lbs_tune.compiled import WARMUP_STEPS, CapturedStep, fitting_micro_batch, resolve_compile
 from lbs_tune.config import TrialConfig, direction, epoch_steps
 from lbs_tune.data import load_dataset
 from lbs_tune.errors import UserError
 from lbs_tune.measure import NoiseScale, gradient_norms, top_hessian_eigenvalue
 from lbs_tune.models import build_model
-from lbs_tune.optim import build_optimizer
+from lbs_tune.optim import build_optimizer, load_optimizer_state
 from lbs_tune.rules import lr_at, peak_lr
-from lbs_tune.tasks import autocast, budget_steps, make_task
+from lbs_tune.tasks import Task, autocast, budget_steps, make_task
 from lbs_tune.tasks import evaluate as evaluate  # the classifier's, for lbs_tune.evaluate
 
 # A non-finite loss is looked for every this many steps (one host sync), so a diverged trial
@@ -119,11 +122,17 @@ def train(
     model = model.to(device)
     if data.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, config.optimizer)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
     task = make_task(config, data, precision, order_seed, augment_seed)
+    if config.max_device_batch == "auto":
+        micro = _auto_micro_batch(config, model, task, device, precision, resume)
+        config = config.model_copy(update={"max_device_batch": micro})
+        task = make_task(config, data, precision, order_seed, augment_seed)  # split by it
     batch_size, micro = config.batch_size, config.micro_batch_size
+    mode, why = resolve_compile(config, device, precision)
+    if why:
+        print(f"lbs-tune: warning: {why}", file=sys.stderr, flush=True)
+    optimizer = build_optimizer(model, config.optimizer, capturable=mode == "graphs")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     per_epoch = epoch_steps(task.epoch_examples, task.examples_per_step)
     budget = budget_steps(config, task)
     eval_interval = max(1, round(config.eval_every * per_epoch))
@@ -147,7 +156,7 @@ def train(
     step, elapsed, reached = 0, 0.0, None
     if resume is not None:
         model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
+        load_optimizer_state(optimizer, resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
         task.load_state_dict(resume)
         set_rng_states(resume["rng"])
@@ -161,6 +170,7 @@ def train(
             "step": step,
             "finished": finished,
             "elapsed": elapsed,
+            "micro_batch": micro,
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
@@ -178,12 +188,56 @@ def train(
     correct = torch.zeros((), device=device, dtype=torch.int64)
     scored = torch.zeros((), device=device, dtype=torch.int64)  # examples, pixels or tokens
     non_finite = torch.zeros((), device=device, dtype=torch.bool)
+    # The model and the loss through torch.compile ("default"); the model itself stays eager
+    # for checkpoints (its own keys), evaluation and the measurements.
+    compiled = mode == "default"
+    net = torch.compile(model) if compiled else model
+    loss_of = torch.compile(task.loss) if compiled else task.loss
+
+    def train_step(inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """One optimizer step on a batch, with no host sync: forward and backward (over its
+        micro-batches), the running loss and accuracy, the update; the gradients end as None."""
+        # Micro-batches of one step share one augmentation draw: accumulation changes nothing.
+        chunks = (
+            [(inputs, targets)]
+            if micro == batch_size
+            else zip(inputs.split(micro), targets.split(micro), strict=True)
+        )
+        for chunk, (x, y) in enumerate(chunks):
+            with autocast(device, precision, cache=mode != "graphs"):
+                logits = task.forward(net, x, chunk)
+                loss = loss_of(logits, y, config.label_smoothing)
+            scaler.scale(loss if micro == batch_size else loss * (len(y) / batch_size)).backward()
+            plain = loss_of(logits.detach(), y) if smoothing else loss.detach()
+            loss_sum.add_(plain, alpha=len(y))
+            smoothed_sum.add_(loss.detach(), alpha=len(y))
+            right, count = task.scores(logits, y)
+            correct.add_(right)
+            scored.add_(count)
+        non_finite.logical_or_(~torch.isfinite(loss_sum))
+        if config.clip_grad_norm is not None:
+            scaler.unscale_(optimizer)  # clip the gradient itself, not fp16's scaled one
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    def eager_step(inputs: torch.Tensor, targets: torch.Tensor, lr: float) -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        train_step(inputs, targets)
+
+    run_step = eager_step
+    if mode == "graphs":
+        lr_tensor = torch.zeros((), device=device)  # what the captured update reads
+        for group in optimizer.param_groups:
+            group["lr"] = lr_tensor
+        run_step = CapturedStep(train_step, lr_tensor, WARMUP_STEPS)
+
     seen, metrics = 0, {}
     started = time.perf_counter()
     while step < budget:
         lr = lr_at(step, config.lr, batch_size, budget, per_epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         inputs, targets = task.batch(step)
         if noise and step % noise_interval == 0:
             paused = time.perf_counter()
@@ -201,30 +255,7 @@ def train(
             measured["noise/trace_cov"] = estimate.trace_cov
             measured["noise/b_simple"] = estimate.b_simple
             started += time.perf_counter() - paused  # images/s stays a training figure
-        # Micro-batches of one step share one augmentation draw, so accumulation changes nothing.
-        chunks = (
-            [(inputs, targets)]
-            if micro == batch_size
-            else zip(inputs.split(micro), targets.split(micro), strict=True)
-        )
-        for chunk, (x, y) in enumerate(chunks):
-            with autocast(device, precision):
-                logits = task.forward(model, x, chunk)
-                loss = task.loss(logits, y, config.label_smoothing)
-            scaler.scale(loss if micro == batch_size else loss * (len(y) / batch_size)).backward()
-            plain = task.loss(logits.detach(), y) if smoothing else loss.detach()
-            loss_sum.add_(plain, alpha=len(y))
-            smoothed_sum.add_(loss.detach(), alpha=len(y))
-            right, count = task.scores(logits, y)
-            correct += right
-            scored += count
-        non_finite |= ~torch.isfinite(loss_sum)
-        if config.clip_grad_norm is not None:
-            scaler.unscale_(optimizer)  # clip the gradient itself, not fp16's scaled one
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        run_step(inputs, targets, lr)
         step += 1
         seen += batch_size
         reporter.step(step, budget)
@@ -260,6 +291,7 @@ def train(
             "lr": lr,
             "peak_lr": peak_lr(config.lr, batch_size),
             "bn_batch": config.bn_batch,
+            "micro_batch": micro,
             "train/loss": train_loss,
             "train/accuracy": correct.item() / scored.item(),
         }
@@ -293,6 +325,24 @@ def train(
         if diverged or stop:
             break
     return metrics
+
+
+def _auto_micro_batch(
+    config: TrialConfig,
+    model: torch.nn.Module,
+    task: Task,
+    device: torch.device,
+    precision: str,
+    resume: dict[str, Any] | None,
+) -> int:
+    """The micro-batch of `max_device_batch: auto`: the whole batch on the CPU; on a GPU the
+    largest that fits, probed once per trial (a resumed trial keeps the one it started with,
+    so its batch-norm batch and accumulation stay the same)."""
+    if resume is not None and resume.get("micro_batch"):
+        return resume["micro_batch"]
+    if device.type != "cuda":
+        return config.batch_size
+    return fitting_micro_batch(model, task, config, precision)
 
 
 def _interval(block, per_epoch: float) -> int:

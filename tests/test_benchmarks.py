@@ -45,7 +45,7 @@ def throughput():
 def test_tiny_cpu_run_prints_both_figures_per_case(throughput, capsys):
     # More timed steps than warm-up steps: the loop's figure then spans two reports.
     argv = "--device cpu --models resnet20,mlp --batch-sizes 8 --warmup 2 --steps 3"
-    argv += " --repeats 2 --samples 32 --threads 1 --anchors"
+    argv += " --repeats 2 --samples 32 --threads 1 --anchors --compile off,graphs"
     assert throughput.main(argv.split()) == 0
     *cases, summary = [
         json.loads(line) for line in without_ray_lines(capsys.readouterr().out).splitlines()
@@ -60,7 +60,13 @@ def test_tiny_cpu_run_prints_both_figures_per_case(throughput, capsys):
         assert (case["device"], case["precision"], case["channels_last"]) == ("cpu", "fp32", False)
         assert (case["warmup_steps"], case["timed_steps"]) == (2, 3)
         assert len(case["loop_runs"]) == len(case["bare_runs"]) == 2
-        assert "anchor_images_per_s" not in case  # anchors are H200 figures: CUDA only
+        # The first mode's figure is the loop's; a mode that would run eagerly is not timed.
+        assert case["compile"] == "off"
+        assert case["images_per_s_off"] == case["loop_images_per_s"]
+        assert case["images_per_s_graphs"] is None
+        assert "CUDA graphs need a CUDA device" in case["fallback_graphs"]
+        # Anchors, their ratios and MFU are H200 figures and a card's peak: CUDA only.
+        assert not [k for k in case if k.startswith(("anchor", "ratio_to_anchor", "mfu"))]
     assert [c["shape"] for c in cases] == [[3, 32, 32], [40]]
 
     assert [(v["model"], v["within_target"]) for v in summary["cases"]] == [
@@ -68,6 +74,34 @@ def test_tiny_cpu_run_prints_both_figures_per_case(throughput, capsys):
         ("mlp", cases[1]["overhead_pct"] <= 10),
     ]
     assert summary["all_within_target"] == all(v["within_target"] for v in summary["cases"])
+    assert "all_anchor_targets_met" not in summary
+
+
+def test_throughput_anchor_cases_peaks_and_targets(throughput):
+    assert throughput.parse_args(["--anchors"]).cases == [
+        ("resnet20", 32), ("resnet20", 128), ("resnet20", 512), ("resnet20", 2048),
+        ("wrn28_10", 128), ("wrn28_10", 512),
+    ]  # fmt: skip
+    assert throughput.parse_args(["--anchors", "--models", "mlp"]).cases == [
+        ("mlp", 128),
+        ("mlp", 512),
+        ("mlp", 2048),
+    ]
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--compile", "off,fast"])
+    assert throughput.peak_flops("NVIDIA H200") == throughput.peak_flops("NVIDIA H100 80GB HBM3")
+    assert throughput.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert throughput.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert throughput.peak_flops("NVIDIA GeForce GTX 1080") is None
+    assert throughput.peak_flops(None) is None
+    # ResNet-20 at batch 32: ANCHORS.md's 18,638 img/s with the step in one CUDA graph.
+    resnet = {"model": "resnet20", "ratio_to_anchor_off": 0.2, "ratio_to_anchor_graphs": 1.05}
+    assert throughput.anchor_verdict(resnet) == {"target": "ratio >= 1", "best": 1.05}
+    # WRN-28-10: 10,354 img/s x 31.5 GFLOP = 33% of an H200's 989 TFLOP/s, short of 40%.
+    mfu = round(10_354 * throughput.TRAIN_FLOPS["wrn28_10"] / 989e12, 4)
+    wrn = {"model": "wrn28_10", "mfu_graphs": mfu, "anchor_source": "x"}
+    assert throughput.anchor_verdict(wrn) == {"target": "mfu >= 0.4", "best": 0.3298}
+    assert throughput.anchor_verdict({"model": "mlp", "mfu_off": 0.5}) is None
 
 
 def test_tiny_analysis_benchmark_times_both_loaders_on_the_same_rows(tmp_path):
