@@ -31,7 +31,7 @@ from lbs_tune.experiment import (
     record_start,
 )
 from lbs_tune.spec import check_spec, load_spec
-from lbs_tune.storage import Location, locate
+from lbs_tune.storage import Location, locate, scaffolding
 
 DEFAULT_STORAGE = "results"
 SYNC_PERIOD_S = 10
@@ -440,12 +440,13 @@ def _gpu_for_batch(resources, batch_size: int) -> float:
 
 
 def check_writable(storage: Location) -> None:
-    """UserError unless a file can be written in `storage` (made if missing): a path under a
-    file, a read-only folder or a full disk is found before Ray starts, not after."""
+    """UserError unless a file can be written in `storage`: a path under a file, a read-only
+    folder or a full disk is found before Ray starts, not after; nothing is left behind."""
     probe = storage.join(f".lbs-write-check-{os.getpid()}")
     try:
-        probe.write_text("lbs-tune checks that it can write here\n")
-        probe.fs.delete_file(probe.path)
+        with scaffolding(storage):
+            probe.write_text("lbs-tune checks that it can write here\n")
+            probe.fs.delete_file(probe.path)
     except OSError as exc:
         reason = exc.strerror or str(exc).splitlines()[0]
         raise UserError(
@@ -475,9 +476,8 @@ def run(
         print_dry_run(spec, experiment, recorded)
         return 0
     check_writable(experiment.parent())
-    with exclusive(experiment, force_unlock):
-        if not ray_args.get("address"):  # a cluster's nodes have their own data folders
-            prepare_data(spec)
+    with scaffolding(experiment.parent()), exclusive(experiment, force_unlock):
+        _before_starting(spec, ray_args.get("address"))
         recorded = prepare_folder(spec, experiment, fresh)
         return execute(spec, experiment, recorded, verbose, table, **ray_args)
 
@@ -500,6 +500,14 @@ def resume(
     spec = check_spec(recorded["spec"], lambda key: f"{meta.uri} (spec.{key})")
     check_writable(experiment.parent())
     with exclusive(experiment, force_unlock):
-        if not ray_args.get("address"):
-            prepare_data(spec)
+        _before_starting(spec, ray_args.get("address"))
         return execute(spec, experiment, recorded, verbose, table, **ray_args)
+
+
+def _before_starting(spec: SweepSpec, address: str | None) -> None:
+    """What refuses a run before Ray starts: a cluster address nobody answers at, or missing
+    data files (checked here for a local sweep; a cluster's nodes have their own)."""
+    if address:
+        _check_reachable(address)
+    else:
+        prepare_data(spec)

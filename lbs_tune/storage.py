@@ -93,6 +93,24 @@ class Location:
         return self.fs.get_file_info(pafs.FileSelector(self.path))
 
 
+@contextlib.contextmanager
+def scaffolding(folder: Location) -> Iterator[None]:
+    """While the body runs, `folder` may be made (on a local disk); the folders made for it are
+    removed again afterwards if still empty, so a refused run leaves nothing behind."""
+    made = []
+    if folder.is_local:
+        path = Path(folder.path)
+        while not path.exists() and path != path.parent:
+            made.append(path)
+            path = path.parent
+    try:
+        yield
+    finally:
+        for path in made:  # innermost first; a folder that something filled meanwhile stays
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
