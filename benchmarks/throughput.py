@@ -263,6 +263,8 @@ def run_case(
     for mode in args.compile:
         speed = medians.get(mode)
         line[f"images_per_s_{mode}"] = None if speed is None else round(speed, 1)
+        if speed is not None:
+            line[f"runs_{mode}"] = [round(v, 1) for v in runs[mode]]
         if mode in fallbacks:
             line[f"fallback_{mode}"] = fallbacks[mode]
         if speed is not None and peak and case.model in TRAIN_FLOPS:

@@ -63,6 +63,7 @@ def test_tiny_cpu_run_prints_both_figures_per_case(throughput, capsys):
         # The first mode's figure is the loop's; a mode that would run eagerly is not timed.
         assert case["compile"] == "off"
         assert case["images_per_s_off"] == case["loop_images_per_s"]
+        assert case["runs_off"] == case["loop_runs"] and "runs_graphs" not in case
         assert case["images_per_s_graphs"] is None
         assert "CUDA graphs need a CUDA device" in case["fallback_graphs"]
         # Anchors, their ratios and MFU are H200 figures and a card's peak: CUDA only.
