@@ -257,7 +257,10 @@ def test_a_config_key_of_mixed_kinds_becomes_text(copy):
     state.write_text(json.dumps(content))
     trials, _ = load(copy, cache=False)
     # Text stays text, numbers are written as JSON: all of them remain readable and groupable.
-    assert trials["eval_batch_size"].to_pylist() == ["sixty-four"] + ["64"] * 11
+    ids, values = trials["trial_id"].to_pylist(), trials["eval_batch_size"].to_pylist()
+    sizes = dict(zip(ids, values, strict=True))
+    assert sizes.pop(trial_json["trial_id"]) == "sixty-four"
+    assert list(sizes.values()) == ["64"] * 11
     assert trials["batch_size"].type == "int64" and trials["data.shape"].to_pylist()[0] == [
         3,
         32,

@@ -422,7 +422,8 @@ def test_a_trial_that_raises_is_retried_and_its_error_stays_visible(ray_cluster,
     spec = write_spec(tmp_path / "late.yaml", base, {"seed": [0]}, max_failures=10)
 
     class PutBackAfterTheFirstFailure(logging.Handler):
-        """Tune's controller logs each trial failure before it schedules the retry."""
+        """Tune's controller logs each trial failure before it schedules the retry (with Ray's
+        own output on: the quiet console turns that log off)."""
 
         def emit(self, record: logging.LogRecord) -> None:
             if record.getMessage().startswith("Trial task failed") and not late.exists():
@@ -433,7 +434,7 @@ def test_a_trial_that_raises_is_retried_and_its_error_stays_visible(ray_cluster,
     controller.addHandler(handler)
     storage = tmp_path / "results"
     try:
-        assert run(spec, storage=str(storage), address=ray_cluster.address) == 0
+        assert run(spec, storage=str(storage), address=ray_cluster.address, verbose=True) == 0
     finally:
         controller.removeHandler(handler)
 
