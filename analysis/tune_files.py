@@ -44,7 +44,7 @@ STATE_RETRY_S = 0.2
 
 # Whole numbers and flags among the metrics; every other metric is a float.
 _KINDS = {"diverged": pa.bool_()} | dict.fromkeys(
-    ("step", "examples", "total_steps", "bn_batch", "target/step"), pa.int64()
+    ("step", "examples", "total_steps", "bn_batch", "micro_batch", "target/step"), pa.int64()
 )
 _FIRST = ("step", "epoch", "examples")
 # The report fields we read; the rest of a line (Ray's nested `config` above all) is skipped.

@@ -36,7 +36,7 @@ from lbs_tune.training import train
 # A full disk, a quota, a read-only or forbidden folder: the user's to fix, not a bug.
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 # Keys that may differ between a run and its resumption.
-RESUMABLE_KEYS = {"device", "data.dir", "data.download"}
+RESUMABLE_KEYS = {"device", "data.dir", "data.download", "compile"}
 
 
 def newest_checkpoint(folder: Path) -> dict[str, Any] | None:
