@@ -37,7 +37,6 @@ import json
 import math
 import os
 import shlex
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, Union
 
@@ -108,6 +107,11 @@ class LogUniform(_Strict):
 
         return FloatDistribution(*self.log_uniform, log=True)
 
+    def at(self, u: float) -> float:
+        """The value at quantile `u` in [0, 1)."""
+        low, high = (math.log(b) for b in self.log_uniform)
+        return min(max(math.exp(low + u * (high - low)), self.log_uniform[0]), self.log_uniform[1])
+
     def ends(self) -> list[Any]:
         return list(self.log_uniform)
 
@@ -127,6 +131,11 @@ class Uniform(_Strict):
 
         return FloatDistribution(*self.uniform)
 
+    def at(self, u: float) -> float:
+        """The value at quantile `u` in [0, 1)."""
+        low, high = self.uniform
+        return min(max(low + u * (high - low), low), high)
+
     def ends(self) -> list[Any]:
         return list(self.uniform)
 
@@ -145,6 +154,11 @@ class IntRange(_Strict):
         from optuna.distributions import IntDistribution
 
         return IntDistribution(*self.bounds)
+
+    def at(self, u: float) -> int:
+        """The value at quantile `u` in [0, 1): each integer takes an equal share."""
+        low, high = self.bounds
+        return min(low + math.floor(u * (high - low + 1)), high)
 
     def ends(self) -> list[Any]:
         return list(self.bounds)
@@ -167,6 +181,10 @@ class Values(_Strict):
         from optuna.distributions import CategoricalDistribution
 
         return CategoricalDistribution(self.values)
+
+    def at(self, u: float) -> Any:
+        """The value at quantile `u` in [0, 1): each value takes an equal share."""
+        return self.values[min(math.floor(u * len(self.values)), len(self.values) - 1)]
 
     def ends(self) -> list[Any]:
         return list(self.values)
@@ -393,43 +411,59 @@ def _seed(*parts: int) -> int:
 def make_sampler(search: SearchSpec, point: int, number: int):
     """The sampler that asks trial `number` of grid point `point`'s study.
 
-    A fresh sampler per trial, seeded from (search.seed, point, number), so that a trial's
-    draw never depends on what this process asked before: a searcher rebuilt after a kill
-    draws what the killed one would have. qmc: Optuna's scrambled Sobol sequence over the whole
-    space from the first trial on (its position is a counter in the study's storage); tpe and
-    random: seeded per trial.
+    A fresh sampler per trial, so that a trial's draw never depends on what this process asked
+    before: a searcher rebuilt after a kill draws what the killed one would have. qmc: point
+    `number` of a scrambled Sobol sequence over the whole space, seeded from (search.seed,
+    point) (`sobol_point`); tpe and random: seeded from (search.seed, point, number).
     """
     import optuna
 
     if search.sampler == "qmc":
-        with warnings.catch_warnings():  # "QMCSampler is experimental": chosen knowingly
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return _qmc_class()(
-                search.distributions(), seed=_seed(search.seed, point), scramble=True
-            )
+        return _sobol_class()(search, point)
     seed = _seed(search.seed, point, number)
     if search.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
     return optuna.samplers.RandomSampler(seed=seed)
 
 
+def sobol_point(search: SearchSpec, point: int, number: int) -> dict[str, Any]:
+    """{key: value} of trial `number` of grid point `point`: the `number`-th point of the
+    scrambled Sobol sequence (scipy's, seeded from search.seed and the point) over the unit cube
+    of the space's keys in sorted order, each coordinate mapped through its distribution's
+    quantile (log-uniform in log space, integers and values in equal shares)."""
+    from scipy.stats import qmc
+
+    keys = sorted(search.space)
+    engine = qmc.Sobol(len(keys), scramble=True, seed=_seed(search.seed, point))
+    if number:
+        engine.fast_forward(number)
+    unit = engine.random(1)[0]
+    return {key: search.space[key].at(float(u)) for key, u in zip(keys, unit, strict=True)}
+
+
 @functools.cache
-def _qmc_class():
+def _sobol_class():
     import optuna
 
-    class SpaceQMCSampler(optuna.samplers.QMCSampler):
-        """QMCSampler over a known space. Optuna's own samples a study's first trial (and any
-        trial asked while no other has parameters) with an independent random sampler, so that
-        which draws are quasi-random would depend on timing."""
+    class SobolSampler(optuna.samplers.BaseSampler):
+        """Draws trial n's parameters from point n of the Sobol sequence (`sobol_point`). Optuna's
+        own QMCSampler takes the next point from a counter in the study's storage, so a trial
+        asked again after a kill (or one whose ask was cut short) would take a later point and
+        an interrupted sweep would not draw what an uninterrupted one draws."""
 
-        def __init__(self, space: dict[str, Any], **kwargs):
-            super().__init__(**kwargs)
-            self._space = space
+        def __init__(self, search: SearchSpec, point: int):
+            self._search, self._point = search, point
 
         def infer_relative_search_space(self, study, trial):
-            return self._space
+            return {}
 
-    return SpaceQMCSampler
+        def sample_relative(self, study, trial, search_space):
+            return {}
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            return sobol_point(self._search, self._point, trial.number)[param_name]
+
+    return SobolSampler
 
 
 def _ray_trial_ids(folder: str) -> set[str]:

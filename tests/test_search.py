@@ -28,7 +28,9 @@ from lbs_tune.search import (
     SearchSpec,
     StudySearcher,
     check_search,
+    make_sampler,
     read_studies,
+    sobol_point,
     study_storage,
 )
 
@@ -377,12 +379,40 @@ def test_a_trial_asked_before_its_parameters_landed_is_completed_and_offered(tmp
     pickled = pickle.dumps(s)
     s.suggest("t0")
     ray_knows(tmp_path, ["t0"])
-    # The driver died between Optuna's ask and the first parameter.
+    # The driver died after Optuna's ask and the first parameter, before the second.
     storage = optuna.storages.RDBStorage(study_storage(tmp_path).url)
-    optuna.load_study(study_name=NAMES[1], storage=storage).ask()
+    study = optuna.load_study(
+        study_name=NAMES[1], storage=storage, sampler=make_sampler(spec(sampler="qmc"), 1, 0)
+    )
+    study.ask().suggest_float("lr.base", 0.01, 10.0, log=True)
     again = restored(pickled, tmp_path).suggest("t1")
     assert again["search"] == {"study": NAMES[1], "point": 1, "number": 0}
-    assert set(params_by_trial(tmp_path)[NAMES[1], 0]) == set(SPACE)
+    # It draws what an unbroken run draws for that trial.
+    unbroken = searcher(tmp_path / "unbroken", sampler="qmc")
+    for i in range(4):
+        unbroken.suggest(f"u{i}")
+    drawn = params_by_trial(tmp_path)[NAMES[1], 0]
+    assert drawn == params_by_trial(tmp_path / "unbroken")[NAMES[1], 0]
+
+
+def test_qmc_points_are_balanced_over_every_distribution():
+    """A scrambled Sobol sequence's first 2^k points put exactly one point in each of 2^k equal
+    slices of every coordinate; through the quantile maps: one lr per slice of the log range,
+    each integer and each value equally often."""
+    space = {
+        "lr.base": {"log_uniform": [1e-3, 10.0]},
+        "optimizer.momentum": {"uniform": [0.0, 0.8]},
+        "seed": {"int": [0, 3]},
+        "optimizer.name": {"values": ["sgd", "adam"]},
+    }
+    search = SearchSpec.model_validate({"space": space, "sampler": "qmc", "seed": 7})
+    points = [sobol_point(search, 1, n) for n in range(16)]
+    lr_slices = sorted(math.floor((math.log10(p["lr.base"]) + 3) / 4 * 16) for p in points)
+    momentum_slices = sorted(math.floor(p["optimizer.momentum"] / 0.8 * 16) for p in points)
+    assert lr_slices == momentum_slices == list(range(16))
+    assert sorted(p["seed"] for p in points) == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
+    assert sorted(p["optimizer.name"] for p in points) == ["adam"] * 8 + ["sgd"] * 8
+    assert points != [sobol_point(search, 0, n) for n in range(16)]  # each point its own scramble
 
 
 def test_an_errored_trial_is_run_again_by_ray_on_resume_and_then_told(tmp_path):
