@@ -219,11 +219,21 @@ def test_fake_gpus_are_assigned_and_fractions_pack(ray_cluster, tmp_path):
         {"seed": list(range(10))},
         resources={"cpu": 0.25, "gpu": {"32": 0.5, "default": 1}},
     )
-    # On an idle cluster: the trials of a driver killed by an earlier test may hold GPUs until
-    # Ray notices that their job is gone.
+
+    # On an idle cluster: the trials of a driver killed by an earlier test may hold CPUs, GPUs
+    # and placement groups until Ray notices that their job is gone; then the ten trials would
+    # wait, and start one by one on whichever GPU is free.
+    def busy() -> dict[str, float]:
+        free, total = ray.available_resources(), ray.cluster_resources()
+        held = {k: total[k] - free.get(k, 0) for k in ("CPU", "GPU") if total[k] > free.get(k, 0)}
+        groups = ray.util.state.list_placement_groups(
+            address=ray_cluster.dashboard, filters=[("state", "=", "CREATED")], limit=1000
+        )
+        return held | ({"placement groups": len(groups)} if groups else {})
+
     deadline = time.monotonic() + 120
-    while ray.available_resources().get("GPU", 0) < ray_cluster.gpus:
-        assert time.monotonic() < deadline, f"GPUs still held: {ray.available_resources()}"
+    while held := busy():
+        assert time.monotonic() < deadline, f"still held: {held}"
         time.sleep(0.5)
     # Ray reserves each trial's resources as a placement group: count those reserved at once.
     reserved, stop = [0], threading.Event()
