@@ -10,7 +10,7 @@ a stable sort (`analysis._arrow.groups`), so nothing here imports pandas.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Literal
 
 import numpy as np
@@ -234,3 +234,19 @@ def attach(history: pa.Table, trials: pa.Table, keys: Sequence[str]) -> pa.Table
     for key in keys:
         history = history.append_column(key, trials[key].take(index))
     return history
+
+
+def shown_trials(trials: pa.Table, metric: str, keep: Collection[str] | None = None) -> pa.Table:
+    """The trials a figure over training draws: `keep` (trial ids) when given; else, where
+    configurations other than rule, batch size and seed vary, the best one per rule and batch
+    size by `final/<metric>`; else every trial. Errored trials never (`prepared`)."""
+    trials = prepared(trials)
+    if keep is not None:
+        return trials.filter(pc.is_in(trials["trial_id"], value_set=strings(sorted(keep))))
+    keys = [RULE, BATCH, *searched_keys(trials)]
+    if keys[2:] and f"final/{metric}" in trials.column_names:
+        winners = best_configs(trials, f"final/{metric}", mode_of(metric) or "max")
+        chosen = {tuple(r.values()) for r in winners.select(keys).to_pylist()}
+        rows = trials.select(keys).to_pylist()
+        trials = trials.filter(from_numpy(np.array([tuple(r.values()) in chosen for r in rows])))
+    return trials

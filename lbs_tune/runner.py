@@ -477,8 +477,12 @@ def run(
         return 0
     check_writable(experiment.parent())
     with scaffolding(experiment.parent()), exclusive(experiment, force_unlock):
+        # The folder's checks first (they read a file; the data may take minutes to make), the
+        # move aside of --fresh last (a run refused for its data leaves the old sweep in place).
+        recorded = prepare_folder(spec, experiment, fresh=False) if not fresh else None
         _before_starting(spec, ray_args.get("address"))
-        recorded = prepare_folder(spec, experiment, fresh)
+        if fresh:
+            prepare_folder(spec, experiment, fresh=True)
         return execute(spec, experiment, recorded, verbose, table, **ray_args)
 
 

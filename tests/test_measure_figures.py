@@ -13,6 +13,7 @@ from test_summary import formula_studies, steps_at
 
 from analysis.figures import noise_scale, sharpness
 from analysis.figures._common import Curve
+from analysis.metrics import shown_trials
 from analysis.summary import best_trial_ids, extra_figures, summarize
 from analysis.tables import Results
 
@@ -93,7 +94,7 @@ def test_a_grid_over_lr_shows_the_best_configuration_by_the_metric():
         "final/val/accuracy",
         pa.array([0.6, 0.4, 0.5, 0.5]),
     )
-    shown = noise_scale.shown_trials(trials, "val/accuracy", None)
+    shown = shown_trials(trials, "val/accuracy", None)
     assert shown["trial_id"].to_pylist() == ["a", "c"]
 
 

@@ -468,7 +468,7 @@ def test_a_trial_that_raises_is_retried_and_its_error_stays_visible(ray_cluster,
     assert [without_timing(r) for r in rows] == [without_timing(r) for r in expected.rows]
 
 
-def test_an_address_nobody_answers_at_is_a_clear_error_at_once(tmp_path):
+def test_an_address_nobody_answers_at_is_a_clear_error_at_once(cli, tmp_path):
     import socket
 
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
@@ -477,13 +477,11 @@ def test_an_address_nobody_answers_at_is_a_clear_error_at_once(tmp_path):
     spec = Path(__file__).parent.parent / "sweeps" / "quickstart.yaml"
     storage = tmp_path / "results"
     started = time.monotonic()
-    done = subprocess.run(
-        _driver(spec, storage, f"127.0.0.1:{port}"), capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 2 and time.monotonic() - started < 60
-    (line,) = [ln for ln in done.stderr.splitlines() if ln.startswith("lbs-tune: error:")]
-    assert f"--address 127.0.0.1:{port}: cannot join the Ray cluster (nothing answers" in line
-    assert "Traceback" not in done.stderr and not storage.exists()
+    code, out, err = cli("run", spec, "--storage", storage, "--address", f"127.0.0.1:{port}")
+    assert code == 2 and out == "" and time.monotonic() - started < 60
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"--address 127.0.0.1:{port}: cannot join the Ray cluster (nothing answers" in err
+    assert not storage.exists()
 
 
 def test_trials_are_made_longest_first_each_with_its_whole_config():

@@ -97,9 +97,9 @@ def test_kill_9_midway_then_rerun_gives_the_same_metrics(cli, tmp_path, data_dir
     killed_at = read_jsonl(out / "metrics.jsonl")
     assert 0 < len(killed_at) < len(expected), "the kill must land mid-run"
 
-    result = subprocess.run(_train_cmd(spec, out), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "resuming from the checkpoint of step" in result.stdout
+    code, stdout, stderr = cli("train", spec, "--out", out)  # the rerun: in this process
+    assert code == 0, stderr
+    assert "resuming from the checkpoint of step" in stdout
     assert same_results(read_jsonl(out / "metrics.jsonl"), expected)
 
 

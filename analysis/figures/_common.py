@@ -42,6 +42,24 @@ class Points(NamedTuple):
     text: list[str]
 
 
+def curves(spread: pa.Table, x: str) -> list[Curve]:
+    """One Curve per LR rule and batch size from the rows of `metrics.seed_spread` by
+    (rule, batch size, x)."""
+    rows = spread.to_pylist()
+    found = []
+    for rule, batch in sorted({(r[RULE], r[BATCH]) for r in rows}):
+        mine = [r for r in rows if (r[RULE], r[BATCH]) == (rule, batch)]
+        found.append(
+            Curve(
+                rule,
+                batch,
+                [r[x] for r in mine],
+                *([r[stat] for r in mine] for stat in ("median", "low", "high")),
+            )
+        )
+    return found
+
+
 def lines(best: pa.Table, panel: str | None = None) -> list[Line]:
     """One Line per LR rule from the rows of `metrics.best_configs`; `panel` names the subplot
     (default: the rule)."""

@@ -9,8 +9,10 @@ from typing import Any
 
 import plotly.colors
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from analysis.figures._common import Curve, Line, Points
+from analysis.metrics import RULE
 
 DIVERGED_MARKER = {"symbol": "x", "size": 11, "color": "crimson"}
 RULE_DASHES = ("solid", "dash", "dot", "dashdot")
@@ -97,3 +99,33 @@ def batch_axis(fig: go.Figure, series: Sequence[Line | Points]) -> None:
     fig.update_xaxes(
         type="log", title_text="batch size", tickvals=sizes, ticktext=[str(b) for b in sizes]
     )
+
+
+def curves_figure(
+    panels: list[str],
+    curves: Sequence[Curve],
+    x: str,
+    y: str,
+    title: str,
+    mode: str = "lines",
+    log_y: bool = False,
+) -> go.Figure:
+    """One panel per LR rule side by side sharing the y axis, one curve per batch size with its
+    min–max band; colour runs over log2(batch size)."""
+    panels = panels or [""]
+    fig = make_subplots(
+        rows=1,
+        cols=len(panels),
+        shared_yaxes=True,
+        subplot_titles=[f"{RULE} = {p}" for p in panels],
+    )
+    sizes = sorted({c.batch_size for c in curves}) or [1]
+    for curve in curves:
+        col = panels.index(curve.panel) + 1
+        colour = batch_colour(curve.batch_size, sizes)
+        for part in curve_traces(curve, f"B={curve.batch_size}", {"color": colour}, col == 1, mode):
+            fig.add_trace(part, row=1, col=col)
+    fig.update_xaxes(title_text=x)
+    fig.update_yaxes(type="log" if log_y else "linear", title_text=y, col=1)
+    fig.update_layout(title=title)
+    return fig

@@ -4,8 +4,8 @@ critical-batch fit, B_simple at the target against the fitted B_crit: the paper 
 they agree within a small factor (the y = x line).
 
 `measured_curves` (shared with the sharpness figure) draws any measured column over training
-for the trials shown: the studies' best trials when given, else the best configuration per LR
-rule and batch size by the sweep's metric, as the learning curves choose them.
+for the trials shown (`metrics.shown_trials`): the studies' best trials when given, else the best
+configuration per LR rule and batch size by the sweep's metric, as the learning curves do.
 """
 
 from __future__ import annotations
@@ -17,21 +17,11 @@ import numpy as np
 import plotly.graph_objects as go
 import pyarrow as pa
 import pyarrow.compute as pc
-from plotly.subplots import make_subplots
 
 from analysis._arrow import from_numpy, strings, to_numpy, valid
-from analysis.figures._common import Curve
-from analysis.figures._draw import batch_colour, curve_traces
-from analysis.metrics import (
-    BATCH,
-    RULE,
-    attach,
-    best_configs,
-    mode_of,
-    prepared,
-    searched_keys,
-    seed_spread,
-)
+from analysis.figures._common import Curve, curves
+from analysis.figures._draw import batch_colour, curves_figure
+from analysis.metrics import BATCH, RULE, attach, seed_spread, shown_trials
 
 if TYPE_CHECKING:
     from analysis.summary import Summary
@@ -46,22 +36,6 @@ class Measured(NamedTuple):
     curves: list[Curve]  # per rule and batch size
 
 
-def shown_trials(trials: pa.Table, metric: str, keep: Collection[str] | None) -> pa.Table:
-    """The trials whose measurements are drawn: `keep` (trial ids) when given; else, where
-    configurations other than rule, batch size and seed vary, the best one per rule and batch
-    size by `final/<metric>`; else every trial. Errored trials never (`metrics.prepared`)."""
-    trials = prepared(trials)
-    if keep is not None:
-        return trials.filter(pc.is_in(trials["trial_id"], value_set=strings(sorted(keep))))
-    keys = [RULE, BATCH, *searched_keys(trials)]
-    if keys[2:] and f"final/{metric}" in trials.column_names:
-        winners = best_configs(trials, f"final/{metric}", mode_of(metric) or "max")
-        chosen = {tuple(r.values()) for r in winners.select(keys).to_pylist()}
-        rows = trials.select(keys).to_pylist()
-        trials = trials.filter(from_numpy(np.array([tuple(r.values()) in chosen for r in rows])))
-    return trials
-
-
 def measured_curves(
     trials: pa.Table,
     history: pa.Table,
@@ -70,26 +44,14 @@ def measured_curves(
     metric: str,
     keep: Collection[str] | None = None,
 ) -> Measured:
-    """`column` against `x` for the trials shown (see `shown_trials`): per rule and batch
+    """`column` against `x` for the trials shown (see `metrics.shown_trials`): per rule and batch
     size the median and min–max over the trials (seeds) at each x, reports without a value of
     `column` left out."""
-    shown = shown_trials(trials, metric, keep)
-    reports = attach(history, shown, [RULE, BATCH])
+    reports = attach(history, shown_trials(trials, metric, keep), [RULE, BATCH])
     values = to_numpy(reports[column], np.nan).astype(float)
     reports = reports.filter(from_numpy(np.isfinite(values)))
-    spread = seed_spread(reports, column, [RULE, BATCH, x], "max").to_pylist()
-    curves = []
-    for rule, batch in sorted({(r[RULE], r[BATCH]) for r in spread}):
-        mine = [r for r in spread if (r[RULE], r[BATCH]) == (rule, batch)]
-        curves.append(
-            Curve(
-                rule,
-                batch,
-                [r[x] for r in mine],
-                *([r[stat] for r in mine] for stat in ("median", "low", "high")),
-            )
-        )
-    return Measured(column, x, sorted({c.panel for c in curves}), curves)
+    found = curves(seed_spread(reports, column, [RULE, BATCH, x], "max"), x)
+    return Measured(column, x, sorted({c.panel for c in found}), found)
 
 
 def extract(
@@ -103,28 +65,11 @@ def extract(
     return measured_curves(trials, history, COLUMN, x, metric, keep)
 
 
-def render_curves(data: Measured, title: str, log_y: bool = True) -> go.Figure:
-    """One panel per LR rule, one curve per batch size (colour over log2 B)."""
-    panels = data.panels or [""]
-    fig = make_subplots(
-        rows=1,
-        cols=len(panels),
-        shared_yaxes=True,
-        subplot_titles=[f"{RULE} = {p}" for p in panels],
+def render_curves(data: Measured, title: str) -> go.Figure:
+    """One panel per LR rule, one curve per batch size (colour over log2 B), log y."""
+    return curves_figure(
+        data.panels, data.curves, data.x, data.column, title, "lines+markers", log_y=True
     )
-    sizes = sorted({c.batch_size for c in data.curves}) or [1]
-    for curve in data.curves:
-        col = panels.index(curve.panel) + 1
-        colour = batch_colour(curve.batch_size, sizes)
-        traces = curve_traces(
-            curve, f"B={curve.batch_size}", {"color": colour}, col == 1, "lines+markers"
-        )
-        for part in traces:
-            fig.add_trace(part, row=1, col=col)
-    fig.update_xaxes(title_text=data.x)
-    fig.update_yaxes(type="log" if log_y else "linear", title_text=data.column, col=1)
-    fig.update_layout(title=title)
-    return fig
 
 
 def render(data: Measured) -> go.Figure:
