@@ -27,10 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.io
-import torchvision.datasets
 from PIL import Image
-from torchvision.datasets import mnist as tv_mnist
 
 from lbs_tune.errors import UserError
 from lbs_tune.segmentation import IGNORE_INDEX
@@ -196,6 +193,8 @@ def _read_idx(fmt: _Format, path: Path, magic: int) -> np.ndarray:
         found = int.from_bytes(f.read(4), "big")
     if found != magic:
         raise _corrupt(fmt, path, f"IDX magic number is {found}, expected {magic}")
+    from torchvision.datasets import mnist as tv_mnist  # here: torchvision takes seconds
+
     read = tv_mnist.read_image_file if magic == _IDX_IMAGES else tv_mnist.read_label_file
     try:
         return read(str(path)).numpy()
@@ -213,6 +212,8 @@ def _read_mnist(fmt: _Format, folder: Path, files: Sequence[str]) -> tuple[np.nd
 
 
 def _read_svhn(fmt: _Format, folder: Path, files: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    import scipy.io
+
     (path,) = (folder / file for file in files)
     try:
         mat = scipy.io.loadmat(path)
@@ -344,6 +345,8 @@ def _missing_error(fmt: _Format, folder: Path, missing: list[str]) -> UserError:
 
 def _download(fmt: _Format, root: Path, missing: list[str]) -> None:
     """Fetch the missing files with torchvision's own download, which verifies checksums."""
+    import torchvision.datasets
+
     dataset_class = getattr(torchvision.datasets, fmt.torchvision_class)
     for files, kwargs in fmt.downloads:
         if set(files) & set(missing):

@@ -12,11 +12,14 @@ PyTorch's default initialisation, as both torchvision and bearpaw keep.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torchvision.models
 from torch import nn
 
 from lbs_tune.models.common import conv_length, image_channels
+
+if TYPE_CHECKING:
+    import torchvision.models
 
 # Indices of the max-pools in torchvision's AlexNet.features.
 _POOLS = (2, 5, 12)
@@ -34,6 +37,8 @@ def alexnet(num_classes: int, input_shape: Sequence[int]) -> torchvision.models.
 
     if min(feature_size(height), feature_size(width)) < 1:
         raise ValueError(f"alexnet needs images of at least 29x29, got {tuple(input_shape)}")
+    import torchvision.models  # here: importing torchvision takes seconds
+
     model = torchvision.models.alexnet(weights=None, num_classes=num_classes)
     model.features[0] = nn.Conv2d(channels, 64, 11, stride=4, padding=5)
     for index in _POOLS:

@@ -10,15 +10,20 @@ stem has none): 6,956,426 parameters for 10 classes, kuangliu's 6,956,298 plus t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torchvision.models
 from torch import nn
 
 from lbs_tune.models.common import cifar_stem_conv, image_channels
 
+if TYPE_CHECKING:
+    import torchvision.models
+
 
 def densenet121(num_classes: int, input_shape: Sequence[int]) -> torchvision.models.DenseNet:
     """torchvision's DenseNet-121 for images `input_shape` with the CIFAR stem; untrained."""
+    import torchvision.models  # here: importing torchvision takes seconds
+
     model = torchvision.models.densenet121(weights=None, num_classes=num_classes)
     stem = model.features
     stem.conv0 = cifar_stem_conv(image_channels(input_shape), stem.conv0.out_channels)

@@ -12,10 +12,12 @@ MobileNetV2, 2.30M, adds 1x1 conv shortcuts that the paper and torchvision do no
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torchvision.models
+from typing import TYPE_CHECKING
 
 from lbs_tune.models.common import cifar_stem_conv, image_channels
+
+if TYPE_CHECKING:
+    import torchvision.models
 
 # (expansion t, channels c, blocks n, first stride s) of the paper's table 2, with the CIFAR
 # stride 1 in the second row where the paper has 2.
@@ -32,6 +34,8 @@ CIFAR_SETTING = [
 
 def mobilenet_v2(num_classes: int, input_shape: Sequence[int]) -> torchvision.models.MobileNetV2:
     """torchvision's MobileNetV2 for images `input_shape` with the CIFAR strides; untrained."""
+    import torchvision.models  # here: importing torchvision takes seconds
+
     model = torchvision.models.mobilenet_v2(
         weights=None, num_classes=num_classes, inverted_residual_setting=CIFAR_SETTING
     )

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
-import torchvision.models
 from torch import nn
 
 from lbs_tune.models.common import (
@@ -35,6 +34,9 @@ from lbs_tune.models.common import (
     kaiming_init,
     residual_stages,
 )
+
+if TYPE_CHECKING:
+    import torchvision.models
 
 Shortcut = Literal["pad", "conv"]
 
@@ -131,6 +133,8 @@ def torchvision_resnet(
 ) -> torchvision.models.ResNet:
     """torchvision's ResNet-`depth` (34 or 50) for images `input_shape`, with a 3x3 stride-1
     stem conv and no max-pool (kuangliu/pytorch-cifar's CIFAR change); untrained weights."""
+    import torchvision.models  # here: importing torchvision takes seconds
+
     build = {34: torchvision.models.resnet34, 50: torchvision.models.resnet50}[depth]
     model = build(weights=None, num_classes=num_classes)
     model.conv1 = cifar_stem_conv(image_channels(input_shape), model.conv1.out_channels)
