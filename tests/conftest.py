@@ -350,3 +350,21 @@ def tiny_quickstart(tmp_path_factory) -> Path:
 def tiny_broken(tmp_path_factory) -> Path:
     """The committed folder of the sweep with an errored trial (as `broken_experiment`)."""
     return _committed("broken", tmp_path_factory)
+
+
+def sweep_spec(tmp_path: Path, name: str, **changes) -> Path:
+    """Four tiny MNIST-1D trials: batch 32/64 x none/linear, 4 epochs, reports every half epoch."""
+    base = tiny_base(epochs=4, checkpoint_every=1, **changes)
+    grid = {"batch_size": [32, 64], "lr.scaling": ["none", "linear"]}
+    return write_spec(tmp_path / f"{name}.yaml", base, grid, resources={"cpu": 0.5})
+
+
+@pytest.fixture(scope="session")
+def reference(ray_cluster, tmp_path_factory):
+    """An uninterrupted run of the four-trial sweep: what every faulted run must reproduce."""
+    from lbs_tune.runner import run
+
+    folder = tmp_path_factory.mktemp("reference")
+    spec = sweep_spec(folder, "tiny")
+    assert run(spec, storage=str(folder / "results"), address=ray_cluster.address) == 0
+    return folder / "results" / "tiny"

@@ -27,10 +27,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import tiny_base, write_spec
+from conftest import sweep_spec, tiny_base, write_spec
 from fixtures_formats import write_cifar10
-from test_sweeps import _driver, histories, metrics_only, sweep_spec
-from test_sweeps import reference as reference  # a fixture: the lone run of sweep_spec
+from test_sweeps import _driver, histories, metrics_only
 
 from analysis.status import status
 from lbs_tune.errors import UserError
