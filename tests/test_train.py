@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -222,25 +223,36 @@ def test_gradient_accumulation_with_ghost_batch_norm(cli, tmp_path, data_dir):
     assert a["val/loss"] == pytest.approx(b["val/loss"], rel=1e-4)
 
 
-def test_progress_bar_on_a_terminal(tmp_path, data_dir):
+def test_progress_bar_on_a_terminal(tmp_path, data_dir, monkeypatch):
+    """`lbs-tune train` with its stdout on a terminal (a pseudo-terminal, read as it writes)."""
     import pty
+
+    from lbs_tune.cli import main
 
     spec = write_spec(tmp_path / "tty.yaml", tiny_base(epochs=1))
     leader, follower = pty.openpty()
-    proc = subprocess.Popen(_train_cmd(spec, tmp_path / "run"), stdout=follower, stderr=follower)
-    os.close(follower)
-    output = b""
-    while True:
-        try:
-            chunk = os.read(leader, 4096)
-        except OSError:  # the terminal closes when the run ends
-            break
-        if not chunk:
-            break
-        output += chunk
+    chunks: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the terminal closes when the run ends
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    with open(follower, "w") as terminal:
+        monkeypatch.setattr(sys, "stdout", terminal)
+        code = main(["train", str(spec), "--out", str(tmp_path / "run")])
+        monkeypatch.undo()
+    reader.join(timeout=60)
     os.close(leader)
-    assert proc.wait(timeout=120) == 0
-    text = output.decode()
+    assert code == 0
+    text = b"".join(chunks).decode()
     assert "\r[" in text and "] step 45/45" in text, text[-500:]
     assert "\nstep 22/45" not in text, "no plain lines on a terminal"
 
