@@ -38,13 +38,15 @@ def _common_prefix(a: str, b: str) -> int:
 
 # C0 and C1 control characters (ESC, BEL, CSI ...) except tab and newline: terminal escape
 # sequences in a file name, a config value or an error file could set the title or clear it.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# And Unicode's bidirectional controls (marks, embeddings, overrides, isolates): they make a
+# terminal show a line in another order than its characters ("Trojan Source", CVE-2021-42574).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _ESCAPE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|.)")
 
 
 def printable(text: str) -> str:
-    """`text` without terminal escape sequences and control characters (tabs and newlines stay),
-    for echoing what came from files or configs."""
+    """`text` without terminal escape sequences, control characters (tabs and newlines stay) and
+    bidirectional controls, for echoing what came from files or configs."""
     return _CONTROL.sub("", _ESCAPE.sub("", text))
 
 

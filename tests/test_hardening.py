@@ -32,7 +32,7 @@ from fixtures_formats import write_cifar10
 from test_sweeps import _driver, histories, metrics_only
 
 from analysis.status import status
-from lbs_tune.errors import UserError
+from lbs_tune.errors import UserError, cut, printable
 from lbs_tune.experiment import (
     exclusive,
     lock_location,
@@ -455,6 +455,13 @@ def test_status_prints_no_escape_sequence_from_error_files_and_configs(cli, copy
     code, out, _ = cli("status", copy)
     assert code == 0 and "boom" in out and "/data/" in out and "abc" in out, out
     assert _controls(out) == [], [line for line in out.splitlines() if _controls(line)]
+
+
+def test_bidirectional_controls_are_taken_out_of_what_is_echoed():
+    # Each would reorder how a terminal shows the rest of the line; letters of any script stay.
+    text = "a\u202eb\u2066c\u2069d\u200fe\u061cf\tg\nh é 中"
+    assert printable(text) == "abcdef\tg\nh é 中"
+    assert cut(f"x{chr(0x202E)}" * 60, 10) == "xxxxxxx..."
 
 
 def test_a_sweep_file_name_with_escape_sequences_is_printed_without_them(cli, tmp_path):
