@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Sequence
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -19,28 +18,16 @@ import pyarrow.compute as pc
 
 from analysis._arrow import from_numpy, group_ids, groups, strings, to_numpy, valid
 from analysis.columns import config_columns
-from lbs_tune.names import direction
+from lbs_tune.names import Mode, direction, meets
 
-Mode = Literal["max", "min"]
 # The config keys that the figures arrange trials by.
 RULE = "lr.scaling"
 BATCH = "batch_size"
 SEED = "seed"
 
 
-def mode_of(metric: str) -> Mode | None:
-    """'max' for an accuracy or a mean IoU, 'min' for a loss or a perplexity, None for a metric
-    with no better direction (the loop's own `lbs_tune.config.direction`)."""
-    return direction(metric)
-
-
-def comparison(metric: str) -> str:
-    """'≥' for a metric whose target is reached from below, '≤' for a loss."""
-    return "≤" if mode_of(metric) == "min" else "≥"
-
-
 def _mode(metric: str, mode: Mode | None) -> Mode:
-    mode = mode or mode_of(metric)
+    mode = mode or direction(metric)
     if mode is None:
         raise ValueError(f"'{metric}' has no natural direction: pass mode='max' or 'min'")
     return mode
@@ -60,7 +47,7 @@ def final_and_best(history: pa.Table, fields: Sequence[str]) -> pa.Table:
     `best/<field>` (max for accuracies, min for losses, nulls skipped) for every field that
     has a direction. `history` must be ordered by step within each trial.
     """
-    directed = [f for f in fields if mode_of(f)]
+    directed = [f for f in fields if direction(f)]
     ids = history["trial_id"]
     unique = pc.unique(ids)
     codes = to_numpy(pc.index_in(ids, value_set=unique), -1)
@@ -74,7 +61,7 @@ def final_and_best(history: pa.Table, fields: Sequence[str]) -> pa.Table:
         columns[f"final/{field}"] = finals[field]
     for field in directed:
         values = to_numpy(history[field], np.nan).astype(np.float64)[order]
-        pick = np.fmax if mode_of(field) == "max" else np.fmin
+        pick = np.fmax if direction(field) == "max" else np.fmin
         # fmax/fmin skip NaN (a null here) unless the whole trial has none.
         best = pick.reduceat(values, starts) if n else values
         kind = history.schema.field(field).type
@@ -93,7 +80,7 @@ def to_target(
     """
     values = to_numpy(history[metric], np.nan)
     with np.errstate(invalid="ignore"):
-        hit = values >= target if _mode(metric, mode) == "max" else values <= target
+        hit = meets(values, target, _mode(metric, mode))
     hit &= valid(history[x])
     ids = history["trial_id"]
     unique = pc.unique(ids)
@@ -245,7 +232,7 @@ def shown_trials(trials: pa.Table, metric: str, keep: Collection[str] | None = N
         return trials.filter(pc.is_in(trials["trial_id"], value_set=strings(sorted(keep))))
     keys = [RULE, BATCH, *searched_keys(trials)]
     if keys[2:] and f"final/{metric}" in trials.column_names:
-        winners = best_configs(trials, f"final/{metric}", mode_of(metric) or "max")
+        winners = best_configs(trials, f"final/{metric}", direction(metric) or "max")
         chosen = {tuple(r.values()) for r in winners.select(keys).to_pylist()}
         rows = trials.select(keys).to_pylist()
         trials = trials.filter(from_numpy(np.array([tuple(r.values()) in chosen for r in rows])))

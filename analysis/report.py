@@ -33,12 +33,12 @@ from analysis.figures import (
     throughput,
 )
 from analysis.load import experiment_location, load, load_evaluation
-from analysis.metrics import comparison, reached_at, varying_keys
+from analysis.metrics import reached_at, varying_keys
 from analysis.summary import extra_figures, read_summary, summary_path, write_summary
 from analysis.tables import Results
 from lbs_tune.errors import UserError, cut, did_you_mean
 from lbs_tune.experiment import REPORT_FILE, SWEEP_FILE, count_outcomes
-from lbs_tune.names import METRICS
+from lbs_tune.names import METRICS, comparison
 
 X_AXES = ("step", "examples", "epoch")
 STATIC_FORMATS = ("png", "pdf", "svg")

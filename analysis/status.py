@@ -7,7 +7,6 @@ from the files (a trial's step budget is the `total_steps` it reported): no torc
 
 from __future__ import annotations
 
-import math
 from datetime import datetime
 from typing import Any
 
@@ -134,9 +133,9 @@ def status(source: str) -> str:
         "started",
     ]
     counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) or "none yet"
-    planned = math.prod(len(v) for v in spec["grid"].values()) if spec.get("grid") else None
+    planned = SweepSpec.model_validate(spec).trial_count if spec else None
     if planned and planned > len(trials):
-        counts += f"; {planned - len(trials)} more grid points not started"
+        counts += f"; {planned - len(trials)} more trials not started"
     ended = sweep.get("ended") or "running or interrupted"
     lines = [
         f"sweep {sweep.get('name', experiment.name)} at {experiment.uri}",

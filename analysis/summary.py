@@ -1,4 +1,4 @@
-"""The numbers of a searched sweep (one Optuna study per grid point, `lbs_tune.search`): per grid
+"""The numbers of a searched sweep (one Optuna study per grid point, `lbs_tune.studies`): per grid
 point the best trial and the spread of its study, the critical-batch fit of the best steps, the
 report's extra figures, `summary.json`, and the study trials as a table for `lbs-tune export`.
 
@@ -14,7 +14,7 @@ as the worst (`analysis.metrics.seed_spread`; a median that lands on it leaves t
 out of the fit, as a batch size that never reached it). The fit and its bootstrap intervals over
 batch sizes are `analysis.scaling.fit_scaling`'s.
 
-Reads the studies' SQLite storage through `lbs_tune.search.read_studies` (Optuna, no Ray); no
+Reads the studies' SQLite storage through `lbs_tune.studies.read_studies` (Optuna, no Ray); no
 torch, no pandas.
 """
 
@@ -31,11 +31,12 @@ import numpy as np
 import pyarrow as pa
 
 from analysis._arrow import rows_to_table, to_numpy
-from analysis.metrics import BATCH, SEED, comparison, seed_spread
+from analysis.metrics import BATCH, SEED, seed_spread
 from analysis.scaling import LEVEL, PARAMETERS, RESAMPLES, ScalingFit, fit_scaling
 from lbs_tune.experiment import REPORT_FILE, SUMMARY_FILE, write_parquet
-from lbs_tune.search import STUDY_FILE, Objective, StudyRecord, read_studies
+from lbs_tune.names import comparison, first_reached
 from lbs_tune.storage import Location, locate
+from lbs_tune.studies import STUDY_FILE, Objective, StudyRecord, read_studies
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -125,9 +126,8 @@ def trial_steps(
         return trial["value"] if trial["state"] == "COMPLETE" else None
     if target is None or target[0] != objective.metric:
         return None
-    reach = objective._replace(target=target[1])
-    hits = [step for step, value in trial["values"].items() if reach.meets(value)]
-    return float(min(hits)) if hits else None
+    hit = first_reached(trial["values"], target[1], objective.mode)
+    return None if hit is None else float(hit)
 
 
 def summarize_point(

@@ -30,6 +30,7 @@ from lbs_tune.experiment import (
     STATE_FILE,
     SWEEP_FILE,
     TRIAL_FILES,
+    parse_record,
 )
 from lbs_tune.names import METRICS
 from lbs_tune.storage import Location
@@ -123,20 +124,11 @@ def read_bytes(where: Location, paths: list[str]) -> list[bytes]:
         return list(pool.map(read, paths))
 
 
-def read_sweep(where: Location) -> bytes | None:
-    """lbs_sweep.json as bytes; None (with a warning) if it is not JSON. JSON that is not a
-    sweep record (a list, a number) is a UserError: the record was replaced, not cut short."""
+def read_sweep(where: Location) -> bytes:
+    """lbs_sweep.json as bytes, checked by `lbs_tune.experiment.parse_record` (a damaged record
+    is the same one-line UserError here as in every other command)."""
     raw = read_bytes(where, [SWEEP_FILE])[0]
-    try:
-        record = json.loads(raw)
-    except ValueError:
-        warnings.warn(f"{where.join(SWEEP_FILE).uri}: not JSON; ignored it", stacklevel=2)
-        return None
-    if not isinstance(record, dict):
-        raise UserError(
-            f"{where.join(SWEEP_FILE).uri}: damaged sweep record (not a JSON object); restore "
-            "it, or move it aside to read the trials without it"
-        )
+    parse_record(raw, where.join(SWEEP_FILE).uri)
     return raw
 
 

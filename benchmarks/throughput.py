@@ -29,13 +29,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lbs_tune.build import model_for, resolve_device, resolve_precision
 from lbs_tune.compiled import resolve_compile
 from lbs_tune.config import DataConfig, TrialConfig, epoch_steps
 from lbs_tune.data import DATASETS, DeviceData, load_dataset, random_crop, random_flip
 from lbs_tune.errors import UserError
-from lbs_tune.models import build_model
 from lbs_tune.optim import build_optimizer
-from lbs_tune.training import ListReporter, resolve_device, resolve_precision, train
+from lbs_tune.training import ListReporter, train
 
 TARGET_OVERHEAD_PCT = 10.0
 CIFAR_SHAPE = (3, 32, 32)
@@ -181,7 +181,7 @@ def bare_images_per_s(
 ) -> float:
     """Images/s of a plain PyTorch loop of the same model, batch, data, augmentation, optimizer."""
     device = data.train.x.device
-    model = build_model(config.model, data.num_classes, data.input_shape).to(device)
+    model = model_for(config, data).to(device)
     if data.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config.optimizer)

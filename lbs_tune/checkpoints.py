@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from lbs_tune.errors import UserError
-from lbs_tune.storage import locate
+from lbs_tune.experiment import newest_readable
+from lbs_tune.storage import Location, locate, scaffolding
 
 # What every checkpoint of the loop holds (training.train's state) with the reports made so far.
 STATE_KEYS = ("step", "finished", "model", "optimizer", "sampler", "rng", "reports")
@@ -24,7 +25,9 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     RuntimeError, a plain write reports it as the OSError it is."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    with locate(path).atomic_output() as f:
+    target = locate(path)
+    # A checkpoint folder left empty by a failed write would read as a damaged checkpoint.
+    with scaffolding(target.parent()), target.atomic_output() as f:
         f.write(buffer.getbuffer())
 
 
@@ -46,6 +49,22 @@ def load_checkpoint(path: Path | str, stream: BinaryIO | None = None) -> dict[st
     if missing:
         raise UserError(f"{path}: not an lbs-tune checkpoint (no {', '.join(missing)})")
     return state
+
+
+def read_state(state: Location) -> dict[str, Any]:
+    """The checkpoint at `state` (a local file or one on a storage URI), as `load_checkpoint`."""
+    with state.fs.open_input_stream(state.path) as f:
+        return load_checkpoint(state.uri, io.BytesIO(f.readall()))
+
+
+def resume_state(
+    candidates: list[Location], fix: str, set_aside: bool = False
+) -> dict[str, Any] | None:
+    """The state to resume from: the newest readable of `candidates` (checkpoint files, newest
+    first), damaged newer ones reported (and with `set_aside` moved aside), None without any;
+    a UserError whose fix is `fix` if all are damaged. The one resume path of a Ray trial and
+    of `lbs-tune train`."""
+    return newest_readable(candidates, read_state, fix, set_aside)
 
 
 def rng_states() -> dict[str, Any]:

@@ -15,13 +15,13 @@ from lbs_tune.errors import UserError, cut
 
 def _train(args: argparse.Namespace) -> int:
     from lbs_tune.local import run_local
-    from lbs_tune.spec import load_spec, trial_from_spec
+    from lbs_tune.spec import trial_from_spec
 
     overrides = list(args.set or [])
     if args.device:
         overrides.append(f"device={args.device}")
-    config = trial_from_spec(args.spec, overrides)
-    out = args.out or Path("runs") / load_spec(args.spec).name
+    spec, config = trial_from_spec(args.spec, overrides)
+    out = args.out or Path("runs") / spec.name
     run_local(config, Path(out))
     return 0
 

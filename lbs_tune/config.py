@@ -12,6 +12,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import os
 from functools import cached_property
 from pathlib import Path
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from lbs_tune.errors import short
 from lbs_tune.names import BUDGET_KEYS, METRICS, direction, flatten, set_dotted
-from lbs_tune.search import SearchSpec
+from lbs_tune.space import SearchSpec
 
 MetricName = Literal[METRICS]
 
@@ -250,6 +251,29 @@ class TrialConfig(_Strict):
         return flatten(self.model_dump(mode="json"))
 
 
+def resolved(config: TrialConfig) -> TrialConfig:
+    """The config as a trial runs it wherever it runs: a relative `data.dir` made absolute
+    against this process's working directory (a trial process runs inside its trial folder)."""
+    if config.data.dir is None:
+        return config
+    folder = str(Path(config.data.dir).expanduser().resolve())
+    return config.model_copy(update={"data": config.data.model_copy(update={"dir": folder})})
+
+
+# The key of a searched trial's params that names its study and Optuna trial
+# ({study, point, number}); it is no knob of the run, so `trial_config` leaves it out.
+SEARCH_KEY = "search"
+
+
+def trial_config(params: dict[str, Any]) -> TrialConfig:
+    """The TrialConfig of a trial's params (Ray's params.json, what the trainable gets): the
+    one way from a trial folder back to its config (trainable, evaluate, branches). A ValueError
+    (pydantic's ValidationError is one) for params that are not a trial config."""
+    if not isinstance(params, dict):
+        raise ValueError(f"not a JSON object but {type(params).__name__}")
+    return TrialConfig.model_validate({k: v for k, v in params.items() if k != SEARCH_KEY})
+
+
 def changes(old: dict[str, Any], new: dict[str, Any], ignore=(), limit: int = 4) -> str:
     """What differs between two nested configs, as 'key: old -> new; ...' (at most `limit`
     keys, then '(+N more)'); keys in `ignore` (dotted) do not count. '' when nothing differs."""
@@ -307,13 +331,48 @@ class Resources(_Strict):
 
 
 class Metric(_Strict):
+    """The sweep's metric; its mode is the metric's own direction (`names.direction`), given
+    only for a metric that has none."""
+
     name: MetricName = "val/accuracy"
-    mode: Literal["max", "min"] = "max"
+    mode: Literal["max", "min"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_mode(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "mode" not in data:
+            own = (
+                direction(data.get("name", "val/accuracy"))
+                if isinstance(data.get("name", ""), str)
+                else None
+            )
+            if own is not None:
+                return {**data, "mode": own}
+        return data
+
+    @model_validator(mode="after")
+    def _same_mode(self) -> Metric:
+        own = direction(self.name)
+        if own is not None and self.mode != own:
+            raise KeyedError(
+                "mode",
+                f"{self.name} is better {'higher' if own == 'max' else 'lower'}; use mode: "
+                f"{own} or leave mode out",
+            )
+        return self
 
 
 class Target(_Strict):
+    """A value of a metric to reach (steps to target); the metric must have a direction."""
+
     metric: MetricName = "val/accuracy"
     value: float
+
+    @model_validator(mode="after")
+    def _directed(self) -> Target:
+        if direction(self.metric) is None:
+            raise KeyedError("metric", f"{self.metric} has no better direction to reach")
+        return self
 
 
 class SweepSpec(_Strict):
@@ -324,9 +383,9 @@ class SweepSpec(_Strict):
     description: str = ""
     base: dict[str, Any] = {}
     grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = {}
-    metric: Metric = Metric()
+    metric: Metric = Metric(name="val/accuracy", mode="max")
     target: Target | None = None
-    # Tuned hyper-parameters: one Optuna study per grid point (lbs_tune.search).
+    # Tuned hyper-parameters: one Optuna study per grid point (lbs_tune.studies).
     search: SearchSpec | None = None
     resources: Resources = Resources()
     max_concurrent: int | None = Field(None, gt=0, le=1_000_000)
@@ -347,6 +406,17 @@ class SweepSpec(_Strict):
                     "(seeds make repeats)",
                 )
         return grid
+
+    @property
+    def trials_per_point(self) -> int:
+        """Ray Tune trials per grid point: the search's trials of its study, else one."""
+        return self.search.trials_per_point if self.search else 1
+
+    @property
+    def trial_count(self) -> int:
+        """The trials this sweep asks for: grid points x trials per point. The one home of
+        this count (runner, dry run, console and status read it)."""
+        return math.prod(len(values) for values in self.grid.values()) * self.trials_per_point
 
     def points(self) -> list[dict[str, Any]]:
         """The grid points in order: one {dotted key: value} dict each (one {} for no grid)."""

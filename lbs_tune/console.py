@@ -30,7 +30,7 @@ from ray.tune import Callback
 from lbs_tune.config import SweepSpec
 from lbs_tune.errors import UserError, cut, printable
 from lbs_tune.experiment import ERROR_FILE, count_outcomes
-from lbs_tune.search import metric_mode
+from lbs_tune.names import comparison, direction, meets
 from lbs_tune.storage import Location
 
 STATUS_S = 30.0  # a status line (log file) or a new start flushed, at most this often
@@ -162,8 +162,7 @@ class Console(Callback):
         self.redraw_s = redraw_s
         self.clock = clock
         self.lock = threading.RLock()
-        searched = spec.search.trials_per_point if spec.search else 1
-        self.total = len(spec.points()) * searched
+        self.total = spec.trial_count
         # What tells the trials apart in their lines: grid keys, then searched keys.
         self.keys = [*spec.grid, *(spec.search.space if spec.search else ())]
         self.batch_sizes = sorted({config.batch_size for config in spec.trials})
@@ -428,8 +427,8 @@ class Console(Callback):
                 self._event(
                     "target",
                     trial,
-                    f"{target.metric} {value:.4g} {self._comparison()} {target.value:g} "
-                    f"at step {step}",
+                    f"{target.metric} {value:.4g} {comparison(target.metric, ascii=True)} "
+                    f"{target.value:g} at step {step}",
                 )
 
     def _event(self, kind: str, trial, text: str) -> None:
@@ -449,16 +448,7 @@ class Console(Callback):
 
     def _reaches(self, value: float) -> bool:
         target = self.spec.target
-        return value <= target.value if self._target_mode() == "min" else value >= target.value
-
-    def _target_mode(self) -> str:
-        metric = self.spec.target.metric
-        if metric == self.spec.metric.name:
-            return self.spec.metric.mode
-        return metric_mode(metric) or "max"
-
-    def _comparison(self) -> str:
-        return "<=" if self._target_mode() == "min" else ">="
+        return meets(value, target.value, direction(target.metric))
 
     # ------------------------------------------------------------------ The terminal
 

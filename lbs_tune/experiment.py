@@ -5,7 +5,9 @@ An experiment folder `<storage>/<name>/` is Ray Tune's own experiment folder (it
 `experiment_state-*.json`, one folder per trial with `params.json`, `result.json`, `error.txt` and
 `checkpoint_NNNNNN/state.pt`) plus our files: `lbs_sweep.json` (the sweep record), the evaluation
 table of `lbs-tune evaluate`, the loader's cache and the report. A run folder of `lbs-tune train`
-holds `config.json`, `metrics.jsonl` and `checkpoints/step_NNNNNNNN.pt`.
+holds `config.json`, `metrics.jsonl` and its checkpoints in the same layout as a trial's,
+`checkpoint_<step>/state.pt`: one layout, listed by `trial_checkpoints`, resumed from by
+`lbs_tune.checkpoints.resume_state`.
 
 No torch and no Ray here: `analysis` reads through these names too.
 """
@@ -44,31 +46,28 @@ PARAMS_FILE = "params.json"
 ERROR_FILE = "error.txt"
 TRIAL_FILES = (RESULT_FILE, PARAMS_FILE, ERROR_FILE)
 STATE_FILE = re.compile(r"^experiment_state-.*\.json$")
-CHECKPOINT_DIR = re.compile(r"^checkpoint_\d+$")  # Ray Tune's checkpoint folders in a trial
+CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)$")  # a trial's (or a run's) checkpoint folders
 CHECKPOINT_FILE = "state.pt"  # our state inside each of them
 EVALUATION_FILE = "evaluation.parquet"
 CACHE_DIR = ".lbs_cache"
 REPORT_FILE = "report.html"
 SUMMARY_FILE = "summary.json"
-# `lbs-tune evaluate`'s table: one row per checkpoint and split (a non-finite loss is null).
+# `lbs-tune evaluate`'s table: one row per checkpoint and split, a column per score that a task's
+# evaluation gives (null where the task has none, or the value is not finite).
+EVALUATION_SCORES = ("loss", "accuracy", "perplexity", "miou", "pixel_accuracy")
 EVALUATION_SCHEMA = pa.schema(
-    [
-        ("trial_id", pa.string()),
-        ("step", pa.int64()),
-        ("split", pa.string()),
-        ("loss", pa.float64()),
-        ("accuracy", pa.float64()),
-    ]
+    [("trial_id", pa.string()), ("step", pa.int64()), ("split", pa.string())]
+    + [(score, pa.float64()) for score in EVALUATION_SCORES]
 )
 # A run folder of `lbs-tune train`.
 RUN_CONFIG_FILE = "config.json"
 RUN_METRICS_FILE = "metrics.jsonl"
-RUN_CHECKPOINTS = "checkpoints"
-RUN_CHECKPOINT = re.compile(r"^step_(\d+)\.pt$")
 
 
-def run_checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}.pt"
+def checkpoint_folder(number: int) -> str:
+    """The folder of checkpoint `number` (Ray numbers a trial's in order; a run of `lbs-tune
+    train` by the step): 'checkpoint_000044'."""
+    return f"checkpoint_{number:06d}"
 
 
 # ---------------------------------------------------------------------------- The sweep record
@@ -107,8 +106,15 @@ def has_record(experiment: Location) -> bool:
 def read_record(experiment: Location) -> dict[str, Any]:
     """The sweep's lbs_sweep.json; a damaged one is the user's to restore (UserError)."""
     meta = experiment.join(SWEEP_FILE)
+    return parse_record(meta.read_bytes(), meta.uri)
+
+
+def parse_record(raw: bytes, uri: str) -> dict[str, Any]:
+    """The sweep record in `raw` (the bytes of lbs_sweep.json at `uri`). One policy for every
+    reader and writer: a damaged record (not JSON, not an object, no spec or digest) is a
+    one-line UserError that says how to restore or replace it."""
     try:
-        record = json.loads(meta.read_text())
+        record = json.loads(raw)
         problem = None if isinstance(record, dict) else "not a JSON object"
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         problem = f"not valid JSON: {exc}"
@@ -117,7 +123,7 @@ def read_record(experiment: Location) -> dict[str, Any]:
         problem = f"no {' and '.join(missing)}" if missing else None
     if problem:
         raise UserError(
-            f"{meta.uri}: damaged sweep record ({problem}); restore it, or run the sweep file "
+            f"{uri}: damaged sweep record ({problem}); restore it, or run the sweep file "
             "with --fresh to move this sweep aside and start again"
         )
     return record
@@ -213,36 +219,39 @@ def count_outcomes(trials) -> dict[str, int]:
 
 
 def trial_checkpoints(trial: Location) -> list[Location]:
-    """The `state.pt` of each of Ray's checkpoint folders of a trial, oldest first."""
+    """The `state.pt` of each checkpoint folder of a trial (or of a run of `lbs-tune train`),
+    oldest first (by the folder's number)."""
     try:
         infos = trial.fs.get_file_info(pafs.FileSelector(trial.path))
     except (FileNotFoundError, OSError):
         return []
-    names = sorted(
-        i.base_name
+    numbered = sorted(
+        (int(match.group(1)), i.base_name)
         for i in infos
-        if i.type == pafs.FileType.Directory and CHECKPOINT_DIR.match(i.base_name)
+        if i.type == pafs.FileType.Directory and (match := CHECKPOINT_DIR.match(i.base_name))
     )
-    return [trial.join(name, CHECKPOINT_FILE) for name in names]
+    return [trial.join(name, CHECKPOINT_FILE) for _, name in numbered]
+
+
+def checkpoint_number(state: Location) -> int:
+    """The number of the checkpoint folder that holds `state` (`.../checkpoint_000044/state.pt`
+    -> 44): Ray's count of the trial's checkpoints, the step of a run of `lbs-tune train`."""
+    return int(CHECKPOINT_DIR.match(state.parent().name).group(1))
 
 
 def run_checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """(step, path) of the checkpoints of a run folder's `checkpoints/`, newest first."""
-    found = []
-    for path in (folder / RUN_CHECKPOINTS).glob("step_*.pt"):
-        match = RUN_CHECKPOINT.match(path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    return sorted(found, reverse=True)
+    """(step, path) of the checkpoints of a run folder of `lbs-tune train`, newest first."""
+    states = trial_checkpoints(Location(pafs.LocalFileSystem(), str(folder), str(folder)))
+    return [(checkpoint_number(s), Path(s.path)) for s in reversed(states)]
 
 
 def newest_readable(
     candidates: list[Location], load: Callable[[Location], T], fix: str, set_aside: bool = False
 ) -> T | None:
     """The state of the newest of `candidates` (newest first) that `load` reads. Each damaged one
-    newer than it is reported on stderr and, with `set_aside`, renamed to `<name>.damaged` (so
-    the resumed run can write that step again); none is deleted. None without candidates; a
-    UserError whose fix is `fix` if every one is damaged."""
+    newer than it is reported on stderr and, with `set_aside`, its checkpoint folder renamed to
+    `<folder>.damaged` (so the resumed run can write that step again); none is deleted. None
+    without candidates; a UserError whose fix is `fix` if every one is damaged."""
     damaged = []
     for candidate in candidates:
         try:
@@ -255,8 +264,9 @@ def newest_readable(
             continue
         for bad, problem in damaged:
             if set_aside:
-                aside = f"{bad.path}.damaged"
-                bad.fs.move(bad.path, aside)
+                folder = bad.parent()
+                aside = f"{folder.path}.damaged"
+                folder.fs.move(folder.path, aside)
                 problem += f"; moved it aside to {posixpath.basename(aside)}"
             print(
                 f"lbs-tune: warning: {problem}; resuming from {_checkpoint_name(candidate)}",
@@ -269,7 +279,7 @@ def newest_readable(
 
 
 def _checkpoint_name(checkpoint: Location) -> str:
-    """'checkpoint_000002' for Ray's `.../checkpoint_000002/state.pt`, else the file's name."""
+    """'checkpoint_000002' for `.../checkpoint_000002/state.pt`, else the file's name."""
     folder = checkpoint.parent().name
     return folder if CHECKPOINT_DIR.match(folder) else checkpoint.name
 
@@ -328,7 +338,11 @@ def read_evaluation(experiment: Location) -> pa.Table | None:
     target = experiment.join(EVALUATION_FILE)
     if not target.exists():
         return None
-    return read_parquet(target).cast(EVALUATION_SCHEMA)
+    table = read_parquet(target)
+    for name in EVALUATION_SCHEMA.names:  # a table of an earlier version lacks some scores
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, pa.float64()))
+    return table.select(EVALUATION_SCHEMA.names).cast(EVALUATION_SCHEMA)
 
 
 # ---------------------------------------------------------------------------- One writer

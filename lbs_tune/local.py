@@ -1,7 +1,8 @@
 """`lbs-tune train`: one trial in this process, without Ray, in a folder it can resume from.
 
 The folder holds `config.json` (the resolved trial config), `metrics.jsonl` (one JSON object per
-report) and `checkpoints/step_XXXXXXXX.pt`. Running again in the same folder resumes from the
+report) and `checkpoint_<step>/state.pt`, the layout of a Ray trial's checkpoints (listed and
+resumed from by the same functions). Running again in the same folder resumes from the
 newest readable checkpoint, also after `kill -9`: `metrics.jsonl` is rewritten from the reports
 that checkpoint holds, and the reports made after it are made again, so the history stays
 continuous.
@@ -12,25 +13,25 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lbs_tune.checkpoints import load_checkpoint, save_checkpoint
+from lbs_tune.checkpoints import resume_state, save_checkpoint
 from lbs_tune.config import TrialConfig, changes
 from lbs_tune.errors import UserError, out_of_memory
 from lbs_tune.experiment import (
-    RUN_CHECKPOINTS,
+    CHECKPOINT_FILE,
     RUN_CONFIG_FILE,
     RUN_METRICS_FILE,
-    newest_readable,
-    run_checkpoint_name,
-    run_checkpoints,
+    checkpoint_folder,
+    trial_checkpoints,
 )
 from lbs_tune.progress import Progress
-from lbs_tune.storage import Location, locate
+from lbs_tune.storage import locate
 from lbs_tune.training import train
 
 # A full disk, a quota, a read-only or forbidden folder: the user's to fix, not a bug.
@@ -41,16 +42,12 @@ RESUMABLE_KEYS = {"device", "data.dir", "data.download", "compile"}
 
 def newest_checkpoint(folder: Path) -> dict[str, Any] | None:
     """The newest readable checkpoint of run folder `folder`. Corrupted ones newer than it are
-    reported and moved aside (`<name>.damaged`), never deleted: the resumed run writes a new
-    checkpoint of that step."""
-    files = [locate(path) for _, path in run_checkpoints(folder)]
-    oldest = files[-1].uri if files else ""
+    reported and their folders moved aside (`<folder>.damaged`), never deleted: the resumed run
+    writes a new checkpoint of that step."""
+    files = trial_checkpoints(locate(folder))[::-1]
+    oldest = files[-1].parent().uri if files else ""
     fix = f"fall back to: move {oldest} aside to start this run from the beginning"
-    return newest_readable(files, _read, fix, set_aside=True)
-
-
-def _read(state: Location) -> dict[str, Any]:
-    return load_checkpoint(state.path)
+    return resume_state(files, fix, set_aside=True)
 
 
 class LocalReporter:
@@ -75,11 +72,11 @@ class LocalReporter:
             f.write(json.dumps(metrics) + "\n")
         self.sent.append(metrics)
         if checkpoint is not None:
-            path = self.out / RUN_CHECKPOINTS / run_checkpoint_name(checkpoint["step"])
+            path = self.out / checkpoint_folder(checkpoint["step"]) / CHECKPOINT_FILE
             save_checkpoint({**checkpoint, "reports": self.sent}, path)
             if self.keep:
-                for _, old in run_checkpoints(self.out)[self.keep :]:
-                    old.unlink()
+                for old in trial_checkpoints(locate(self.out))[: -self.keep]:
+                    shutil.rmtree(old.parent().path)
         self.progress.report(metrics)
 
 
@@ -87,7 +84,7 @@ def _check_same_config(out: Path, config: TrialConfig) -> None:
     path = out / RUN_CONFIG_FILE
     # Without a checkpoint nothing was kept of a run (it failed before its first one, e.g. on
     # missing data): the new config replaces the old.
-    if not path.exists() or not run_checkpoints(out):
+    if not path.exists() or not trial_checkpoints(locate(out)):
         locate(path).write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
         return
     try:

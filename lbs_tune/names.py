@@ -38,13 +38,40 @@ METRICS = (
 )
 
 
-def direction(metric: str) -> Literal["max", "min"] | None:
-    """'max' for an accuracy, 'min' for a loss or a perplexity, None for a metric without one."""
+Mode = Literal["max", "min"]
+
+
+def direction(metric: str) -> Mode | None:
+    """'max' for an accuracy or a mean IoU, 'min' for a loss or a perplexity, None for a metric
+    without a better direction. The one home of this rule: every caller imports it."""
     if metric.endswith("accuracy") or metric.endswith("miou"):
         return "max"
     if metric.endswith("loss") or metric.endswith("perplexity"):
         return "min"
     return None
+
+
+def meets(value, target: float, mode: Mode):
+    """Whether `value` reaches `target` in direction `mode` (>= for 'max', <= for 'min'). Works
+    elementwise on numpy arrays too. The one home of "the target is reached"."""
+    return value >= target if mode == "max" else value <= target
+
+
+def first_reached(values: dict[int, float], target: float, mode: Mode) -> int | None:
+    """The first step of `values` ({step: reported value}) whose value meets `target`, or None."""
+    hits = [
+        step for step, value in values.items() if value is not None and meets(value, target, mode)
+    ]
+    return min(hits) if hits else None
+
+
+def comparison(metric: str, ascii: bool = False) -> str:
+    """'≥' (or '>=') for a metric whose target is reached from below, '≤' ('<=') for one reached
+    from above (a loss, a perplexity)."""
+    below = direction(metric) == "min"
+    if ascii:
+        return "<=" if below else ">="
+    return "≤" if below else "≥"
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -8,6 +8,7 @@ their newest checkpoint; pending ones start); another spec under the same name i
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -19,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lbs_tune.config import SweepSpec, changes, data_dir, set_dotted
+from lbs_tune.config import SEARCH_KEY, SweepSpec, changes, data_dir, set_dotted
 from lbs_tune.errors import UserError
 from lbs_tune.experiment import (
     SWEEP_FILE,
@@ -40,24 +41,42 @@ SYNC_PERIOD_S = 10
 # ============================================================================ The trials
 
 
-def param_space(spec: SweepSpec, grid_search) -> dict[str, Any]:
-    """The Tuner's param_space: every key of a full trial config, each grid key a grid_search.
+def trial_configs(spec: SweepSpec) -> list[dict[str, Any]]:
+    """Every grid point's trial config as JSON data, in grid order: the spec's resolved trials
+    (`lbs_tune.spec.check_spec` made their paths absolute), each key written out (defaults
+    too), so every trial's params.json is its whole config. Ray's trials are made from these."""
+    return [trial.model_dump(mode="json") for trial in spec.trials]
 
-    Every key is written out (defaults too), so each trial's params.json is its whole config.
-    A relative `data.dir` is made absolute here: trial processes run inside their trial folders.
-    """
-    tree = spec.trials[0].model_dump(mode="json")
-    if tree["data"]["dir"]:
-        tree["data"]["dir"] = _absolute(tree["data"]["dir"])
-    for key, values in spec.grid.items():
-        if key == "data.dir":
-            values = [_absolute(v) for v in values]
-        set_dotted(tree, key, grid_search(values))
+
+def param_space(spec: SweepSpec, grid_search) -> dict[str, Any]:
+    """The Tuner's param space of a grid sweep: the first resolved trial config with each grid
+    key a `grid_search` over the resolved trials' values (Ray accepts only preset points whose
+    keys and values the param space holds; the points themselves are `trial_configs`)."""
+    configs = trial_configs(spec)
+    space = copy.deepcopy(configs[0])
+    for key in spec.grid:
+        values = [_dotted(c, key) for c in configs]
+        set_dotted(space, key, grid_search(list(dict.fromkeys(map(_frozen, values)))))
+    return space
+
+
+def _dotted(tree: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
     return tree
 
 
-def _absolute(folder: str) -> str:
-    return str(Path(folder).expanduser().resolve())
+def _frozen(value: Any) -> Any:
+    # Lists (a shape, milestones) as tuples, so equal values count once.
+    return tuple(value) if isinstance(value, list) else value
+
+
+def trial_dirname(keys: tuple[str, ...], trial) -> str:
+    """A trial folder's name: Ray's trial id and the grid (and search) keys that tell it apart,
+    short enough for any file system ('train_trial_1a2b3_00004_batch_size=64,lr.scaling=none')."""
+    tag = ",".join(f"{key}={_dotted(trial.config, key)}" for key in keys)
+    tag = "".join(c if c.isalnum() or c in "=,._-" else "_" for c in tag)[:120]
+    return f"train_trial_{trial.trial_id}_{tag}".rstrip("_")
 
 
 def start_order(spec: SweepSpec) -> list[int]:
@@ -78,26 +97,12 @@ def start_order(spec: SweepSpec) -> list[int]:
     return schedule.longest_first([job.seconds for job in jobs])
 
 
-def _presets(spec: SweepSpec, order: list[int]) -> list[dict[str, Any]]:
-    """The grid values of each point, nested, in start order: Ray Tune's points_to_evaluate,
-    which fill the param_space's grid keys and make trials in this order."""
-    points = spec.points()
-    presets = []
-    for i in order:
-        tree: dict[str, Any] = {}
-        for key, value in points[i].items():
-            set_dotted(tree, key, _absolute(value) if key == "data.dir" else value)
-        presets.append(tree)
-    return presets
-
-
 def print_dry_run(spec: SweepSpec, experiment: Location, recorded: dict | None) -> None:
     """The trials that would run: grid point and resources, one line each (for a searched sweep,
     one line per grid point's study, with the space, the sampler and the number of trials)."""
     points = spec.points()
     search = spec.search
-    count = len(points) * (search.trials_per_point if search else 1)
-    print(f"sweep {spec.name}: {count} trials -> {experiment.uri}")
+    print(f"sweep {spec.name}: {spec.trial_count} trials -> {experiment.uri}")
     if search is not None:
         space = ", ".join(f"{k} {json.dumps(v)}" for k, v in search.dump()["space"].items())
         print(
@@ -342,11 +347,12 @@ def execute(
     trainable = tune.with_resources(
         train_trial, functools.partial(placement, cpu=spec.resources.cpu, gpu_by_batch=gpu_of)
     )
+    # Each trial's config comes whole from the search algorithm: a point of the resolved list
+    # `trial_configs` (within the param space that Ray asks for), or a study's suggestion.
     if spec.search is None:
-        space = param_space(spec, tune.grid_search)
-        options, stop = _order(spec), None
+        space, (options, stop) = param_space(spec, tune.grid_search), (_order(spec), None)
     else:
-        space, options, stop = _searched(spec, experiment)
+        space, (options, stop) = {}, _searched(spec, experiment)
     if recorded is not None and tune.Tuner.can_restore(experiment.uri):
         print(f"resuming sweep {spec.name} in {experiment.uri}")
         tuner = tune.Tuner.restore(
@@ -357,11 +363,16 @@ def execute(
             param_space=space,
         )
     else:
+        keys = (*spec.grid, *((SEARCH_KEY + ".number",) if spec.search else ()))
         tuner = tune.Tuner(
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(
-                metric=spec.metric.name, mode=spec.metric.mode, reuse_actors=True, **options
+                metric=spec.metric.name,
+                mode=spec.metric.mode,
+                reuse_actors=True,
+                trial_dirname_creator=functools.partial(trial_dirname, keys),
+                **options,
             ),
             run_config=tune.RunConfig(
                 name=experiment.name,
@@ -382,25 +393,24 @@ def execute(
 
 
 def _order(spec: SweepSpec) -> dict[str, Any]:
-    """TuneConfig arguments that make the trials in `start_order`. Ray creates trials in its
-    search algorithm's order and starts them in that order as resources free up."""
-    if spec.schedule == "grid":
-        return {"max_concurrent_trials": spec.max_concurrent}
+    """TuneConfig arguments that make one trial per grid point, in `start_order`: Ray creates
+    trials in its search algorithm's order and starts them in that order as resources free up."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    presets = _presets(spec, start_order(spec))
+    configs = trial_configs(spec)
+    points = [configs[i] for i in start_order(spec)]
     # With a search algorithm Ray ignores max_concurrent_trials: the generator limits instead.
     generator = BasicVariantGenerator(
-        points_to_evaluate=presets, max_concurrent=spec.max_concurrent or 0
+        points_to_evaluate=points, max_concurrent=spec.max_concurrent or 0
     )
-    return {"num_samples": len(presets), "search_alg": generator}
+    return {"num_samples": len(points), "search_alg": generator}
 
 
 def _studies(spec: SweepSpec, experiment: Location) -> dict[str, str]:
     """For a searched sweep, where its Optuna studies live (printed, and kept in the record)."""
     if spec.search is None:
         return {}
-    from lbs_tune.search import study_storage
+    from lbs_tune.studies import study_storage
 
     if not experiment.is_local:
         raise UserError(
@@ -412,27 +422,24 @@ def _studies(spec: SweepSpec, experiment: Location) -> dict[str, str]:
     return {"optuna_storage": url}
 
 
-def _searched(spec: SweepSpec, experiment: Location) -> tuple[dict, dict, Any]:
-    """(param_space, TuneConfig arguments, stop condition) of a searched sweep: one Optuna
-    study per grid point (lbs_tune.search), trials_per_point trials each; a steps-to-target
-    trial stops at its first report that reaches the target."""
-    from lbs_tune.search import StudySearcher, objective_for
+def _searched(spec: SweepSpec, experiment: Location) -> tuple[dict, Any]:
+    """(TuneConfig arguments, stop condition) of a searched sweep: one Optuna study per grid
+    point (lbs_tune.searcher), trials_per_point trials each; a steps-to-target trial stops at its
+    first report that reaches the target."""
+    from lbs_tune.searcher import StudySearcher
+    from lbs_tune.studies import objective_for
 
-    configs = []
-    for trial in spec.trials:
-        config = trial.model_dump(mode="json")
-        if config["data"]["dir"]:
-            config["data"]["dir"] = _absolute(config["data"]["dir"])
-        configs.append(config)
     objective = objective_for(spec.search, spec.metric, spec.target)
-    searcher = StudySearcher(spec.search, spec.points(), configs, experiment.path, objective)
+    searcher = StudySearcher(
+        spec.search, spec.points(), trial_configs(spec), experiment.path, objective
+    )
     options = {
         "search_alg": searcher,
-        "num_samples": len(configs) * spec.search.trials_per_point,
+        "num_samples": spec.trial_count,
         "max_concurrent_trials": spec.max_concurrent,
     }
     stop = objective.stop if objective.kind == "steps_to_target" else None
-    return configs[0], options, stop
+    return options, stop
 
 
 def _gpu_for_batch(resources, batch_size: int) -> float:

@@ -17,9 +17,17 @@ from typing import Any, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from lbs_tune.config import KeyedError, SweepSpec, TrialConfig, set_dotted
+from lbs_tune.config import (
+    BUDGET_KEYS,
+    KeyedError,
+    SweepSpec,
+    Target,
+    TrialConfig,
+    resolved,
+    set_dotted,
+)
 from lbs_tune.errors import UserError, cut, did_you_mean, short
-from lbs_tune.search import check_search
+from lbs_tune.space import SearchSpec
 
 Where = Callable[[str], str]
 
@@ -233,7 +241,8 @@ def check_spec(data: dict[str, Any], where: Where) -> SweepSpec:
         spec = SweepSpec.model_validate(data)
     except ValidationError as exc:
         raise UserError(validation_message(exc, SweepSpec, where)) from None
-    trials = [_trial_config(spec, point, where) for point in spec.points()]
+    # Resolved once, here: Ray's trials, the dry run, status and the console read this list.
+    trials = [resolved(_trial_config(spec, point, where)) for point in spec.points()]
     _check_base(spec, where)
     if spec.search is not None:
         problems = check_search(spec.search, spec.grid, trials, spec.target)
@@ -318,9 +327,74 @@ def _checked(tree: dict[str, Any], locate: Where, at: str = "") -> TrialConfig:
     return config
 
 
-def trial_from_spec(path: str | Path, overrides: Iterable[str] = ()) -> TrialConfig:
-    """The config `lbs-tune train` runs: the spec's base plus its first grid point plus --set."""
+def check_search(
+    search: SearchSpec,
+    grid: dict[str, list[Any]],
+    trials: list[TrialConfig],
+    target: Target | None,
+) -> list[tuple[str, str]]:
+    """The search section against the rest of the sweep: (key in the sweep file, message) for
+    every problem, [] when there is none. `trials` are the grid points' configs (SweepSpec.trials)
+    and `grid` the sweep's grid: a space key must be a leaf of the trial config (not a budget key,
+    not also a grid key) whose every end value (or listed value) makes a valid config at every
+    grid point; with `lr.base` searched, `lr.scaling` must be `none`; `steps_to_target` needs a
+    target (whose metric has a direction: `Target` checks that)."""
+    problems = []
+    leaves = trials[0].flat()
+    for key, dist in search.space.items():
+        at = f"search.space.{key}"
+        if key in grid:
+            problems.append((at, f"'{key}' is also a grid key; search it or list it, not both"))
+        elif key in BUDGET_KEYS:
+            problems.append((at, "the budget is not searched; set it in base or grid"))
+        elif key not in leaves:
+            problems.append((at, f"not a trial config key{did_you_mean(key, leaves)}"))
+        else:
+            found = (_invalid(t, key, v) for t in trials for v in dist.ends())
+            problem = next(filter(None, found), None)
+            if problem:
+                problems.append((at, problem))
+    if "lr.base" in search.space:
+        scaled = [t for t in trials if t.lr.scaling != "none"]
+        if scaled:
+            at = "grid.lr.scaling" if "lr.scaling" in grid else "base.lr.scaling"
+            problems.append(
+                (
+                    at,
+                    f"must be 'none' when search.space has lr.base (the tuned rate is used as is "
+                    f"at every batch size), not '{scaled[0].lr.scaling}'",
+                )
+            )
+    if search.objective == "steps_to_target" and target is None:
+        problems.append(
+            (
+                "search.objective",
+                "steps_to_target needs a `target` (metric and value); add one or use "
+                "objective: metric",
+            )
+        )
+    return problems
+
+
+def _invalid(trial: TrialConfig, key: str, value: Any) -> str | None:
+    """Why `trial` with `key` set to `value` is not a valid TrialConfig, or None."""
+    tree = trial.model_dump(mode="json")
+    set_dotted(tree, key, value)
+    try:
+        TrialConfig.model_validate(tree)
+    except ValidationError as exc:
+        message = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        return f"{value!r} is not a valid {key}: {message}"
+    return None
+
+
+def trial_from_spec(
+    path: str | Path, overrides: Iterable[str] = ()
+) -> tuple[SweepSpec, TrialConfig]:
+    """(the sweep, the config `lbs-tune train` runs): the spec's base plus its first grid point
+    plus `--set` overrides of trial-config keys (`batch_size=64`, not the sweep file's
+    `base.batch_size=64`), resolved as the sweep's trials are."""
     spec = load_spec(path)
     tree = spec.trial_dict(spec.points()[0])
     _apply(tree, overrides)
-    return _checked(tree, lambda key: f"{path} (with --set)")
+    return spec, resolved(_checked(tree, lambda key: f"{path} (with --set)"))

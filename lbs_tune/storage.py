@@ -50,9 +50,12 @@ class Location:
     def exists(self) -> bool:
         return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
 
-    def read_text(self) -> str:
+    def read_bytes(self) -> bytes:
         with self.fs.open_input_stream(self.path) as f:
-            return f.read().decode()
+            return f.read()
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
 
     def write_text(self, text: str) -> None:
         """Replace the file with `text` atomically (see `atomic_output`)."""

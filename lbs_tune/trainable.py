@@ -18,13 +18,13 @@ import torch
 from ray import tune
 from ray.util.metrics import Gauge
 
-from lbs_tune.checkpoints import load_checkpoint, save_checkpoint
-from lbs_tune.config import TrialConfig
+from lbs_tune.build import resolve_device
+from lbs_tune.checkpoints import resume_state, save_checkpoint
+from lbs_tune.config import TrialConfig, trial_config
 from lbs_tune.errors import out_of_memory
-from lbs_tune.experiment import CHECKPOINT_FILE, newest_readable, trial_checkpoints
-from lbs_tune.search import SEARCH_KEY
+from lbs_tune.experiment import CHECKPOINT_FILE, checkpoint_number, trial_checkpoints
 from lbs_tune.storage import Location
-from lbs_tune.training import resolve_device, train
+from lbs_tune.training import train
 
 GAUGE_TAGS = ("sweep", "trial", "batch_size")
 GAUGES = {
@@ -79,24 +79,21 @@ def _device(config: TrialConfig) -> torch.device:
     return resolve_device(config.device)
 
 
-def resume_state(checkpoint: tune.Checkpoint) -> dict[str, Any]:
+def tune_resume_state(checkpoint: tune.Checkpoint) -> dict[str, Any]:
     """The state of Tune's checkpoint or, if that one is damaged, of the newest readable one
     before it in the trial's folder (each is reported; none is deleted). A UserError if none."""
     newest = Location(checkpoint.filesystem, checkpoint.path, checkpoint.path).join(CHECKPOINT_FILE)
-    folder = newest.parent()
-    older = [c for c in trial_checkpoints(folder.parent()) if c.parent().name < folder.name]
-    return newest_readable([newest, *reversed(older)], _read, fix="resume from")
-
-
-def _read(state: Location) -> dict[str, Any]:
-    with state.fs.open_input_file(state.path) as stream:
-        return load_checkpoint(state.uri, stream)
+    number = checkpoint_number(newest)
+    older = [
+        c for c in trial_checkpoints(newest.parent().parent()) if checkpoint_number(c) < number
+    ]
+    return resume_state([newest, *reversed(older)], fix="resume from")
 
 
 def train_trial(params: dict[str, Any]) -> None:
     """Ray Tune function trainable: train one grid point, resuming from Tune's checkpoint."""
-    # A searched trial's params also name its study and Optuna trial (lbs_tune.search).
-    config = TrialConfig.model_validate({k: v for k, v in params.items() if k != SEARCH_KEY})
+    # A searched trial's params also name its study and Optuna trial (lbs_tune.searcher).
+    config = trial_config(params)
     # As many torch threads as the CPUs Ray gave the trial (resources.cpu), so trials sharing a
     # node don't oversubscribe it.
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
@@ -104,7 +101,7 @@ def train_trial(params: dict[str, Any]) -> None:
     device = _device(config)
     config = config.model_copy(update={"device": device.type})
     checkpoint = tune.get_checkpoint()
-    resume = None if checkpoint is None else resume_state(checkpoint)
+    resume = None if checkpoint is None else tune_resume_state(checkpoint)
     context = tune.get_context()
     name = device.type
     if device.type == "cuda":

@@ -16,20 +16,17 @@ import sys
 import time
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
+from lbs_tune.build import build_trial, task_for
 from lbs_tune.checkpoints import rng_states, set_rng_states
 from lbs_tune.compiled import WARMUP_STEPS, CapturedStep, fitting_micro_batch, resolve_compile
-from lbs_tune.config import TrialConfig, direction, epoch_steps
-from lbs_tune.data import load_dataset
-from lbs_tune.errors import UserError
+from lbs_tune.config import TrialConfig, epoch_steps
 from lbs_tune.measure import NoiseScale, gradient_norms, top_hessian_eigenvalue
-from lbs_tune.models import build_model
+from lbs_tune.names import direction, meets
 from lbs_tune.optim import build_optimizer, load_optimizer_state
 from lbs_tune.rules import lr_at, peak_lr
-from lbs_tune.tasks import Task, autocast, budget_steps, make_task
-from lbs_tune.tasks import evaluate as evaluate  # the classifier's, for lbs_tune.evaluate
+from lbs_tune.tasks import Task, autocast, budget_steps
 
 # A non-finite loss is looked for every this many steps (one host sync), so a diverged trial
 # stops within that many steps of it, not at its next evaluation thousands of steps later.
@@ -60,28 +57,6 @@ class ListReporter:
         self.rows.append(metrics)
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is a UserError."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device: cuda was asked for but torch sees no GPU; use --device cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def resolve_precision(config: TrialConfig, device: torch.device) -> str:
-    """'auto' -> bf16 on CUDA, fp32 on the CPU."""
-    if config.precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return config.precision
-
-
-def derived_seeds(seed: int) -> tuple[int, int, int]:
-    """Independent seeds for model init, data order and augmentation from the trial seed."""
-    init, order, augment = np.random.SeedSequence(seed).generate_state(3)
-    return int(init), int(order), int(augment)
-
-
 def finite_or_none(metrics: dict[str, Any]) -> dict[str, Any]:
     """NaN and inf become None (JSON null): a diverged run's loss is 'no value', not NaN."""
     return {
@@ -101,32 +76,13 @@ def train(
     if resume is not None and resume["finished"]:
         return {}
     # ---------------------------------------------------------------- Setup
-    device = resolve_device(config.device)
-    precision = resolve_precision(config, device)
-    channels_last = (
-        config.channels_last if config.channels_last is not None else device.type == "cuda"
-    )
+    device, precision, data, model, task = build_trial(config)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    init_seed, order_seed, augment_seed = derived_seeds(config.seed)
-    torch.manual_seed(init_seed)
-
-    data = load_dataset(config, device, channels_last)
-    model = build_model(
-        config.model,
-        data.num_classes,
-        data.input_shape,
-        config.ghost_batch_size,
-        **config.model_options,
-    )
-    model = model.to(device)
-    if data.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    task = make_task(config, data, precision, order_seed, augment_seed)
     if config.max_device_batch == "auto":
         micro = _auto_micro_batch(config, model, task, device, precision, resume)
         config = config.model_copy(update={"max_device_batch": micro})
-        task = make_task(config, data, precision, order_seed, augment_seed)  # split by it
+        task = task_for(config, data, precision)  # split by it
     batch_size, micro = config.batch_size, config.micro_batch_size
     mode, why = resolve_compile(config, device, precision)
     if why:
@@ -354,6 +310,5 @@ def _reached(config: TrialConfig, metrics: dict[str, Any], step: int) -> int | N
     """`step` if this evaluation reaches the trial's target, else None."""
     if config.target is None or metrics.get(config.target.metric) is None:
         return None
-    value, goal = metrics[config.target.metric], config.target.value
-    hit = value >= goal if direction(config.target.metric) == "max" else value <= goal
-    return step if hit else None
+    target = config.target
+    return step if meets(metrics[target.metric], target.value, direction(target.metric)) else None

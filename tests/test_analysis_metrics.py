@@ -7,9 +7,7 @@ import pytest
 
 from analysis.metrics import (
     best_per_batch_size,
-    comparison,
     final_and_best,
-    mode_of,
     perfect_scaling,
     reached_at,
     seed_spread,
@@ -26,14 +24,6 @@ def history(*trials: tuple[str, list[int], dict[str, list]]) -> pa.Table:
                 {"trial_id": trial_id, "step": step} | {k: v[i] for k, v in columns.items()}
             )
     return pa.Table.from_pylist(rows)
-
-
-def test_the_direction_of_a_metric_follows_its_name():
-    assert mode_of("val/accuracy") == "max" and mode_of("test/accuracy") == "max"
-    assert mode_of("train/loss") == "min" and mode_of("val/loss") == "min"
-    assert mode_of("val/perplexity") == "min" and mode_of("test/miou") == "max"
-    assert mode_of("images_per_s") is None and mode_of("lr") is None
-    assert (comparison("val/accuracy"), comparison("train/loss")) == ("≥", "≤")
 
 
 def test_to_target_is_the_first_report_that_reaches_it():

@@ -86,8 +86,8 @@ def test_a_second_run_evaluates_nothing_again(evaluated, monkeypatch, capsys):
     def nothing_to_do(*args, **kwargs):
         raise AssertionError("read or evaluated a checkpoint that was evaluated before")
 
-    monkeypatch.setattr(lbs_tune.evaluate, "_load", nothing_to_do)
-    monkeypatch.setattr(lbs_tune.evaluate, "evaluate", nothing_to_do)
+    monkeypatch.setattr(lbs_tune.evaluate, "read_state", nothing_to_do)
+    monkeypatch.setattr(lbs_tune.evaluate, "build_trial", nothing_to_do)
     evaluate_experiment(str(evaluated), device="cpu")
     assert f"evaluated 0 checkpoint splits ({len(before)} were done before)" in without_ray_lines(
         capsys.readouterr().out
@@ -103,18 +103,25 @@ def test_a_new_split_adds_only_its_rows(cli, quickstart_experiment, tmp_path, mo
     assert code == 0 and out.startswith("evaluated ")
     first = rows_of(folder)
     assert {r["split"] for r in first} == {"test"}
-    sizes = []
-    original = lbs_tune.evaluate.evaluate
+    splits = []
+    original = lbs_tune.evaluate.build_trial
 
-    def counting(model, data, split, *args):
-        sizes.append(len(split))
-        return original(model, data, split, *args)
+    def counting(*args, **kwargs):
+        built = original(*args, **kwargs)
+        evaluate = built.task.evaluate
 
-    monkeypatch.setattr(lbs_tune.evaluate, "evaluate", counting)
+        def each(model, split, batch_size):
+            splits.append(split)
+            return evaluate(model, split, batch_size)
+
+        built.task.evaluate = each
+        return built
+
+    monkeypatch.setattr(lbs_tune.evaluate, "build_trial", counting)
     code, _, _ = cli("evaluate", folder, "--splits", "test,val", "--device", "cpu")
     both = rows_of(folder)
-    assert code == 0 and len(both) == 2 * len(first) == 2 * len(sizes)
-    assert set(sizes) == {160}  # the 160 validation examples; the 400 test ones not again
+    assert code == 0 and len(both) == 2 * len(first) == 2 * len(splits)
+    assert set(splits) == {"val"}  # the test split is not evaluated again
     assert [r for r in both if r["split"] == "test"] == first
 
 

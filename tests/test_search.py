@@ -21,18 +21,13 @@ import optuna
 import pytest
 from pydantic import ValidationError
 
-from lbs_tune.config import SweepSpec, Target
+from lbs_tune.config import Metric, SweepSpec, Target
 from lbs_tune.errors import UserError
-from lbs_tune.search import (
-    Objective,
-    SearchSpec,
-    StudySearcher,
-    check_search,
-    make_sampler,
-    read_studies,
-    sobol_point,
-    study_storage,
-)
+from lbs_tune.samplers import make_sampler, sobol_point
+from lbs_tune.searcher import StudySearcher
+from lbs_tune.space import SearchSpec
+from lbs_tune.spec import check_search
+from lbs_tune.studies import Objective, objective_for, read_studies, study_storage
 
 SPACE = {
     "lr.base": {"log_uniform": [0.01, 10.0]},
@@ -183,8 +178,9 @@ def sweep(base_changes=None, grid=None) -> SweepSpec:
         (SPACE, sweep(grid={"batch_size": [16], "lr.scaling": ["none", "sqrt"]}),
          Target(value=0.9), [("grid.lr.scaling", "not 'sqrt'")]),
         (SPACE, sweep(), None, [("search.objective", "needs a `target`")]),
-        (SPACE, sweep(), Target(metric="step", value=5), [
-            ("target.metric", "'step' has no better direction")]),
+        # Every metric with a direction (names.direction) is a target a study can reach.
+        (SPACE, sweep(), Target(metric="val/perplexity", value=120), []),
+        (SPACE, sweep(), Target(metric="val/miou", value=0.5), []),
     ],
 )  # fmt: skip
 def test_cross_checks_name_the_key_in_the_sweep_file(space, sweep_spec, target, expected):
@@ -206,6 +202,17 @@ def test_objective_outcomes_are_values_or_reasons():
     assert TARGET.outcome({}, diverged=False) == (None, "no report of val/accuracy")
     loss = Objective("steps_to_target", "val/loss", "min", 0.3)
     assert loss.outcome({10: 0.5, 20: 0.3}, diverged=False) == (20.0, None)
+    ppl = objective_for(
+        SearchSpec.model_validate({"space": SPACE}),
+        Metric(name="val/perplexity"),
+        Target(metric="val/perplexity", value=120),
+    )
+    assert ppl == Objective("steps_to_target", "val/perplexity", "min", 120)
+    assert ppl.outcome({10: 300.0, 20: 119.5, 30: 90.0}, diverged=False) == (20.0, None)
+    assert ppl.outcome({10: 300.0}, diverged=False) == (
+        None,
+        "target val/perplexity <= 120 not reached (best 300)",
+    )
     best = Objective("metric", "val/accuracy", "max")
     assert best.direction == "maximize" and TARGET.direction == "minimize"
     assert best.outcome({10: 0.5, 20: 0.8, 30: 0.7}, diverged=False) == (0.8, None)
@@ -298,21 +305,17 @@ def test_the_best_trial_breaks_a_tie_of_steps_by_the_value_at_that_step(tmp_path
     assert read_studies(tmp_path)[0].best()["ray_trial_id"] == "t2"
 
 
-def test_suggestions_hold_what_the_param_space_lacks(tmp_path):
+def test_a_suggestion_is_the_points_whole_config_with_the_drawn_values(tmp_path):
     s = searcher(tmp_path)
-    base = configs()[0]
-    assert s.set_search_properties("val/accuracy", "max", base)
+    assert s.set_search_properties("val/accuracy", "max", {})  # the Tuner's empty param space
     s.suggest("t0")
     suggestion = s.suggest("t1")
-    assert set(suggestion) == {"batch_size", "lr", "optimizer", "search"}
-    assert set(suggestion["lr"]) == {"base"}
-    merged = {**base, **suggestion, "lr": {**base["lr"], **suggestion["lr"]}}
-    assert merged == {
-        **configs()[1],
-        "lr": {"base": suggestion["lr"]["base"], "scaling": "none"},
-        "optimizer": suggestion["optimizer"],
-        "search": {"study": NAMES[1], "point": 1, "number": 0},
-    }
+    drawn = {"lr.base": suggestion["lr"]["base"], "momentum": suggestion["optimizer"]["momentum"]}
+    assert 0.01 <= drawn["lr.base"] <= 10.0 and 0.0 <= drawn["momentum"] <= 0.99
+    expected = configs()[1]
+    expected["lr"]["base"] = drawn["lr.base"]
+    expected["optimizer"]["momentum"] = drawn["momentum"]
+    assert suggestion == {**expected, "search": {"study": NAMES[1], "point": 1, "number": 0}}
 
 
 def test_replayed_reports_and_a_second_completion_change_nothing(tmp_path):

@@ -142,7 +142,7 @@ def test_grid_points_and_first_point_for_train(tmp_path):
         {"batch_size": 64, "lr.scaling": "none"},
         {"batch_size": 64, "lr.scaling": "linear"},
     ]
-    config = trial_from_spec(path, ["lr.scaling=sqrt", "epochs=3"])
+    _, config = trial_from_spec(path, ["lr.scaling=sqrt", "epochs=3"])
     assert (config.batch_size, config.lr.scaling, config.epochs) == (16, "sqrt", 3)
     with pytest.raises(UserError, match="expected KEY=VALUE"):
         trial_from_spec(path, ["batch_size"])
@@ -193,3 +193,25 @@ def test_measurement_blocks_and_batch_norm_sizes_are_checked_before_anything_run
     path = write_spec(tmp_path / "m.yaml", {**tiny_base(), **changes})
     message = error_of(path)
     assert f"{path}:" in message and f"{key}:" in message and words in message, message
+
+
+def test_the_sweep_metric_takes_its_own_direction(tmp_path):
+    path = write_spec(tmp_path / "loss.yaml", tiny_base(), metric={"name": "val/loss"})
+    assert load_spec(path).metric.mode == "min"
+    path = write_spec(
+        tmp_path / "wrong.yaml", tiny_base(), metric={"name": "val/loss", "mode": "max"}
+    )
+    assert error_of(path).endswith(
+        "metric.mode: val/loss is better lower; use mode: min or leave mode out"
+    )
+    path = write_spec(tmp_path / "speed.yaml", tiny_base(), metric={"name": "images_per_s"})
+    assert "metric.mode" in error_of(path)
+    given = write_spec(
+        tmp_path / "given.yaml", tiny_base(), metric={"name": "images_per_s", "mode": "max"}
+    )
+    assert load_spec(given).metric.mode == "max"
+
+
+def test_a_sweep_target_needs_a_metric_with_a_direction(tmp_path):
+    path = write_spec(tmp_path / "t.yaml", tiny_base(), target={"metric": "lr", "value": 0.1})
+    assert error_of(path).endswith("target.metric: lr has no better direction to reach")

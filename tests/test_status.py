@@ -133,7 +133,7 @@ def test_status_and_where_answer_while_the_sweep_runs(broken_sweep):
     middle = [s for s in states if s[0] == "RUNNING" and s[1] not in ("0", "720/720")]
     assert middle, states
     # The CIFAR-10 grid point is not a trial yet while the first one runs (max_concurrent 1).
-    assert any("1 more grid points not started" in out for out, _ in running)
+    assert any("1 more trials not started" in out for out, _ in running)
     raw = {t.config["dataset"]: t for t in raw_trials(broken_sweep.folder)}
     found = [found for _, found in running]
     assert [str(raw["synthetic"].folder)] in found
@@ -149,11 +149,26 @@ def test_a_sweep_that_ray_has_not_written_to_yet(cli, tiny_quickstart, tmp_path)
     (folder / "lbs_sweep.json").write_text((tiny_quickstart / "lbs_sweep.json").read_text())
     code, out, _ = cli("status", folder)
     assert code == 0
-    assert "  0 trials: none yet; 12 more grid points not started" in out.splitlines()
+    assert "  0 trials: none yet; 12 more trials not started" in out.splitlines()
     assert out.splitlines()[-1] == "(no trials yet)"
     assert cli("where", folder, "batch_size=64") == (0, "", "")
     code, _, err = cli("where", folder, "batch_sise=64")
     assert code == 2 and "(did you mean 'batch_size'?)" in err
+
+
+def test_status_counts_every_trial_of_a_searched_sweep(cli, tiny_quickstart, tmp_path):
+    # 12 grid points x 3 trials of each point's study: 36 trials, not 12 grid points.
+    folder = tmp_path / "quickstart"
+    folder.mkdir()
+    record = json.loads((tiny_quickstart / "lbs_sweep.json").read_text())
+    record["spec"]["search"] = {
+        "space": {"optimizer.momentum": {"uniform": [0.8, 0.95]}},
+        "trials_per_point": 3,
+    }
+    (folder / "lbs_sweep.json").write_text(json.dumps(record))
+    code, out, _ = cli("status", folder)
+    assert code == 0
+    assert "  0 trials: none yet; 36 more trials not started" in out.splitlines()
 
 
 def test_status_imports_neither_torch_nor_ray_nor_pandas(tiny_quickstart, tmp_path):
@@ -243,3 +258,25 @@ def test_a_damaged_sweep_record_is_a_clear_error_everywhere(cli, tmp_path):
         assert f"{experiment}/lbs_sweep.json: damaged sweep record (not valid JSON" in err, args
         assert "--fresh" in err
     assert (experiment / "lbs_sweep.json").read_text() == '{"spec": ', "left as it was"
+
+
+@pytest.mark.parametrize("damage", ['{"spec": ', "[1, 2]", '{"name": "q"}'])
+def test_a_damaged_record_of_a_sweep_with_trials_is_the_same_error_for_every_reader(
+    cli, tiny_quickstart, tmp_path, damage
+):
+    experiment = tmp_path / "quickstart"
+    shutil.copytree(tiny_quickstart, experiment)
+    (experiment / "lbs_sweep.json").write_text(damage)
+    errors = set()
+    for args in (
+        ("status", experiment),
+        ("report", experiment),
+        ("export", experiment, "-o", tmp_path / "out"),
+        ("resume", experiment),
+    ):
+        code, _, err = cli(*args)
+        assert code == 2 and err.count("\n") == 1, (args, err)
+        errors.add(err)
+    assert len(errors) == 1, errors
+    assert f"{experiment}/lbs_sweep.json: damaged sweep record" in errors.pop()
+    assert not (experiment / "report.html").exists() and not (tmp_path / "out").exists()

@@ -26,8 +26,9 @@ from analysis.summary import (
     write_study_trials,
     write_summary,
 )
-from lbs_tune.search import Objective, SearchSpec, StudyRecord
+from lbs_tune.space import SearchSpec
 from lbs_tune.storage import Location, locate
+from lbs_tune.studies import Objective, StudyRecord
 
 STEPS = Objective("steps_to_target", "val/accuracy", "max", 0.5)
 # McCandlish et al.'s form with S_min = 100, B_noise = 200: S(B) = 100 (1 + 200 / B).
@@ -286,7 +287,7 @@ def searched_folder(folder: Path) -> Path:
     """A real optuna.db: the real searcher over batch sizes 32 and 128, driven as Ray Tune
     drives it; a trial reaches the target at step 100 (1 + 64 / B) rounded to tens, unless its
     lr is above 0.5 (it diverges at step 10)."""
-    from lbs_tune.search import StudySearcher
+    from lbs_tune.searcher import StudySearcher
 
     points = [{"batch_size": 32}, {"batch_size": 128}]
     configs = [{"batch_size": p["batch_size"], "steps": 1000, "lr": {"base": 0.1}} for p in points]

@@ -401,7 +401,7 @@ def test_a_damaged_tune_checkpoint_falls_back_to_the_one_before(tmp_path, capsys
     from lbs_tune.checkpoints import save_checkpoint
     from lbs_tune.errors import UserError
     from lbs_tune.experiment import CHECKPOINT_FILE
-    from lbs_tune.trainable import resume_state
+    from lbs_tune.trainable import tune_resume_state
 
     trial = tmp_path / "train_trial_00000"
     for index in range(3):
@@ -413,7 +413,7 @@ def test_a_damaged_tune_checkpoint_falls_back_to_the_one_before(tmp_path, capsys
     (trial / "checkpoint_000002" / CHECKPOINT_FILE).write_bytes(b"PK\x03\x04 truncated")
     (trial / "checkpoint_000001" / CHECKPOINT_FILE).unlink()
 
-    state = resume_state(tune.Checkpoint(str(trial / "checkpoint_000002")))
+    state = tune_resume_state(tune.Checkpoint(str(trial / "checkpoint_000002")))
     assert state["step"] == 0
     err = without_ray_lines(capsys.readouterr().err).splitlines()
     assert "checkpoint_000002/state.pt: corrupted or truncated checkpoint" in err[0]
@@ -425,7 +425,7 @@ def test_a_damaged_tune_checkpoint_falls_back_to_the_one_before(tmp_path, capsys
     # The oldest one damaged too: nothing to resume from.
     (trial / "checkpoint_000000" / CHECKPOINT_FILE).write_bytes(b"")
     with pytest.raises(UserError, match="no earlier checkpoint to resume from"):
-        resume_state(tune.Checkpoint(str(trial / "checkpoint_000002")))
+        tune_resume_state(tune.Checkpoint(str(trial / "checkpoint_000002")))
 
 
 @pytest.mark.ray
@@ -504,19 +504,23 @@ def test_trials_are_made_longest_first_each_with_its_whole_config():
 
     from lbs_tune.runner import _order, param_space
 
+    def made(spec) -> list:
+        options = _order(spec)
+        generator = options["search_alg"]
+        space = param_space(spec, tune.grid_search)
+        generator.add_configurations(
+            Experiment("order", lambda c: None, config=space, num_samples=options["num_samples"])
+        )
+        return list(iter(generator.next_trial, None))
+
     spec = load_spec(QUICKSTART_FILE)
-    options = _order(spec)
-    generator = options["search_alg"]
-    space = param_space(spec, tune.grid_search)
-    generator.add_configurations(
-        Experiment("order", lambda config: None, config=space, num_samples=options["num_samples"])
-    )
-    trials = list(iter(generator.next_trial, None))
+    trials = made(spec)
     sizes = [t.config["batch_size"] for t in trials]
     assert sizes == sorted(sizes) and len(trials) == len(spec.trials) == 24
     assert sorted(json.dumps(t.config, sort_keys=True) for t in trials) == sorted(
         json.dumps(c.model_dump(mode="json"), sort_keys=True) for c in spec.trials
     )
     grid_order = load_spec(QUICKSTART_FILE, ["schedule=grid"])
-    assert _order(grid_order) == {"max_concurrent_trials": None}
+    in_grid_order = [t.config for t in made(grid_order)]
+    assert in_grid_order == [c.model_dump(mode="json") for c in grid_order.trials]
     assert grid_order.digest() == spec.digest(), "the start order is no part of the sweep"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,8 +122,9 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(cli, spec, tmp_p
     code, _stdout, stderr = cli("train", spec, "--out", out)
     assert code == 0
     assert f"{damaged}: corrupted or truncated checkpoint" in stderr
-    assert f"moved it aside to {damaged.name}.damaged; resuming from step_00000044.pt" in stderr
-    aside = damaged.with_name(damaged.name + ".damaged")
+    folder = damaged.parent
+    assert f"moved it aside to {folder.name}.damaged; resuming from checkpoint_000044" in stderr
+    aside = folder.with_name(folder.name + ".damaged") / damaged.name
     assert aside.read_bytes() == truncated, "nothing is deleted or overwritten"
     assert load_checkpoint(damaged)["step"] == 66, "the resumed run made that step again"
     assert same_results(read_jsonl(out / "metrics.jsonl"), expected)
@@ -133,7 +135,7 @@ def test_only_checkpoint_corrupted_is_a_clear_error(cli, spec, tmp_path):
     assert cli("train", spec, "--out", out)[0] == 0
     files = run_checkpoints(out)
     for _, path in files[1:]:
-        path.unlink()
+        shutil.rmtree(path.parent)
     files[0][1].write_bytes(b"not a checkpoint")
     code, _, stderr = cli("train", spec, "--out", out)
     assert code == 2

@@ -20,7 +20,8 @@ from conftest import TINY_MNIST1D
 from test_sweeps import _driver
 
 from lbs_tune.runner import run
-from lbs_tune.search import KINDS, read_studies
+from lbs_tune.space import KINDS
+from lbs_tune.studies import read_studies
 
 QUICKSTART_TUNED = Path(__file__).parent.parent / "sweeps" / "quickstart_tuned.yaml"
 

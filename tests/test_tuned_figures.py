@@ -15,7 +15,7 @@ from test_summary import B_NOISE, S_MIN, SIZES, formula_studies, steps_at, study
 from analysis.figures import best_lr, pareto, study_objective, tuned_steps
 from analysis.scaling import REGIME_FACTOR
 from analysis.summary import summarize
-from lbs_tune.search import Objective
+from lbs_tune.studies import Objective
 
 
 def fixed_rule_sweep(searched: bool = False) -> tuple[pa.Table, pa.Table]:

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from lbs_tune.checkpoints import load_checkpoint
 from lbs_tune.checks import check_trial
 from lbs_tune.config import KeyedError, TrialConfig, set_dotted
 from lbs_tune.data import DeviceData, Split, TokenStreams, load_dataset
+from lbs_tune.evaluate import evaluate_experiment
 from lbs_tune.experiment import run_checkpoints
 from lbs_tune.models import build_model
 from lbs_tune.runner import run
@@ -366,9 +368,15 @@ def test_wikitext2_file_runs_tiny_on_real_files(ray_cluster, tmp_path):
     ]
     spec = SWEEPS / "wikitext2_lstm.yaml"
     assert run(spec, overrides, storage=str(tmp_path / "results"), address=ray_cluster.address) == 0
-    (rows,) = histories(tmp_path / "results" / load_spec(spec, overrides).name).values()
+    experiment = tmp_path / "results" / load_spec(spec, overrides).name
+    (rows,) = histories(experiment).values()
     assert rows[-1]["step"] == 2 and rows[-1]["val/perplexity"] > 1
     assert rows[-1]["examples"] == 2 * 2 * 5 and rows[-1]["gpu_ids"] != ""
+    # `lbs-tune evaluate` builds the trial's own LSTM (its model options) and scores perplexity.
+    evaluate_experiment(str(experiment), ("val",), device="cpu")
+    (row,) = pq.read_table(experiment / "evaluation.parquet").to_pylist()
+    assert (row["step"], row["split"], row["miou"]) == (2, "val", None)
+    assert row["perplexity"] == pytest.approx(rows[-1]["val/perplexity"], rel=1e-5)
 
 
 @pytest.mark.ray
@@ -387,6 +395,13 @@ def test_cityscapes_file_runs_tiny_on_real_files(ray_cluster, tmp_path):
     ]
     spec = SWEEPS / "cityscapes_drn.yaml"
     assert run(spec, overrides, storage=str(tmp_path / "results"), address=ray_cluster.address) == 0
-    (rows,) = histories(tmp_path / "results" / load_spec(spec, overrides).name).values()
+    experiment = tmp_path / "results" / load_spec(spec, overrides).name
+    (rows,) = histories(experiment).values()
     assert rows[-1]["step"] == 1 and rows[-1]["val/miou"] is not None
     assert rows[-1]["test/miou"] is not None and rows[-1]["gpu_ids"] != ""
+    # `lbs-tune evaluate` scores a segmentation checkpoint by the task's own evaluation.
+    evaluate_experiment(str(experiment), ("val",), device="cpu")
+    (row,) = pq.read_table(experiment / "evaluation.parquet").to_pylist()
+    assert (row["step"], row["split"], row["perplexity"]) == (1, "val", None)
+    assert row["miou"] == pytest.approx(rows[-1]["val/miou"], rel=1e-5)
+    assert row["pixel_accuracy"] == pytest.approx(rows[-1]["val/pixel_accuracy"], rel=1e-5)

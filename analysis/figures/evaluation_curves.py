@@ -1,5 +1,6 @@
-"""The checkpoints' loss and accuracy (`lbs-tune evaluate`) against their step, per split: as
-the learning curves, a curve per LR rule and batch size with the median and band over seeds."""
+"""The checkpoints' scores (`lbs-tune evaluate`: loss, accuracy, perplexity, mIoU) against
+their step, per split: as the learning curves, a curve per LR rule and batch size with the
+median and band over seeds."""
 
 from __future__ import annotations
 
@@ -15,40 +16,56 @@ from analysis.figures._draw import RULE_DASHES, batch_colour, curve_traces
 SPLITS = ("train", "val", "test")
 
 
+# The scores drawn, a row each, when some checkpoint has them (pixel accuracy is a
+# segmentation task's accuracy again).
+KINDS = ("loss", "accuracy", "perplexity", "miou")
+
+
 class EvaluationCurves(NamedTuple):
-    """One LearningCurves per `<split>/loss` and `<split>/accuracy` present, losses first,
-    splits in train, val, test order."""
+    """One LearningCurves per `<split>/<kind>` present, a row per kind (loss, accuracy,
+    perplexity, miou: those with a value), splits in train, val, test order."""
 
     splits: list[str]
+    kinds: list[str]
     curves: list[learning_curves.LearningCurves]
 
 
 def extract(trials: pa.Table, evaluation: pa.Table) -> EvaluationCurves:
-    """From the rows of evaluation.parquet (trial_id, step, split, loss, accuracy): the table
-    turned wide (a `<split>/<kind>` column per split and kind), then learning curves of each."""
+    """From the rows of evaluation.parquet (trial_id, step, split and a column per score): the
+    table turned wide (a `<split>/<kind>` column per split and kind), then learning curves of
+    each."""
     present = set(evaluation["split"].to_pylist())
     splits = [s for s in SPLITS if s in present]
-    metrics = [f"{split}/{kind}" for kind in ("loss", "accuracy") for split in splits]
+    kinds = [
+        k
+        for k in KINDS
+        if k in evaluation.column_names and evaluation[k].null_count < evaluation.num_rows
+    ]
+    metrics = [f"{split}/{kind}" for kind in kinds for split in splits]
     wide: dict[tuple[str, int], dict[str, Any]] = {}
     for r in evaluation.to_pylist():
         row = wide.setdefault(
             (r["trial_id"], r["step"]),
             {"trial_id": r["trial_id"], "step": r["step"]} | dict.fromkeys(metrics),
         )
-        row[f"{r['split']}/loss"], row[f"{r['split']}/accuracy"] = r["loss"], r["accuracy"]
+        for kind in kinds:
+            row[f"{r['split']}/{kind}"] = r[kind]
     schema = pa.schema(
         [("trial_id", pa.string()), ("step", pa.int64())] + [(m, pa.float64()) for m in metrics]
     )
     table = pa.Table.from_pylist([wide[k] for k in sorted(wide)], schema)
-    return EvaluationCurves(splits, [learning_curves.extract(trials, table, m) for m in metrics])
+    return EvaluationCurves(
+        splits, kinds, [learning_curves.extract(trials, table, m) for m in metrics]
+    )
 
 
 def render(data: EvaluationCurves) -> go.Figure:
-    """Losses in the top row, accuracies below, a column per split; colour runs over
+    """A row per kind of score (losses on top), a column per split; colour runs over
     log2(batch size), the dash tells the LR rule."""
     columns = len(data.splits) or 1
+    rows = len(data.kinds) or 1
     fig = make_subplots(
-        rows=2, cols=columns, subplot_titles=[c.metric for c in data.curves], shared_xaxes=True
+        rows=rows, cols=columns, subplot_titles=[c.metric for c in data.curves], shared_xaxes=True
     )
     sizes = sorted({c.batch_size for lc in data.curves for c in lc.curves})
     rules = sorted({c.panel for lc in data.curves for c in lc.curves})
@@ -63,10 +80,11 @@ def render(data: EvaluationCurves) -> go.Figure:
             # Checkpoints are few: markers show where each one is.
             for part in curve_traces(curve, name, line, number == 0, "lines+markers"):
                 fig.add_trace(part, row=row + 1, col=col + 1)
-    fig.update_xaxes(title_text="checkpoint step", row=2)
-    fig.update_yaxes(title_text="loss", row=1, col=1)
-    fig.update_yaxes(title_text="accuracy", row=2, col=1)
+    fig.update_xaxes(title_text="checkpoint step", row=rows)
+    for row, kind in enumerate(data.kinds, start=1):
+        fig.update_yaxes(title_text=kind, row=row, col=1)
     fig.update_layout(
-        title="checkpoints evaluated by lbs-tune evaluate (median and min–max over seeds)"
+        title="checkpoints evaluated by lbs-tune evaluate (median and min–max over seeds)",
+        height=max(450, 300 * rows),
     )
     return fig

@@ -10,7 +10,8 @@ import pyarrow as pa
 
 from analysis.figures._common import Curve, curves
 from analysis.figures._draw import curves_figure
-from analysis.metrics import BATCH, RULE, attach, mode_of, seed_spread, shown_trials
+from analysis.metrics import BATCH, RULE, attach, seed_spread, shown_trials
+from lbs_tune.names import direction
 
 
 class LearningCurves(NamedTuple):
@@ -24,7 +25,7 @@ def extract(trials: pa.Table, history: pa.Table, metric: str, x: str = "step") -
     """`metric` against `x` (step, examples or epoch) of the trials shown (`metrics.prepared`);
     for a searched sweep, only the best configuration per rule and batch size."""
     reports = attach(history, shown_trials(trials, metric), [RULE, BATCH])
-    found = curves(seed_spread(reports, metric, [RULE, BATCH, x], mode_of(metric) or "max"), x)
+    found = curves(seed_spread(reports, metric, [RULE, BATCH, x], direction(metric) or "max"), x)
     return LearningCurves(metric, x, sorted({c.panel for c in found}), found)
 
 

@@ -17,7 +17,8 @@ from analysis.figures._draw import (
     points_trace,
     rule_colour,
 )
-from analysis.metrics import best_configs, mode_of, prepared
+from analysis.metrics import best_configs, prepared
+from lbs_tune.names import direction
 
 
 class MetricVsBatchSize(NamedTuple):
@@ -30,7 +31,7 @@ def extract(trials: pa.Table, metric: str) -> MetricVsBatchSize:
     """Lines on the panels `final` and `best` (where the trials table has those columns) and
     the diverged trials' values on each."""
     trials = prepared(trials)
-    mode = mode_of(metric) or "max"
+    mode = direction(metric) or "max"
     found, diverged = [], []
     hit = trials.filter(trials["diverged"]).to_pylist()
     for kind in ("final", "best"):

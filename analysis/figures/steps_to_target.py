@@ -11,7 +11,8 @@ import pyarrow as pa
 
 from analysis.figures._common import Line, lines
 from analysis.figures._draw import batch_axis, line_trace, rule_colour
-from analysis.metrics import best_configs, comparison, perfect_scaling, prepared, reached_at
+from analysis.metrics import best_configs, perfect_scaling, prepared, reached_at
+from lbs_tune.names import comparison
 
 
 class StepsToTarget(NamedTuple):

@@ -22,7 +22,7 @@ from analysis.scaling import Regimes, fitted_curve, regimes
 if TYPE_CHECKING:
     from analysis.summary import Summary
 
-SEARCH_COLUMN = "search.study"  # set in every searched trial's config (lbs_tune.search)
+SEARCH_COLUMN = "search.study"  # set in every searched trial's config (lbs_tune.searcher)
 FIT_POINTS = 100
 
 

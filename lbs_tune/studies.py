@@ -1,0 +1,197 @@
+"""The Optuna studies of a searched sweep: one per grid point, in `optuna.db` (SQLite) in the
+experiment folder. What a study optimises (`Objective`), where the studies live
+(`study_storage`), and how they are read back (`read_studies`, for the report, status and
+export). Plain data and Optuna only: no Ray, no torch (`analysis` reads through this module; the
+Ray Tune searcher that fills the studies is `lbs_tune.searcher`, imported by the runner alone).
+
+`steps_to_target` minimises the first reported `step` at which the sweep's target is met; a
+trial that never meets it, or diverges first, is FAIL with the reason in its user attrs (never a
+made-up number). `metric` optimises the best reported value of the sweep's metric; a diverged
+trial is FAIL. Every report's value is kept as the trial's intermediate value.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+from lbs_tune.config import Metric, Target
+from lbs_tune.names import Mode, comparison, direction, first_reached, meets
+from lbs_tune.space import SearchSpec
+
+STUDY_FILE = "optuna.db"
+# The Optuna user attr of a study that holds its grid point and search (one attr: one write).
+STUDY = "lbs_tune"
+# Optuna user attrs of a trial.
+RAY_TRIAL = "ray_trial_id"  # the Ray Tune trial that runs (or last ran) it
+REASON = "reason"  # why it is FAIL
+DIVERGED = "diverged"
+ERRORS = "ray_errors"  # runs that ended in ERROR in Ray (it stays RUNNING for the next resume)
+
+
+# ============================================================================ The objective
+
+
+class Objective(NamedTuple):
+    """What a study optimises and how a finished trial's reports become its value."""
+
+    kind: Literal["steps_to_target", "metric"]
+    metric: str  # the reported key each report's intermediate value is taken from
+    mode: Mode  # the better direction of `metric`
+    target: float | None = None  # steps_to_target: the value of `metric` to reach
+
+    @property
+    def direction(self) -> Literal["minimize", "maximize"]:
+        if self.kind == "steps_to_target" or self.mode == "min":
+            return "minimize"
+        return "maximize"
+
+    def meets(self, value: float) -> bool:
+        """Whether a value of `metric` reaches the target (`lbs_tune.names.meets`)."""
+        return meets(value, self.target, self.mode)
+
+    def stop(self, trial_id: str, result: dict[str, Any]) -> bool:
+        """Ray Tune's stop condition (`RunConfig(stop=objective.stop)`): a steps_to_target trial
+        stops at the first report that reaches the target."""
+        value = finite_number(result.get(self.metric))
+        return self.kind == "steps_to_target" and value is not None and self.meets(value)
+
+    def outcome(self, values: dict[int, float], diverged: bool) -> tuple[float | None, str | None]:
+        """(value, None) for a feasible trial, (None, reason) for an infeasible one, from the
+        trial's reported values of `metric` by step and whether it diverged."""
+        pick = max if self.mode == "max" else min
+        best = pick(values.values()) if values else None
+        if self.kind == "steps_to_target":
+            hit = first_reached(values, self.target, self.mode)
+            if hit is not None:
+                return float(hit), None
+            if diverged:
+                return None, "diverged"
+            if best is None:
+                return None, f"no report of {self.metric}"
+            op = comparison(self.metric, ascii=True)
+            return None, f"target {self.metric} {op} {self.target:g} not reached (best {best:.4g})"
+        if diverged:
+            return None, "diverged"
+        if best is None:
+            return None, f"no report of {self.metric}"
+        return best, None
+
+
+def objective_for(search: SearchSpec, metric: Metric, target: Target | None) -> Objective:
+    """The Objective of a checked sweep (see `check_search`)."""
+    if search.objective == "steps_to_target":
+        return Objective("steps_to_target", target.metric, direction(target.metric), target.value)
+    return Objective("metric", metric.name, metric.mode)
+
+
+def finite_number(value: Any) -> float | None:
+    """A reported value as a finite float, else None (missing, NaN, not a number)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+# ============================================================================ The storage
+
+
+class StudyStorage(NamedTuple):
+    url: str  # what optuna.load_study(storage=...) takes
+    dashboard: str  # the shell command that shows the studies
+
+
+def study_storage(folder: str | Path) -> StudyStorage:
+    """The studies' storage in an experiment folder (a local or shared POSIX path): SQLite,
+    because a transaction either lands whole or not at all when the driver is SIGKILLed, and the
+    OS drops its locks with the process (a journal file leaves a stale lock behind for 30 s)."""
+    url = f"sqlite:///{Path(folder).expanduser().resolve() / STUDY_FILE}"
+    return StudyStorage(url, f"optuna-dashboard {shlex.quote(url)}")
+
+
+def study_name(point: dict[str, Any]) -> str:
+    """The study of a grid point: 'batch_size=64,seed=0' ('base' for a sweep without a grid)."""
+    return ",".join(f"{k}={v}" for k, v in point.items()) or "base"
+
+
+class StudyRecord(NamedTuple):
+    """One study as read back from the storage (see `read_studies`)."""
+
+    name: str
+    point: dict[str, Any]  # the grid point: {dotted key: value}
+    index: int  # its position in the grid
+    objective: Objective
+    trials: list[dict[str, Any]]
+
+    @property
+    def finished(self) -> int:
+        """Trials told to the study (COMPLETE or FAIL)."""
+        return sum(t["state"] in ("COMPLETE", "FAIL") for t in self.trials)
+
+    def best(self) -> dict[str, Any] | None:
+        """The best COMPLETE trial, None if there is none. steps_to_target: fewest steps, ties
+        by the better reported value at that step; metric: best value; then the lower number."""
+        done = [t for t in self.trials if t["state"] == "COMPLETE"]
+        if not done:
+            return None
+        sign = 1 if self.objective.mode == "max" else -1
+        if self.objective.kind == "steps_to_target":
+            return min(done, key=lambda t: (t["value"], -sign * t["at_value"], t["number"]))
+        return min(done, key=lambda t: (-sign * t["value"], t["number"]))
+
+
+def read_studies(folder: str | Path) -> list[StudyRecord]:
+    """Every study of an experiment folder, in grid order ([] if it has no study storage).
+
+    Each trial is a plain dict: `number`, `state` ('COMPLETE'; 'FAIL': infeasible; 'RUNNING':
+    asked and not told, e.g. errored in Ray or still running), `value` (steps to target or the
+    best metric; None unless COMPLETE), `at_value` (steps_to_target: the reported value at that
+    step), `params` ({dotted key: value}), `ray_trial_id`, `reason` (why FAIL), `diverged`,
+    `ray_errors` (its runs that ended in ERROR) and `values` ({step: reported value}).
+    """
+    import optuna
+
+    if not Path(folder, STUDY_FILE).exists():
+        return []
+    storage = optuna.storages.RDBStorage(study_storage(folder).url)
+    records = []
+    for name in optuna.get_all_study_names(storage):
+        study = optuna.load_study(study_name=name, storage=storage)
+        attrs = study.user_attrs.get(STUDY)
+        if attrs is None:  # made this instant: its attrs follow
+            continue
+        objective = Objective(*attrs["objective"])
+        trials = []
+        for t in study.get_trials(deepcopy=False):
+            values = dict(sorted(t.intermediate_values.items()))
+            steps = objective.kind == "steps_to_target" and t.value is not None
+            trials.append(
+                {
+                    "number": t.number,
+                    "state": t.state.name,
+                    "value": t.value,
+                    "at_value": values.get(int(t.value)) if steps else None,
+                    "params": dict(t.params),
+                    "ray_trial_id": t.user_attrs.get(RAY_TRIAL),
+                    "reason": t.user_attrs.get(REASON),
+                    "diverged": t.user_attrs.get(DIVERGED),
+                    "ray_errors": t.user_attrs.get(ERRORS, 0),
+                    "values": values,
+                }
+            )
+        records.append(StudyRecord(name, attrs["point"], attrs["index"], objective, trials))
+    return sorted(records, key=lambda r: r.index)
+
+
+def create_storage(db: Path) -> None:
+    """Make an empty study storage at `db` at once: the schema is made in a file beside it,
+    then renamed into place, so that a reader opening it meanwhile (optuna-dashboard, `status`)
+    never finds half a schema and makes the same tables at the same time."""
+    import optuna
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    building = db.with_name(f".{db.name}.{os.getpid()}")
+    optuna.storages.RDBStorage(f"sqlite:///{building}").engine.dispose()
+    os.replace(building, db)
