@@ -192,20 +192,22 @@ def switch_steps(schedule: Schedule, per_row: int = 1) -> tuple[int, ...]:
 
 def examples_after(schedule: Schedule, steps: int, per_row: int = 1) -> int:
     """Examples seen after the first `steps` steps (each step adds its batch x per_row)."""
-    for segment in segments(schedule, per_row):
-        if segment.steps is None or steps <= segment.step + segment.steps:
-            return segment.examples + (steps - segment.step) * segment.batch_size * per_row
-    raise AssertionError("the last segment is unbounded")
+    # The last segment is unbounded: some segment holds every step count.
+    segment = next(
+        s for s in segments(schedule, per_row) if s.steps is None or steps <= s.step + s.steps
+    )
+    return segment.examples + (steps - segment.step) * segment.batch_size * per_row
 
 
 def steps_to(schedule: Schedule, examples: int, per_row: int = 1) -> int:
     """The fewest steps after which at least `examples` have been seen."""
-    for segment in segments(schedule, per_row):
-        per_step = segment.batch_size * per_row
-        end = None if segment.steps is None else segment.examples + segment.steps * per_step
-        if end is None or examples <= end:
-            return segment.step + max(0, -((segment.examples - examples) // per_step))
-    raise AssertionError("the last segment is unbounded")
+    segment = next(
+        s
+        for s in segments(schedule, per_row)
+        if s.steps is None or examples <= s.examples + s.steps * s.batch_size * per_row
+    )
+    per_step = segment.batch_size * per_row
+    return segment.step + max(0, -((segment.examples - examples) // per_step))
 
 
 def steps_saved(schedule: Schedule, baseline: Schedule, examples: int, per_row: int = 1) -> float:
