@@ -47,6 +47,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+# The epsilon each optimizer uses when the config leaves it unset (None): LAMB's paper and common
+# implementations use 1e-6, Adam's 1e-8. SGD and LARS have no epsilon.
+DEFAULT_EPS = {"adamw": 1e-8, "lamb": 1e-6}
+
+
 class OptimizerConfig(_Strict):
     """Optimizer and its hyper-parameters; the learning rate itself comes from `LRConfig`."""
 
@@ -60,13 +65,19 @@ class OptimizerConfig(_Strict):
     eps: float | None = Field(None, gt=0)  # None: 1e-6 for lamb, 1e-8 for adamw (optim)
     trust_coefficient: float = Field(0.001, gt=0)
 
+    @property
+    def resolved_eps(self) -> float:
+        """`eps`, or the default of `name` (DEFAULT_EPS) when it is None; AdamW and LAMB only."""
+        return self.eps if self.eps is not None else DEFAULT_EPS[self.name]
+
 
 class LRConfig(_Strict):
     """Learning-rate rule: a base LR at a base batch size, a scaling rule, warmup and decay."""
 
     base: float = Field(0.1, gt=0)
     base_batch_size: int = Field(256, gt=0, le=MAX_BATCH)
-    scaling: Literal["none", "linear", "sqrt"] = "none"
+    # sde: AdamW only; the LR as sqrt, and the betas and eps moved too (lbs_tune.rules).
+    scaling: Literal["none", "linear", "sqrt", "sde"] = "none"
     warmup_epochs: float = Field(0.0, ge=0, le=MAX_EPOCHS)
     warmup_from: Literal["base", "zero"] = "base"
     decay: Literal["constant", "step", "cosine", "linear", "poly"] = "constant"

@@ -15,15 +15,6 @@ from torch import Tensor
 
 from lbs_tune.config import OptimizerConfig
 
-# The epsilon each optimizer uses when the config leaves it unset (None): LAMB's paper and common
-# implementations use 1e-6, Adam's 1e-8. SGD and LARS have no epsilon.
-DEFAULT_EPS = {"adamw": 1e-8, "lamb": 1e-6}
-
-
-def resolved_eps(config: OptimizerConfig) -> float:
-    """`config.eps`, or the default of `config.name` (DEFAULT_EPS) when it is None."""
-    return config.eps if config.eps is not None else DEFAULT_EPS[config.name]
-
 
 def param_groups(model: torch.nn.Module, config: OptimizerConfig) -> list[dict]:
     """Trainable parameters of `model` as named param groups, without the learning rate.
@@ -66,7 +57,7 @@ def build_optimizer(
 
     Groups come from `param_groups`. SGD uses nesterov only when momentum > 0; LARS ignores
     `nesterov` (the paper's update has none); LAMB ignores `momentum` and `nesterov`. AdamW and
-    LAMB take `resolved_eps(config)`. `capturable` (CUDA only, not LAMB: `capture_problem`)
+    LAMB take `config.resolved_eps`. `capturable` (CUDA only, not LAMB: `capture_problem`)
     builds the variant whose step a CUDA graph can replay with `group["lr"]` a device tensor:
     SGD's fused kernel, AdamW's capturable path (its step count on the device); LARS as is.
     """
@@ -85,13 +76,24 @@ def build_optimizer(
             groups,
             lr=0.0,
             betas=config.betas,
-            eps=resolved_eps(config),
+            eps=config.resolved_eps,
             foreach=True,
             capturable=capturable,
         )
     if config.name == "lars":
         return LARS(groups, momentum=config.momentum, trust_coefficient=config.trust_coefficient)
-    return LAMB(groups, betas=config.betas, eps=resolved_eps(config))
+    return LAMB(groups, betas=config.betas, eps=config.resolved_eps)
+
+
+def set_hyperparameters(optimizer: torch.optim.Optimizer, config: OptimizerConfig) -> None:
+    """Write `config`'s betas and eps into every param group of an AdamW or LAMB `optimizer`,
+    keeping its state: a trial whose batch changes mid-run moves them (`rules.moved_optimizer`)
+    from the next step on. Other optimizers have neither; nothing changes for them. A step
+    captured in a CUDA graph holds them as constants: capture it again after this."""
+    if config.name not in ("adamw", "lamb"):
+        return
+    for group in optimizer.param_groups:
+        group.update(betas=tuple(config.betas), eps=config.resolved_eps)
 
 
 # The keys of a param group that choose an implementation, not the math.

@@ -2,24 +2,78 @@
 
 The rule: a base LR is tuned at a base batch size; for batch size B with k = B / base_batch_size the
 peak LR is base (`none`), base x k (`linear`, Goyal et al. 2017) or base x sqrt(k) (`sqrt`,
-Krizhevsky 2014; Hoffer et al. 2017). Warmup raises the LR linearly per step over `warmup_epochs`
-from the base LR (or from zero) to the peak; then the peak is held (`constant`) or decayed
-(`step`, `cosine`, `linear` to zero, or `poly`: peak x (1 - progress)^power, power 2 in the LARS
-paper, You et al. 2017) over the rest of the budget.
+Krizhevsky 2014; Hoffer et al. 2017). `sde` is the square-root scaling rule of Malladi et al. 2022
+("On the SDEs and Scaling Rules for Adaptive Gradient Algorithms", NeurIPS) for Adam: the LR times
+sqrt(k) and, as well, 1 - beta1 and 1 - beta2 times k and eps over sqrt(k) (`moved_optimizer`).
+Warmup raises the LR linearly per step over `warmup_epochs` from the base LR (or from zero) to
+the peak; then the peak is held (`constant`) or decayed (`step`, `cosine`, `linear` to zero, or
+`poly`: peak x (1 - progress)^power, power 2 in the LARS paper, You et al. 2017) over the rest of
+the budget.
 """
 
 from __future__ import annotations
 
 import math
 
-from lbs_tune.config import LRConfig
+from lbs_tune.config import KeyedError, LRConfig, OptimizerConfig
 
 
 def peak_lr(rule: LRConfig, batch_size: int) -> float:
-    """The scaled LR for this batch size: base x {1, k, sqrt(k)} with k = B / base_batch_size."""
+    """The scaled LR for this batch size: base x {1, k, sqrt(k), sqrt(k)} for `none`, `linear`,
+    `sqrt` and `sde`, with k = B / base_batch_size."""
     k = batch_size / rule.base_batch_size
-    factor = {"none": 1.0, "linear": k, "sqrt": math.sqrt(k)}[rule.scaling]
+    factor = {"none": 1.0, "linear": k, "sqrt": math.sqrt(k), "sde": math.sqrt(k)}[rule.scaling]
     return rule.base * factor
+
+
+def sde_moved(
+    betas: tuple[float, float], eps: float, k: float
+) -> tuple[tuple[float, float], float]:
+    """Adam's betas and eps for a batch k times the one they were tuned at, by Malladi et al.'s
+    square-root scaling rule: beta_i -> 1 - k (1 - beta_i), eps -> eps / sqrt(k).
+
+    Returns (betas, eps). The rule has no cap: ValueError where a moved beta leaves (0, 1), that
+    is where k (1 - beta_i) >= 1 (k >= 10 for beta1 = 0.9), a batch beyond the rule's reach.
+    """
+    moved = tuple(1.0 - k * (1.0 - beta) for beta in betas)
+    for i, (beta, new) in enumerate(zip(betas, moved, strict=True)):
+        # 1 - beta is inexact in binary (0.1 is 0.0999...98): a beta within rounding of 0 is 0.
+        if new < 1e-12:
+            raise ValueError(
+                f"the SDE rule moves beta{i + 1} {beta} to 1 - {k:g} x {1 - beta:.6g} = "
+                f"{round(new, 9):g}, outside (0, 1); it reaches batches under "
+                f"{1 / (1 - beta):.6g} x the base"
+            )
+    return (moved[0], moved[1]), eps / math.sqrt(k)
+
+
+def moved_optimizer(optimizer: OptimizerConfig, rule: LRConfig, batch_size: int) -> OptimizerConfig:
+    """`optimizer` as a trial of `batch_size` trains with it: with `rule.scaling` "sde", betas and
+    eps moved by `sde_moved` for k = batch_size / rule.base_batch_size (eps resolved to the
+    optimizer's default first); unchanged for the other rules, which move the LR alone.
+
+    KeyedError ("lr.scaling") for "sde" with an optimizer other than AdamW, or at a batch size
+    that moves a beta out of (0, 1), naming the largest batch the rule reaches and the fixes.
+    """
+    if rule.scaling != "sde":
+        return optimizer
+    if optimizer.name != "adamw":
+        raise KeyedError(
+            "lr.scaling",
+            f"lr.scaling sde is Adam's rule (Malladi et al. 2022); optimizer.name is "
+            f"{optimizer.name}: use adamw, or lr.scaling linear or sqrt",
+        )
+    k = batch_size / rule.base_batch_size
+    try:
+        betas, eps = sde_moved(optimizer.betas, optimizer.resolved_eps, k)
+    except ValueError as error:
+        raise KeyedError(
+            "lr.scaling",
+            f"lr.scaling sde at batch_size {batch_size} (k = {k:g} x lr.base_batch_size "
+            f"{rule.base_batch_size}): {error}; use a smaller batch, a larger "
+            "lr.base_batch_size, optimizer.betas closer to 1, or lr.scaling sqrt",
+        ) from None
+    return optimizer.model_copy(update={"betas": betas, "eps": eps})
 
 
 def warmup_steps(rule: LRConfig, steps_per_epoch: int) -> int:

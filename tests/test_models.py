@@ -219,7 +219,7 @@ def test_unknown_name_suggests_the_closest():
 
 def test_unknown_name_far_from_all_lists_them():
     with pytest.raises(ValueError, match="; known: alexnet, cnn1d, densenet121, drn_d_22, lenet"):
-        validate_model_name("transformer")
+        validate_model_name("mamba")
 
 
 def test_any_valid_wide_resnet_name():

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from lbs_tune.config import OptimizerConfig
-from lbs_tune.optim import LAMB, LARS, build_optimizer, param_groups
+from lbs_tune.config import LRConfig, OptimizerConfig
+from lbs_tune.optim import LAMB, LARS, build_optimizer, param_groups, set_hyperparameters
+from lbs_tune.rules import moved_optimizer, peak_lr
 
 NAMES = ("sgd", "adamw", "lars", "lamb")
 
@@ -102,6 +103,63 @@ def test_default_eps_per_optimizer(name, eps):
 def test_eps_set_by_the_user_wins(name):
     optimizer = build_optimizer(_net(), OptimizerConfig(name=name, eps=1e-3))
     assert all(g["eps"] == 1e-3 for g in optimizer.param_groups)
+
+
+# --------------------------------------------------------------------------- SDE rule
+
+
+def _adam_by_hand(w: float, grads: list[float], lr: float, steps: list) -> float:
+    """A scalar weight after Adam steps on `grads` (Kingma & Ba, bias-corrected, no decay), step
+    t with (beta1, beta2, eps) = steps[t]; bias corrections use the step's own betas, as torch's
+    AdamW does."""
+    m = v = 0.0
+    for t, (g, (beta1, beta2, eps)) in enumerate(zip(grads, steps, strict=True), start=1):
+        m, v = beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * g * g
+        w -= lr * (m / (1 - beta1**t)) / ((v / (1 - beta2**t)) ** 0.5 + eps)
+    return w
+
+
+GRADS = [[0.3, -1.0], [0.1, 0.4], [-0.2, 0.5], [0.6, 0.2]]
+# Batch 1024 at base 256 (k = 4) under the SDE rule: LR x 2, betas (0.6, 0.996), eps / 2
+# (worked in test_rules.py); eps 4e-3 here so that it shows in the update.
+SDE = LRConfig(base=0.01, base_batch_size=256, scaling="sde")
+ADAMW = OptimizerConfig(name="adamw", betas=(0.9, 0.999), eps=4e-3, weight_decay=0.0)
+BASE, MOVED = (0.9, 0.999, 4e-3), (0.6, 0.996, 2e-3)
+
+
+def test_adamw_trains_with_the_sde_moved_betas_and_eps():
+    layer = _tiny([0.5, -0.25], 0.0)
+    optimizer = build_optimizer(layer, moved_optimizer(ADAMW, SDE, 1024))
+    for group in optimizer.param_groups:
+        assert group["betas"] == pytest.approx(MOVED[:2]) and group["eps"] == MOVED[2]
+    for grad in GRADS:
+        _step(optimizer, peak_lr(SDE, 1024), {layer.weight: grad, layer.bias: [0.0]})
+    for i, start in enumerate([0.5, -0.25]):
+        expected = _adam_by_hand(start, [g[i] for g in GRADS], 0.02, [MOVED] * 4)
+        assert layer.weight[0, i].item() == pytest.approx(expected, rel=1e-6)
+    # The unmoved betas and eps give another weight: the check above can tell them apart.
+    unmoved = _adam_by_hand(0.5, [g[0] for g in GRADS], 0.02, [BASE] * 4)
+    assert layer.weight[0, 0].item() != pytest.approx(unmoved, rel=1e-3)
+
+
+def test_set_hyperparameters_moves_betas_and_eps_mid_run():
+    # Two steps at the base batch, then the batch quadruples: the moments carry on and the next
+    # two steps use the moved betas and eps.
+    layer = _tiny([0.5, -0.25], 0.0)
+    optimizer = build_optimizer(layer, ADAMW)
+    for grad in GRADS[:2]:
+        _step(optimizer, 0.01, {layer.weight: grad, layer.bias: [0.0]})
+    set_hyperparameters(optimizer, moved_optimizer(ADAMW, SDE, 1024))
+    for grad in GRADS[2:]:
+        _step(optimizer, 0.01, {layer.weight: grad, layer.bias: [0.0]})
+    expected = _adam_by_hand(0.5, [g[0] for g in GRADS], 0.01, [BASE] * 2 + [MOVED] * 2)
+    assert layer.weight[0, 0].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_set_hyperparameters_leaves_sgd_alone():
+    optimizer = build_optimizer(_net(), OptimizerConfig(name="sgd"))
+    set_hyperparameters(optimizer, OptimizerConfig(name="sgd"))
+    assert all("betas" not in g and "eps" not in g for g in optimizer.param_groups)
 
 
 # --------------------------------------------------------------------------- LARS and LAMB

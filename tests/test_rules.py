@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from lbs_tune.config import LRConfig, epoch_steps
-from lbs_tune.rules import lr_at, peak_lr, warmup_steps
+from lbs_tune.config import KeyedError, LRConfig, OptimizerConfig, epoch_steps
+from lbs_tune.rules import lr_at, moved_optimizer, peak_lr, sde_moved, warmup_steps
 
 
 def test_linear_rule_goyal_example():
@@ -93,3 +93,66 @@ def test_poly_decay_after_warmup():
         )
     half = LRConfig.model_validate({"base": 2.0, "decay": "poly", "power": 0.5})
     assert lr_at(25, half, 256, 100, 10) == pytest.approx(2.0 * math.sqrt(0.75))
+
+
+# --------------------------------------------------------------------------- SDE rule for Adam
+# Malladi et al. 2022, the square-root scaling rule: a batch k times larger trains with LR x
+# sqrt(k), 1 - beta1 and 1 - beta2 times k, and eps / sqrt(k). Values below worked by hand.
+
+ADAMW = OptimizerConfig(name="adamw", betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+SDE = LRConfig(base=1e-3, base_batch_size=256, scaling="sde")
+
+
+def test_sde_rule_four_times_the_batch():
+    # k = 1024 / 256 = 4: LR 1e-3 x 2; beta1 1 - 4 x 0.1 = 0.6; beta2 1 - 4 x 0.001 = 0.996;
+    # eps 1e-8 / 2.
+    assert peak_lr(SDE, 1024) == pytest.approx(2e-3)
+    moved = moved_optimizer(ADAMW, SDE, 1024)
+    assert moved.betas == pytest.approx((0.6, 0.996)) and moved.eps == pytest.approx(5e-9)
+    # Weight decay and the rest stay: the rule moves lr, betas and eps only.
+    assert moved.model_dump(exclude={"betas", "eps"}) == ADAMW.model_dump(exclude={"betas", "eps"})
+
+
+def test_sde_rule_a_quarter_of_the_batch():
+    # k = 64 / 256 = 1/4: LR 1e-3 / 2; beta1 1 - 0.1 / 4 = 0.975; beta2 1 - 0.001 / 4 = 0.99975;
+    # eps 1e-8 x 2.
+    assert peak_lr(SDE, 64) == pytest.approx(5e-4)
+    moved = moved_optimizer(ADAMW, SDE, 64)
+    assert moved.betas == pytest.approx((0.975, 0.99975)) and moved.eps == pytest.approx(2e-8)
+
+
+def test_sde_rule_at_the_base_batch_changes_nothing():
+    moved = moved_optimizer(ADAMW, SDE, 256)
+    assert moved.betas == pytest.approx(ADAMW.betas) and moved.eps == pytest.approx(1e-8)
+
+
+def test_sde_rule_moves_the_default_eps():
+    # eps unset: AdamW's 1e-8, over sqrt(9) = 3 at batch 2304 (k = 9).
+    moved = moved_optimizer(OptimizerConfig(name="adamw"), SDE, 2304)
+    assert moved.eps == pytest.approx(1e-8 / 3)
+
+
+def test_sde_rule_refuses_a_batch_beyond_its_reach():
+    # beta1 0.9: k (1 - beta1) < 1 needs k < 10. k = 9 gives beta1 0.1; k = 10 gives 0.
+    assert sde_moved((0.9, 0.999), 1e-8, 9)[0] == pytest.approx((0.1, 0.991))
+    with pytest.raises(ValueError, match=r"beta1 0.9 to 1 - 10 x 0.1 = .*outside \(0, 1\)"):
+        sde_moved((0.9, 0.999), 1e-8, 10)
+    with pytest.raises(KeyedError, match=r"batch_size 2560 .*under 10 x the base") as caught:
+        moved_optimizer(ADAMW, SDE, 2560)
+    assert caught.value.key == "lr.scaling"
+    # beta2 is the one out of range when it is the further from 1.
+    with pytest.raises(ValueError, match=r"beta2 0\.5 to 1 - 4 x 0\.5 = -1"):
+        sde_moved((0.95, 0.5), 1e-8, 4)
+
+
+@pytest.mark.parametrize("name", ["sgd", "lars", "lamb"])
+def test_sde_rule_is_for_adamw_only(name):
+    with pytest.raises(KeyedError, match=f"optimizer.name is {name}: use adamw") as caught:
+        moved_optimizer(OptimizerConfig(name=name), SDE, 512)
+    assert caught.value.key == "lr.scaling"
+
+
+@pytest.mark.parametrize("scaling", ["none", "linear", "sqrt"])
+def test_other_rules_leave_the_optimizer_alone(scaling):
+    rule = LRConfig(base=1e-3, base_batch_size=256, scaling=scaling)
+    assert moved_optimizer(ADAMW, rule, 4096) is ADAMW

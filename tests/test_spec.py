@@ -102,7 +102,7 @@ def test_literal_error_lists_choices(tmp_path):
     path.write_text("name: l\nbase:\n  epochs: 1\ngrid:\n  lr.scaling: [quadratic]\n")
     message = error_of(path)
     assert message.startswith(f"{path}:5: lr.scaling: got 'quadratic'")
-    assert "'none', 'linear' or 'sqrt'" in message
+    assert "'none', 'linear', 'sqrt' or 'sde'" in message
 
 
 def test_malformed_yaml_gives_its_line(tmp_path):

@@ -4,9 +4,10 @@ Image classifiers: the CIFAR ResNets of He et al. (`resnet20` ... `resnet110`), 
 `resnet18`, torchvision's `resnet34`, `resnet50`, `densenet121`, `mobilenet_v2` and `alexnet`
 with the CIFAR changes of their modules, wide ResNets `wrnD_K` for any depth D = 6n + 4 and
 width K, `vgg11/13/16/19` with batch norm, and the small `lenet`, `mlp` and `cnn1d`.
-Segmentation: `drn_d_22` (per-pixel logits). Language models: `lstm` (next-token logits and a
-hidden state; see `lstm`). With a ghost batch size every batch norm becomes a `GhostBatchNorm`
-with the same state_dict keys (see `ghost_bn`).
+Segmentation: `drn_d_22` (per-pixel logits). Language models: `lstm` and the decoder-only
+`transformer` (next-token logits and a hidden state; see `lstm`, `transformer`). With a ghost
+batch size every batch norm becomes a `GhostBatchNorm` with the same state_dict keys (see
+`ghost_bn`).
 
 Each model serves one task (`TASKS`): a model is refused for a dataset of another task.
 """
@@ -31,6 +32,7 @@ from lbs_tune.models.lstm import lstm as lstm_language_model
 from lbs_tune.models.mobilenet import mobilenet_v2
 from lbs_tune.models.resnet import cifar_resnet, resnet18, torchvision_resnet
 from lbs_tune.models.small import CNN1d, LeNet, mlp
+from lbs_tune.models.transformer import transformer
 from lbs_tune.models.vgg import VGG_CONFIGS, vgg
 from lbs_tune.models.wrn import check_wrn, parse_wrn_name, wide_resnet
 
@@ -76,10 +78,15 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "cnn1d": CNN1d,
     "drn_d_22": drn_d_22,
     "lstm": lstm_language_model,
+    "transformer": transformer,
 }
 
 # Every model not named here is a classifier: (N, *input_shape) -> (N, num_classes) logits.
-_TASKS: dict[str, Task] = {"drn_d_22": "segmentation", "lstm": "language_model"}
+_TASKS: dict[str, Task] = {
+    "drn_d_22": "segmentation",
+    "lstm": "language_model",
+    "transformer": "language_model",
+}
 
 # Wide ResNets are built for any valid wrnD_K; these common ones are listed by name.
 _LISTED_WRNS = ("wrn16_4", "wrn16_8", "wrn28_10")
@@ -131,13 +138,13 @@ def build_model(
     """The model `name` for inputs of `input_shape` (without the batch dim) and `num_classes`.
 
     Classifiers and `drn_d_22` take images or vectors of `input_shape` and return logits over
-    `num_classes` (per pixel for segmentation); `lstm` takes token ids of `input_shape` (bptt,)
-    and `num_classes` is the vocabulary size. `options` are the model's own (see model_options;
-    e.g. lstm's emsize, nhid, nlayers, dropout, tied). With `ghost_batch_size`, every batch norm
-    is a ghost batch norm over chunks of that many examples (models without batch norm are
-    unchanged). Returns the model on the CPU (or the current default device), in float32 and
-    training mode; ValueError for an unknown name or option, or an input shape or option value
-    the model cannot take.
+    `num_classes` (per pixel for segmentation); `lstm` and `transformer` take token ids of
+    `input_shape` (bptt,) and `num_classes` is the vocabulary size. `options` are the model's own
+    (see model_options; e.g. lstm's emsize, nhid, nlayers, dropout, tied). With
+    `ghost_batch_size`, every batch norm is a ghost batch norm over chunks of that many examples
+    (models without batch norm are unchanged). Returns the model on the CPU (or the current
+    default device), in float32 and training mode; ValueError for an unknown name or option, or
+    an input shape or option value the model cannot take.
     """
     builder = _builder(name)
     unknown = sorted(set(options) - set(model_options(name)))
