@@ -19,6 +19,7 @@ from lbs_tune.models import (
     models_that_fit,
     validate_model_name,
 )
+from lbs_tune.rules import moved_optimizer
 from lbs_tune.segmentation import IGNORE_INDEX
 
 
@@ -40,6 +41,8 @@ def check_trial(config: TrialConfig) -> None:
             f"model {config.model} has no option {', '.join(unknown)}; its options: "
             f"{', '.join(f'{k} (default {v})' for k, v in known.items()) or 'none'}",
         )
+    # The SDE rule moves Adam's betas with the batch size: refused where one leaves (0, 1).
+    moved_optimizer(config.optimizer, config.lr, config.batch_size)
     info = dataset_info(config)
     max_batch = info.max_batch(config.data)
     problem = batch_too_large(config, max_batch, task=info.task)

@@ -35,6 +35,9 @@ METRICS = (
     "noise/b_simple",
     "sharpness/top_eig",
     "micro_batch",
+    "optimizer/beta1",
+    "optimizer/beta2",
+    "optimizer/eps",
 )
 
 

@@ -25,7 +25,7 @@ from lbs_tune.config import TrialConfig, epoch_steps
 from lbs_tune.measure import NoiseScale, gradient_norms, top_hessian_eigenvalue
 from lbs_tune.names import direction, meets
 from lbs_tune.optim import build_optimizer, load_optimizer_state
-from lbs_tune.rules import lr_at, peak_lr
+from lbs_tune.rules import lr_at, moved_optimizer, peak_lr
 from lbs_tune.tasks import Task, autocast, budget_steps
 
 # A non-finite loss is looked for every this many steps (one host sync), so a diverged trial
@@ -87,7 +87,9 @@ def train(
     mode, why = resolve_compile(config, device, precision)
     if why:
         print(f"lbs-tune: warning: {why}", file=sys.stderr, flush=True)
-    optimizer = build_optimizer(model, config.optimizer, capturable=mode == "graphs")
+    # The optimizer as this batch size trains with it (the SDE rule moves Adam's betas and eps).
+    moved = moved_optimizer(config.optimizer, config.lr, config.batch_size)
+    optimizer = build_optimizer(model, moved, capturable=mode == "graphs")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     per_epoch = epoch_steps(task.epoch_examples, task.examples_per_step)
     budget = budget_steps(config, task)
@@ -251,6 +253,11 @@ def train(
             "train/loss": train_loss,
             "train/accuracy": correct.item() / scored.item(),
         }
+        if moved is not config.optimizer:  # the SDE rule's moved Adam hyper-parameters
+            metrics.update(
+                {"optimizer/beta1": moved.betas[0], "optimizer/beta2": moved.betas[1]}
+                | {"optimizer/eps": moved.eps}
+            )
         if smoothing:
             metrics["train/smoothed_loss"] = smoothed_sum.item() / seen
         for split in ("val", "test"):

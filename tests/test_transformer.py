@@ -131,3 +131,25 @@ def test_trains_on_wikitext2_files(cli, tmp_path):
     assert row["val/perplexity"] == pytest.approx(math.exp(row["val/loss"]))
     # Six steps at LR 1e-3 from N(0, 0.02) weights: still about uniform over the 13 words.
     assert row["val/perplexity"] == pytest.approx(13, rel=0.2)
+
+
+def test_the_sde_rule_trains_with_the_moved_adam_hyper_parameters(cli, tmp_path):
+    # Batch 8 at base batch 2: k = 4, so lr x 2, 1 - beta x 4, eps / 2 (Malladi et al. 2022).
+    base = tiny_base(
+        dataset="synthetic", model="transformer", model_options=TINY,
+        data={"samples": 400, "classes": 13, "bptt": 5}, batch_size=8, steps=2, eval_every=100,
+        optimizer={"name": "adamw", "betas": [0.9, 0.999], "eps": 1e-8},
+        lr={"base": 1e-3, "base_batch_size": 2, "scaling": "sde"},
+    )  # fmt: skip
+    code, _, err = cli("train", write_spec(tmp_path / "t.yaml", base), "--out", tmp_path / "run")
+    assert code == 0, err
+    (row,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert row["peak_lr"] == pytest.approx(2e-3)
+    assert row["optimizer/beta1"] == pytest.approx(0.6)
+    assert row["optimizer/beta2"] == pytest.approx(0.996)
+    assert row["optimizer/eps"] == pytest.approx(5e-9)
+    # At batch 32 (k = 16) 1 - beta1 would be 1.6: refused before anything runs.
+    spec = write_spec(tmp_path / "far.yaml", {**base, "batch_size": 32})
+    code, _, err = cli("train", spec, "--out", tmp_path / "far")
+    assert code == 2 and "lr.scaling" in err and err.count("\n") == 1
+    assert not (tmp_path / "far").exists()
