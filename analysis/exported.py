@@ -50,7 +50,7 @@ def grid_keys(results: Results) -> list[str]:
     spec = (results.sweep or {}).get("spec")
     if not isinstance(spec, dict):
         return varying_keys(results.trials)
-    searched = list(((spec.get("search") or {}).get("space") or {}))
+    searched = list((spec.get("search") or {}).get("space") or {})
     return list(dict.fromkeys([*(spec.get("grid") or {}), *searched]))
 
 

@@ -23,6 +23,7 @@ import os
 import posixpath
 import re
 import struct
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -157,7 +158,11 @@ class TensorBoard(LoggerCallback):
         self._last_step[trial] = max(
             written_steps(trial.storage.storage_filesystem, stored), default=-1
         )
-        self._writers[trial] = SummaryWriter(staging, flush_secs=30)
+        # tensorboardX names a file by second and host: a second writer of the same second
+        # (a quickly resumed trial) would overwrite the first's file without a suffix; the
+        # nanoseconds keep the files in the order TensorBoard reads them (by name).
+        suffix = f".{time.time_ns()}.{os.getpid()}"
+        self._writers[trial] = SummaryWriter(staging, flush_secs=30, filename_suffix=suffix)
 
     def log_trial_result(self, iteration: int, trial, result: dict[str, Any]) -> None:
         step = result.get("step")

@@ -86,7 +86,7 @@ def summary_lines(facts: dict[str, Any]) -> list[str]:
         lines.append(f"Python {facts['python']}" + (f"; {libraries}" if libraries else ""))
     if "cuda" in facts:
         cuda = facts.get("cuda") or "none (CPU build)"
-        lines.append(f"CUDA {cuda}, cuDNN {facts.get('cudnn') or 'none'}")
+        lines.append(f"CUDA {cuda}, cuDNN {cudnn_version(facts.get('cudnn'))}")
     cpu = facts.get("cpu") or {}
     if cpu:
         lines.append(f"CPU {cpu.get('model')}, {cpu.get('cores')} cores")
@@ -99,3 +99,13 @@ def summary_lines(facts: dict[str, Any]) -> list[str]:
             f"host {facts['host']}" + (f" ({facts['platform']})" if facts.get("platform") else "")
         )
     return lines
+
+
+def cudnn_version(number: int | None) -> str:
+    """torch's cuDNN version number as text: 90100 -> '9.1.0' (cuDNN 9 counts minor versions
+    by 100), 8902 -> '8.9.2'; 'none' for None."""
+    if not number:
+        return "none"
+    if number >= 10000:
+        return f"{number // 10000}.{number // 100 % 100}.{number % 100}"
+    return f"{number // 1000}.{number // 100 % 10}.{number % 100}"

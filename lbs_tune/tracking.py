@@ -47,6 +47,23 @@ class MLflow(_OwnSteps, MLflowLoggerCallback):
 class Wandb(_OwnSteps, WandbLoggerCallback):
     """Ray's WandbLoggerCallback (one W&B run per trial, its config as the run's config)."""
 
+    def setup(self, *args, **kwargs) -> None:
+        # Ray asks for an API key unless $WANDB_MODE says offline or disabled: a `mode` of the
+        # sweep file says so too.
+        mode = self.kwargs.get("mode")
+        if mode not in ("offline", "disabled") or os.environ.get("WANDB_MODE") == mode:
+            super().setup(*args, **kwargs)
+            return
+        before = os.environ.get("WANDB_MODE")
+        os.environ["WANDB_MODE"] = mode
+        try:
+            super().setup(*args, **kwargs)
+        finally:
+            if before is None:
+                os.environ.pop("WANDB_MODE")
+            else:
+                os.environ["WANDB_MODE"] = before
+
     def _log(self, trial, metrics: dict[str, float], step: int) -> None:
         WandbLoggerCallback.log_trial_result(self, 0, trial, {**metrics, "step": step})
 
