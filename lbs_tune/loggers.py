@@ -34,6 +34,7 @@ from lbs_tune.config import SweepSpec
 from lbs_tune.errors import UserError
 from lbs_tune.names import METRICS, flatten
 from lbs_tune.search import SEARCH_KEY
+from lbs_tune.storage import Location
 
 TENSORBOARD_DIR = "tensorboard"
 BY_EXAMPLES = "by_examples/"
@@ -47,10 +48,10 @@ SCALARS = tuple(m for m in METRICS if m not in ("step", "diverged"))
 EXTRAS = {"mlflow": ("mlflow", "lbs-tune[mlflow]"), "wandb": ("wandb", "lbs-tune[wandb]")}
 
 
-def callbacks(spec: SweepSpec) -> list[LoggerCallback]:
-    """The logger callbacks of a sweep: Ray's JSON and CSV loggers, then those of its `loggers`
-    section. Turns Ray's automatic loggers off for this process (see the module's docstring).
-    A missing optional package is a UserError that names its extra, before Ray starts."""
+def callbacks(spec: SweepSpec, experiment: Location) -> list[LoggerCallback]:
+    """The logger callbacks of a sweep in `experiment`: Ray's JSON and CSV loggers, then those
+    of its `loggers` section. Turns Ray's automatic loggers off for this process (see the
+    module's docstring). A missing optional package is a UserError that names its extra."""
     loggers = spec.loggers
     for name, (package, extra) in EXTRAS.items():
         if getattr(loggers, name) is not None and importlib.util.find_spec(package) is None:
@@ -70,7 +71,7 @@ def callbacks(spec: SweepSpec) -> list[LoggerCallback]:
     if loggers.wandb is not None:
         from lbs_tune.tracking import wandb_callback
 
-        found.append(wandb_callback(spec))
+        found.append(wandb_callback(spec, experiment))
     return found
 
 

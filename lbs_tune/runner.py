@@ -329,7 +329,8 @@ def execute(
     from lbs_tune.loggers import callbacks as logger_callbacks
     from lbs_tune.loggers import replace_in
 
-    loggers = logger_callbacks(spec)  # a missing logger package is refused before Ray starts
+    # A missing logger package is refused before Ray starts.
+    loggers = logger_callbacks(spec, experiment)
     start_ray(**ray_args, **ray_init_options(verbose, ray_args.get("address")))
     from ray import tune
 

@@ -16,6 +16,7 @@ from ray.air.integrations.wandb import WandbLoggerCallback
 
 from lbs_tune.config import SweepSpec
 from lbs_tune.loggers import own_metrics
+from lbs_tune.storage import Location
 
 
 class _OwnSteps:
@@ -79,11 +80,15 @@ def mlflow_callback(spec: SweepSpec) -> MLflow:
     )
 
 
-def wandb_callback(spec: SweepSpec) -> Wandb:
+def wandb_callback(spec: SweepSpec, experiment: Location) -> Wandb:
     """The W&B logger of a sweep's `loggers.wandb` (project: as given, else $WANDB_PROJECT, else
-    the sweep's name; group: the sweep's name unless given)."""
+    the sweep's name; group: the sweep's name unless given). Offline runs of a sweep on a local
+    or shared folder are written to `<experiment>/wandb/` (else in each trial's folder, which
+    Ray may copy to the storage before W&B has finished writing)."""
     settings = spec.loggers.wandb
-    options = {"mode": settings.mode} if settings.mode else {}
+    options: dict[str, Any] = {"mode": settings.mode} if settings.mode else {}
+    if settings.mode == "offline" and experiment.is_local:
+        options["dir"] = experiment.path
     return Wandb(
         project=settings.project or os.environ.get("WANDB_PROJECT") or spec.name,
         group=settings.group or spec.name,

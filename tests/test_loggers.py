@@ -20,6 +20,7 @@ from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
 from lbs_tune.errors import UserError
 from lbs_tune.loggers import BY_EXAMPLES, TensorBoard, callbacks, own_metrics, run_name
 from lbs_tune.spec import load_spec
+from lbs_tune.storage import locate
 
 # Keys of a report that are Ray's or where the trial ran: never a TensorBoard scalar.
 NOT_METRICS = {"done", "should_checkpoint", "training_iteration", "trial_id", "time_s", "pid"}
@@ -115,7 +116,7 @@ def test_a_missing_logger_package_is_one_line_naming_the_extra(tmp_path, monkeyp
     spec = write_spec(tmp_path / "s.yaml", tiny_base(), loggers={"mlflow": {}})
     monkeypatch.setitem(sys.modules, "mlflow", None)  # as if it were not installed
     with pytest.raises(UserError, match=r"loggers.mlflow .*pip install 'lbs-tune\[mlflow\]'"):
-        callbacks(load_spec(spec))
+        callbacks(load_spec(spec), locate(tmp_path / "results" / "s"))
 
 
 def test_loggers_are_no_part_of_the_digest(tmp_path):
@@ -284,7 +285,9 @@ def test_mlflow_and_wandb_get_the_trials_metrics_by_step(ray_cluster, tmp_path):
         ]
         assert not set(found.data.metrics) & (NOT_METRICS | {"diverged", "step"})
     for batch, trial in trials.items():
-        (run_file,) = trial.glob("wandb/offline-run-*/run-*.wandb")
+        # The offline runs are in the experiment folder, one per trial (named by its id).
+        trial_id = result_rows(trial)[0]["trial_id"]
+        (run_file,) = experiment.glob(f"wandb/offline-run-*-{trial_id}/run-{trial_id}.wandb")
         logged = wandb_history(run_file)
         rows = result_rows(trial)
         assert [(h["step"], h["val/accuracy"]) for h in logged] == [

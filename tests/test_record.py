@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import QUICKSTART, QUICKSTART_TINY, TINY_EXPERIMENTS
 
+from analysis.report import machines_html
 from lbs_tune.experiment import STATE_FILE, finished_sweep, read_record, record_start
 from lbs_tune.provenance import cpu_model, cudnn_version, provenance, summary_lines
 from lbs_tune.spec import load_spec
@@ -51,6 +52,10 @@ def test_each_run_of_a_sweep_records_its_versions_and_machine(tmp_path):
     assert lines[0].startswith(f"Python {platform.python_version()}; torch ")
     assert f"{os.cpu_count()} cores" in " ".join(lines)
     assert ("GPUs none" in lines) == (gpus == 0)
+    # The report shows each run's.
+    shown = machines_html(record)
+    assert shown.count("<li>run of ") == 2 and f"Python {platform.python_version()}" in shown
+    assert machines_html({"runs": [{"started": "2026-01-01T00:00:00+00:00"}]}) == ""
 
 
 def test_the_cpu_model_comes_from_cpuinfo(tmp_path):
