@@ -153,12 +153,14 @@ class TensorBoard(LoggerCallback):
 
         name = run_name(trial.config, self.varying)
         staging = posixpath.join(trial.local_experiment_path, TENSORBOARD_DIR, name)
-        # A resumed sweep writes a new event file beside those of its earlier runs: the steps
-        # they hold are not written again.
+        # A resumed sweep (or a trial retried after an error) writes a new event file beside
+        # the earlier ones: the steps they hold, here or already on the storage, are not
+        # written again.
         stored = posixpath.join(trial.remote_experiment_path, TENSORBOARD_DIR, name)
-        self._last_step[trial] = max(
-            written_steps(trial.storage.storage_filesystem, stored), default=-1
+        written = written_steps(pafs.LocalFileSystem(), staging) | written_steps(
+            trial.storage.storage_filesystem, stored
         )
+        self._last_step[trial] = max(written, default=-1)
         # tensorboardX names a file by second and host: a second writer of the same second
         # (a quickly resumed trial) would overwrite the first's file without a suffix; the
         # nanoseconds keep the files in the order TensorBoard reads them (by name).
@@ -192,7 +194,8 @@ class TensorBoard(LoggerCallback):
             return
         final = self._last.pop(trial, {})
         self._last_step.pop(trial, None)
-        if final:
+        # HParams once, for a trial that ended well (one that errored may yet be retried).
+        if final and not failed:
             from tensorboardX.summary import hparams
 
             values = _hparams(trial.config, [*self.grid, *self.searched])

@@ -63,7 +63,8 @@ def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def hparams(run: Path) -> dict[str, object]:
-    """The HParams of a run (its session start info)."""
+    """The HParams of a run (its session start info, which it holds once)."""
+    found = []
     for path in run.glob("events.out.tfevents.*"):
         for event in tfrecords(path):
             for value in event.summary.value:
@@ -71,8 +72,9 @@ def hparams(run: Path) -> dict[str, object]:
                     data = HParamsPluginData()
                     data.ParseFromString(value.metadata.plugin_data.content)
                     start = data.session_start_info.hparams
-                    return {k: getattr(v, v.WhichOneof("kind")) for k, v in start.items()}
-    return {}
+                    found.append({k: getattr(v, v.WhichOneof("kind")) for k, v in start.items()})
+    assert len(found) <= 1
+    return found[0] if found else {}
 
 
 def result_rows(trial: Path) -> list[dict]:
@@ -176,6 +178,11 @@ def test_a_resumed_trial_writes_each_step_once(tmp_path):
     first.log_trial_start(trial)
     for step in (45, 90):
         first.log_trial_result(0, trial, _report(step))
+    # The trial errors and is retried from its checkpoint at 45 within this run of the sweep.
+    first.log_trial_end(trial, failed=True)
+    first.log_trial_start(trial)
+    for step in (45, 90):
+        first.log_trial_result(0, trial, _report(step, replayed=step == 45))
     first.on_experiment_end([trial])  # the driver stops (killed: its writer flushed each step)
     # A new driver resumes the sweep: the trial sends its checkpoint's reports again, then
     # makes the step after its checkpoint (90) again, then goes on.
@@ -186,7 +193,7 @@ def test_a_resumed_trial_writes_each_step_once(tmp_path):
         second.log_trial_result(0, trial, _report(step))
     second.log_trial_end(trial)
     run = experiment / "tensorboard" / "bs=32"
-    assert len(list(run.glob("events.out.tfevents.*"))) == 2
+    assert len(list(run.glob("events.out.tfevents.*"))) == 3
     found = scalars(run)
     assert [s for s, _ in found["val/accuracy"]] == [45, 90, 135, 180]
     assert found["val/accuracy"] == [(s, pytest.approx(s / 1000)) for s in (45, 90, 135, 180)]
