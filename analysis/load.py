@@ -54,12 +54,14 @@ def load(source: Any, cache: bool = True) -> Results:
 def export(source: Any, out_dir: str | Path) -> list[str]:
     """Write `trials.parquet` and `history.parquet` of an experiment into `out_dir` (a folder
     path or URI), for pandas, polars or DuckDB; the sweep record rides in the schema metadata.
-    A searched sweep adds `studies.parquet`: every trial of its Optuna studies. Returns the
-    paths written."""
+    The history carries the grid keys; metrics never reported are left out; config columns
+    have their declared types (analysis.exported). A searched sweep adds `studies.parquet`:
+    every trial of its Optuna studies. Returns the paths written."""
     # Here, not at the top: a plain load needs neither Optuna nor the fit's scipy.
+    from analysis.exported import for_export
     from analysis.summary import write_study_trials
 
-    written = write_tables(load(source), locate(out_dir))
+    written = write_tables(for_export(load(source)), locate(out_dir))
     studies = write_study_trials(experiment_location(source), out_dir)
     return written + ([studies] if studies else [])
 

@@ -39,6 +39,7 @@ from analysis.tables import Results
 from lbs_tune.errors import UserError, cut, did_you_mean
 from lbs_tune.experiment import REPORT_FILE, SWEEP_FILE, count_outcomes
 from lbs_tune.names import METRICS, comparison
+from lbs_tune.provenance import summary_lines
 
 X_AXES = ("step", "examples", "epoch")
 STATIC_FORMATS = ("png", "pdf", "svg")
@@ -266,7 +267,24 @@ def _header(results: Results, name: str, experiment: str, target: tuple[str, flo
         f"<p>{_e((sweep.get('spec') or {}).get('description'))}</p>"
         f"<dl>{rows}</dl>"
         f'<p class="counts">{results.trials.num_rows} trials: {_e(summary)}</p>'
-        f"{spec_block}</header>"
+        f"{machines_html(sweep)}{spec_block}</header>"
+    )
+
+
+def machines_html(sweep: dict[str, Any]) -> str:
+    """The versions and machine of each run of the sweep (lbs_tune.provenance), one list per
+    run; '' for a record without them (runs recorded before they were kept)."""
+    runs = [r for r in sweep.get("runs") or [] if isinstance(r, dict) and r.get("machine")]
+    items = "".join(
+        f"<li>run of {_e(run.get('started'))}: "
+        + "; ".join(_e(line) for line in summary_lines(run["machine"]))
+        + "</li>"
+        for run in runs
+    )
+    return (
+        f"<details><summary>versions and machine</summary><ul>{items}</ul></details>"
+        if runs
+        else ""
     )
 
 

@@ -116,10 +116,16 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_ray_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gpus", type=int, help="GPUs of the local Ray (default: all)")
-    parser.add_argument("--cpus", type=int, help="CPUs of the local Ray (default: all)")
     parser.add_argument(
-        "--address", help="join this Ray cluster instead of starting one (auto, ray://host:port)"
+        "--gpus", type=int, metavar="N", help="GPUs of the local Ray (default: all)"
+    )
+    parser.add_argument(
+        "--cpus", type=int, metavar="N", help="CPUs of the local Ray (default: all)"
+    )
+    parser.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="join this Ray cluster instead of starting one (auto, ray://host:port)",
     )
     parser.add_argument(
         "--force-unlock",
@@ -148,14 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the sweep file's base config plus its first grid point, with --set "
         "overrides, in this process. Running it again with the same --out resumes.",
     )
-    train.add_argument("spec", type=Path, help="sweep file (YAML)")
+    train.add_argument("spec", type=Path, metavar="SPEC", help="sweep file (YAML)")
     train.add_argument(
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="override a dotted config key, e.g. --set batch_size=64 --set lr.scaling=linear",
+        help="override a key of the trial config (not of the sweep file: no base. or grid. "
+        "prefix), e.g. --set batch_size=64 --set lr.scaling=linear",
     )
-    train.add_argument("--out", type=Path, help="run folder (default: runs/<sweep name>)")
+    train.add_argument(
+        "--out", type=Path, metavar="DIR", help="run folder (default: runs/<sweep name>)"
+    )
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], help="training device")
     train.set_defaults(func=_train)
 
@@ -165,14 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run every grid point of a sweep file as a Ray Tune trial. Running the same "
         "spec again resumes the sweep where it stopped.",
     )
-    run.add_argument("spec", type=Path, help="sweep file (YAML)")
+    run.add_argument("spec", type=Path, metavar="SPEC", help="sweep file (YAML)")
     _add_ray_options(run)
     run.add_argument(
         "--storage",
         default="results",
+        metavar="PATH",
         help="folder or URI (s3://, gs://, file://) that holds experiments (default: ./results)",
     )
-    run.add_argument("--name", help="experiment name (default: the spec's name)")
+    run.add_argument("--name", metavar="NAME", help="experiment name (default: the spec's name)")
     run.add_argument(
         "--fresh", action="store_true", help="move an old sweep of this name aside and start over"
     )
@@ -181,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="override a key of the sweep file, e.g. --set base.epochs=2 --set grid.seed=[0,1]",
+        help="override a key of the sweep file (trial keys under base.), e.g. --set "
+        "base.epochs=2 --set grid.seed=[0,1]",
     )
     run.set_defaults(func=_run)
 
@@ -191,25 +202,25 @@ def build_parser() -> argparse.ArgumentParser:
         description="Resume a sweep "
         "from its experiment folder alone (its lbs_sweep.json holds the spec).",
     )
-    resume.add_argument("experiment", help="experiment folder or URI")
+    resume.add_argument("experiment", metavar="EXPERIMENT", help="experiment folder or URI")
     _add_ray_options(resume)
     resume.set_defaults(func=_resume)
 
     status = commands.add_parser(
         "status", help="table of the trials of a sweep (while it runs or after)"
     )
-    status.add_argument("experiment", help="experiment folder or URI")
+    status.add_argument("experiment", metavar="EXPERIMENT", help="experiment folder or URI")
     status.set_defaults(func=_status)
 
     where = commands.add_parser(
         "where", help="folders of the trials whose config matches KEY=VALUE ..."
     )
-    where.add_argument("experiment", help="experiment folder or URI")
+    where.add_argument("experiment", metavar="EXPERIMENT", help="experiment folder or URI")
     where.add_argument("filters", nargs="*", metavar="KEY=VALUE", help="e.g. batch_size=32")
     where.set_defaults(func=_where)
 
     report = commands.add_parser("report", help="write the sweep's HTML report")
-    report.add_argument("experiment", help="experiment folder or URI")
+    report.add_argument("experiment", metavar="EXPERIMENT", help="experiment folder or URI")
     report.add_argument(
         "-o",
         type=Path,
@@ -234,16 +245,23 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=_report)
 
     export = commands.add_parser("export", help="write the trials and history tables as Parquet")
-    export.add_argument("experiment", help="experiment folder or URI")
+    export.add_argument("experiment", metavar="EXPERIMENT", help="experiment folder or URI")
     export.add_argument("-o", required=True, metavar="DIR", help="output folder or URI")
     export.set_defaults(func=_export)
 
     evaluate = commands.add_parser(
         "evaluate", help="evaluate every checkpoint of every trial into evaluation.parquet"
     )
-    evaluate.add_argument("experiment", help="experiment folder or URI")
-    evaluate.add_argument("--splits", default="train,val,test", help="comma-separated splits")
-    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    evaluate.add_argument("experiment", metavar="EXPERIMENT", help="experiment folder or URI")
+    evaluate.add_argument(
+        "--splits",
+        default="train,val,test",
+        metavar="SPLITS",
+        help="comma-separated splits (default: train,val,test)",
+    )
+    evaluate.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: auto"
+    )
     evaluate.set_defaults(func=_evaluate)
     return parser
 

@@ -341,6 +341,33 @@ class Resources(_Strict):
         return self.cpu, self.gpu.get("default", 1.0)
 
 
+class MLflowLogger(_Strict):
+    """Ray Tune's MLflowLoggerCallback: one MLflow run per trial (params: its config; metrics
+    by optimizer step). None: MLflow's own defaults ($MLFLOW_TRACKING_URI, else
+    sqlite:///mlflow.db in the working folder; the experiment named after the sweep)."""
+
+    tracking_uri: str | None = None
+    experiment_name: str | None = None
+
+
+class WandbLogger(_Strict):
+    """Ray Tune's WandbLoggerCallback: one W&B run per trial. `mode` offline writes the runs
+    into each trial's folder (`wandb sync` uploads them later); None: W&B's own ($WANDB_MODE)."""
+
+    project: str | None = None  # None: $WANDB_PROJECT, else the sweep's name
+    group: str | None = None  # None: the sweep's name
+    mode: Literal["online", "offline", "disabled"] | None = None
+
+
+class Loggers(_Strict):
+    """Where a sweep's trials are logged besides Ray's result.json: TensorBoard event files by
+    optimizer step (lbs_tune.loggers, on by default), MLflow and W&B (optional extras)."""
+
+    tensorboard: bool = True
+    mlflow: MLflowLogger | None = None
+    wandb: WandbLogger | None = None
+
+
 class Metric(_Strict):
     """The sweep's metric; its mode is the metric's own direction (`names.direction`), given
     only for a metric that has none."""
@@ -404,6 +431,7 @@ class SweepSpec(_Strict):
     # steps) so the sweep does not wait on them at its end, or the grid's own order.
     schedule: Literal["longest_first", "grid"] = "longest_first"
     max_failures: int = Field(2, ge=0, le=10_000)
+    loggers: Loggers = Loggers()
 
     @field_validator("grid")
     @classmethod
@@ -450,8 +478,9 @@ class SweepSpec(_Strict):
 
     def digest(self) -> str:
         """A hash of everything that decides the trials, to recognise the same sweep again."""
-        # The start order and the description decide nothing about any trial's results.
-        body = self.model_dump(mode="json", exclude={"description", "schedule"})
+        # The start order, the description and the loggers decide nothing about any trial's
+        # results (and a sweep recorded before `loggers` existed keeps its digest).
+        body = self.model_dump(mode="json", exclude={"description", "schedule", "loggers"})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 

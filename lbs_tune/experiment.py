@@ -140,12 +140,14 @@ def record_start(
     recorded: dict[str, Any] | None,
     data_dirs: list[str],
     extra: dict[str, Any] | None = None,
+    machine: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write lbs_sweep.json at the start of a run: the spec (as JSON) and its digest, version,
     commit, command and times. Every run (the first and each resume) is an entry of `runs` with
-    its own start, command, lbs-tune version, git commit and data folders; a resume whose code
-    or data differ from the first run's is warned about in one line. `extra` joins a new
-    record (e.g. where a searched sweep's studies live). Returns the record."""
+    its own start, command, lbs-tune version, git commit, data folders and `machine` (the
+    versions and hardware of lbs_tune.provenance, when given); a resume whose code or data
+    differ from the first run's is warned about in one line. `extra` joins a new record (e.g.
+    where a searched sweep's studies live). Returns the record."""
     command = [Path(sys.argv[0]).name, *sys.argv[1:]]
     run = {
         "started": now_iso(),
@@ -153,6 +155,7 @@ def record_start(
         "lbs_tune_version": __version__,
         "git_commit": git_commit(Path.cwd()),
         "data_dirs": data_dirs,
+        **({"machine": machine} if machine is not None else {}),
     }
     record = recorded or {
         "name": spec["name"],
@@ -197,6 +200,46 @@ def record_end(experiment: Location) -> None:
     record = read_record(experiment)
     record["ended"] = now_iso()
     write_record(experiment, record)
+
+
+def finished_sweep(experiment: Location, digest: str, count: int) -> str | None:
+    """One line saying that the sweep of `digest` in `experiment` is finished, if it is: its
+    record has that digest, and Ray's newest experiment state holds `count` trials, each ended
+    (TERMINATED; an errored one would be resumed). None otherwise, also for a folder without
+    such a state or with an unreadable one (running the sweep then tells). Reads two files;
+    needs neither Ray nor the lock."""
+    if not has_record(experiment) or read_record(experiment).get("digest") != digest:
+        return None
+    trials = _newest_state(experiment)
+    if trials is None or len(trials) != count or any(s != "TERMINATED" for s, _ in trials):
+        return None
+    counts = count_outcomes(trials)
+    line = ", ".join(f"{n} {label}" for label, n in counts.items() if label != "running or pending")
+    return (
+        f"sweep {read_record(experiment).get('name')} is finished ({line}) in {experiment.uri}: "
+        f"nothing to run; next: lbs-tune report {experiment.uri}"
+    )
+
+
+def _newest_state(experiment: Location) -> list[tuple[str, bool]] | None:
+    """(Ray state, diverged) of each trial in Ray's newest experiment state file; None without
+    one, or if it cannot be read (Ray may be rewriting it)."""
+    try:
+        infos = experiment.fs.get_file_info(pafs.FileSelector(experiment.path))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    names = sorted(i.base_name for i in infos if STATE_FILE.match(i.base_name))
+    if not names:
+        return None
+    try:
+        pairs = json.loads(experiment.join(names[-1]).read_text())["trial_data"]
+        trials = []
+        for trial, runtime in pairs:
+            last = json.loads(runtime).get("last_result") or {}
+            trials.append((json.loads(trial)["status"], bool(last.get("diverged"))))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return trials
 
 
 def count_outcomes(trials) -> dict[str, int]:

@@ -26,11 +26,13 @@ from lbs_tune.experiment import (
     SWEEP_FILE,
     count_outcomes,
     exclusive,
+    finished_sweep,
     has_record,
     read_record,
     record_end,
     record_start,
 )
+from lbs_tune.provenance import provenance
 from lbs_tune.spec import check_spec, load_spec
 from lbs_tune.storage import Location, locate, scaffolding
 
@@ -329,7 +331,11 @@ def execute(
     own output; `table` (experiment URI -> text) is printed at the end."""
     started = time.monotonic()
     from lbs_tune.console import Console, ray_init_options
+    from lbs_tune.loggers import callbacks as logger_callbacks
+    from lbs_tune.loggers import replace_in
 
+    # A missing logger package is refused before Ray starts.
+    loggers = logger_callbacks(spec, experiment)
     start_ray(**ray_args, **ray_init_options(verbose, ray_args.get("address")))
     from ray import tune
 
@@ -340,7 +346,13 @@ def execute(
     data_dirs = sorted({str(data_dir(t.data)) for t in spec.trials})
     studies = _studies(spec, experiment)
     record_start(
-        experiment, spec.model_dump(mode="json"), spec.digest(), recorded, data_dirs, studies
+        experiment,
+        spec.model_dump(mode="json"),
+        spec.digest(),
+        recorded,
+        data_dirs,
+        studies,
+        machine=provenance(),
     )
     keep = spec.trials[0].keep_checkpoints
     gpu_of = functools.partial(_gpu_for_batch, spec.resources)
@@ -383,8 +395,10 @@ def execute(
                 # sync_period (Ray's default is 5 minutes): keep status and reports current.
                 sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
                 stop=stop,
+                callbacks=loggers,
             ),
         )
+    replace_in(tuner, loggers)
     results = console.fit(tuner)
     line, errored = _summary(results, started)
     record_end(experiment)
@@ -482,6 +496,10 @@ def run(
         recorded = read_record(experiment) if has_record(experiment) else None
         print_dry_run(spec, experiment, recorded)
         return 0
+    done = None if fresh else finished_sweep(experiment, spec.digest(), spec.trial_count)
+    if done:  # read from the folder alone: no Ray, no lock, the record untouched
+        print(done)
+        return 0
     check_writable(experiment.parent())
     with scaffolding(experiment.parent()), exclusive(experiment, force_unlock):
         # The folder's checks first (they read a file; the data may take minutes to make), the
@@ -509,6 +527,10 @@ def resume(
     recorded = read_record(experiment)
     meta = experiment.join(SWEEP_FILE)
     spec = check_spec(recorded["spec"], lambda key: f"{meta.uri} (spec.{key})")
+    done = finished_sweep(experiment, spec.digest(), spec.trial_count)
+    if done:  # read from the folder alone: no Ray, no lock, the record untouched
+        print(done)
+        return 0
     check_writable(experiment.parent())
     with exclusive(experiment, force_unlock):
         _before_starting(spec, ray_args.get("address"))

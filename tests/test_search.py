@@ -1,4 +1,5 @@
-"""The `search` section and the per-grid-point Optuna studies (lbs_tune.search).
+"""The `search` section and the per-grid-point Optuna studies (lbs_tune.space, studies,
+samplers and searcher).
 
 The searcher is driven as Ray Tune drives it (suggest, on_trial_result, on_trial_complete, save,
 pickling into tuner.pkl and restore), with reports from a closed-form stand-in for training;
