@@ -48,9 +48,15 @@ Steps to target count only evaluation steps, as the training loop measures them:
 closed form and a search over intervals of evaluation steps that skips an interval when a lower
 bound of the loss on it (the squared mean at its end plus the variance at its start) is above the
 target: exact, and about log2(max_steps / every) evaluations of d terms per rate. Momentum steps
-the second moments from evaluation to evaluation (the affine map of `every` steps, by squaring),
-many rates at once, and stops at the first evaluation where any of them reaches the target when
-only the best is asked for. Adam(W), LAMB and LARS have no such closed form (`exact_problem`).
+the mean and the variance part of the second moments from evaluation to evaluation (the map of
+`every` steps, by squaring), many rates at once; it drops a rate once its variance part alone is
+above the target (that part only grows), and stops at the first evaluation where any rate reaches
+the target when only the best is asked for: its cost grows as rates x d x evaluations
+(benchmarks/nqm.py). Adam(W), LAMB and LARS have no such closed form (`exact_problem`).
+
+E[L_t] is the mean over runs. One run's loss fluctuates about it, and its first evaluation under
+the target comes early when the fluctuation is large against the loss's fall: measured steps
+match the exact ones where the loss is a sum of many comparable terms (a flat spectrum, large d).
 
 numpy only: no torch, no scipy, no I/O, no Ray; `analysis` imports it.
 """
