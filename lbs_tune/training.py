@@ -2,7 +2,7 @@
 
 The loop keeps every split on the device, runs each step without host-device synchronisation
 (losses and accuracies accumulate on the device) and synchronises only at evaluation time,
-every `eval_every` epochs, where it reports the metrics of ARCHITECTURE.md and, every
+every `eval_every` epochs, where it reports the metrics of `lbs_tune.names.METRICS` and, every
 `checkpoint_every` epochs, a checkpoint that lets a resumed run continue exactly. What differs
 between classification, segmentation and language modelling (batches, loss, scores,
 evaluation) is asked of a `lbs_tune.tasks.Task`; how the step runs (eagerly, compiled, or
