@@ -64,7 +64,7 @@ def _resume(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from analysis.status import status
 
-    print(status(args.experiment))
+    print(status(args.experiment, wide=args.wide))
     return 0
 
 
@@ -210,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="table of the trials of a sweep (while it runs or after)"
     )
     status.add_argument("experiment", metavar="EXPERIMENT", help="experiment folder or URI")
+    status.add_argument(
+        "--wide",
+        action="store_true",
+        help="every column (host, checkpoint, start time ...), not only those that fit 120",
+    )
     status.set_defaults(func=_status)
 
     where = commands.add_parser(

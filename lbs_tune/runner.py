@@ -81,12 +81,11 @@ def trial_dirname(keys: tuple[str, ...], trial) -> str:
     return f"train_trial_{trial.trial_id}_{tag}".rstrip("_")
 
 
-def start_order(spec: SweepSpec) -> list[int]:
-    """The grid points' indices in the order their trials start: longest first by an estimated
-    cost (steps x seconds per step from the H200 throughput table of lbs_tune.schedule; models
-    it lacks cost like ResNet-20, which keeps the order of batch sizes right), or grid order."""
-    if spec.schedule == "grid":
-        return list(range(len(spec.trials)))
+def trial_costs(spec: SweepSpec) -> list[float]:
+    """One trial's estimated cost at each grid point, in `spec.trials` order: steps x seconds
+    per step from the H200 throughput table of lbs_tune.schedule (models it lacks cost like
+    ResNet-20, which keeps the order of batch sizes right). The start order and the console's
+    time left read it."""
     from lbs_tune import schedule
     from lbs_tune.data import DATASETS
 
@@ -96,7 +95,17 @@ def start_order(spec: SweepSpec) -> list[int]:
         schedule.H200_DEVICE_RESIDENT,
         stand_in="resnet20",
     )
-    return schedule.longest_first([job.seconds for job in jobs])
+    return [job.seconds for job in jobs]
+
+
+def start_order(spec: SweepSpec) -> list[int]:
+    """The grid points' indices in the order their trials start: longest first by
+    `trial_costs`, or grid order."""
+    if spec.schedule == "grid":
+        return list(range(len(spec.trials)))
+    from lbs_tune import schedule
+
+    return schedule.longest_first(trial_costs(spec))
 
 
 def print_dry_run(spec: SweepSpec, experiment: Location, recorded: dict | None) -> None:
@@ -236,9 +245,11 @@ def start_ray(
     cpus: int | None = None,
     gpus: int | None = None,
     log_to_driver: bool = True,
+    logging_level: int | None = None,
 ) -> None:
     """Join the cluster at `address`, or start a local one with the dashboard on. The trials'
-    stdout and stderr reach this process only with `log_to_driver`.
+    stdout and stderr reach this process only with `log_to_driver`; Ray's logger of this
+    process is at `logging_level` (Ray's default if None).
 
     A local Ray listens on the loopback only (GCS, raylets, workers, the metrics endpoint, the
     dashboard): Ray takes 127.0.0.1 as its node address when told this machine is no cluster
@@ -252,11 +263,14 @@ def start_ray(
 
     if ray.is_initialized():
         return
+    options = {"log_to_driver": log_to_driver}
+    if logging_level is not None:
+        options["logging_level"] = logging_level
     if address:
         _use_token_if_there()
         _check_reachable(address)
         try:
-            context = ray.init(address=address, log_to_driver=log_to_driver)
+            context = ray.init(address=address, **options)
         except (ConnectionError, ValueError, RuntimeError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UserError(
@@ -271,7 +285,7 @@ def start_ray(
             num_gpus=gpus,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
-            log_to_driver=log_to_driver,
+            **options,
         )
     if context.dashboard_url:
         print(f"Ray dashboard: http://{context.dashboard_url}")
@@ -341,7 +355,7 @@ def execute(
 
     from lbs_tune.trainable import placement, train_trial
 
-    console = Console(spec, experiment, verbose=verbose, table=table)
+    console = Console(spec, experiment, table=table, costs=trial_costs(spec))
 
     data_dirs = sorted({str(data_dir(t.data)) for t in spec.trials})
     studies = _studies(spec, experiment)
@@ -398,8 +412,10 @@ def execute(
                 callbacks=loggers,
             ),
         )
-    replace_in(tuner, loggers)
-    results = console.fit(tuner)
+    # Without --verbose the console takes the place of Ray's output: a callback, verbosity 0.
+    quiet = not verbose
+    attached = replace_in(tuner, [*loggers, console] if quiet else loggers, 0 if quiet else None)
+    results = console.fit(tuner.fit, quiet=quiet and attached)
     line, errored = _summary(results, started)
     record_end(experiment)
     console.finish(f"sweep {spec.name}: {line}")
