@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 from lbs_tune.config import SweepSpec
 from lbs_tune.errors import cut, printable
 from lbs_tune.experiment import count_outcomes
-from lbs_tune.names import Mode, comparison, direction
+from lbs_tune.names import Mode, comparison, direction, get_dotted, hashable
 from lbs_tune.studies import Objective, objective_for
 
 ERROR_CHARS = 200  # the error line of a failed trial is cut to this length
@@ -73,22 +73,12 @@ class Progress(NamedTuple):
     cost: float
 
 
-def _frozen(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
-
-
-def _dotted(tree: Any, key: str) -> Any:
-    for part in key.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
-
-
 def plan_of(spec: SweepSpec, costs: Sequence[float] | None = None) -> Plan:
     """The Plan of a checked sweep; `costs`: one trial's estimated cost at each grid point, in
     `spec.trials` order (lbs_tune.runner.trial_costs), or None for the same cost everywhere."""
     configs = [trial.model_dump(mode="json") for trial in spec.trials]
     grid = tuple(spec.grid)
-    points = {tuple(_frozen(_dotted(c, k)) for k in grid): i for i, c in enumerate(configs)}
+    points = {tuple(hashable(get_dotted(c, k)) for k in grid): i for i, c in enumerate(configs)}
     sizes = Counter(trial.batch_size for trial in spec.trials)
     target = None
     if spec.target is not None:
@@ -118,7 +108,7 @@ def point_of(config: dict[str, Any], plan: Plan) -> int | None:
     searched = config.get("search")
     if isinstance(searched, dict) and isinstance(searched.get("point"), int):
         return searched["point"]
-    return plan.points.get(tuple(_frozen(_dotted(config, k)) for k in plan.grid))
+    return plan.points.get(tuple(hashable(get_dotted(config, k)) for k in plan.grid))
 
 
 # ============================================================================ Pieces
@@ -155,7 +145,7 @@ def _value(value: Any) -> str:
 def label(trial: TrialState, keys: Sequence[str]) -> str:
     """'c0ffe_00003 (batch_size=64 lr.scaling=linear)': the trial id and its values of `keys`,
     printable ('base config' for a sweep without keys)."""
-    point = [f"{k}={printable(_value(_dotted(trial.config, k)))}" for k in keys]
+    point = [f"{k}={printable(_value(get_dotted(trial.config, k)))}" for k in keys]
     return f"{trial.id} ({' '.join(point) or 'base config'})"
 
 

@@ -92,6 +92,18 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 BUDGET_KEYS = ("epochs", "steps", "examples")
 
 
+def get_dotted(tree: Any, key: str) -> Any:
+    """`tree['a']['b']` for key 'a.b'; None where a part is missing."""
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def hashable(value: Any) -> Any:
+    """A config value as a dict key or set member: lists (a shape, milestones) as tuples."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     """Set `tree['a']['b'] = value` for key 'a.b', making the inner dicts as needed.
 

@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lbs_tune.config import SEARCH_KEY, SweepSpec, changes, data_dir, set_dotted
+from lbs_tune.config import SEARCH_KEY, SweepSpec, changes, data_dir
 from lbs_tune.errors import UserError
 from lbs_tune.experiment import (
     SWEEP_FILE,
@@ -32,6 +32,7 @@ from lbs_tune.experiment import (
     record_end,
     record_start,
 )
+from lbs_tune.names import get_dotted, hashable, set_dotted
 from lbs_tune.provenance import provenance
 from lbs_tune.spec import check_spec, load_spec
 from lbs_tune.storage import Location, locate, scaffolding
@@ -57,26 +58,15 @@ def param_space(spec: SweepSpec, grid_search) -> dict[str, Any]:
     configs = trial_configs(spec)
     space = copy.deepcopy(configs[0])
     for key in spec.grid:
-        values = [_dotted(c, key) for c in configs]
-        set_dotted(space, key, grid_search(list(dict.fromkeys(map(_frozen, values)))))
+        values = [get_dotted(c, key) for c in configs]
+        set_dotted(space, key, grid_search(list(dict.fromkeys(map(hashable, values)))))
     return space
-
-
-def _dotted(tree: dict[str, Any], key: str) -> Any:
-    for part in key.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
-
-
-def _frozen(value: Any) -> Any:
-    # Lists (a shape, milestones) as tuples, so equal values count once.
-    return tuple(value) if isinstance(value, list) else value
 
 
 def trial_dirname(keys: tuple[str, ...], trial) -> str:
     """A trial folder's name: Ray's trial id and the grid (and search) keys that tell it apart,
     short enough for any file system ('train_trial_1a2b3_00004_batch_size=64,lr.scaling=none')."""
-    tag = ",".join(f"{key}={_dotted(trial.config, key)}" for key in keys)
+    tag = ",".join(f"{key}={get_dotted(trial.config, key)}" for key in keys)
     tag = "".join(c if c.isalnum() or c in "=,._-" else "_" for c in tag)[:120]
     return f"train_trial_{trial.trial_id}_{tag}".rstrip("_")
 
