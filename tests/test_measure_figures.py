@@ -26,6 +26,7 @@ def extra_figures(results: Results, summary, metric: str) -> dict[str, go.Figure
     drawn = build_figures(Context(results, metric, summary=summary))
     return {k: f for k, f in drawn.items() if k in (*MEASURED, "noise-vs-critical")}
 
+
 NOISE, SHARP = noise_scale.COLUMN, sharpness.COLUMN
 
 

@@ -9,6 +9,7 @@ steps to the target, the peak learning rates.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import math
@@ -339,7 +340,7 @@ def test_learning_rate_throughput_and_parallel_coordinates(page, tiny_quickstart
 
     parallel = page[1].figure("parallel-coordinates")["data"][0]
     labels = [d["label"] for d in parallel["dimensions"]]
-    assert labels == ["lr.scaling", "batch_size"]  # the seed is no axis
+    assert labels == ["lr.scaling", "batch_size (log)"]  # the seed is no axis
     assert parallel["dimensions"][1]["ticktext"] == ["16", "64", "256"]
     finals = sorted(t.reports[-1]["val/accuracy"] for t in raw)
     assert sorted(parallel["line"]["color"]) == finals
@@ -508,7 +509,7 @@ def test_a_searched_sweep_shows_the_best_lr_per_batch_size():
 
     parallel = parallel_coordinates.extract(trials, "val/accuracy")
     # One rule (no axis of one value), no seed axis.
-    assert [d.label for d in parallel.dimensions] == ["batch_size", "lr.base"]
+    assert [d.label for d in parallel.dimensions] == ["batch_size", "lr.base"]  # < 10x: linear
     assert parallel.dimensions[1].values == [0.1, 0.1, 0.2, 0.2, 0.1, 0.1, 0.2, 0.2]
 
 
@@ -618,6 +619,10 @@ def test_parallel_coordinates_put_wide_ranges_on_a_log_axis_and_text_in_categori
     wide = parallel_coordinates.dimension("lr.base", [0.01, 0.1, 0.1])
     assert wide.values == pytest.approx([-2, -1, -1])
     assert (wide.tickvals, wide.ticktext) == (pytest.approx([-2, -1]), ["0.01", "0.1"])
+    assert wide.label == "lr.base (log)"
+    # A log-uniform key is drawn on a log axis whatever its range; a uniform one on a linear.
+    assert parallel_coordinates.dimension("lr.base", [0.2, 0.3], log=True).label.endswith("(log)")
+    assert parallel_coordinates.dimension("m", [1, 100], log=False).tickvals is None
     narrow = parallel_coordinates.dimension("batch_size", [32, 64])
     assert narrow == parallel_coordinates.Dimension("batch_size", [32.0, 64.0], None, None)
     rules = parallel_coordinates.dimension("lr.scaling", ["none", "linear", "none"])
@@ -835,7 +840,7 @@ def test_a_tuned_pages_parallel_coordinates_are_the_searched_keys(tuned):
     folder, page = tuned
     parallel = page.figure("parallel-coordinates")["data"][0]
     labels = [d["label"] for d in parallel["dimensions"]]
-    assert labels == ["batch_size", "lr.base (log)", "optimizer.momentum"]
+    assert labels == ["batch_size (log)", "lr.base (log)", "optimizer.momentum"]
     trials = toy_trials(folder)
     lr = parallel["dimensions"][1]
     assert lr["values"] == pytest.approx([math.log10(c["lr"]["base"]) for c, _, _ in trials])
@@ -1098,3 +1103,60 @@ def test_both_reports_draw_every_figure_in_headless_chromium(page, tuned, tmp_pa
     image = Image.open(shot).convert("L")
     dark = sum(image.histogram()[:128]) / (image.width * image.height)
     assert image.size == WINDOW and dark > 0.005, dark
+
+
+# ============================================================================ Imports
+
+
+ANALYSIS = Path(__file__).parent.parent / "analysis"
+
+
+def module_imports(root: Path) -> dict[str, set[str]]:
+    """Each module of the package at `root` -> the package's modules it imports anywhere in
+    its file (in functions and under TYPE_CHECKING too), by the standard library's ast."""
+    names = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    found = {}
+    for name, path in names.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name in names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                for a in node.names:
+                    child = f"{node.module}.{a.name}"
+                    edges.add(child if child in names else node.module)
+        found[name] = edges & set(names) - {name}
+    return found
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of a graph (each found once from its first module in sort order)."""
+    found, done = [], set()
+
+    def visit(node: str, path: list[str]) -> None:
+        for nxt in sorted(graph[node]):
+            if nxt in path:
+                found.append([*path[path.index(nxt) :], nxt])
+            elif nxt not in done:
+                visit(nxt, [*path, nxt])
+        done.add(node)
+
+    for start in sorted(graph):
+        if start not in done:
+            visit(start, [start])
+    return found
+
+
+def test_no_import_circle_inside_analysis_and_the_page_imports_figures_imports_numbers():
+    graph = module_imports(ANALYSIS)
+    assert circles(graph) == []
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+    assert graph["analysis.figures"] == set()  # the package's __init__ imports nothing
+    figures = {m for m in graph if m.startswith("analysis.figures.")}
+    numbers = {"analysis.metrics", "analysis.scaling", "analysis.summary", "analysis.answer"}
+    assert not any(graph[m] & {"analysis.page", "analysis.report"} for m in figures | numbers)
+    assert not any(graph[m] & figures for m in numbers)
+    assert "analysis.figures.tuned_steps" in graph["analysis.page"]

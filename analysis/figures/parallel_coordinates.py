@@ -111,8 +111,8 @@ def extract_studies(summary: Summary, space: dict[str, Any] | None = None) -> Pa
 
 
 def dimension(label: str, values: list[Any], log: bool | None = None) -> Dimension:
-    """Numbers on a log axis when `log` (or, with `log` None, when all are positive and span a
-    factor of 10 or more; `label` then says '(log)'), ticked at the values where there are at
+    """Numbers on a log axis, labelled '<label> (log)', when `log` (or, with `log` None, when
+    all are positive and span a factor of 10 or more), ticked at the values where there are at
     most 10 of them, else at 1-2-5 steps; other numbers on a linear axis; anything else as
     categories."""
     numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
@@ -129,7 +129,7 @@ def dimension(label: str, values: list[Any], log: bool | None = None) -> Dimensi
                 shown = [(t, s) for t, s in zip(ticks, text, strict=True) if low <= t <= high]
                 ticks, text = [t for t, _ in shown], [s for _, s in shown]
             return Dimension(
-                f"{label} (log)" if len(distinct) > 10 else label,
+                f"{label} (log)",
                 [math.log10(v) for v in values],
                 [math.log10(t) for t in ticks],
                 text,
