@@ -114,15 +114,16 @@ def write_report(
         (spec.get("search") or {}).get("space"),
     )
     drawn = build_figures(context)
+    named = f"-o {out}" if out is not None else None  # as the user wrote it
     if out is None:
         remote = Path(f"{where.name}-report.html")
         out = Path(where.path) / REPORT_FILE if where.is_local else remote
     out = Path(out)
     page = render_html(context, drawn, where.uri).encode()
-    with writing(out, len(page)), locate(out).atomic_output() as f:
+    with writing(named or str(out), len(page)), locate(out).atomic_output() as f:
         f.write(page)
     if summary is not None:
-        with writing(summary_path(out)):
+        with writing(str(summary_path(out))):
             write_summary(summary, summary_path(out))
     if static is not None:
         write_static(drawn, Path(static), out)
@@ -130,17 +131,17 @@ def write_report(
 
 
 @contextlib.contextmanager
-def writing(path: Path, size: int | None = None) -> Iterator[None]:
+def writing(path: str, size: int | None = None) -> Iterator[None]:
     """An atomic write of `path` (of `size` bytes, where known) that fails, a full disk above
-    all, is one line naming the path: the atomic writer left no partial file and an earlier
-    file there as it was."""
+    all, is one line naming the path and the space it needs: the atomic writer left no partial
+    file, and an earlier file there as it was."""
     try:
         yield
     except OSError as exc:
         reason = exc.strerror or str(exc).splitlines()[0]
         needs = f"; it needs {size / 1e6:.1f} MB" if size else ""
         raise UserError(
-            f"{path}: cannot write it ({reason}{needs}); free space or choose another path "
+            f"{path}: cannot write there ({reason}{needs}); free space or choose another path "
             "with -o (an earlier file there is left as it was)"
         ) from None
 

@@ -1031,7 +1031,7 @@ def test_a_full_disk_keeps_the_earlier_report_whole_and_is_one_line(cli, tiny_qu
         assert (code, out) == (2, "")
         assert (
             err.count("\n") == 1
-            and f"{earlier}: cannot write it (No space left on device; it needs" in err
+            and f"-o {earlier}: cannot write there (No space left on device; it needs" in err
         )
         assert earlier.read_text() == "an earlier, good report"
         assert sorted(os.listdir(disk)) == ["report.html"]  # no temporary file left

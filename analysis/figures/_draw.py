@@ -157,7 +157,7 @@ def finish(fig: go.Figure, title: str, rows: int = 1, legend: str | None = None)
     legend title where given."""
     fig.update_layout(
         template=TEMPLATE,
-        title={"text": title},
+        title={"text": title, "x": 0.02, "xanchor": "left"},
         height=PANEL_HEIGHT * rows + 80,
         legend={"title": {"text": legend}} if legend else {},
     )

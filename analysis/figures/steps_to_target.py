@@ -61,6 +61,7 @@ def render(data: StepsToTarget) -> go.Figure:
     away from it into diminishing returns and flatten at maximal data parallelism."""
     fig = go.Figure()
     rules = sorted({line.name for line in data.lines})
+    ringed = False  # the ring's legend entry is shown once
     for line in data.lines:
         colour = rule_colour(line.name, rules)
         name = series_name(line.name, rules) or "steps to target"
@@ -79,10 +80,12 @@ def render(data: StepsToTarget) -> go.Figure:
                         "color": colour,
                         "line": {"width": 2},
                     },
-                    name=f"{name}: scales up to here (within {FACTOR:g}× of perfect scaling)",
-                    legendgroup=name,
+                    name=f"last batch size within {FACTOR:g}× of perfect scaling",
+                    legendgroup="last",
+                    showlegend=not ringed,
                 )
             )
+            ringed = True
     if data.reference is not None:
         fig.add_trace(
             go.Scatter(
@@ -93,6 +96,23 @@ def render(data: StepsToTarget) -> go.Figure:
                 line={"dash": "dash", "color": "grey"},
             )
         )
+    missed = [
+        f"{series_name(line.name, rules) or 'B'} at {', '.join(str(b) for b in never)}"
+        for line in data.lines
+        if (never := [b for b, m in zip(line.batch_sizes, line.median, strict=True) if m is None])
+    ]
+    if missed:
+        fig.add_annotation(
+            text="target not reached (median seed): " + "; ".join(missed),
+            xref="paper",
+            yref="paper",
+            x=1,
+            y=-0.2,
+            xanchor="right",
+            yanchor="top",
+            showarrow=False,
+        )
+        fig.update_layout(margin={"b": 110})
     batch_axis(fig, data.lines)
     shown = [v for line in data.lines for v in line.low + line.high + line.median]
     shown += data.reference.median if data.reference else []

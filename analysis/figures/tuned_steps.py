@@ -145,10 +145,12 @@ def render(data: TunedSteps) -> go.Figure:
                 xref="paper",
                 yref="paper",
                 x=1,
-                y=-0.18,
+                y=-0.2,
                 xanchor="right",
+                yanchor="top",
                 showarrow=False,
             )
+            fig.update_layout(margin={"b": 110})
     for c in data.critical:
         interval = "" if c.low is None else f" [{number(c.low)}, {number(c.high)}]"
         outside = "" if c.bracketed else ", outside the batch sizes fitted"
