@@ -1,6 +1,6 @@
 """The numbers of a searched sweep (one Optuna study per grid point, `lbs_tune.studies`): per grid
-point the best trial and the spread of its study, the critical-batch fit of the best steps, the
-report's extra figures, `summary.json`, and the study trials as a table for `lbs-tune export`.
+point the best trial and the spread of its study, the critical-batch fit of the best steps,
+`summary.json`, and the study trials as a table for `lbs-tune export`.
 
 The best trial of a study is `StudyRecord.best()`: fewest steps to the target, ties by the
 better value of the metric at that step, then the earlier trial. Its `steps_to_target` is that
@@ -25,23 +25,18 @@ import math
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
-from analysis._arrow import rows_to_table, to_numpy
+from analysis._arrow import rows_to_table
 from analysis.metrics import BATCH, SEED, seed_spread
 from analysis.scaling import LEVEL, PARAMETERS, RESAMPLES, ScalingFit, fit_scaling
 from lbs_tune.experiment import REPORT_FILE, SUMMARY_FILE, write_parquet
 from lbs_tune.names import comparison, first_reached
 from lbs_tune.storage import Location, locate
 from lbs_tune.studies import STUDY_FILE, Objective, StudyRecord, read_studies
-
-if TYPE_CHECKING:
-    import plotly.graph_objects as go
-
-    from analysis.tables import Results
 
 STEPS = "steps_to_target"
 FORMAT = 1  # summary.json's layout version
@@ -416,71 +411,3 @@ def write_study_trials(source: Location | str | Path, out_dir: Location | str | 
     target = folder.join("studies.parquet")
     write_parquet(target, table)
     return target.uri
-
-
-# ============================================================================ Figures
-
-
-def best_trial_ids(summary: Summary | None) -> set[str] | None:
-    """The Ray trial ids of the studies' best trials (None without a summary)."""
-    if summary is None:
-        return None
-    return {p.best["ray_trial_id"] for p in summary.points if p.best and p.best["ray_trial_id"]}
-
-
-def _has_values(history: pa.Table, column: str) -> bool:
-    if column not in history.column_names:
-        return False
-    return bool(np.isfinite(to_numpy(history[column], np.nan).astype(float)).any())
-
-
-def extra_figures(
-    results: Results,
-    summary: Summary | None,
-    metric: str,
-    compare: Sequence[tuple[str, Results]] = (),
-    x: str = "step",
-) -> dict[str, go.Figure]:
-    """The report's figures of issues 9 and 10 by id, in page order, only those that apply.
-
-    With a `summary` (a searched sweep, `read_summary`): steps to target with the fit
-    ("tuned-steps", beside the fixed-rule series of this experiment's unsearched trials and of
-    each `compare` (label, Results), all to the study objective's target), the Pareto frontier
-    ("pareto"), the best learning rate ("best-lr", when lr.base is searched) and every study's
-    trials ("study-objective"). Where the history has `noise/b_simple`: "noise-scale" (and
-    "noise-vs-critical" with a fit); `sharpness/top_eig`: "sharpness". Measurements are drawn
-    against `x`, for the studies' best trials, else the best configuration by `metric`.
-    """
-    from analysis.figures import (
-        best_lr,
-        noise_scale,
-        pareto,
-        sharpness,
-        study_objective,
-        tuned_steps,
-    )
-
-    trials, history = results
-    drawn = {}
-    if summary is not None:
-        fixed = [("this sweep", trials, history), *((n, r.trials, r.history) for n, r in compare)]
-        drawn["tuned-steps"] = tuned_steps.render(tuned_steps.extract(summary, fixed))
-        frontier = pareto.extract(summary)
-        if frontier.series:
-            drawn["pareto"] = pareto.render(frontier)
-        lrs = best_lr.extract(summary)
-        if lrs.series:
-            drawn["best-lr"] = best_lr.render(lrs)
-        drawn["study-objective"] = study_objective.render(study_objective.extract(summary))
-    keep = best_trial_ids(summary)
-    if _has_values(history, noise_scale.COLUMN):
-        drawn["noise-scale"] = noise_scale.render(
-            noise_scale.extract(trials, history, x, metric, keep)
-        )
-        if summary is not None:
-            versus = noise_scale.extract_versus(summary, history)
-            if versus.batch_sizes:
-                drawn["noise-vs-critical"] = noise_scale.render_versus(versus)
-    if _has_values(history, sharpness.COLUMN):
-        drawn["sharpness"] = sharpness.render(sharpness.extract(trials, history, x, metric, keep))
-    return drawn

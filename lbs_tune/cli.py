@@ -234,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--target", metavar="METRIC=VALUE", help="default: the spec's target")
     report.add_argument(
-        "--x", choices=["step", "examples", "epoch"], default="step", help="learning-curve axis"
+        "--x",
+        choices=["step", "examples", "epoch"],
+        help="axis of the curves over training (default: examples when batch sizes differ)",
     )
     report.add_argument(
         "--static", type=Path, metavar="DIR", help="also write each figure as PNG, PDF and SVG"

@@ -14,8 +14,18 @@ from test_summary import formula_studies, steps_at
 from analysis.figures import noise_scale, sharpness
 from analysis.figures._common import Curve
 from analysis.metrics import shown_trials
-from analysis.summary import best_trial_ids, extra_figures, summarize
+from analysis.page import Context, best_trial_ids, build_figures
+from analysis.summary import summarize
 from analysis.tables import Results
+
+MEASURED = ("tuned-steps", "pareto", "best-lr", "study-objective", "noise-scale", "sharpness")
+
+
+def extra_figures(results: Results, summary, metric: str) -> dict[str, go.Figure]:
+    """The page's figures of a searched sweep and of the measurements (analysis.page)."""
+    drawn = build_figures(Context(results, metric, summary=summary))
+    return {k: f for k, f in drawn.items() if k in (*MEASURED, "noise-vs-critical")}
+
 
 NOISE, SHARP = noise_scale.COLUMN, sharpness.COLUMN
 

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from analysis._arrow import from_numpy, strings, to_numpy, valid
 from analysis.figures._common import Curve, curves
-from analysis.figures._draw import batch_colour, curves_figure
+from analysis.figures._draw import batch_colour, curves_figure, finish, log_axis
 from analysis.metrics import BATCH, RULE, attach, seed_spread, shown_trials
 
 if TYPE_CHECKING:
@@ -153,7 +153,9 @@ def render_versus(data: Versus) -> go.Figure:
                 x=ends, y=ends, mode="lines", line={"dash": "dash", "color": "grey"}, name="y = x"
             )
         )
-    fig.update_xaxes(type="log", title_text="fitted B_crit (steps to target)")
-    fig.update_yaxes(type="log", title_text=f"{COLUMN} at the target")
-    fig.update_layout(title="measured noise scale against the fitted critical batch size")
+    log_axis(fig, "x", span)
+    log_axis(fig, "y", span)
+    fig.update_xaxes(title_text="fitted B_crit (examples)")
+    fig.update_yaxes(title_text=f"{COLUMN} at the target (examples)")
+    finish(fig, "measured noise scale against the fitted critical batch size")
     return fig
