@@ -18,7 +18,6 @@ names of 150 characters) is not.
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import posixpath
 import re
@@ -33,7 +32,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, LoggerCallbac
 
 from lbs_tune.config import SEARCH_KEY, SweepSpec
 from lbs_tune.errors import UserError
-from lbs_tune.names import METRICS, flatten
+from lbs_tune.names import flatten, own_metrics
 from lbs_tune.storage import Location
 
 TENSORBOARD_DIR = "tensorboard"
@@ -42,8 +41,6 @@ BY_EXAMPLES = "by_examples/"
 AUTO_LOGGERS_OFF = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 # Short names of keys in run names.
 SHORT_KEYS = {"batch_size": "bs"}
-# The reported numbers drawn against the step (step itself is the x axis).
-SCALARS = tuple(m for m in METRICS if m not in ("step", "diverged"))
 # The package each optional logger needs, and the extra that installs it.
 EXTRAS = {"mlflow": ("mlflow", "lbs-tune[mlflow]"), "wandb": ("wandb", "lbs-tune[wandb]")}
 
@@ -96,17 +93,6 @@ def replace_in(tuner: Any, callbacks: list[Callback], verbose: int | None = None
 def varying_keys(spec: SweepSpec) -> list[str]:
     """The grid keys with more than one value: what tells a sweep's trials apart."""
     return [key for key, values in spec.grid.items() if len(values) > 1]
-
-
-def own_metrics(result: dict[str, Any]) -> dict[str, float]:
-    """The trial's own finite numbers of a report (names of lbs_tune.names.METRICS; no Ray keys,
-    no flags such as `diverged` or `replayed`)."""
-    found = {}
-    for key in SCALARS:
-        value = result.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-            found[key] = value
-    return found
 
 
 def run_name(config: dict[str, Any], varying: list[str]) -> str:

@@ -3,6 +3,7 @@ report, which way each is better, and dotted keys of nested configs."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 # The metric names of every report: the same in the loop, in Ray's files, in the tables and plots.
@@ -41,6 +42,9 @@ METRICS = (
 )
 
 
+# The reported numbers that are drawn and logged against the step (step itself is the x axis).
+SCALARS = tuple(m for m in METRICS if m not in ("step", "diverged"))
+
 Mode = Literal["max", "min"]
 
 
@@ -75,6 +79,17 @@ def comparison(metric: str, ascii: bool = False) -> str:
     if ascii:
         return "<=" if below else ">="
     return "≤" if below else "≥"
+
+
+def own_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The trial's own finite numbers of a report (names in METRICS; no Ray keys, no flags such
+    as `diverged` or `replayed`): what the TensorBoard, MLflow and W&B loggers write."""
+    found = {}
+    for key in SCALARS:
+        value = result.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            found[key] = value
+    return found
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

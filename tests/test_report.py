@@ -9,7 +9,6 @@ steps to the target, the peak learning rates.
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import json
 import math
@@ -1103,60 +1102,3 @@ def test_both_reports_draw_every_figure_in_headless_chromium(page, tuned, tmp_pa
     image = Image.open(shot).convert("L")
     dark = sum(image.histogram()[:128]) / (image.width * image.height)
     assert image.size == WINDOW and dark > 0.005, dark
-
-
-# ============================================================================ Imports
-
-
-ANALYSIS = Path(__file__).parent.parent / "analysis"
-
-
-def module_imports(root: Path) -> dict[str, set[str]]:
-    """Each module of the package at `root` -> the package's modules it imports anywhere in
-    its file (in functions and under TYPE_CHECKING too), by the standard library's ast."""
-    names = {}
-    for path in root.rglob("*.py"):
-        parts = path.relative_to(root.parent).with_suffix("").parts
-        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    found = {}
-    for name, path in names.items():
-        edges = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                edges |= {a.name for a in node.names if a.name in names}
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                for a in node.names:
-                    child = f"{node.module}.{a.name}"
-                    edges.add(child if child in names else node.module)
-        found[name] = edges & set(names) - {name}
-    return found
-
-
-def circles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """The import circles of a graph (each found once from its first module in sort order)."""
-    found, done = [], set()
-
-    def visit(node: str, path: list[str]) -> None:
-        for nxt in sorted(graph[node]):
-            if nxt in path:
-                found.append([*path[path.index(nxt) :], nxt])
-            elif nxt not in done:
-                visit(nxt, [*path, nxt])
-        done.add(node)
-
-    for start in sorted(graph):
-        if start not in done:
-            visit(start, [start])
-    return found
-
-
-def test_no_import_circle_inside_analysis_and_the_page_imports_figures_imports_numbers():
-    graph = module_imports(ANALYSIS)
-    assert circles(graph) == []
-    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
-    assert graph["analysis.figures"] == set()  # the package's __init__ imports nothing
-    figures = {m for m in graph if m.startswith("analysis.figures.")}
-    numbers = {"analysis.metrics", "analysis.scaling", "analysis.summary", "analysis.answer"}
-    assert not any(graph[m] & {"analysis.page", "analysis.report"} for m in figures | numbers)
-    assert not any(graph[m] & figures for m in numbers)
-    assert "analysis.figures.tuned_steps" in graph["analysis.page"]
