@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lbs_tune import schedule
-from lbs_tune.data import DATASETS
+from lbs_tune.datasets import DATASETS
 from lbs_tune.errors import UserError
 from lbs_tune.spec import load_spec
 
