@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from analysis.scaling import ScalingFit, fit_scaling
@@ -49,11 +50,11 @@ class Exact(NamedTuple):
     reason: str | None
 
 
-def known_answer(where: Location | str) -> list[Exact] | None:
+def known_answer(where: Location | str | Path) -> list[Exact] | None:
     """The exact answer of the sweep in experiment folder `where`, one `Exact` per series; None
     unless the sweep trains on the noisy quadratic model. A damaged sweep record is a
     UserError (`lbs_tune.experiment.read_record`)."""
-    record = read_record(locate(where))
+    record = read_record(where if isinstance(where, Location) else locate(where))
     return exact_answer(SweepSpec.model_validate(record["spec"]))
 
 
