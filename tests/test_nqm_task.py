@@ -218,6 +218,6 @@ def test_the_tuned_sweep_cut_small_writes_summary_able_studies(cli, ray_cluster,
     summary = read_summary(locate(folder))
     assert [p.batch_size for p in summary.points] == [8, 64]
     assert all(p.counts["asked"] == 2 for p in summary.points)
-    known = known_answer(folder)
+    (known,) = known_answer(folder)
     assert known.batch_sizes == (8, 64) and len(known.steps) == 2
-    assert known.reason is None
+    assert known.reason is None and known.fit.s_min is not None
