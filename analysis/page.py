@@ -32,6 +32,7 @@ from analysis._arrow import to_numpy
 from analysis.figures import (
     best_lr,
     evaluation_curves,
+    exact_steps,
     learning_curves,
     learning_rates,
     metric_vs_batch_size,
@@ -53,6 +54,7 @@ from lbs_tune.names import comparison
 from lbs_tune.provenance import summary_lines
 
 if TYPE_CHECKING:
+    from analysis.known import Exact
     from analysis.summary import Summary
     from analysis.tables import Results
 
@@ -63,7 +65,8 @@ class Context(NamedTuple):
     """What the page is drawn from: the sweep's tables, its metric and target, the learning
     curves' x axis, and where they exist its studies' Summary, the checkpoints' evaluation
     table (`lbs-tune evaluate`), fixed-rule sweeps to compare (label, Results) and the search
-    space of its record ({dotted key: {kind: ...}})."""
+    space of its record ({dotted key: {kind: ...}}), and for a workload with a known answer
+    its exact values (`analysis.known.known_answer`)."""
 
     results: Results
     metric: str = "val/accuracy"
@@ -73,6 +76,7 @@ class Context(NamedTuple):
     evaluation: pa.Table | None = None
     compared: Sequence[tuple[str, Results]] = ()
     space: dict[str, Any] | None = None
+    exact: Sequence[Exact] | None = None  # a sweep with a known answer (analysis.known)
 
     @property
     def trials(self) -> pa.Table:
@@ -151,6 +155,13 @@ def _parallel(c: Context) -> go.Figure | None:
 
 
 SECTIONS: tuple[Section, ...] = (
+    # A workload with a known answer (the noisy quadratic model): measured against exact, first.
+    Section(
+        "exact-steps",
+        lambda c: c.tuned and bool(c.exact),
+        lambda c: exact_steps.render(exact_steps.extract(c.summary, c.exact)),
+        answer=True,
+    ),
     Section("tuned-steps", lambda c: c.tuned, _tuned_steps, answer=True),
     Section(
         "steps-to-target",

@@ -22,6 +22,7 @@ from typing import Any
 import plotly.graph_objects as go
 import plotly.io
 
+from analysis.known import known_answer
 from analysis.load import experiment_location, load, load_evaluation
 from analysis.page import Context, build_figures, distinct_batch_sizes, render_html
 from analysis.summary import read_summary, summary_path, write_summary
@@ -112,6 +113,7 @@ def write_report(
         load_evaluation(source),
         compared,
         (spec.get("search") or {}).get("space"),
+        known_answer(where) if summary is not None else None,
     )
     drawn = build_figures(context)
     named = f"-o {out}" if out is not None else None  # as the user wrote it

@@ -24,7 +24,7 @@ from typing import Any
 
 from lbs_tune import schedule
 from lbs_tune.config import SweepSpec
-from lbs_tune.data import DATASETS
+from lbs_tune.datasets import DATASETS
 from lbs_tune.errors import UserError
 from lbs_tune.schedule import Job
 from lbs_tune.spec import load_spec

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from lbs_tune.errors import short
 from lbs_tune.names import BUDGET_KEYS, METRICS, direction, flatten, set_dotted
+from lbs_tune.nqm import problems as nqm_problems
 from lbs_tune.space import SearchSpec
 
 MetricName = Literal[METRICS]
@@ -93,6 +94,43 @@ class LRConfig(_Strict):
         return value
 
 
+# The largest noisy quadratic: its arrays are made when a config is checked.
+MAX_NQM_DIM = 10**7
+
+
+class NQMConfig(_Strict):
+    """Dataset `nqm`'s problem, the arguments of `lbs_tune.nqm.quadratic`: curvatures h_i =
+    scale * i^-power for i = 1..dim, or the given `values`; per-example gradient-noise variances
+    noise_scale * h (noise covariance proportional to the Hessian), or the given `noise`; the
+    start theta0, one value for every dimension or one per dimension."""
+
+    dim: int | None = Field(None, le=MAX_NQM_DIM)
+    power: float = 1.0
+    scale: float = 1.0
+    values: tuple[float, ...] | None = Field(None, max_length=MAX_NQM_DIM)
+    noise_scale: float = 1.0
+    noise: tuple[float, ...] | None = Field(None, max_length=MAX_NQM_DIM)
+    theta0: float | tuple[float, ...] = 1.0
+
+    @model_validator(mode="after")
+    def _a_problem(self) -> NQMConfig:
+        if self.values is not None and self.dim is not None:
+            raise KeyedError("values", "give dim (with power and scale) or values, not both")
+        found = nqm_problems(**self.arguments())
+        if found:
+            raise KeyedError(*found[0])
+        return self
+
+    def arguments(self) -> dict[str, Any]:
+        """The keyword arguments of `lbs_tune.nqm.quadratic` (and `problems`)."""
+        return self.model_dump()
+
+    @property
+    def dimension(self) -> int:
+        """d: the number of curvatures."""
+        return len(self.values) if self.values is not None else self.dim
+
+
 class DataConfig(_Strict):
     """Where data lives and how the chosen dataset is split and augmented."""
 
@@ -110,6 +148,8 @@ class DataConfig(_Strict):
     image_size: tuple[
         Annotated[int, Field(gt=0, le=65_536)], Annotated[int, Field(gt=0, le=65_536)]
     ] = (256, 512)
+    # Dataset nqm: the noisy quadratic model (lbs_tune.quadratic).
+    nqm: NQMConfig | None = None
 
 
 class NoiseScaleConfig(_Strict):
@@ -488,6 +528,12 @@ def epoch_steps(train_size: int, batch_size: int) -> float:
     """Steps in one epoch, N / B: fractional, since batches run across epoch boundaries (every
     batch size sees the same examples per epoch; `lbs_tune.data.BatchSampler`)."""
     return train_size / batch_size
+
+
+def every_steps(epochs: float, per_epoch: float) -> int:
+    """Steps between two events every `epochs` epochs (evaluations, checkpoints, measurements)
+    of `per_epoch` steps each: at least one."""
+    return max(1, round(epochs * per_epoch))
 
 
 def total_steps(config: TrialConfig, train_size: int) -> int:

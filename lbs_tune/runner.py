@@ -76,7 +76,7 @@ def trial_costs(spec: SweepSpec) -> list[float]:
     ResNet-20, which keeps the order of batch sizes right). The start order and the console's
     time left read it."""
     from lbs_tune import schedule
-    from lbs_tune.data import DATASETS
+    from lbs_tune.datasets import DATASETS
 
     jobs = schedule.sweep_jobs(
         spec,
@@ -175,24 +175,12 @@ def prepare_folder(spec: SweepSpec, experiment: Location, fresh: bool) -> dict[s
 
 def prepare_data(spec: SweepSpec) -> None:
     """For a cluster on this machine: check that the dataset files are there (a missing file is
-    a UserError before anything starts, not a failure of every trial), and generate or resize
-    datasets once (MNIST-1D, Cityscapes), so that trials starting together don't all do it."""
-    from lbs_tune.data import load_raw
-    from lbs_tune.formats import DATASET_NAMES, LOCAL_DATASET_NAMES, check_files
+    a UserError before anything starts, not a failure of every trial), and prepare datasets once
+    (MNIST-1D's generation, Cityscapes' resizing), so that trials starting together don't all do
+    it. Which dataset needs what is its entry in `lbs_tune.datasets`."""
+    from lbs_tune.datasets import prepare_datasets
 
-    seen = set()
-    for config in spec.trials:
-        key = (config.dataset, config.data.dir, config.data.samples, config.data.image_size)
-        if key in seen:
-            continue
-        seen.add(key)
-        # WikiText-2 and Cityscapes cannot be downloaded: their files must be there.
-        if config.dataset in LOCAL_DATASET_NAMES or (
-            config.dataset in DATASET_NAMES and not config.data.download
-        ):
-            check_files(config.dataset, data_dir(config.data))
-        if config.dataset in ("mnist1d", "cityscapes"):
-            load_raw(config)
+    prepare_datasets(spec.trials)
 
 
 def _summary(results, started: float) -> tuple[str, int]:

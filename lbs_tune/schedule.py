@@ -147,7 +147,7 @@ def sweep_jobs(
 ) -> list[Job]:
     """Every trial of the sweep as a Job, in `spec.trials` order: its seconds from `table`, its GPU
     fraction from `spec.resources` by batch size. `train_size(config)` is the size of the trial's
-    training split (lbs_tune.data.DATASETS[dataset].train_size(config.data))."""
+    training split (lbs_tune.datasets.DATASETS[dataset].train_size(config.data))."""
     return [
         Job(
             trial_seconds(config, train_size(config), table, stand_in),

@@ -21,7 +21,7 @@ import torch
 from lbs_tune.build import build_trial, task_for
 from lbs_tune.checkpoints import rng_states, set_rng_states
 from lbs_tune.compiled import WARMUP_STEPS, CapturedStep, fitting_micro_batch, resolve_compile
-from lbs_tune.config import TrialConfig, epoch_steps
+from lbs_tune.config import TrialConfig, epoch_steps, every_steps
 from lbs_tune.measure import NoiseScale, gradient_norms, top_hessian_eigenvalue
 from lbs_tune.names import direction, meets
 from lbs_tune.optim import build_optimizer, load_optimizer_state
@@ -93,7 +93,7 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     per_epoch = epoch_steps(task.epoch_examples, task.examples_per_step)
     budget = budget_steps(config, task)
-    eval_interval = max(1, round(config.eval_every * per_epoch))
+    eval_interval = every_steps(config.eval_every, per_epoch)
     # Checkpoints fall on evaluations, so every checkpoint has a report of the same step.
     checkpoint_interval = eval_interval * max(
         1, round(config.checkpoint_every * per_epoch / eval_interval)
@@ -237,6 +237,7 @@ def train(
 
         # ------------------------------------------------------------ Evaluation
         train_loss = loss_sum.item() / seen
+        right, count = correct.item(), scored.item()  # count 0: a task without classes (NQM)
         train_time = time.perf_counter() - started
         diverged = not math.isfinite(train_loss) or (
             config.divergence_loss is not None and train_loss > config.divergence_loss
@@ -251,7 +252,7 @@ def train(
             "bn_batch": config.bn_batch,
             "micro_batch": micro,
             "train/loss": train_loss,
-            "train/accuracy": correct.item() / scored.item(),
+            "train/accuracy": right / count if count else None,
         }
         if moved is not config.optimizer:  # the SDE rule's moved Adam hyper-parameters
             metrics.update(

@@ -19,7 +19,7 @@ from fixtures_formats import WIKITEXT2_TRAIN, write_cityscapes, write_wikitext2
 from test_sweeps import histories
 from test_train import same_results
 
-import lbs_tune.data
+import lbs_tune.cityscapes
 from lbs_tune.checkpoints import load_checkpoint
 from lbs_tune.checks import check_trial
 from lbs_tune.config import KeyedError, TrialConfig, set_dotted
@@ -271,7 +271,7 @@ def test_cityscapes_files_train_through_the_real_path_and_are_cached(cli, tmp_pa
     def no_png(*args):
         raise AssertionError("read the PNGs although the cache is there")
 
-    monkeypatch.setattr(lbs_tune.data, "read_cityscapes", no_png)
+    monkeypatch.setattr(lbs_tune.cityscapes, "read_cityscapes", no_png)
     data = load_dataset(TrialConfig.model_validate(base), torch.device("cpu"))
     assert (len(data.train), len(data.val), len(data.test)) == (4, 2, 2)
     assert data.train.y.dtype == torch.uint8 and data.input_shape == (3, 16, 32)
