@@ -35,6 +35,10 @@ METRICS = (
     "noise/b_simple",
     "sharpness/top_eig",
     "micro_batch",
+    "noise/grad_hgrad",
+    "noise/trace_hcov",
+    "noise/b_noise",
+    "sharpness/precond_top_eig",
 )
 
 
