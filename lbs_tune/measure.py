@@ -5,7 +5,8 @@ With G the gradient of the training loss, Σ the covariance of the per-example g
 loss's Hessian, B_simple = tr(Σ)/|G|² and the Hessian-weighted B_noise = tr(HΣ)/(GᵀHG) (their
 eq. 2.8) are the batch sizes at which a step's gradient noise is as large as its signal. Each
 measured step draws a batch of its own, n examples from the measurement's generator (the
-training stream never sees it), and takes every example's gradient g_j; with ḡ their mean,
+training stream never sees it), and takes every example's gradient g_j (`torch.func`: vmap of
+grad, each example a batch of one); with ḡ their mean,
     tr(Σ) = Σ_j |g_j − ḡ|² / (n − 1),          |G|² = |ḡ|² − tr(Σ)/n,
 both unbiased (`gradient_moments`). With H' the Hessian on a second batch, drawn independently,
 and the first m ≤ n examples of the first,
@@ -19,8 +20,8 @@ Batch norm on batch statistics (train mode) couples the examples of a batch: an 
 gradient on its own is not defined. The measurement then gives every example a weight w_i in
 the loss and in batch norm's statistics, and takes the infinitesimal jackknife (Jaeckel 1972):
 the derivative of the batch's gradient G(w) along the weights of a group of `micro_batch`
-examples, by forward-mode differentiation (one pass of the batch per group), as the group's
-mean gradient u_k = G + (n/size)·dG/dw_k; without batch norm u_k is exactly the group's mean
+examples, by forward-mode differentiation (a pass of the batch per group, batched), as the
+group's mean gradient u_k = G + (n/size)·dG/dw_k; without batch norm u_k is exactly its mean
 gradient, and the estimators above take the u_k with Σ/size for their covariance. The u_k are
 the first-order (influence-function) terms of the batch's gradient, so their covariance is that
 of a step's gradient over batches of n, to leading order in 1/n: B_simple of batch norm over n
