@@ -39,6 +39,10 @@ METRICS = (
     "optimizer/beta1",
     "optimizer/beta2",
     "optimizer/eps",
+    "noise/grad_hgrad",
+    "noise/trace_hcov",
+    "noise/b_noise",
+    "sharpness/precond_top_eig",
 )
 
 

@@ -22,7 +22,13 @@ from lbs_tune.build import build_trial, task_for
 from lbs_tune.checkpoints import rng_states, set_rng_states
 from lbs_tune.compiled import WARMUP_STEPS, CapturedStep, fitting_micro_batch, resolve_compile
 from lbs_tune.config import TrialConfig, epoch_steps, every_steps
-from lbs_tune.measure import NoiseScale, gradient_norms, top_hessian_eigenvalue
+from lbs_tune.data import TokenStreams
+from lbs_tune.measure import (
+    NoiseScale,
+    adam_preconditioner,
+    noise_moments,
+    top_hessian_eigenvalue,
+)
 from lbs_tune.names import direction, meets
 from lbs_tune.optim import build_optimizer, load_optimizer_state
 from lbs_tune.rules import lr_at, moved_optimizer, peak_lr
@@ -104,8 +110,10 @@ def train(
         return task.loss(task.logits(outputs), y, config.label_smoothing)
 
     # Measurements (off by default) leave the trajectory exactly as it would have been.
-    noise = NoiseScale(config.noise_scale.ema) if config.noise_scale else None
-    noise_interval = _interval(config.noise_scale, per_epoch)
+    noise = None
+    if config.noise_scale:
+        window, interval = config.noise_scale.window, _interval(config.noise_scale, per_epoch)
+        noise = NoiseScale(interval, window, budget, config.seed, device)
     sharp_interval = _interval(config.sharpness, per_epoch)
     if config.sharpness:
         probe = task.probe(config.sharpness.batch)
@@ -197,21 +205,26 @@ def train(
     while step < budget:
         lr = lr_at(step, config.lr, batch_size, budget, per_epoch)
         inputs, targets = task.batch(step)
-        if noise and step % noise_interval == 0:
+        if noise and noise.due(step):
             paused = time.perf_counter()
-            with autocast(device, precision):
-                small_sq, big_sq = gradient_norms(
-                    model,
-                    task.inputs(inputs),
-                    targets,
-                    loss_fn,
-                    config.noise_scale.micro_batch,
-                    generators=task.generators,
-                )
-            estimate = noise.update(small_sq, big_sq, config.noise_scale.micro_batch, batch_size)
-            measured["noise/grad_sq"] = estimate.grad_sq
-            measured["noise/trace_cov"] = estimate.trace_cov
-            measured["noise/b_simple"] = estimate.b_simple
+            size, hessian = config.noise_scale.batch, config.noise_scale.hessian_examples
+            draws = [
+                _measurement_batch(data, task, size, noise.generator, config.data.bptt)
+                for _ in range(2 if hessian else 1)
+            ]
+            # In fp32, as the sharpness: its Hessian-vector products need it.
+            moments = noise_moments(
+                model,
+                *draws[0],
+                loss_fn,
+                config.noise_scale.micro_batch,
+                noise.seed(),
+                draws[1] if hessian else None,
+                hessian,
+                generators=task.generators,
+            )
+            estimate = noise.add(step, moments)
+            measured.update(estimate.metrics() if estimate else {})
             started += time.perf_counter() - paused  # images/s stays a training figure
         run_step(inputs, targets, lr)
         step += 1
@@ -230,6 +243,23 @@ def train(
                 max_batch=micro,
                 generators=task.generators,
             )
+            preconditioner = (
+                adam_preconditioner(optimizer, [p for p in model.parameters() if p.requires_grad])
+                if config.optimizer.name == "adamw"
+                else None
+            )
+            if preconditioner is not None:
+                measured["sharpness/precond_top_eig"] = top_hessian_eigenvalue(
+                    model,
+                    task.inputs(probe[0]),
+                    probe[1],
+                    loss_fn,
+                    config.sharpness.iterations,
+                    seed=config.seed,
+                    max_batch=micro,
+                    generators=task.generators,
+                    preconditioner=preconditioner,
+                )
             started += time.perf_counter() - paused
         blown = step % DIVERGENCE_CHECK_STEPS == 0 and bool(non_finite)
         if step % eval_interval and step != budget and not blown:
@@ -307,6 +337,23 @@ def _auto_micro_batch(
     if device.type != "cuda":
         return config.batch_size
     return fitting_micro_batch(model, task, config, precision)
+
+
+def _measurement_batch(
+    data: Any, task: Task, n: int, generator: torch.Generator, bptt: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` training examples drawn with replacement by a measurement's own `generator`, which
+    also draws their augmentation (as a step's), as (model inputs, targets); for a language
+    model `n` windows of `bptt` tokens at random offsets."""
+    device = generator.device
+    if isinstance(data, TokenStreams):
+        starts = torch.randint(len(data.train) - bptt, (n, 1), generator=generator, device=device)
+        window = data.train[starts + torch.arange(bptt + 1, device=device)]
+        x, y = window[:, :-1], window[:, 1:]
+    else:
+        index = torch.randint(len(data.train), (n,), generator=generator, device=device)
+        x, y = data.train_batch(index, generator)
+    return task.inputs(x), y
 
 
 def _interval(block, per_epoch: float) -> int:
