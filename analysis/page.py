@@ -221,6 +221,15 @@ SECTIONS: tuple[Section, ...] = (
         ),
     ),
     Section(
+        "noise-scale-hessian",
+        lambda c: c.has(noise_scale.HESSIAN_COLUMN),
+        lambda c: noise_scale.render(
+            noise_scale.measured_curves(
+                c.trials, c.history, noise_scale.HESSIAN_COLUMN, c.x, c.metric, c.best
+            )
+        ),
+    ),
+    Section(
         "noise-vs-critical",
         lambda c: c.tuned and c.has(noise_scale.COLUMN),
         _noise_vs_critical,

@@ -20,7 +20,8 @@ from analysis.summary import summarize
 from analysis.tables import Results
 from lbs_tune.rules import stability_limit
 
-MEASURED = ("tuned-steps", "pareto", "best-lr", "study-objective", "noise-scale", "sharpness")
+MEASURED = ("tuned-steps", "pareto", "best-lr", "study-objective", "noise-scale")
+MEASURED += ("noise-scale-hessian", "sharpness")
 
 
 def extra_figures(results: Results, summary, metric: str) -> dict[str, go.Figure]:
@@ -191,6 +192,15 @@ def test_the_extra_figures_that_apply():
     assert all(isinstance(f, go.Figure) for f in drawn.values())
     with_noise = extra_figures(Results(trials, versus_history(summary)), summary, "val/accuracy")
     assert "noise-vs-critical" in with_noise
+    # The Hessian-weighted B_noise, where the trials measured it, beside B_simple.
+    hessian = history.append_column(noise_scale.HESSIAN_COLUMN, history[NOISE])
+    drawn = extra_figures(Results(trials, hessian), None, "val/accuracy")
+    assert list(drawn) == ["noise-scale", "noise-scale-hessian", "sharpness"]
+    data = noise_scale.measured_curves(
+        trials, hessian, noise_scale.HESSIAN_COLUMN, "epoch", "val/accuracy"
+    )
+    assert [c.median for c in data.curves] == [[7.5, 22.5], [20.0, 60.0]]
+    assert "B_noise = tr(HΣ) / GᵀHG" in drawn["noise-scale-hessian"].layout.title.text
     assert best_trial_ids(summary) == {
         f"r1-{0.1 * math.sqrt(b / 16)}" for b in [16, 32, 64, 128, 256, 512, 1024, 2048]
     }

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from analysis.summary import Summary
 
 COLUMN = "noise/b_simple"
+HESSIAN_COLUMN = "noise/b_noise"  # tr(HΣ) / GᵀHG, McCandlish et al. eq. 2.8
 
 
 class Measured(NamedTuple):
@@ -73,9 +74,11 @@ def render_curves(data: Measured, title: str) -> go.Figure:
 
 
 def render(data: Measured) -> go.Figure:
-    return render_curves(
-        data, "gradient noise scale B_simple = tr(Σ) / |G|² during training (McCandlish et al.)"
-    )
+    if data.column == HESSIAN_COLUMN:
+        title = "Hessian-weighted noise scale B_noise = tr(HΣ) / GᵀHG during training"
+    else:
+        title = "gradient noise scale B_simple = tr(Σ) / |G|² during training"
+    return render_curves(data, f"{title} (McCandlish et al.)")
 
 
 # ============================================================================ Against B_crit
