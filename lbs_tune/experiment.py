@@ -52,6 +52,7 @@ EVALUATION_FILE = "evaluation.parquet"
 CACHE_DIR = ".lbs_cache"
 REPORT_FILE = "report.html"
 SUMMARY_FILE = "summary.json"
+BRANCH_STATE_FILE = "branch_state.json"  # the searcher of a branched sweep (lbs_tune.probes)
 # `lbs-tune evaluate`'s table: one row per checkpoint and split, a column per score that a task's
 # evaluation gives (null where the task has none, or the value is not finite).
 EVALUATION_SCORES = ("loss", "accuracy", "perplexity", "miou", "pixel_accuracy")

@@ -38,6 +38,9 @@ METRICS = (
     "optimizer/beta1",
     "optimizer/beta2",
     "optimizer/eps",
+    # The batch of the step just made, reported by a trial with a batch schedule (not
+    # `batch_size`, which names the config's, the schedule's first).
+    "batch",
 )
 
 

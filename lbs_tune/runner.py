@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lbs_tune.config import SEARCH_KEY, SweepSpec, changes, data_dir, set_dotted
+from lbs_tune.config import BRANCH_KEY, SEARCH_KEY, SweepSpec, changes, data_dir, set_dotted
 from lbs_tune.errors import UserError
 from lbs_tune.experiment import (
     SWEEP_FILE,
@@ -361,7 +361,9 @@ def execute(
     )
     # Each trial's config comes whole from the search algorithm: a point of the resolved list
     # `trial_configs` (within the param space that Ray asks for), or a study's suggestion.
-    if spec.search is None:
+    if spec.branch is not None:
+        space, (options, stop) = {}, (_branched(spec, experiment), None)
+    elif spec.search is None:
         space, (options, stop) = param_space(spec, tune.grid_search), (_order(spec), None)
     else:
         space, (options, stop) = {}, _searched(spec, experiment)
@@ -376,6 +378,7 @@ def execute(
         )
     else:
         keys = (*spec.grid, *((SEARCH_KEY + ".number",) if spec.search else ()))
+        keys += (BRANCH_KEY + ".label",) if spec.branch else ()
         tuner = tune.Tuner(
             trainable,
             param_space=space,
@@ -454,6 +457,31 @@ def _searched(spec: SweepSpec, experiment: Location) -> tuple[dict, Any]:
     }
     stop = objective.stop if objective.kind == "steps_to_target" else None
     return options, stop
+
+
+def _branched(spec: SweepSpec, experiment: Location) -> dict[str, Any]:
+    """TuneConfig arguments of a branched sweep: its phases asked by lbs_tune.branch_searcher,
+    whose state is a file of the (local) experiment folder."""
+    from lbs_tune.branch_searcher import BranchSearcher
+    from lbs_tune.data import dataset_info
+
+    if not experiment.is_local:
+        raise UserError(
+            f"--storage {experiment.parent().uri}: a branched sweep reads its reference's "
+            "checkpoints and Ray's state from a local or shared folder, not an object store"
+        )
+    reference = spec.trials[0]
+    searcher = BranchSearcher(
+        spec.branch,
+        reference.model_dump(mode="json"),
+        experiment.path,
+        dataset_info(reference).train_size(reference.data),
+    )
+    return {
+        "search_alg": searcher,
+        "num_samples": spec.trial_count,
+        "max_concurrent_trials": spec.max_concurrent,
+    }
 
 
 def _gpu_for_batch(resources, batch_size: int) -> float:
