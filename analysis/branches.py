@@ -60,12 +60,20 @@ def branch_spec(results: Results) -> BranchSpec | None:
     return BranchSpec.model_validate(section) if section else None
 
 
-def _trials(results: Results, phase: str) -> list[dict[str, Any]]:
+def phase_trials(results: Results, phase: str) -> list[dict[str, Any]]:
+    """The trials (rows of the trials table) of one phase ("reference", "branch", "compare"),
+    one per place (`branch.label`): a place asked again after a driver was killed (its first
+    trial unknown to Ray's saved state) may have left a folder of its own, and the trial that
+    Ray's state holds wins, else the one started last."""
     trials = results.trials
     if _key("phase") not in trials.column_names:
         return []
-    mine = trials.filter(pc.equal(trials[_key("phase")], pa.scalar(phase)))
-    return mine.to_pylist()
+    mine = trials.filter(pc.equal(trials[_key("phase")], pa.scalar(phase))).to_pylist()
+    chosen: dict[str, dict[str, Any]] = {}
+    started = {t["trial_id"]: t["start_time"].timestamp() if t["start_time"] else 0 for t in mine}
+    for t in sorted(mine, key=lambda t: (t["state"] is not None, started[t["trial_id"]])):
+        chosen[t[_key("label")]] = t
+    return sorted(chosen.values(), key=lambda t: t["trial_id"])
 
 
 def _reports(results: Results, ids: list[str], metric: str) -> dict[str, list[dict[str, Any]]]:
@@ -91,7 +99,7 @@ def branch_rows(results: Results) -> list[dict[str, Any]]:
     `branch.metric` (see the module), that metric's last value, its steps and examples, its LR,
     whether it diverged, its Ray state and id. [] for a sweep without branches."""
     spec = branch_spec(results)
-    trials = _trials(results, "branch")
+    trials = phase_trials(results, "branch")
     if spec is None or not trials:
         return []
     reports = _reports(results, [t["trial_id"] for t in trials], spec.metric)
@@ -220,7 +228,7 @@ class Run(NamedTuple):
 
 def comparison(results: Results) -> list[Run]:
     """The comparison's runs (ended or not), by seed and arm; [] without any."""
-    trials = _trials(results, "compare")
+    trials = phase_trials(results, "compare")
     reports = _reports(results, [t["trial_id"] for t in trials], TARGET_METRIC)
     finals = {}
     for t in trials:
@@ -275,7 +283,7 @@ def branches_json(results: Results) -> dict[str, Any] | None:
     if spec is None:
         return None
     runs = comparison(results)
-    planned = [t.get("batch_schedule") for t in _trials(results, "compare")]
+    planned = [t.get("batch_schedule") for t in phase_trials(results, "compare")]
     saved = {arm: steps_saved(runs, arm) for arm in ("schedule", "large")}
     return {
         "metric": spec.metric,

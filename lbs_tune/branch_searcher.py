@@ -8,7 +8,7 @@ only when its phase can start: a branch once the reference has a checkpoint at o
 point (or has ended), the comparison once every branch has ended (the plan needs them all);
 until then `suggest` answers None and Ray asks again.
 
-State: the file `branch_state.json` of the experiment folder, written at every change: each
+State: the file `branch_state.txt` of the experiment folder (JSON), written at every change: each
 trial's Ray id, whether it ended (errored or not), a branch's reported values of the metric,
 the reference's budget in steps, where each point fell, and the plan. Ray's checkpoint of the
 searcher is a pointer. Resume, as `lbs_tune.searcher`'s: rebuilt from the file after a restart,
@@ -151,10 +151,10 @@ class BranchSearcher(Searcher):
         return config
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        state = self._open()  # first: a restored run learns here which trials are live
         index = self._live.get(trial_id)
         if index is None:
             return
-        state = self._open()
         if index == 0:
             if state["total_steps"] is None and result.get("total_steps"):
                 state["total_steps"] = int(result["total_steps"])
@@ -169,10 +169,10 @@ class BranchSearcher(Searcher):
         """The slot ends (an errored one too: its phase goes on without it, a branch of it
         counting as diverged); a trial told before (run again after a restart) changes
         nothing."""
+        state = self._open()
         index = self._live.pop(trial_id, None)
         if index is None:
             return
-        state = self._open()
         slot = state["slots"][index]
         if slot["ended"]:
             return

@@ -27,7 +27,7 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
-from lbs_tune.config import SweepSpec
+from lbs_tune.config import BRANCH_KEY, SweepSpec
 from lbs_tune.errors import UserError, cut, printable
 from lbs_tune.experiment import ERROR_FILE, count_outcomes
 from lbs_tune.names import comparison, direction, meets
@@ -165,6 +165,7 @@ class Console(Callback):
         self.total = spec.trial_count
         # What tells the trials apart in their lines: grid keys, then searched keys.
         self.keys = [*spec.grid, *(spec.search.space if spec.search else ())]
+        self.keys += [f"{BRANCH_KEY}.label"] if spec.branch else []  # a branched sweep's place
         self.batch_sizes = sorted({config.batch_size for config in spec.trials})
         self.trials: list[Any] = []
         self.block = 0  # lines of the live block now on the terminal

@@ -120,8 +120,15 @@ def print_dry_run(spec: SweepSpec, experiment: Location, recorded: dict | None) 
             f"  (a sweep of another spec is there ({diff}): running would be refused; "
             "--fresh moves it aside)"
         )
+    if spec.branch is not None:
+        branch = spec.branch
+        print(
+            f"  branch: the base config as the reference, then {len(branch.points)} points x "
+            f"{len(branch.multiples)} multiples x {len(branch.seeds)} seeds, then a planned "
+            f"schedule vs constant small and large batches x {len(branch.compared_seeds)} seeds"
+        )
     order = start_order(spec) if search is None else list(range(len(points)))
-    if spec.schedule == "longest_first" and search is None:
+    if spec.schedule == "longest_first" and search is None and spec.branch is None:
         print("  (trials start longest first: schedule: grid keeps the grid's order)")
     for i in order:
         point, config = points[i], spec.trials[i]

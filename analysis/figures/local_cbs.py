@@ -14,9 +14,8 @@ import plotly.graph_objects as go
 import pyarrow.compute as pc
 
 from analysis._arrow import strings
-from analysis.branches import local_sizes
+from analysis.branches import local_sizes, phase_trials
 from analysis.tables import Results
-from lbs_tune.config import BRANCH_KEY
 
 if TYPE_CHECKING:
     from analysis.summary import Summary
@@ -48,14 +47,10 @@ def extract(results: Results, summary: Summary | None = None) -> LocalCBSData:
     MEASURED columns against examples, the fit of `summary` (`analysis.summary.read_summary`)
     when it has exactly one series with a B_crit, and the schedule of the comparison."""
     sizes = local_sizes(results)
-    trials, history = results
-    phase = f"{BRANCH_KEY}.phase"
-    reference, schedule = [], None
-    if phase in trials.column_names:
-        rows = trials.filter(pc.is_valid(trials[phase])).to_pylist()
-        reference = [r["trial_id"] for r in rows if r[phase] == "reference"]
-        planned = [r.get("batch_schedule") for r in rows if r.get("batch_schedule")]
-        schedule = planned[0] if planned else None
+    history = results.history
+    reference = [t["trial_id"] for t in phase_trials(results, "reference")]
+    planned = [t.get("batch_schedule") for t in phase_trials(results, "compare")]
+    schedule = next((p for p in planned if p), None)
     mine = history.filter(pc.is_in(history["trial_id"], value_set=strings(reference)))
     measured, budget = [], None
     if mine.num_rows:
