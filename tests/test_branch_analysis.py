@@ -6,6 +6,8 @@ plan that the sweep's searcher recorded while it ran, and the comparison by hand
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -22,7 +24,7 @@ from analysis.branches import (
     write_branch_table,
 )
 from analysis.figures import local_cbs
-from analysis.load import load
+from analysis.load import export, load
 from lbs_tune.branching import batch_at, smoothed
 from lbs_tune.experiment import BRANCH_STATE_FILE
 from lbs_tune.probes import slots
@@ -32,7 +34,7 @@ FOLDER = TINY_EXPERIMENTS / "quickstart_branch"
 
 @pytest.fixture(scope="module")
 def results():
-    return load(FOLDER, cache=False)
+    return load(FOLDER, cache=False)  # the committed folder stays as it is: no cache
 
 
 @pytest.fixture(scope="module")
@@ -108,10 +110,19 @@ def test_summary_json_has_the_points_schedule_and_comparison(results, state):
     assert set(summary["comparison"]["steps_saved"]) == {"schedule", "large"}
 
 
-def test_the_export_table(results, tmp_path):
-    uri = write_branch_table(results, tmp_path)
-    table = pq.read_table(uri)
-    assert table.schema == BRANCH_SCHEMA and table.num_rows == 12
+def test_export_writes_the_branches_beside_the_tables(results, tmp_path):
+    copy = tmp_path / "quickstart_branch"
+    shutil.copytree(FOLDER, copy)  # loading writes a cache
+    written = export(copy, tmp_path / "out")
+    assert [Path(p).name for p in written] == [
+        "trials.parquet",
+        "history.parquet",
+        "branches.parquet",
+    ]
+    table = pq.read_table(written[-1])
+    assert table.schema == BRANCH_SCHEMA
+    assert table.to_pylist() == branch_rows(results)
+    assert write_branch_table(load(TINY_EXPERIMENTS / "quickstart", cache=False), tmp_path) is None
 
 
 def test_the_figure_draws_the_probes_the_noise_scale_and_the_schedule(results, state):
