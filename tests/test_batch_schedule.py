@@ -18,7 +18,7 @@ from lbs_tune.rules import peak_lr, sde_moved
 from lbs_tune.training import train
 
 # 1440 training examples (TINY_MNIST1D): batch 32 for 480 examples (15 steps), 64 up to 1200
-# (12 steps, to 1248), then 128; 3 epochs = 4320 examples take 15 + 12 + 24 = 51 steps.
+# (12 steps, to 1248), then 128; 2 epochs = 2880 examples take 15 + 12 + 13 = 40 steps.
 SCHEDULE = [[0, 32], [480, 64], [1200, 128]]
 
 
@@ -41,7 +41,7 @@ class Keeper:
 
 def scheduled(**changes) -> TrialConfig:
     base = tiny_base(
-        batch_schedule=SCHEDULE, epochs=3, eval_every=0.125, checkpoint_every=0.25, **changes
+        batch_schedule=SCHEDULE, epochs=2, eval_every=0.125, checkpoint_every=0.25, **changes
     )
     del base["batch_size"]  # the schedule's first
     return TrialConfig.model_validate(base)
@@ -60,7 +60,7 @@ def test_each_report_counts_the_examples_and_the_batch_of_the_schedule(linear_ru
     schedule = config.batch_schedule
     assert config.batch_size == 32
     last = keeper.rows[-1]
-    assert last["step"] == last["total_steps"] == 51 == steps_to(schedule, 3 * 1440)
+    assert last["step"] == last["total_steps"] == 40 == steps_to(schedule, 2 * 1440)
     for row in keeper.rows:
         seen = examples_after(schedule, row["step"])
         assert row["examples"] == seen
@@ -71,14 +71,14 @@ def test_each_report_counts_the_examples_and_the_batch_of_the_schedule(linear_ru
         assert row["lr"] == row["peak_lr"] == peak_lr(config.lr, batch) == 0.05 * batch / 32
     # Every eighth of an epoch (180 examples) is crossed by exactly one report.
     marks = [math.floor(r["examples"] / 180) for r in keeper.rows]
-    assert marks == list(range(1, 25)) and len(marks) == 24
+    assert marks == list(range(1, 17))
     assert sorted({r["batch"] for r in keeper.rows}) == [32, 64, 128]
 
 
 def test_resume_from_a_checkpoint_after_a_switch_is_bit_identical(linear_run):
     config, keeper = linear_run
     # The first checkpoint at batch 128: after both switches, before the end.
-    step = min(s for s in keeper.states if 27 < s < 51)
+    step = min(s for s in keeper.states if 27 < s < 40)
     assert batch_at(config.batch_schedule, examples_after(config.batch_schedule, step)) == 128
     resumed = Keeper()
     train(config, resumed, resume=keeper.states[step])
@@ -105,7 +105,7 @@ def test_the_sde_rule_moves_adams_betas_and_eps_at_each_switch(data_dir):
         assert (row["optimizer/beta1"], row["optimizer/beta2"]) == betas
         assert row["optimizer/eps"] == eps
         assert row["peak_lr"] == pytest.approx(1e-3 * math.sqrt(k))
-    step = min(s for s in keeper.states if 27 < s < 51)
+    step = min(s for s in keeper.states if 27 < s < 40)
     resumed = Keeper()
     train(config, resumed, resume=keeper.states[step])
     after = [without_timing(r) for r in keeper.rows if r["step"] > step]

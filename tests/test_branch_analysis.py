@@ -139,3 +139,9 @@ def test_the_figure_draws_the_probes_the_noise_scale_and_the_schedule(results, s
         "noise/b_simple of the reference run",
         "planned batch schedule",
     ]
+
+
+def test_the_report_gets_the_figure_of_a_branched_sweep_only(results):
+    assert list(local_cbs.report_figures(results)) == ["local-cbs"]
+    other = load(TINY_EXPERIMENTS / "quickstart", cache=False)
+    assert local_cbs.report_figures(other) == {} and branches_json(other) is None

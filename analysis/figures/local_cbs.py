@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 import pyarrow.compute as pc
 
 from analysis._arrow import strings
-from analysis.branches import local_sizes, phase_trials
+from analysis.branches import branch_spec, local_sizes, phase_trials
 from analysis.tables import Results
 
 if TYPE_CHECKING:
@@ -141,3 +141,10 @@ def render(data: LocalCBSData) -> go.Figure:
         title="the critical batch size over training: branched probes, noise scale, fit"
     )
     return fig
+
+
+def report_figures(results: Results, summary: Summary | None = None) -> dict[str, go.Figure]:
+    """The report's figure of a branched sweep by id ({"local-cbs": ...}); {} for another."""
+    if branch_spec(results) is None:
+        return {}
+    return {"local-cbs": render(extract(results, summary))}
