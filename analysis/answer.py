@@ -281,3 +281,34 @@ def tuned_sentence(answer: TunedAnswer) -> str:
             f"{number(s.maximal_above)}."
         )
     return " ".join(sentences) or "No batch size has reached the target yet: no fit."
+
+
+# ============================================================================ Branched
+
+
+def branch_sentence(branches: dict[str, Any]) -> str:
+    """One sentence of a branched sweep (`analysis.branches.branches_json`): the local critical
+    batch size at the first and last probe point, and the steps the planned schedule and the
+    large-batch control saved against the small batch (median over seeds), or that they did
+    not reach the small batch's final validation loss."""
+    points = [p for p in branches["points"] if p["local_cbs"]["batch"] is not None]
+    if not points:
+        return "No probe point has its branches yet."
+    first, last = points[0], points[-1]
+    text = (
+        f"The local critical batch size is {number(first['local_cbs']['batch'])} at "
+        f"{number(first['examples'])} examples and {number(last['local_cbs']['batch'])} at "
+        f"{number(last['examples'])}"
+    )
+    saved = branches["comparison"]["steps_saved"]
+    arms = []
+    for arm, name in (("schedule", "the planned schedule"), ("large", "the large batch")):
+        median = saved.get(arm, {}).get("median")
+        if median is not None:
+            arms.append(
+                f"{name} reaches the small batch's final validation loss in "
+                f"{100 * median:.0f}% fewer steps"
+            )
+        elif saved.get(arm, {}).get("per_seed"):
+            arms.append(f"{name} does not reach the small batch's final validation loss")
+    return text + ("; " + " and ".join(arms) if arms else "") + "."

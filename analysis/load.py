@@ -56,14 +56,18 @@ def export(source: Any, out_dir: str | Path) -> list[str]:
     path or URI), for pandas, polars or DuckDB; the sweep record rides in the schema metadata.
     The history carries the grid keys; metrics never reported are left out; config columns
     have their declared types (analysis.exported). A searched sweep adds `studies.parquet`:
-    every trial of its Optuna studies. Returns the paths written."""
+    every trial of its Optuna studies; a branched sweep `branches.parquet` (analysis.branches).
+    Returns the paths written."""
     # Here, not at the top: a plain load needs neither Optuna nor the fit's scipy.
+    from analysis.branches import write_branch_table
     from analysis.exported import for_export
     from analysis.summary import write_study_trials
 
-    written = write_tables(for_export(load(source)), locate(out_dir))
+    results = load(source)
+    written = write_tables(for_export(results), locate(out_dir))
     studies = write_study_trials(experiment_location(source), out_dir)
-    return written + ([studies] if studies else [])
+    branches = write_branch_table(results, out_dir)  # a branched sweep's branches.parquet
+    return written + [path for path in (studies, branches) if path]
 
 
 def load_evaluation(source: Any) -> pa.Table | None:

@@ -35,6 +35,7 @@ from analysis.figures import (
     exact_steps,
     learning_curves,
     learning_rates,
+    local_cbs,
     metric_vs_batch_size,
     noise_scale,
     parallel_coordinates,
@@ -77,6 +78,7 @@ class Context(NamedTuple):
     compared: Sequence[tuple[str, Results]] = ()
     space: dict[str, Any] | None = None
     exact: Sequence[Exact] | None = None  # a sweep with a known answer (analysis.known)
+    branches: dict[str, Any] | None = None  # a branched sweep's numbers (analysis.branches)
 
     @property
     def trials(self) -> pa.Table:
@@ -160,6 +162,13 @@ SECTIONS: tuple[Section, ...] = (
         "exact-steps",
         lambda c: c.tuned and bool(c.exact),
         lambda c: exact_steps.render(exact_steps.extract(c.summary, c.exact)),
+        answer=True,
+    ),
+    # A branched sweep: the local critical batch size over training from its probes.
+    Section(
+        "local-cbs",
+        lambda c: c.branches is not None,
+        lambda c: local_cbs.render(local_cbs.extract(c.results, c.summary)),
         answer=True,
     ),
     Section("tuned-steps", lambda c: c.tuned, _tuned_steps, answer=True),
@@ -405,7 +414,9 @@ def machines_html(sweep: dict[str, Any]) -> str:
 
 def answer_html(context: Context, figure: str | None) -> str:
     """The answer section: one sentence, the numbers as a table, and the answer's figure."""
-    if context.summary is not None:
+    if context.branches is not None:
+        body = f'<p class="sentence">{_e(numbers.branch_sentence(context.branches))}</p>'
+    elif context.summary is not None:
         found = numbers.tuned_answer(context.summary)
         body = f'<p class="sentence">{_e(numbers.tuned_sentence(found))}</p>' + "".join(
             _tuned_series_html(s, found.target) for s in found.series

@@ -22,6 +22,7 @@ from typing import Any
 import plotly.graph_objects as go
 import plotly.io
 
+from analysis.branches import branches_json
 from analysis.known import known_answer
 from analysis.load import experiment_location, load, load_evaluation
 from analysis.page import Context, build_figures, distinct_batch_sizes, render_html
@@ -114,6 +115,7 @@ def write_report(
         compared,
         (spec.get("search") or {}).get("space"),
         known_answer(where) if summary is not None else None,
+        branches_json(results),
     )
     drawn = build_figures(context)
     named = f"-o {out}" if out is not None else None  # as the user wrote it

@@ -36,9 +36,6 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
-from lbs_tune.config import LRConfig
-from lbs_tune.rules import peak_lr
-
 # Merrill et al.'s settings (section 3.1): ε, the loss tolerance "set to 0.01 arbitrarily" (in
 # nats of their loss); α of their exponential moving average; Δ, 2B tokens of a 600B-token run.
 TOLERANCE = 0.01
@@ -214,12 +211,6 @@ def steps_saved(schedule: Schedule, baseline: Schedule, examples: int, per_row: 
     """The fraction of the `baseline`'s gradient steps that `schedule` does without to see
     `examples`: 1 - steps_to(schedule) / steps_to(baseline)."""
     return 1 - steps_to(schedule, examples, per_row) / steps_to(baseline, examples, per_row)
-
-
-def scheduled_lrs(schedule: Schedule, rule: LRConfig) -> tuple[float, ...]:
-    """Each entry's peak learning rate under `rule` (`rules.peak_lr` of its batch size): the LR
-    moved at each switch as it would be for a constant batch of that size."""
-    return tuple(peak_lr(rule, batch) for _, batch in schedule)
 
 
 # --------------------------------------------------------------------------- Planner

@@ -47,7 +47,8 @@ def check_trial(config: TrialConfig) -> None:
             f"{', '.join(f'{k} (default {v})' for k, v in known.items()) or 'none'}",
         )
     # The SDE rule moves Adam's betas with the batch size: refused where one leaves (0, 1).
-    moved_optimizer(config.optimizer, config.lr, config.batch_size)
+    for batch in [config.batch_size, *(b for _, b in (config.batch_schedule or ())[1:])]:
+        moved_optimizer(config.optimizer, config.lr, batch)
     max_batch = info.max_batch(config.data)
     problem = batch_too_large(config, max_batch, task=info.task)
     if problem:
@@ -67,6 +68,18 @@ def check_trial(config: TrialConfig) -> None:
             f"ignored pixels; use at most {IGNORE_INDEX - 1}",
         )
     served = model_task(config.model)
+    if config.batch_schedule is not None and served == "language_model":
+        raise KeyedError(
+            "batch_schedule",
+            f"{config.model} reads the corpus as batch_size parallel rows, which a batch schedule "
+            "would re-cut at every switch; use a constant batch_size for a language model",
+        )
+    for _, batch in (config.batch_schedule or ())[1:]:
+        problem = batch_too_large(
+            config.model_copy(update={"batch_size": batch}), max_batch, task=info.task
+        )
+        if problem:
+            raise KeyedError("batch_schedule", problem)
     problem = None
     if served != info.task:
         needed = TASK_MODELS[info.task]

@@ -18,8 +18,16 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from lbs_tune.branching import parse_schedule, steps_to
 from lbs_tune.errors import short
 from lbs_tune.names import BUDGET_KEYS, METRICS, direction, flatten, set_dotted
 from lbs_tune.nqm import problems as nqm_problems
@@ -207,6 +215,16 @@ class TrialTarget(_Strict):
     stop: bool = False
 
 
+def _number_text(value: Any) -> Any:
+    """'2e5' -> 200000.0 (YAML 1.1 reads an exponent without a dot as text); else `value`."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def data_dir(data: DataConfig) -> Path:
     """The absolute data folder of a config: data.dir, else $LBS_DATA_DIR, else
     ~/.cache/lbs-tune/data."""
@@ -252,6 +270,34 @@ class TrialConfig(_Strict):
     noise_scale: NoiseScaleConfig | None = None
     sharpness: SharpnessConfig | None = None
     target: TrialTarget | None = None
+    # The batch size as a step function of examples seen, [[0, 64], [200000, 128], ...]
+    # (lbs_tune.branching); batch_size is its first batch. The LR (and under lr.scaling sde
+    # Adam's betas and eps) moves with the batch by the LR rule at every switch.
+    batch_schedule: tuple[tuple[int, int], ...] | None = None
+    # A checkpoint file (path or URI) to start from: its model and optimizer state; the data
+    # order, augmentation and random states are this trial's own (its seed), and its step
+    # counter (and so its budget, warmup and decay) restarts at 0. Resuming the trial itself
+    # continues from the trial's own checkpoints instead.
+    start_from: str | None = None
+
+    @field_validator("batch_schedule", mode="before")
+    @classmethod
+    def _schedule(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        # YAML reads 2e5 (no dot) as text: take numbers written so.
+        entries = (
+            [[_number_text(v) for v in entry] for entry in value]
+            if isinstance(value, list | tuple) and all(isinstance(e, list | tuple) for e in value)
+            else value
+        )
+        try:
+            return parse_schedule(entries)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(
+                f"{exc}; write [[0, first batch], [examples, batch], ...] (e.g. "
+                "[[0, 64], [200000, 128]])"
+            ) from None
 
     @field_validator("max_device_batch", mode="before")
     @classmethod
@@ -265,6 +311,18 @@ class TrialConfig(_Strict):
                 "(the largest that fits the GPU)"
             )
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _first_batch(cls, data: Any) -> Any:
+        # With a batch schedule, batch_size defaults to its first batch.
+        if isinstance(data, dict) and "batch_size" not in data:
+            schedule = data.get("batch_schedule")
+            if isinstance(schedule, list | tuple) and schedule:
+                first = schedule[0]
+                if isinstance(first, list | tuple) and len(first) == 2:
+                    return {**data, "batch_size": _number_text(first[1])}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> TrialConfig:
@@ -299,7 +357,41 @@ class TrialConfig(_Strict):
             raise KeyedError(
                 "target.metric", f"{self.target.metric} has no better direction to reach"
             )
+        if self.batch_schedule is not None:
+            self._check_schedule()
         return self
+
+    def _check_schedule(self) -> None:
+        """A batch schedule: batch_size is its first batch, and every batch of it must satisfy
+        what batch_size must (micro-batches, ghost batches, the noise scale's micro-batch)."""
+        first = self.batch_schedule[0][1]
+        if self.batch_size != first:
+            raise KeyedError(
+                "batch_size",
+                f"batch_size {self.batch_size} is not batch_schedule's first batch {first}; "
+                f"set batch_size: {first} or leave it out",
+            )
+        if self.compile == "graphs":
+            raise KeyedError(
+                "compile",
+                "compile: graphs captures one batch shape and batch_schedule changes it; use "
+                "compile: default or off",
+            )
+        if self.max_device_batch == "auto":
+            raise KeyedError(
+                "max_device_batch",
+                "max_device_batch: auto is probed for one batch size and batch_schedule has "
+                "several; give a number that divides every batch of the schedule",
+            )
+        for _, batch in self.batch_schedule[1:]:
+            tree = self.model_dump() | {"batch_size": batch, "batch_schedule": None}
+            try:
+                TrialConfig.model_validate(tree)
+            except ValidationError as exc:
+                cause = exc.errors()[0].get("ctx", {}).get("error")
+                key = cause.key if isinstance(cause, KeyedError) else "batch_schedule"
+                message = exc.errors()[0]["msg"].removeprefix("Value error, ")
+                raise KeyedError(key, f"at batch_schedule's batch {batch}: {message}") from None
 
     @property
     def micro_batch_size(self) -> int:
@@ -321,8 +413,12 @@ class TrialConfig(_Strict):
 
 
 def resolved(config: TrialConfig) -> TrialConfig:
-    """The config as a trial runs it wherever it runs: a relative `data.dir` made absolute
-    against this process's working directory (a trial process runs inside its trial folder)."""
+    """The config as a trial runs it wherever it runs: a relative `data.dir` (and a local
+    `start_from`) made absolute against this process's working directory (a trial process runs
+    inside its trial folder)."""
+    if config.start_from is not None and "://" not in config.start_from:
+        start = str(Path(config.start_from).expanduser().resolve())
+        config = config.model_copy(update={"start_from": start})
     if config.data.dir is None:
         return config
     folder = str(Path(config.data.dir).expanduser().resolve())
@@ -332,6 +428,8 @@ def resolved(config: TrialConfig) -> TrialConfig:
 # The key of a searched trial's params that names its study and Optuna trial
 # ({study, point, number}); it is no knob of the run, so `trial_config` leaves it out.
 SEARCH_KEY = "search"
+# The same for a trial of a branched sweep: its phase and place (lbs_tune.probes).
+BRANCH_KEY = "branch"
 
 
 def trial_config(params: dict[str, Any]) -> TrialConfig:
@@ -340,7 +438,9 @@ def trial_config(params: dict[str, Any]) -> TrialConfig:
     (pydantic's ValidationError is one) for params that are not a trial config."""
     if not isinstance(params, dict):
         raise ValueError(f"not a JSON object but {type(params).__name__}")
-    return TrialConfig.model_validate({k: v for k, v in params.items() if k != SEARCH_KEY})
+    return TrialConfig.model_validate(
+        {k: v for k, v in params.items() if k not in (SEARCH_KEY, BRANCH_KEY)}
+    )
 
 
 def changes(old: dict[str, Any], new: dict[str, Any], ignore=(), limit: int = 4) -> str:
@@ -471,6 +571,88 @@ class Target(_Strict):
         return self
 
 
+# The runs of a branched sweep's third phase: the planned batch schedule, and the constant
+# batches it is compared with (the reference's, and the schedule's largest).
+ARMS = ("schedule", "small", "large")
+
+
+class BranchSpec(_Strict):
+    """A branched probe of the local critical batch size (Merrill et al. 2025; the sweep's phases
+    are `lbs_tune.probes`'): the base config runs once at its batch B (the reference); from its
+    checkpoint at each of `points` (fractions of its budget, or example counts) continuations
+    at k x B for k in `multiples` train `examples` (Δ) more each, per seed of `seeds`, the LR
+    (and Adam's betas and eps under sde) moved by `scaling`; then a batch schedule planned from
+    the local critical batch sizes runs against constant small and large batches per seed of
+    `compare_seeds` (none: no third phase). None means the paper's setting (lbs_tune.branching)
+    or, for `scaling`, the optimizer's rule (linear for SGD and LARS, sqrt for AdamW and LAMB)."""
+
+    points: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1, max_length=1000)]
+    points_in: Literal["fraction", "examples"] = "fraction"
+    multiples: Annotated[
+        list[Annotated[int, Field(ge=1, le=MAX_BATCH)]], Field(min_length=2, max_length=64)
+    ] = [1, 2, 4, 8, 16]
+    seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=1000)] = [
+        0,
+        1,
+        2,
+    ]
+    examples: int | None = Field(None, gt=0, le=MAX_STEPS)
+    # Reports per branch (evenly over Δ): the series whose exponential average is its loss.
+    reports: int = Field(4, ge=1, le=10_000)
+    metric: Literal["train/loss", "val/loss"] = "train/loss"
+    scaling: Literal["linear", "sqrt", "sde"] | None = None
+    tolerance: float | None = Field(None, ge=0)
+    smoothing: float | None = Field(None, gt=0, le=1)
+    compare_seeds: list[Annotated[int, Field(ge=0)]] | None = None  # None: `seeds`
+    max_batch: int | None = Field(None, gt=0, le=MAX_BATCH)  # None: the largest k x B
+
+    @field_validator("points")
+    @classmethod
+    def _increasing(cls, points: list[float]) -> list[float]:
+        if points != sorted(set(points)):
+            raise ValueError(f"{points}: list each point once, in increasing order")
+        return points
+
+    @field_validator("multiples")
+    @classmethod
+    def _from_one(cls, multiples: list[int]) -> list[int]:
+        if multiples[0] != 1 or multiples != sorted(set(multiples)):
+            raise ValueError(
+                f"{multiples}: increasing multiples of the reference batch starting at 1 (the "
+                "branch every other is compared with), e.g. [1, 2, 4, 8, 16]"
+            )
+        return multiples
+
+    @field_validator("seeds", "compare_seeds")
+    @classmethod
+    def _once(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is not None and len(set(seeds)) != len(seeds):
+            raise ValueError(f"{seeds}: list each seed once")
+        return seeds
+
+    @model_validator(mode="after")
+    def _points(self) -> BranchSpec:
+        if self.points_in == "fraction" and self.points[-1] >= 1:
+            raise KeyedError(
+                "points",
+                f"{self.points[-1]:g} is not a fraction of the budget in (0, 1); use "
+                "points_in: examples for example counts",
+            )
+        if self.points_in == "examples" and any(p != int(p) for p in self.points):
+            raise KeyedError("points", f"{self.points}: example counts are whole numbers")
+        return self
+
+    @property
+    def compared_seeds(self) -> list[int]:
+        return self.seeds if self.compare_seeds is None else self.compare_seeds
+
+    @property
+    def trial_count(self) -> int:
+        """The reference, every branch, and each arm of the comparison per seed."""
+        branches = len(self.points) * len(self.multiples) * len(self.seeds)
+        return 1 + branches + len(ARMS) * len(self.compared_seeds)
+
+
 class SweepSpec(_Strict):
     """A whole sweep: the base trial config, the grid, the analysis target and the resources."""
 
@@ -490,6 +672,18 @@ class SweepSpec(_Strict):
     schedule: Literal["longest_first", "grid"] = "longest_first"
     max_failures: int = Field(2, ge=0, le=10_000)
     loggers: Loggers = Loggers()
+    # A branched probe from the base config's run (no grid, no search): lbs_tune.probes.
+    branch: BranchSpec | None = None
+
+    @model_validator(mode="after")
+    def _branch_alone(self) -> SweepSpec:
+        if self.branch is not None and (self.search is not None or self.points() != [{}]):
+            raise KeyedError(
+                "branch",
+                "a branch sweep runs the base config as its reference; remove the "
+                f"{'search' if self.search is not None else 'grid'} section",
+            )
+        return self
 
     @field_validator("grid")
     @classmethod
@@ -513,6 +707,8 @@ class SweepSpec(_Strict):
     def trial_count(self) -> int:
         """The trials this sweep asks for: grid points x trials per point. The one home of
         this count (runner, dry run, console and status read it)."""
+        if self.branch is not None:
+            return self.branch.trial_count
         return math.prod(len(values) for values in self.grid.values()) * self.trials_per_point
 
     def points(self) -> list[dict[str, Any]]:
@@ -556,9 +752,14 @@ def every_steps(epochs: float, per_epoch: float) -> int:
 
 def total_steps(config: TrialConfig, train_size: int) -> int:
     """The budget in optimizer steps: round(epochs x N / B) (the same examples for every batch
-    size, within one batch), examples // B, or the steps given."""
+    size, within one batch), examples // B, or the steps given. With a batch schedule, the
+    fewest steps that see the examples (epochs x N rounded, or `examples`) by the schedule's
+    step accounting (`lbs_tune.branching.steps_to`)."""
     if config.steps is not None:
         return config.steps
+    if config.batch_schedule is not None:
+        seen = config.examples if config.examples is not None else round(config.epochs * train_size)
+        return max(1, steps_to(config.batch_schedule, seen))
     if config.examples is not None:
         return max(1, config.examples // config.batch_size)
     return max(1, round(config.epochs * epoch_steps(train_size, config.batch_size)))

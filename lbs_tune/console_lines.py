@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from lbs_tune.config import SweepSpec
+from lbs_tune.config import BRANCH_KEY, SweepSpec
 from lbs_tune.errors import cut, printable
 from lbs_tune.experiment import count_outcomes
 from lbs_tune.names import Mode, comparison, direction, get_dotted, hashable
@@ -89,7 +89,12 @@ def plan_of(spec: SweepSpec, costs: Sequence[float] | None = None) -> Plan:
         name=spec.name,
         metric=spec.metric.name,
         mode=spec.metric.mode,
-        keys=(*grid, *(search.space if search else ())),
+        # A branched sweep's trials are told apart by their place in it (reference, probe, arm).
+        keys=(
+            *grid,
+            *(search.space if search else ()),
+            *((f"{BRANCH_KEY}.label",) if spec.branch else ()),
+        ),
         grid=grid,
         points=points,
         per_point=spec.trials_per_point,

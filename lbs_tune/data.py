@@ -241,7 +241,8 @@ class BatchSampler:
     Every example is seen once per epoch and no tail is dropped: a batch may end one epoch and
     begin the next, so every batch size sees the same examples for the same budget. Steps are
     asked for in increasing order. The generator state and the permutations in use go into
-    checkpoints, so a resumed run sees the same batches.
+    checkpoints, so a resumed run sees the same batches. With a batch schedule the stream is
+    read by `rows`, each step's batch at its own size.
     """
 
     def __init__(self, size: int, batch_size: int, seed: int, device: torch.device):
@@ -253,8 +254,12 @@ class BatchSampler:
 
     def batch(self, step: int) -> torch.Tensor:
         """The training-set indices of the batch of 0-based `step`, on the device."""
-        start = step * self.batch_size
-        first, last = start // self.size, (start + self.batch_size - 1) // self.size
+        return self.rows(step * self.batch_size, self.batch_size)
+
+    def rows(self, start: int, count: int) -> torch.Tensor:
+        """The indices of examples start .. start + count - 1 of the stream, on the device (a
+        batch schedule's steps: each starts where the one before ended, at its own size)."""
+        first, last = start // self.size, (start + count - 1) // self.size
         while self.first + len(self.perms) <= last:
             self.perms.append(
                 torch.randperm(self.size, generator=self.generator, device=self.device)
@@ -263,8 +268,8 @@ class BatchSampler:
         self.first = first
         offset = start - first * self.size
         if first == last:
-            return self.perms[0][offset : offset + self.batch_size]
-        return torch.cat(self.perms[: last - first + 1])[offset : offset + self.batch_size]
+            return self.perms[0][offset : offset + count]
+        return torch.cat(self.perms[: last - first + 1])[offset : offset + count]
 
     def state_dict(self) -> dict:
         return {

@@ -52,6 +52,10 @@ EVALUATION_FILE = "evaluation.parquet"
 CACHE_DIR = ".lbs_cache"
 REPORT_FILE = "report.html"
 SUMMARY_FILE = "summary.json"
+# The state of a branched sweep's searcher (lbs_tune.branch_searcher), JSON text. Not named
+# .json: on restore Ray copies the experiment folder's .json and .pkl files into its staging
+# folder and later back over the storage's, which would undo the searcher's newer writes.
+BRANCH_STATE_FILE = "branch_state.txt"
 # `lbs-tune evaluate`'s table: one row per checkpoint and split, a column per score that a task's
 # evaluation gives (null where the task has none, or the value is not finite).
 EVALUATION_SCORES = ("loss", "accuracy", "perplexity", "miou", "pixel_accuracy")

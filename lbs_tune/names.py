@@ -43,6 +43,9 @@ METRICS = (
     "noise/trace_hcov",
     "noise/b_noise",
     "sharpness/precond_top_eig",
+    # The batch of the step just made, reported by a trial with a batch schedule (not
+    # `batch_size`, which names the config's, the schedule's first).
+    "batch",
 )
 
 

@@ -14,6 +14,7 @@ the budget.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from lbs_tune.config import KeyedError, LRConfig, OptimizerConfig
 
@@ -138,3 +139,10 @@ def stability_limit(
     if nesterov:
         return 2 * (1 + momentum) / ((1 + 2 * momentum) * lr)
     return 2 * (1 + momentum) / lr
+
+
+def scheduled_lrs(schedule: Sequence[tuple[int, int]], rule: LRConfig) -> tuple[float, ...]:
+    """Each entry's peak learning rate under `rule` (`peak_lr` of its batch size) of a batch
+    schedule (lbs_tune.branching): the LR moved at each switch as it would be for a constant
+    batch of that size."""
+    return tuple(peak_lr(rule, batch) for _, batch in schedule)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lbs_tune.cluster import check_reachable, start_ray
-from lbs_tune.config import SEARCH_KEY, SweepSpec, changes, data_dir
+from lbs_tune.config import BRANCH_KEY, SEARCH_KEY, SweepSpec, changes, data_dir
 from lbs_tune.errors import UserError
 from lbs_tune.experiment import (
     SWEEP_FILE,
@@ -118,8 +118,15 @@ def print_dry_run(spec: SweepSpec, experiment: Location, recorded: dict | None) 
             f"  (a sweep of another spec is there ({diff}): running would be refused; "
             "--fresh moves it aside)"
         )
+    if spec.branch is not None:
+        branch = spec.branch
+        print(
+            f"  branch: the base config as the reference, then {len(branch.points)} points x "
+            f"{len(branch.multiples)} multiples x {len(branch.seeds)} seeds, then a planned "
+            f"schedule vs constant small and large batches x {len(branch.compared_seeds)} seeds"
+        )
     order = start_order(spec) if search is None else list(range(len(points)))
-    if spec.schedule == "longest_first" and search is None:
+    if spec.schedule == "longest_first" and search is None and spec.branch is None:
         print("  (trials start longest first: schedule: grid keeps the grid's order)")
     for i in order:
         point, config = points[i], spec.trials[i]
@@ -236,7 +243,9 @@ def execute(
     )
     # Each trial's config comes whole from the search algorithm: a point of the resolved list
     # `trial_configs` (within the param space that Ray asks for), or a study's suggestion.
-    if spec.search is None:
+    if spec.branch is not None:
+        space, (options, stop) = {}, (_branched(spec, experiment), None)
+    elif spec.search is None:
         space, (options, stop) = param_space(spec, tune.grid_search), (_order(spec), None)
     else:
         space, (options, stop) = {}, _searched(spec, experiment)
@@ -251,6 +260,7 @@ def execute(
         )
     else:
         keys = (*spec.grid, *((SEARCH_KEY + ".number",) if spec.search else ()))
+        keys += (BRANCH_KEY + ".label",) if spec.branch else ()
         tuner = tune.Tuner(
             trainable,
             param_space=space,
@@ -331,6 +341,31 @@ def _searched(spec: SweepSpec, experiment: Location) -> tuple[dict, Any]:
     }
     stop = objective.stop if objective.kind == "steps_to_target" else None
     return options, stop
+
+
+def _branched(spec: SweepSpec, experiment: Location) -> dict[str, Any]:
+    """TuneConfig arguments of a branched sweep: its phases asked by lbs_tune.branch_searcher,
+    whose state is a file of the (local) experiment folder."""
+    from lbs_tune.branch_searcher import BranchSearcher
+    from lbs_tune.data import dataset_info
+
+    if not experiment.is_local:
+        raise UserError(
+            f"--storage {experiment.parent().uri}: a branched sweep reads its reference's "
+            "checkpoints and Ray's state from a local or shared folder, not an object store"
+        )
+    reference = spec.trials[0]
+    searcher = BranchSearcher(
+        spec.branch,
+        reference.model_dump(mode="json"),
+        experiment.path,
+        dataset_info(reference).train_size(reference.data),
+    )
+    return {
+        "search_alg": searcher,
+        "num_samples": spec.trial_count,
+        "max_concurrent_trials": spec.max_concurrent,
+    }
 
 
 def _gpu_for_batch(resources, batch_size: int) -> float:

@@ -253,6 +253,13 @@ def check_spec(data: dict[str, Any], where: Where) -> SweepSpec:
     if found:
         key, message = found[0]
         raise UserError(f"{where(key)}: {key}: {message}")
+    if spec.branch is not None:
+        from lbs_tune.probes import check_branch  # it asks the zoos
+
+        problems = check_branch(spec.branch, trials[0])
+        if problems:
+            key, message = problems[0]
+            raise UserError(f"{where(key)}: {key}: {message}")
     spec.__dict__["trials"] = trials  # the cached_property, filled with what was just checked
     return spec
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lbs_tune.branching import batch_at, examples_after
 from lbs_tune.config import TrialConfig, total_steps
 from lbs_tune.data import BatchSampler, DeviceData, Split, TokenStreams
 from lbs_tune.models import detach_hidden, model_task
@@ -144,9 +145,15 @@ class Classification:
         self.sampler = BatchSampler(len(data.train), config.batch_size, order_seed, device)
         self.augment = torch.Generator(device=device).manual_seed(augment_seed)
         self.generators = [self.augment]
+        self.schedule = config.batch_schedule
 
     def batch(self, step: int) -> tuple[Tensor, Tensor]:
-        return self.data.train_batch(self.sampler.batch(step), self.augment)
+        if self.schedule is None:
+            return self.data.train_batch(self.sampler.batch(step), self.augment)
+        # A batch schedule: the step starts where the steps before it ended, at its own size.
+        start = examples_after(self.schedule, step)
+        rows = self.sampler.rows(start, batch_at(self.schedule, start))
+        return self.data.train_batch(rows, self.augment)
 
     def inputs(self, x: Tensor) -> Tensor:
         return self.data.normalise(x)

@@ -18,8 +18,9 @@ from typing import Any, Protocol
 
 import torch
 
+from lbs_tune.branching import batch_at, examples_after
 from lbs_tune.build import build_trial, task_for
-from lbs_tune.checkpoints import rng_states, set_rng_states
+from lbs_tune.checkpoints import read_state, rng_states, set_rng_states
 from lbs_tune.compiled import WARMUP_STEPS, CapturedStep, fitting_micro_batch, resolve_compile
 from lbs_tune.config import TrialConfig, epoch_steps, every_steps
 from lbs_tune.data import TokenStreams
@@ -30,8 +31,9 @@ from lbs_tune.measure import (
     top_hessian_eigenvalue,
 )
 from lbs_tune.names import direction, meets
-from lbs_tune.optim import build_optimizer, load_optimizer_state
+from lbs_tune.optim import build_optimizer, load_optimizer_state, set_hyperparameters
 from lbs_tune.rules import lr_at, moved_optimizer, peak_lr
+from lbs_tune.storage import locate
 from lbs_tune.tasks import Task, autocast, budget_steps
 
 # A non-finite loss is looked for every this many steps (one host sync), so a diverged trial
@@ -77,7 +79,12 @@ def train(
 
     `resume` is a checkpoint state written by an earlier run of the same config; the run then
     continues exactly where that one stopped (bit for bit on the CPU). A finished state (its
-    budget done, or diverged) returns at once, with no report.
+    budget done, or diverged) returns at once, with no report. Without `resume`, a config with
+    `start_from` takes that checkpoint's model and optimizer state and starts at step 0.
+    With a `batch_schedule` each step trains on the schedule's batch at the examples seen
+    before it, the LR (and under sde the optimizer) moved to that batch by the LR rule, and
+    evaluations and checkpoints fall every `eval_every` and `checkpoint_every` epochs of
+    examples.
     """
     if resume is not None and resume["finished"]:
         return {}
@@ -99,6 +106,12 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     per_epoch = epoch_steps(task.epoch_examples, task.examples_per_step)
     budget = budget_steps(config, task)
+    # Examples one row of a batch counts: tokens for a language model (a row is bptt tokens).
+    per_row = task.examples_per_step // batch_size
+    schedule = config.batch_schedule
+    # With a schedule the intervals are in examples: a switch changes a step's, not an epoch's.
+    eval_examples = config.eval_every * task.epoch_examples
+    checkpoint_examples = eval_examples * max(1, round(config.checkpoint_every / config.eval_every))
     eval_interval = every_steps(config.eval_every, per_epoch)
     # Checkpoints fall on evaluations, so every checkpoint has a report of the same step.
     checkpoint_interval = eval_interval * max(
@@ -130,6 +143,11 @@ def train(
         reached = resume.get("target_step")
         if noise and resume.get("noise_scale"):
             noise.load_state_dict(resume["noise_scale"])
+    elif config.start_from is not None:
+        start = read_state(locate(config.start_from))
+        model.load_state_dict(start["model"])
+        load_optimizer_state(optimizer, start["optimizer"])
+        set_hyperparameters(optimizer, moved)  # the start's own batch may have moved them
 
     def state(finished: bool) -> dict[str, Any]:
         return {
@@ -200,9 +218,28 @@ def train(
             group["lr"] = lr_tensor
         run_step = CapturedStep(train_step, lr_tensor, WARMUP_STEPS)
 
+    def due(interval: int, interval_examples: float, before: int) -> bool:
+        """Whether the step just made ends an interval of steps, or with a schedule one of
+        examples (a multiple of `interval_examples` lies in (before, examples])."""
+        if schedule is None:
+            return step % interval == 0
+        return examples // interval_examples > before // interval_examples
+
     seen, metrics = 0, {}
+    # Examples seen before the next step (a resumed run's too).
+    examples = (
+        step * task.examples_per_step
+        if schedule is None
+        else examples_after(schedule, step, per_row)
+    )
     started = time.perf_counter()
     while step < budget:
+        if schedule is not None and batch_at(schedule, examples) != batch_size:
+            # A switch (or a resumed run after one): the batch, its micro-batch and optimizer.
+            batch_size = batch_at(schedule, examples)
+            micro = min(batch_size, config.max_device_batch or batch_size)
+            moved = moved_optimizer(config.optimizer, config.lr, batch_size)
+            set_hyperparameters(optimizer, moved)
         lr = lr_at(step, config.lr, batch_size, budget, per_epoch)
         inputs, targets = task.batch(step)
         if noise and noise.due(step):
@@ -229,6 +266,7 @@ def train(
         run_step(inputs, targets, lr)
         step += 1
         seen += batch_size
+        before, examples = examples, examples + batch_size * per_row
         reporter.step(step, budget)
         if sharp_interval and step % sharp_interval == 0:
             paused = time.perf_counter()
@@ -262,7 +300,7 @@ def train(
                 )
             started += time.perf_counter() - paused
         blown = step % DIVERGENCE_CHECK_STEPS == 0 and bool(non_finite)
-        if step % eval_interval and step != budget and not blown:
+        if not due(eval_interval, eval_examples, before) and step != budget and not blown:
             continue
 
         # ------------------------------------------------------------ Evaluation
@@ -274,12 +312,12 @@ def train(
         )
         metrics = {
             "step": step,
-            "epoch": round(step * task.examples_per_step / task.epoch_examples, 6),
-            "examples": step * task.examples_per_step,
+            "epoch": round(examples / task.epoch_examples, 6),
+            "examples": examples,
             "total_steps": budget,
             "lr": lr,
             "peak_lr": peak_lr(config.lr, batch_size),
-            "bn_batch": config.bn_batch,
+            "bn_batch": min(config.ghost_batch_size or micro, micro),
             "micro_batch": micro,
             "train/loss": train_loss,
             "train/accuracy": right / count if count else None,
@@ -289,6 +327,8 @@ def train(
                 {"optimizer/beta1": moved.betas[0], "optimizer/beta2": moved.betas[1]}
                 | {"optimizer/eps": moved.eps}
             )
+        if schedule is not None:
+            metrics["batch"] = batch_size  # the batch of the step just made
         if smoothing:
             metrics["train/smoothed_loss"] = smoothed_sum.item() / seen
         for split in ("val", "test"):
@@ -301,15 +341,14 @@ def train(
         measured.clear()
         elapsed += time.perf_counter() - started
         # Examples per second: tokens for a language model (a row of a batch is bptt tokens).
-        per_row = task.examples_per_step // batch_size
         metrics.update(
             images_per_s=seen * per_row / train_time, diverged=diverged, time_s=round(elapsed, 3)
         )
         metrics = finite_or_none(metrics)
         stop = reached is not None and config.target.stop
         finished = diverged or stop or step == budget
-        due = finished or step % checkpoint_interval == 0
-        reporter.report(metrics, state(finished) if due else None)
+        checkpoint = finished or due(checkpoint_interval, checkpoint_examples, before)
+        reporter.report(metrics, state(finished) if checkpoint else None)
         loss_sum.zero_()
         smoothed_sum.zero_()
         correct.zero_()

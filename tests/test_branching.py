@@ -16,13 +16,13 @@ from lbs_tune.branching import (
     local_cbs,
     parse_schedule,
     plan_schedule,
-    scheduled_lrs,
     smoothed,
     steps_saved,
     steps_to,
     switch_steps,
 )
 from lbs_tune.config import LRConfig
+from lbs_tune.rules import scheduled_lrs
 
 # --------------------------------------------------------------------------- Local CBS
 
