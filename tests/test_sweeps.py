@@ -83,7 +83,8 @@ def test_every_sweep_file_dry_runs(cli, spec, tmp_path):
     code, out, _ = cli("run", spec, "--dry-run", "--storage", tmp_path)
     loaded = load_spec(spec)
     grid = loaded.points()
-    count = len(grid) * (loaded.search.trials_per_point if loaded.search else 1)
+    search = loaded.search
+    count = len(grid) * (search.trials_per_point + search.confirm_runs if search else 1)
     assert code == 0 and f"{count} trials" in out
     assert out.count("[cpu ") == len(grid)
 

@@ -64,11 +64,16 @@ def line_of(text: str, key: str) -> int:
         ("trials_per_point: 8", "trials_per_point: 0", "search.trials_per_point",
          "greater than or equal to 1"),
         (TARGET_SECTION, "", "search.objective", "steps_to_target needs a `target`"),
+        ("confirm: {top: 3,", "confirm: {top: 9,", "search.confirm",
+         "top 9 is more than the 8 trials per point"),
+        ("  prune: true", "  prune: median", "search.prune",
+         "median pruning is for objective: metric"),
         ("scaling: none", "scaling: linear", "base.lr.scaling",
          "must be 'none' when search.space has lr.base"),
     ],
     ids=["unknown-distribution", "empty-range", "inverted-range", "not-a-config-key",
-         "also-a-grid-key", "no-trials", "no-target", "lr-scaled"],
+         "also-a-grid-key", "no-trials", "no-target", "confirm-too-many", "pruner-of-a-metric",
+         "lr-scaled"],
 )  # fmt: skip
 def test_a_bad_search_is_one_line_at_its_key_and_nothing_starts(
     cli, tmp_path, old, new, key, message
