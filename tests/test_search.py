@@ -788,16 +788,21 @@ def test_a_median_or_hyperband_pruner_is_for_a_metric_study():
 
 
 def closed_form_trial(config: dict) -> None:
-    """A Ray Tune function trainable that reports `reports(config)`, `delay` s apart."""
+    """A Ray Tune function trainable that reports `reports(config)`, `delay` s apart, with its
+    step budget of 100 (as `run_as_ray`)."""
     from ray import tune
 
     for row in reports(config):
         time.sleep(config["delay"])
-        tune.report(row)
+        tune.report({**row, "total_steps": 100})
 
 
-def tune_sweep(address: str, storage: str, name: str, delay: str, restore: str = "") -> None:
-    """Run (or, with `restore`, resume) the 2 x 3 qmc sweep in a Ray Tune experiment."""
+def tune_sweep(
+    address: str, storage: str, name: str, delay: str, restore: str = "", concurrent: str = "0"
+) -> None:
+    """Run (or, with `restore`, resume) the 2 x 3 qmc sweep in a Ray Tune experiment, with the
+    searcher's stop condition as the runner gives it (`concurrent`: at most that many trials
+    at once, 0: no limit)."""
     import ray
     from ray import tune
 
@@ -819,8 +824,13 @@ def tune_sweep(address: str, storage: str, name: str, delay: str, restore: str =
         tuner = tune.Tuner(
             closed_form_trial,
             param_space=base[0],
-            tune_config=tune.TuneConfig(search_alg=search, num_samples=6, reuse_actors=True),
-            run_config=tune.RunConfig(name=name, storage_path=storage, stop=TARGET.stop),
+            tune_config=tune.TuneConfig(
+                search_alg=search,
+                num_samples=6,
+                reuse_actors=True,
+                max_concurrent_trials=int(concurrent) or None,
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=storage, stop=search.stop),
         )
     results = tuner.fit()
     assert not results.errors
@@ -886,3 +896,28 @@ def test_ray_tune_resumes_the_studies_of_a_killed_driver(ray_cluster, tmp_path):
         for t in r.trials:
             if t["state"] == "COMPLETE":  # stopped at its first report that reaches the target
                 assert max(t["values"]) == t["value"] and t["at_value"] >= 0.9
+
+
+@pytest.mark.ray
+def test_ray_ends_a_pruned_trial_where_the_searcher_stopped_it(ray_cluster, tmp_path):
+    # One trial at a time, the searcher decides as it does when driven by hand (run_as_ray).
+    simulated = searcher(tmp_path / "simulated", sampler="qmc")
+    i = 0
+    while isinstance(config := simulated.suggest(f"s{i}"), dict):
+        run_as_ray(simulated, f"s{i}", config)
+        i += 1
+    tune_sweep(ray_cluster.address, str(tmp_path), "real", "0", concurrent="1")
+
+    def outcomes(folder: Path) -> list[list[tuple]]:
+        return [
+            [(t["params"], t["state"], t["value"], t["pruned_at"]) for t in r.trials]
+            for r in read_studies(folder)
+        ]
+
+    assert outcomes(tmp_path / "real") == outcomes(tmp_path / "simulated")
+    pruned = [t for r in read_studies(tmp_path / "real") for t in r.trials if t["pruned_at"]]
+    assert pruned
+    for t in pruned:  # Ray ended the trial at the report that the searcher stopped it at
+        (folder,) = (tmp_path / "real").glob(f"*{t['ray_trial_id']}*")
+        rows = [json.loads(line) for line in (folder / "result.json").read_text().splitlines()]
+        assert rows[-1]["step"] == t["pruned_at"] and rows[-1]["val/accuracy"] < 0.9
