@@ -293,7 +293,10 @@ class StudySearcher(Searcher):
         docstring). Ray calls it before `on_trial_result`, so the report is recorded here."""
         if self.objective.stop(trial_id, result):
             return True
-        if self.search.prune is False:
+        # prune: true stops nothing in a metric study (no trial is known to lose there).
+        if self.search.prune is False or (
+            self.search.prune is True and self.objective.kind != "steps_to_target"
+        ):
             return False
         run = self._open()
         entry = run.live.get(trial_id)
