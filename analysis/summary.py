@@ -23,10 +23,13 @@ their median is its steps, a run that never reached the target counting as the w
 fit). The fit is `analysis.scaling.fit_scaling`'s of one median per batch size, not of every
 run: the seeds of one batch size share its configuration and that configuration's distance
 from the true optimum, so they are not independent observations of S(B); fitted as such
-(pseudo-replication), the interval narrows by up to sqrt(seeds) and under-covers whenever the
-scatter between batch sizes exceeds the seeds' (tests/test_summary.py measures both). The
-medians' scatter about the curve carries the seeds' spread into the residual variance, on
-which the profile-likelihood intervals rest.
+(pseudo-replication), the interval narrows by up to sqrt(seeds) and under-covers as soon as
+the batch sizes scatter about the curve by more than their seeds do. On 200 synthetic sweeps
+(8 batch sizes x 3 seeds, seed noise and a per-batch-size offset of sd 0.1 each in log steps)
+the 95% interval of B_crit covers 94.5% fitted to the medians and 75.5% fitted to every run; with
+no offset both cover (95.5%, 94%) (tests/test_summary.py). The medians' scatter about the curve
+carries the seeds' spread into the residual variance, on which the profile-likelihood
+intervals rest.
 
 Reads the studies' SQLite storage through `lbs_tune.studies.read_studies` (Optuna, no Ray); no
 torch, no pandas.
