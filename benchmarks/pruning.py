@@ -13,13 +13,19 @@ Each line is JSON. The two sweeps share the machine in turn, never at once; on a
 their wall times are only as comparable as its load.
 """
 
+# ruff: noqa: E402  (the path fix below must run before the package imports)
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+# benchmarks/analysis.py would shadow the analysis package: the repository root instead.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.load import load
 from analysis.summary import read_summary
