@@ -70,7 +70,7 @@ def line_of(text: str, key: str) -> int:
         ("trials_per_point: 8", "trials_per_point: 0", "search.trials_per_point",
          "greater than or equal to 1"),
         (TARGET_SECTION, "", "search.objective", "steps_to_target needs a `target`"),
-        ("confirm: {top: 3,", "confirm: {top: 9,", "search.confirm",
+        ("confirm: {top: 1,", "confirm: {top: 9,", "search.confirm",
          "top 9 is more than the 8 trials per point"),
         ("  prune: true", "  prune: median", "search.prune",
          "median pruning is for objective: metric"),
