@@ -7,8 +7,10 @@ from the files (a trial's step budget is the `total_steps` it reported): no torc
 
 from __future__ import annotations
 
+import functools
+import textwrap
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -16,9 +18,11 @@ import yaml
 
 from analysis.columns import config_columns
 from analysis.load import experiment_location, load
-from lbs_tune.config import SweepSpec
+from analysis.tables import FINISHED
+from lbs_tune.config import SEARCH_KEY, SweepSpec
 from lbs_tune.errors import UserError, cut, did_you_mean, printable
 from lbs_tune.experiment import has_record, mixed_runs, read_record
+from lbs_tune.studies import Objective, finite_number, objective_for
 
 
 def _state(row: dict[str, Any]) -> str:
@@ -79,61 +83,68 @@ def _load(source: str):
     return experiment, results.sweep or {}, results
 
 
-def status(source: str) -> str:
-    """The status table of an experiment: one row per trial, below a header about the sweep."""
+# The most columns of the default table: the console prints it at a sweep's end, and a wider
+# line wraps in a terminal of this width (`--wide` has every column).
+WIDTH = 120
+
+
+class _Column(NamedTuple):
+    header: str
+    cells: list[str]
+    keep: int | None  # 0: always; a higher number stays longer as the table narrows; None: wide
+
+
+def status(source: str, wide: bool = False) -> str:
+    """The status table of an experiment: one row per trial, in grid point and trial number
+    order, below a header about the sweep. At most WIDTH columns (the columns that fit, the
+    searched keys and the objective first), or every column with `wide`."""
     experiment, sweep, results = _load(source)
     spec = sweep.get("spec") or {}
+    checked = SweepSpec.model_validate(spec) if spec else None
     metric = (spec.get("metric") or {}).get("name", "val/accuracy")
     trials = _rows(results.trials) if results else []
     keys = config_columns(results.trials) if results else []
     grid = list(spec.get("grid") or {}) or [
         k for k in ("batch_size", "lr.scaling", "seed") if k in keys
     ]
+    searched = [k for k in (spec.get("search") or {}).get("space") or {} if k in keys]
+    trials.sort(key=functools.partial(_order, spec.get("grid") or {}))
     checkpoints = _checkpoints(results.history) if results else {}
+    objective = _objective(checked)
+    values = _values(results.history, objective.metric) if objective and results else {}
     states: dict[str, int] = {}
-    rows, errors = [], []
+    errors = []
     for t in trials:
         state = _state(t)
         states[state] = states.get(state, 0) + 1
-        step, budget = t.get("final/step"), t.get("final/total_steps")
-        progress = f"{step or 0}/{budget}" if budget else str(step or 0)
-        where = t.get("final/host") or "-"
-        if t.get("final/node_id"):
-            where += f" node {t['final/node_id'][:8]}"
-        if t.get("final/gpu_ids"):
-            where += f" gpu {t['final/gpu_ids']}"
-        rows.append(
-            [
-                t["trial_id"],
-                *(str(t.get(k)) for k in grid),
-                state,
-                progress,
-                _number(t.get(f"final/{metric}")),
-                _number(t.get(f"best/{metric}")),
-                "yes" if t["diverged"] else "no",
-                where,
-                str(t["num_failures"] or 0),
-                checkpoints.get(t["trial_id"], "-"),
-                _when(t["start_time"]),
-            ]
-        )
         if t["error"]:
             errors.append(f"  {t['trial_id']}: {t['error']}")
-    header = [
-        "trial",
-        *grid,
-        "state",
-        "step",
-        f"latest {metric}",
-        "best",
-        "diverged",
-        "host / node / gpu",
-        "failures",
-        "last checkpoint",
-        "started",
+
+    def column(header: str, keep: int | None, cell) -> _Column:
+        return _Column(header, [cell(t) for t in trials], keep)
+
+    columns = [
+        column("trial", 0, lambda t: t["trial_id"]),
+        *(column(k, 0, lambda t, k=k: str(t.get(k))) for k in grid),
+        *(column(k, 0, lambda t, k=k: _cell(t.get(k))) for k in searched),
+        column("state", 0, _state),
+        column("step", 0, _progress),
+        column(f"latest {metric}", 1, lambda t: _number(t.get(f"final/{metric}"))),
+        column("best", 4, lambda t: _number(t.get(f"best/{metric}"))),
+        *(
+            [column(_objective_header(objective), 5, lambda t: _outcome(t, objective, values))]
+            if objective and checked.search
+            else []
+        ),
+        column("diverged", 3, lambda t: "yes" if t["diverged"] else "no"),
+        column("host / node / gpu", None, _where),
+        column("failures", 2, lambda t: str(t["num_failures"] or 0)),
+        column("last checkpoint", None, lambda t: checkpoints.get(t["trial_id"], "-")),
+        column("started", None, lambda t: _when(t["start_time"])),
     ]
+    shown = columns if wide else _narrow(columns, WIDTH)
     counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) or "none yet"
-    planned = SweepSpec.model_validate(spec).trial_count if spec else None
+    planned = checked.trial_count if checked else None
     if planned and planned > len(trials):
         counts += f"; {planned - len(trials)} more trials not started"
     ended = sweep.get("ended") or "running or interrupted"
@@ -147,11 +158,105 @@ def status(source: str) -> str:
     mixed = mixed_runs(runs)
     if mixed:
         lines.append(f"  {len(runs)} runs, under other code or data than the first: {mixed}")
-    lines += ["", _table(header, rows) if rows else "(no trials yet)"]
+    if trials:
+        header = [c.header for c in shown]
+        rows = [list(row) for row in zip(*(c.cells for c in shown), strict=True)]
+        lines += ["", _table(header, rows)]
+        hidden = [c.header for c in columns if c not in shown]
+        if hidden:
+            note = f"(more columns with --wide: {', '.join(hidden)})"
+            lines += ["", *textwrap.wrap(note, WIDTH)]
+    else:
+        lines += ["", "(no trials yet)"]
     if errors:
         lines += ["", "errors:", *errors]
     # Error files, configs and the record are other people's text: no terminal escapes.
     return printable("\n".join(lines))
+
+
+def _narrow(columns: list[_Column], width: int) -> list[_Column]:
+    """The columns that fit `width`: the wide-only ones left out, then the others by their
+    `keep` (the lowest first) until the table fits or only the `keep` 0 ones are left."""
+    shown = [c for c in columns if c.keep is not None]
+    while _width(shown) > width and any(c.keep for c in shown):
+        shown.remove(min((c for c in shown if c.keep), key=lambda c: c.keep))
+    return shown
+
+
+def _width(columns: list[_Column]) -> int:
+    widths = [max(len(c) for c in [column.header, *column.cells]) for column in columns]
+    return sum(widths) + 2 * (len(widths) - 1)
+
+
+def _order(grid: dict[str, list[Any]], trial: dict[str, Any]) -> tuple:
+    """A trial's place: its grid point (the grid's own order), its number in the point's study
+    (a searched trial), its id. A value the grid lacks goes after the grid's values."""
+    place = []
+    for key, options in grid.items():
+        value = trial.get(key)
+        place.append(options.index(value) if value in options else len(options))
+    number = trial.get(f"{SEARCH_KEY}.number")
+    return (*place, -1 if number is None else number, trial["trial_id"])
+
+
+def _objective(spec: SweepSpec | None) -> Objective | None:
+    """The objective of a searched sweep's studies, None for a sweep without a search."""
+    if spec is None or spec.search is None:
+        return None
+    return objective_for(spec.search, spec.metric, spec.target)
+
+
+def _objective_header(objective: Objective) -> str:
+    return "steps to target" if objective.kind == "steps_to_target" else "objective"
+
+
+def _values(history: pa.Table, metric: str) -> dict[str, dict[int, float]]:
+    """Per trial id, its reported values of `metric` by step (finite ones)."""
+    if metric not in history.column_names:
+        return {}
+    found: dict[str, dict[int, float]] = {}
+    rows = history.select(["trial_id", "step", metric]).to_pylist()
+    for row in rows:
+        value = finite_number(row[metric])
+        if value is not None and row["step"] is not None:
+            found.setdefault(row["trial_id"], {})[row["step"]] = value
+    return found
+
+
+def _outcome(trial: dict[str, Any], objective: Objective, values: dict) -> str:
+    """A searched trial's objective as its study sees it (`Objective.outcome` of its reports):
+    the value, else 'diverged' or 'missed (best 0.47)' once it ended, '-' while it runs."""
+    mine = values.get(trial["trial_id"], {})
+    value, _ = objective.outcome(mine, bool(trial["diverged"]))
+    if value is not None:
+        return f"{value:g}" if objective.kind == "steps_to_target" else _number(value)
+    if _state(trial) not in FINISHED:
+        return "-"
+    if trial["diverged"]:
+        return "diverged"
+    if objective.kind == "steps_to_target" and mine:
+        pick = max if objective.mode == "max" else min
+        return f"missed (best {_number(pick(mine.values()))})"
+    return "-"
+
+
+def _progress(trial: dict[str, Any]) -> str:
+    step, budget = trial.get("final/step"), trial.get("final/total_steps")
+    return f"{step or 0}/{budget}" if budget else str(step or 0)
+
+
+def _where(trial: dict[str, Any]) -> str:
+    where = trial.get("final/host") or "-"
+    if trial.get("final/node_id"):
+        where += f" node {trial['final/node_id'][:8]}"
+    if trial.get("final/gpu_ids"):
+        where += f" gpu {trial['final/gpu_ids']}"
+    return where
+
+
+def _cell(value: Any) -> str:
+    """A searched value: numbers short (a drawn rate has 17 digits)."""
+    return _number(value) if isinstance(value, float) else str(value)
 
 
 def where(source: str, filters: list[str]) -> list[str]:

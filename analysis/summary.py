@@ -1,19 +1,20 @@
 """The numbers of a searched sweep (one Optuna study per grid point, `lbs_tune.studies`): per grid
 point the best trial of its search, its confirmation runs on fresh seeds, how its trials ended
-against their step caps, the search-budget curve, the critical-batch fit, `summary.json`, the
-report's extra figures, and the study trials as a table for `lbs-tune export`.
+against their step caps, the search-budget curve, the critical-batch fit, `summary.json`, and
+the study trials as a table for `lbs-tune export`.
 
 The best trial of a study is `StudyRecord.best()`: fewest steps to the target, ties by the
 better value of the metric at that step, then the earlier trial. Its `steps_to_target` is that
 trial's objective value (an objective `metric` study: the first step at which its reported
 values reach the target, when the target is on the study's metric).
 
-A point's steps to target (`PointSummary.steps`): with `search.confirm`, the median over the
-confirmation seeds of the search's best configuration (rank 0), with their min-max; else the
-search's best. The configuration is chosen on the search's seed and measured on seeds that took
-no part in choosing it; taking the best of the top k by the same runs that report it would
-bring back the winner's curse (the minimum of k noisy medians is biased low). The runner-up
-configurations' runs are given beside it, so a reader sees whether the ranking holds.
+A point's steps to target (`PointSummary.steps`, also `confirmed` when they come from
+confirmation runs): with `search.confirm`, the median over the confirmation seeds of the
+search's best configuration (rank 0), with their min-max; else the search's best. The
+configuration is chosen on the search's seed and measured on seeds that took no part in
+choosing it; taking the best of the top k by the same runs that report it would bring back the
+winner's curse (the minimum of k noisy medians is biased low). The runner-up configurations'
+runs are given beside it, so a reader sees whether the ranking holds.
 
 How grid points combine into the fit: grid keys other than `batch_size` and `seed` (e.g.
 `optimizer.name`) split the points into series, one fit each. A batch size's observations are
@@ -42,24 +43,19 @@ import math
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
-from analysis._arrow import rows_to_table, to_numpy
-from analysis.budget import BudgetCurve, Censoring, best_of_k, censoring
+from analysis._arrow import rows_to_table
+from analysis.budget import Censoring, best_of_k, censoring
 from analysis.metrics import BATCH, SEED, seed_spread
 from analysis.scaling import RESAMPLES, ScalingFit, fit_scaling
 from lbs_tune.experiment import REPORT_FILE, SUMMARY_FILE, write_parquet
 from lbs_tune.names import comparison, first_reached
 from lbs_tune.storage import Location, locate
 from lbs_tune.studies import STUDY_FILE, Objective, StudyRecord, read_studies
-
-if TYPE_CHECKING:
-    import plotly.graph_objects as go
-
-    from analysis.tables import Results
 
 STEPS = "steps_to_target"
 FORMAT = 2  # summary.json's layout version
@@ -86,7 +82,7 @@ class Steps(NamedTuple):
     median: float | None
     low: float | None
     high: float | None
-    runs: int  # the runs behind them
+    count: int  # the runs behind them, one per seed (as `Spread.count`)
     source: str  # CONFIRMED (confirmation runs) or SEARCH (the search's best trial)
 
 
@@ -102,15 +98,21 @@ class Confirmed(NamedTuple):
 
 
 class Budget(NamedTuple):
-    """The search-budget curve of a study (`analysis.budget.best_of_k`) over its told trials'
-    steps to target. A PRUNED trial enters at one step past where it stopped, a lower bound of
-    its steps; a quantile at or below `exact_up_to` (the first step a pruned trial stopped at)
-    is exact, one above it a lower bound, `curve.infeasible` a lower bound (None: no trial was
-    pruned, all exact)."""
+    """The search-budget curve of a study (`analysis.budget.BudgetCurve`'s fields, by
+    `best_of_k`) over its told trials' steps to target. A PRUNED trial enters at one step past
+    where it stopped, a lower bound of its steps: a quantile (`median`, `low`, `high`) at or
+    below `exact_up_to` (the first step a pruned trial stopped at; None: none was pruned, all
+    exact) is exact, one above it a lower bound; `infeasible` is then a lower bound too, and
+    `expected` neither."""
 
-    curve: BudgetCurve
+    k: np.ndarray
+    expected: np.ndarray
+    median: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    infeasible: np.ndarray
     exact_up_to: float | None
-    pruned: int
+    pruned: int  # the PRUNED trials among them
 
 
 class PointSummary(NamedTuple):
@@ -125,11 +127,22 @@ class PointSummary(NamedTuple):
     spread: Spread
     counts: dict[str, int]  # asked, feasible, infeasible, diverged, pruned, unfinished
     trials: list[dict[str, Any]]  # every trial of the study (read_studies' dicts)
-    confirmed: list[Confirmed]  # best first; [] without confirmation
+    confirmations: list[Confirmed]  # the confirmed configurations, best first; [] without
     seeds: list[int]  # the confirmation seeds
     steps: Steps  # the point's steps to target (see the module docstring)
     censoring: Censoring | None  # its told, unpruned trials against their caps
     budget: Budget | None  # None without a trial's steps to target
+
+    @property
+    def confirmed(self) -> Steps | None:
+        """The point's steps from its confirmation runs, None while it has none."""
+        return self.steps if self.steps.source == CONFIRMED else None
+
+    @property
+    def cap_hits(self) -> int | None:
+        """Trials that ran to their step cap without reaching the target or diverging (None
+        without reported caps)."""
+        return self.censoring.capped if self.censoring else None
 
     @property
     def group(self) -> dict[str, Any]:
@@ -248,7 +261,7 @@ def search_budget(
         if steps is None and t["state"] == "PRUNED" and t["pruned_at"] is not None:
             steps = t["pruned_at"] + 1  # its steps to target are more than where it stopped
         values.append(steps)
-    return Budget(best_of_k(values), float(min(pruned)) if pruned else None, len(pruned))
+    return Budget(*best_of_k(values), float(min(pruned)) if pruned else None, len(pruned))
 
 
 def trial_censoring(
@@ -295,9 +308,9 @@ def summarize_point(
     }
     best = study.best()
     steps = trial_steps(best, study.objective, target) if best else None
-    confirmed = confirmed_configs(study, target)
-    if confirmed and confirmed[0].steps is not None:
-        answer = confirmed[0].steps
+    confirmations = confirmed_configs(study, target)
+    if confirmations and confirmations[0].steps is not None:
+        answer = confirmations[0].steps
     else:
         answer = Steps(steps, steps, steps, 1 if best else 0, SEARCH)
     batch = study.point.get(BATCH, batch_size)
@@ -311,7 +324,7 @@ def summarize_point(
         spread,
         counts,
         list(trials),
-        confirmed,
+        confirmations,
         list(study.seeds),
         answer,
         trial_censoring(trials, batch, study.objective, target) if batch is not None else None,
@@ -322,8 +335,8 @@ def summarize_point(
 def _observations(point: PointSummary) -> tuple[list[float | None], str]:
     """A point's observations of its batch size's steps: its rank-0 configuration's told
     confirmation runs, else its search's best (one)."""
-    if point.confirmed and point.confirmed[0].runs:
-        first = point.confirmed[0]
+    if point.confirmations and point.confirmations[0].runs:
+        first = point.confirmations[0]
         return [trial_steps(r, point.objective) for r in first.runs], CONFIRMED
     return [point.steps_to_target], SEARCH
 
@@ -360,7 +373,7 @@ def fit_series(
                 median,
                 [s.low for s in spreads],
                 [s.high for s in spreads],
-                [s.runs for s in spreads],
+                [s.count for s in spreads],
                 fit,
                 [s.median for s in searched],
                 [SEARCH if SEARCH in observed[b][1] else CONFIRMED for b in sizes],
@@ -427,7 +440,7 @@ def _steps_json(steps: Steps | None) -> dict[str, Any] | None:
         "median": _number(steps.median),
         "low": _number(steps.low),
         "high": _number(steps.high),
-        "runs": steps.runs,
+        "count": steps.count,
         "from": steps.source,
     }
 
@@ -475,11 +488,11 @@ def _budget_json(b: Budget | None) -> dict[str, Any] | None:
     if b is None:
         return None
     return {
-        "k": b.curve.k.tolist(),
-        "median": _numbers(b.curve.median),
-        "low": _numbers(b.curve.low),
-        "high": _numbers(b.curve.high),
-        "p_none": _numbers(b.curve.infeasible),
+        "k": b.k.tolist(),
+        "median": _numbers(b.median),
+        "low": _numbers(b.low),
+        "high": _numbers(b.high),
+        "p_none": _numbers(b.infeasible),
         "exact_up_to": _number(b.exact_up_to),
         "pruned": b.pruned,
     }
@@ -503,7 +516,7 @@ def _fit_json(series: SeriesFit) -> dict[str, Any]:
             "median": _numbers(series.median),
             "low": _numbers(series.low),
             "high": _numbers(series.high),
-            "runs": series.seeds,
+            "seeds": series.seeds,
             "search": _numbers(series.search),
             "from": series.sources,
         },
@@ -515,10 +528,10 @@ def summary_json(summary: Summary) -> dict[str, Any]:
 
     - `objective`: kind, metric, mode, target.
     - `points`, per grid point: its grid keys, `batch_size`, `study`; `steps_to_target`: the
-      point's steps {median, low, high, runs, from: 'confirmed' (its best configuration's
+      point's steps {median, low, high, count, from: 'confirmed' (its best configuration's
       confirmation runs) or 'search' (the search's best trial)}; `examples_to_target` (the
       median x batch size); `search`: {best_trial, best_config, best_value, steps_to_target}
-      of the search's best trial (on the search's seed); `confirmed`: per confirmed
+      of the search's best trial (on the search's seed); `confirmations`: per confirmed
       configuration, best first, {rank, trial, config, search_steps, median, low, high, runs:
       [{seed, number, steps_to_target, state, diverged, reason}]} ([] without confirmation);
       `confirm_seeds`; `censoring`: the search's told, unpruned trials against their caps
@@ -533,7 +546,7 @@ def summary_json(summary: Summary) -> dict[str, Any]:
       critical batch size; not the measured gradient noise scale), their `intervals` [low,
       high] at `level` by `method`, `residual_sd`, `bracketed`, the `batch_sizes` and `steps`
       fitted, `reason` (why there is no fit), and `series`: per batch size the `median`,
-      `low`, `high` over `runs`, the `search` best, and where they come `from`.
+      `low`, `high` over `seeds` runs, the `search` best, and where they come `from`.
     - `fits`: every series' fit with its `group`.
     """
     o = summary.objective
@@ -556,7 +569,7 @@ def summary_json(summary: Summary) -> dict[str, Any]:
                     "best_value": _number(best["value"]) if best else None,
                     STEPS: _number(p.steps_to_target),
                 },
-                "confirmed": [_confirmed_json(c, o) for c in p.confirmed],
+                "confirmations": [_confirmed_json(c, o) for c in p.confirmations],
                 "confirm_seeds": p.seeds,
                 "censoring": _censoring_json(p.censoring, p.counts["pruned"]),
                 "search_budget": _budget_json(p.budget),
@@ -706,71 +719,3 @@ def write_study_trials(source: Location | str | Path, out_dir: Location | str | 
     target = folder.join("studies.parquet")
     write_parquet(target, table)
     return target.uri
-
-
-# ============================================================================ Figures
-
-
-def best_trial_ids(summary: Summary | None) -> set[str] | None:
-    """The Ray trial ids of the studies' best trials (None without a summary)."""
-    if summary is None:
-        return None
-    return {p.best["ray_trial_id"] for p in summary.points if p.best and p.best["ray_trial_id"]}
-
-
-def _has_values(history: pa.Table, column: str) -> bool:
-    if column not in history.column_names:
-        return False
-    return bool(np.isfinite(to_numpy(history[column], np.nan).astype(float)).any())
-
-
-def extra_figures(
-    results: Results,
-    summary: Summary | None,
-    metric: str,
-    compare: Sequence[tuple[str, Results]] = (),
-    x: str = "step",
-) -> dict[str, go.Figure]:
-    """The report's figures of issues 9 and 10 by id, in page order, only those that apply.
-
-    With a `summary` (a searched sweep, `read_summary`): steps to target with the fit
-    ("tuned-steps", beside the fixed-rule series of this experiment's unsearched trials and of
-    each `compare` (label, Results), all to the study objective's target), the Pareto frontier
-    ("pareto"), the best learning rate ("best-lr", when lr.base is searched) and every study's
-    trials ("study-objective"). Where the history has `noise/b_simple`: "noise-scale" (and
-    "noise-vs-critical" with a fit); `sharpness/top_eig`: "sharpness". Measurements are drawn
-    against `x`, for the studies' best trials, else the best configuration by `metric`.
-    """
-    from analysis.figures import (
-        best_lr,
-        noise_scale,
-        pareto,
-        sharpness,
-        study_objective,
-        tuned_steps,
-    )
-
-    trials, history = results
-    drawn = {}
-    if summary is not None:
-        fixed = [("this sweep", trials, history), *((n, r.trials, r.history) for n, r in compare)]
-        drawn["tuned-steps"] = tuned_steps.render(tuned_steps.extract(summary, fixed))
-        frontier = pareto.extract(summary)
-        if frontier.series:
-            drawn["pareto"] = pareto.render(frontier)
-        lrs = best_lr.extract(summary)
-        if lrs.series:
-            drawn["best-lr"] = best_lr.render(lrs)
-        drawn["study-objective"] = study_objective.render(study_objective.extract(summary))
-    keep = best_trial_ids(summary)
-    if _has_values(history, noise_scale.COLUMN):
-        drawn["noise-scale"] = noise_scale.render(
-            noise_scale.extract(trials, history, x, metric, keep)
-        )
-        if summary is not None:
-            versus = noise_scale.extract_versus(summary, history)
-            if versus.batch_sizes:
-                drawn["noise-vs-critical"] = noise_scale.render_versus(versus)
-    if _has_values(history, sharpness.COLUMN):
-        drawn["sharpness"] = sharpness.render(sharpness.extract(trials, history, x, metric, keep))
-    return drawn

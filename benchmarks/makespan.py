@@ -2,9 +2,10 @@
 
 Each trial costs its steps x batch / images/s from a throughput table (ANCHORS.md's H200 figures by
 default, or the JSON lines that benchmarks/throughput.py printed), and holds the GPU fraction its
-sweep's `resources.gpu` gives its batch size. `lbs_tune.schedule.makespan` places the trials on
---gpus GPUs in the order Ray Tune makes them today (grid order) and longest-first, beside the lower
-bound max(longest trial, GPU-hours / GPUs). One JSON line per sweep, then a summary line.
+sweep's `resources.gpu` gives its batch size. `makespan` (below) places the trials on --gpus GPUs in
+the order Ray Tune's grid_search would make them (`tune_grid_order`) and longest-first (the order
+`lbs-tune run` uses, lbs_tune.schedule.longest_first), beside the lower bound max(longest trial,
+GPU-hours / GPUs). One JSON line per sweep, then a summary line.
 
     python benchmarks/makespan.py [--gpus 8] [--throughput FILE] [--column cuda_graph] [SWEEP ...]
 """
@@ -12,14 +13,20 @@ bound max(longest trial, GPU-hours / GPUs). One JSON line per sweep, then a summ
 from __future__ import annotations
 
 import argparse
+import heapq
+import itertools
 import json
+import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lbs_tune import schedule
-from lbs_tune.data import DATASETS
+from lbs_tune.config import SweepSpec
+from lbs_tune.datasets import DATASETS
 from lbs_tune.errors import UserError
+from lbs_tune.schedule import Job
 from lbs_tune.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +34,90 @@ SWEEPS = [ROOT / "sweeps" / "cifar10.yaml", ROOT / "sweeps" / "cifar10_wrn.yaml"
 # Target: longest-first within this factor of the lower bound.
 TARGET_RATIO = 1.15
 HOUR = 3600.0
+_SLACK = 1e-9  # GPU fractions that add up to a whole one within rounding fit it
+
+
+def tune_grid_order(spec: SweepSpec) -> list[int]:
+    """The order in which Ray Tune's BasicVariantGenerator makes the trials of a param_space with
+    one grid_search per grid key, as indices into `spec.points()`.
+
+    Ray sorts the grid keys by path and varies the first of them fastest
+    (ray.tune.search.variant_generator: parse_spec_vars, _grid_search_generator), while
+    `points()` varies the last key of the file fastest.
+    """
+    keys = list(spec.grid)
+    sizes = [len(spec.grid[key]) for key in keys]
+    # points() is itertools.product over the keys: key k steps by the product of later sizes.
+    strides = [math.prod(sizes[k + 1 :]) for k in range(len(keys))]
+    slowest_first = sorted(range(len(keys)), key=lambda k: keys[k].split("."), reverse=True)
+    return [
+        sum(value * strides[k] for value, k in zip(combo, slowest_first, strict=True))
+        for combo in itertools.product(*(range(sizes[k]) for k in slowest_first))
+    ]
+
+
+def makespan(jobs: Sequence[Job], gpus: int, order: Sequence[int], backfill: bool = True) -> float:
+    """Seconds until the last job ends when `jobs` start greedily in `order` on `gpus` GPUs.
+
+    Whenever a job ends (and at time 0) the waiting jobs are taken in order; each starts if some
+    GPU has its fraction free (the GPU with the least room that fits it, as Ray's raylet picks;
+    whole free GPUs for a request above 1). With `backfill` a job that does not fit waits while
+    later ones that fit start, as Ray does when every trial's placement group is requested up
+    front; without it the first job that does not fit holds back all that follow it.
+    """
+    if sorted(order) != list(range(len(jobs))):
+        raise ValueError(f"order must list each of the {len(jobs)} jobs once")
+    for index, job in enumerate(jobs):
+        whole = job.gpu <= 1 or job.gpu == int(job.gpu)
+        if not (0 < job.gpu <= gpus and whole and job.seconds >= 0):
+            raise ValueError(f"job {index} ({job}) cannot run on {gpus} GPUs")
+    free = [1.0] * gpus
+    waiting = list(order)
+    running: list[tuple[float, int, list[tuple[int, float]]]] = []
+    now = 0.0
+    while waiting or running:
+        held_back = []
+        for position, index in enumerate(waiting):
+            taken = _take(free, jobs[index].gpu)
+            if taken is None:
+                if not backfill:
+                    held_back += waiting[position:]
+                    break
+                held_back.append(index)
+                continue
+            heapq.heappush(running, (now + jobs[index].seconds, index, taken))
+        waiting = held_back
+        # Every job fits an idle cluster, so something runs whenever something waits.
+        now = running[0][0]
+        while running and running[0][0] <= now:
+            for gpu, amount in heapq.heappop(running)[2]:
+                free[gpu] += amount
+    return now
+
+
+def _take(free: list[float], fraction: float) -> list[tuple[int, float]] | None:
+    """Take `fraction` of one GPU (best fit) or whole GPUs from `free`; None if it does not fit."""
+    if fraction <= 1:
+        fits = [gpu for gpu, room in enumerate(free) if room >= fraction - _SLACK]
+        if not fits:
+            return None
+        gpu = min(fits, key=lambda g: free[g])
+        free[gpu] -= fraction
+        return [(gpu, fraction)]
+    idle = [gpu for gpu, room in enumerate(free) if room >= 1 - _SLACK][: int(fraction)]
+    if len(idle) < fraction:
+        return None
+    for gpu in idle:
+        free[gpu] -= 1.0
+    return [(gpu, 1.0) for gpu in idle]
+
+
+def lower_bound(jobs: Sequence[Job], gpus: int) -> float:
+    """No order finishes sooner: max(longest job, total GPU-seconds / gpus), where a job's
+    GPU-seconds are its seconds x its GPU fraction."""
+    if not jobs:
+        return 0.0
+    return max(max(job.seconds for job in jobs), sum(j.seconds * j.gpu for j in jobs) / gpus)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -72,11 +163,9 @@ def simulate(path: Path, table: schedule.Table, gpus: int, backfill: bool) -> di
     """One sweep's line: the makespans of both orders, the lower bound, their ratios."""
     spec = load_spec(path)
     jobs = schedule.sweep_jobs(spec, lambda c: DATASETS[c.dataset].train_size(c.data), table)
-    grid = schedule.makespan(jobs, gpus, schedule.tune_grid_order(spec), backfill)
-    longest = schedule.makespan(
-        jobs, gpus, schedule.longest_first([j.seconds for j in jobs]), backfill
-    )
-    bound = schedule.lower_bound(jobs, gpus)
+    grid = makespan(jobs, gpus, tune_grid_order(spec), backfill)
+    longest = makespan(jobs, gpus, schedule.longest_first([j.seconds for j in jobs]), backfill)
+    bound = lower_bound(jobs, gpus)
     return {
         "sweep": spec.name,
         "trials": len(jobs),

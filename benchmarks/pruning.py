@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.load import load
 from analysis.summary import read_summary
-from lbs_tune.runner import run, start_ray
+from lbs_tune.cluster import start_ray
+from lbs_tune.runner import run
 from lbs_tune.storage import locate
 
 ROOT = Path(__file__).resolve().parents[1]

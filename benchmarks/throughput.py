@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from lbs_tune.build import model_for, resolve_device, resolve_precision
 from lbs_tune.compiled import resolve_compile
 from lbs_tune.config import DataConfig, TrialConfig, epoch_steps
-from lbs_tune.data import DATASETS, DeviceData, load_dataset, random_crop, random_flip
+from lbs_tune.data import DeviceData, load_dataset, random_crop, random_flip
+from lbs_tune.datasets import DATASETS
 from lbs_tune.errors import UserError
 from lbs_tune.optim import build_optimizer
 from lbs_tune.training import ListReporter, train

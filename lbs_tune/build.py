@@ -16,6 +16,7 @@ from lbs_tune.config import TrialConfig
 from lbs_tune.data import DeviceData, TokenStreams, load_dataset
 from lbs_tune.errors import UserError
 from lbs_tune.models import build_model
+from lbs_tune.quadratic import QuadraticData
 from lbs_tune.tasks import Task, make_task
 
 
@@ -58,14 +59,18 @@ class Built(NamedTuple):
 
 def model_for(config: TrialConfig, data: DeviceData | TokenStreams) -> nn.Module:
     """The config's model for `data` (its classes and input shape), with the model options and
-    ghost batch size of the config, on the CPU, initialised from torch's current random state."""
-    return build_model(
+    ghost batch size of the config, on the CPU, initialised from torch's current random state
+    (the noisy quadratic's: at its problem's start)."""
+    model = build_model(
         config.model,
         data.num_classes,
         data.input_shape,
         config.ghost_batch_size,
         **config.model_options,
     )
+    if isinstance(data, QuadraticData):
+        data.start(model)
+    return model
 
 
 def task_for(config: TrialConfig, data: DeviceData | TokenStreams, precision: str) -> Task:

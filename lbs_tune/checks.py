@@ -8,8 +8,8 @@ batch fit the training split) before anything starts: in `lbs-tune run`, `run --
 
 from __future__ import annotations
 
-from lbs_tune.config import KeyedError, TrialConfig
-from lbs_tune.data import DATASETS, batch_too_large, dataset_info
+from lbs_tune.config import KeyedError, Target, TrialConfig, TrialTarget
+from lbs_tune.datasets import DATASETS, batch_too_large, dataset_info
 from lbs_tune.errors import did_you_mean
 from lbs_tune.models import (
     TASK_MODELS,
@@ -29,6 +29,11 @@ def check_trial(config: TrialConfig) -> None:
         raise KeyedError(
             "dataset", f"unknown dataset '{config.dataset}'{did_you_mean(config.dataset, DATASETS)}"
         )
+    info = dataset_info(config)
+    if info.check is not None:
+        info.check(config)
+    if config.data.nqm is not None and config.dataset != "nqm":
+        raise KeyedError("data.nqm", "only dataset nqm reads data.nqm; remove it or use nqm")
     try:
         validate_model_name(config.model)
     except ValueError as exc:
@@ -43,7 +48,6 @@ def check_trial(config: TrialConfig) -> None:
         )
     # The SDE rule moves Adam's betas with the batch size: refused where one leaves (0, 1).
     moved_optimizer(config.optimizer, config.lr, config.batch_size)
-    info = dataset_info(config)
     max_batch = info.max_batch(config.data)
     problem = batch_too_large(config, max_batch, task=info.task)
     if problem:
@@ -80,3 +84,22 @@ def check_trial(config: TrialConfig) -> None:
             check_model_fits(config.model, classes, shape, info.task, **config.model_options)
         except ValueError as exc:
             raise KeyedError("model_options", f"{config.model}: {exc}") from None
+
+
+def check_sweep_target(target: Target | None, trials: list[TrialConfig]) -> tuple[str, str] | None:
+    """(key, message) if a sweep's `target` cannot be reached on the dataset of one of its
+    trials (its own check, as a trial target of the same metric and value), else None; the key
+    is the sweep file's (`target.value`, `target.metric`)."""
+    if target is None:
+        return None
+    as_trial = TrialTarget(metric=target.metric, value=target.value)
+    for config in trials:
+        info = dataset_info(config)
+        if info.check is None:
+            continue
+        try:
+            info.check(config.model_copy(update={"target": as_trial}))
+        except KeyedError as exc:
+            if exc.key.startswith("target."):
+                return exc.key, str(exc)
+    return None

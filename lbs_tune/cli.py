@@ -64,7 +64,7 @@ def _resume(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from analysis.status import status
 
-    print(status(args.experiment))
+    print(status(args.experiment, wide=args.wide))
     return 0
 
 
@@ -210,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="table of the trials of a sweep (while it runs or after)"
     )
     status.add_argument("experiment", metavar="EXPERIMENT", help="experiment folder or URI")
+    status.add_argument(
+        "--wide",
+        action="store_true",
+        help="every column (host, checkpoint, start time ...), not only those that fit 120",
+    )
     status.set_defaults(func=_status)
 
     where = commands.add_parser(
@@ -229,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--target", metavar="METRIC=VALUE", help="default: the spec's target")
     report.add_argument(
-        "--x", choices=["step", "examples", "epoch"], default="step", help="learning-curve axis"
+        "--x",
+        choices=["step", "examples", "epoch"],
+        help="axis of the curves over training (default: examples when batch sizes differ)",
     )
     report.add_argument(
         "--static", type=Path, metavar="DIR", help="also write each figure as PNG, PDF and SVG"

@@ -7,7 +7,7 @@ the task's sampler, then gathered and augmented) is copied into static input buf
 learning rate into a device tensor, and one graph replays forward, backward, the update and the
 accumulation of the loss and accuracy. The first `WARMUP_STEPS` steps of a run (of a resumed run
 too) run eagerly on a side stream, as `torch.cuda.graphs` asks, and the capture follows them.
-The CUDA paths here have not yet run on a GPU (ANCHORS.md's figures are the target).
+The CUDA paths here have not yet run on a GPU (benchmarks/throughput.py --anchors measures them).
 """
 
 from __future__ import annotations

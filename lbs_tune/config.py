@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from lbs_tune.errors import short
 from lbs_tune.names import BUDGET_KEYS, METRICS, direction, flatten, set_dotted
+from lbs_tune.nqm import problems as nqm_problems
 from lbs_tune.space import SearchSpec
 
 MetricName = Literal[METRICS]
@@ -93,6 +94,43 @@ class LRConfig(_Strict):
         return value
 
 
+# The largest noisy quadratic: its arrays are made when a config is checked.
+MAX_NQM_DIM = 10**7
+
+
+class NQMConfig(_Strict):
+    """Dataset `nqm`'s problem, the arguments of `lbs_tune.nqm.quadratic`: curvatures h_i =
+    scale * i^-power for i = 1..dim, or the given `values`; per-example gradient-noise variances
+    noise_scale * h (noise covariance proportional to the Hessian), or the given `noise`; the
+    start theta0, one value for every dimension or one per dimension."""
+
+    dim: int | None = Field(None, le=MAX_NQM_DIM)
+    power: float = 1.0
+    scale: float = 1.0
+    values: tuple[float, ...] | None = Field(None, max_length=MAX_NQM_DIM)
+    noise_scale: float = 1.0
+    noise: tuple[float, ...] | None = Field(None, max_length=MAX_NQM_DIM)
+    theta0: float | tuple[float, ...] = 1.0
+
+    @model_validator(mode="after")
+    def _a_problem(self) -> NQMConfig:
+        if self.values is not None and self.dim is not None:
+            raise KeyedError("values", "give dim (with power and scale) or values, not both")
+        found = nqm_problems(**self.arguments())
+        if found:
+            raise KeyedError(*found[0])
+        return self
+
+    def arguments(self) -> dict[str, Any]:
+        """The keyword arguments of `lbs_tune.nqm.quadratic` (and `problems`)."""
+        return self.model_dump()
+
+    @property
+    def dimension(self) -> int:
+        """d: the number of curvatures."""
+        return len(self.values) if self.values is not None else self.dim
+
+
 class DataConfig(_Strict):
     """Where data lives and how the chosen dataset is split and augmented."""
 
@@ -110,21 +148,49 @@ class DataConfig(_Strict):
     image_size: tuple[
         Annotated[int, Field(gt=0, le=65_536)], Annotated[int, Field(gt=0, le=65_536)]
     ] = (256, 512)
+    # Dataset nqm: the noisy quadratic model (lbs_tune.quadratic).
+    nqm: NQMConfig | None = None
 
 
 class NoiseScaleConfig(_Strict):
-    """The gradient noise scale (McCandlish et al. 2018) every `every` epochs, on the step's batch
-    split into micro-batches of `micro_batch`; |G|^2 and tr(Sigma) are averaged with decay `ema`
-    before their ratio B_simple is taken."""
+    """The gradient noise scales B_simple and B_noise (McCandlish et al. 2018) from per-example
+    gradients, see `lbs_tune.measure`: windows of `window` consecutive steps every `every`
+    epochs, each step on `batch` examples of its own (drawn with replacement from the training
+    split, augmented, by the measurement's own generator), B_noise from Hessian-vector products
+    with `hessian_examples` of them (with batch norm: of its groups; 0: no B_noise).
+    `micro_batch` divides `batch`: the examples whose gradients are taken at once (a memory
+    bound), or with batch norm the examples of a group, one pass each (None: all at once, or
+    at most 16 groups); the results do not depend on it, beyond their spread."""
 
     every: float = Field(gt=0, le=MAX_EPOCHS)
-    micro_batch: int = Field(gt=0, le=MAX_BATCH)
-    ema: float = Field(0.9, ge=0, lt=1)
+    window: int = Field(10, ge=1, le=100_000)
+    batch: int = Field(256, ge=2, le=MAX_BATCH)
+    micro_batch: int | None = Field(None, gt=0, le=MAX_BATCH)
+    hessian_examples: int = Field(16, ge=0, le=MAX_BATCH)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> NoiseScaleConfig:
+        if self.micro_batch is not None and (
+            self.micro_batch >= self.batch or self.batch % self.micro_batch
+        ):
+            raise KeyedError(
+                "micro_batch",
+                f"micro_batch {self.micro_batch} must divide batch {self.batch} and be smaller",
+            )
+        if self.hessian_examples > self.batch:
+            raise KeyedError(
+                "hessian_examples",
+                f"hessian_examples {self.hessian_examples} is more than batch {self.batch}; "
+                f"use at most {self.batch}",
+            )
+        return self
 
 
 class SharpnessConfig(_Strict):
     """The top eigenvalue of the training loss's Hessian every `every` epochs, on the first
-    `batch` training examples (unaugmented), by `iterations` Lanczos steps."""
+    `batch` training examples (unaugmented) as the step computes the loss (train mode: batch
+    norm on the statistics of each micro-batch), by `iterations` Lanczos steps; for AdamW also
+    that of the preconditioned Hessian P^-1 H (`lbs_tune.measure`)."""
 
     every: float = Field(gt=0, le=MAX_EPOCHS)
     batch: int = Field(1024, gt=0, le=MAX_BATCH)
@@ -242,14 +308,6 @@ class TrialConfig(_Strict):
             raise KeyedError(
                 "target.metric", f"{self.target.metric} has no better direction to reach"
             )
-        if self.noise_scale is not None:
-            small = self.noise_scale.micro_batch
-            if small >= self.batch_size or self.batch_size % small:
-                raise KeyedError(
-                    "noise_scale.micro_batch",
-                    f"noise_scale.micro_batch {small} must divide batch_size {self.batch_size} "
-                    "and be smaller; use e.g. batch_size / 8",
-                )
         return self
 
     @property
@@ -500,6 +558,12 @@ def epoch_steps(train_size: int, batch_size: int) -> float:
     """Steps in one epoch, N / B: fractional, since batches run across epoch boundaries (every
     batch size sees the same examples per epoch; `lbs_tune.data.BatchSampler`)."""
     return train_size / batch_size
+
+
+def every_steps(epochs: float, per_epoch: float) -> int:
+    """Steps between two events every `epochs` epochs (evaluations, checkpoints, measurements)
+    of `per_epoch` steps each: at least one."""
+    return max(1, round(epochs * per_epoch))
 
 
 def total_steps(config: TrialConfig, train_size: int) -> int:

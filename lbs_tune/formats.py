@@ -1,17 +1,14 @@
-"""Read datasets from their standard files into arrays: torchvision's image datasets (CIFAR-10/100,
-MNIST, Fashion-MNIST, SVHN), WikiText-2 and Cityscapes.
+"""Datasets' raw arrays and torchvision's image formats: what every reader returns (`RawData`,
+`TokenData`), the one-line errors of a missing or damaged file, the .npz cache of arrays made
+once (`cached_arrays`), and the readers of torchvision's image datasets (CIFAR-10/100, MNIST,
+Fashion-MNIST, SVHN). WikiText-2 and Cityscapes have their own modules (`lbs_tune.wikitext`,
+`lbs_tune.cityscapes`); which dataset reads which files is `lbs_tune.datasets`' registry.
 
 The files are read exactly where and as torchvision keeps them under its `root`. MNIST-family IDX
 files go through torchvision's own readers. CIFAR pickles and SVHN .mat files are read by small
 readers that follow torchvision's code, because torchvision's CIFAR and SVHN classes
 check the MD5 of the official files when constructed; those checks belong to the download step,
 which is torchvision's own and runs only when files are missing.
-
-WikiText-2 (`read_wikitext2`) is tokenised as PyTorch's word_language_model example does.
-Cityscapes (`read_cityscapes`) is read in torchvision's Cityscapes layout with Pillow, as
-torchvision's own Cityscapes class reads it (Pillow is a requirement of torchvision, whose
-`torchvision.io` PNG decoding is deprecated since 0.29). Neither is downloaded here (Cityscapes
-needs a registration): a missing file is a one-line error naming it and where to get it.
 """
 
 from __future__ import annotations
@@ -19,18 +16,17 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import sys
+import tempfile
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from lbs_tune.errors import UserError
-from lbs_tune.segmentation import IGNORE_INDEX
 
 # IDX magic numbers of MNIST-family files: 0x08 (uint8) then the number of dimensions.
 _IDX_IMAGES = 0x0803
@@ -50,6 +46,53 @@ class RawData:
     test_x: np.ndarray | None
     test_y: np.ndarray | None
     num_classes: int
+
+
+@dataclass(frozen=True, eq=False)
+class TokenData:
+    """A tokenised corpus: int64 token ids (T,) per split, and the words of the ids in order."""
+
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+    vocab: tuple[str, ...]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+
+def describe(exc: BaseException) -> str:
+    """Name an exception on one line, since UserError messages are one line."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def corrupt_file(name: str, path: Path, why: str, fix: str) -> UserError:
+    """The one-line error of a damaged file `path` of dataset `name`: why, and the fix."""
+    return UserError(f"{name}: {path} is corrupted ({why}); delete it and {fix}")
+
+
+def cached_arrays(path: Path, make: Callable[[], dict[str, np.ndarray]], what: str) -> dict:
+    """The arrays of the .npz cache `path`, made by `make` and written there when missing.
+
+    A folder that cannot be written only costs making the arrays again next time."""
+    if not path.exists():
+        arrays = make()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Concurrent trials may make it at once: write aside, then rename atomically.
+            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as f:
+                np.savez(f, **arrays)
+            os.replace(f.name, path)
+        except OSError as exc:
+            print(f"lbs-tune: warning: cannot cache {what} as {path} ({exc})", file=sys.stderr)
+        return arrays
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"{path}: corrupted {what} cache ({exc}); delete it to remake it") from None
 
 
 _Reader = Callable[["_Format", Path, Sequence[str]], tuple[np.ndarray, np.ndarray]]
@@ -79,19 +122,9 @@ class _Format:
         return self.train_files + self.test_files + meta
 
 
-def _describe(exc: BaseException) -> str:
-    """Name an exception on one line, since UserError messages are one line."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
-def _corrupt_file(name: str, path: Path, why: str, fix: str) -> UserError:
-    return UserError(f"{name}: {path} is corrupted ({why}); delete it and {fix}")
-
-
 def _corrupt(fmt: _Format, path: Path, why: str) -> UserError:
     fix = "download it again (set data.download: true, or copy torchvision's file there)"
-    return _corrupt_file(fmt.name, path, why, fix)
+    return corrupt_file(fmt.name, path, why, fix)
 
 
 def _check_split(fmt: _Format, x_path: Path, x: np.ndarray, y_path: Path, y: np.ndarray) -> None:
@@ -161,7 +194,7 @@ def _unpickle(fmt: _Format, path: Path, keys: Sequence[str]) -> dict[str, Any]:
             entry = _CifarUnpickler(f, encoding="latin1").load()
     # Unpickling a damaged file can raise nearly any exception type.
     except Exception as exc:
-        raise _corrupt(fmt, path, _describe(exc)) from exc
+        raise _corrupt(fmt, path, describe(exc)) from exc
     if not isinstance(entry, dict) or not all(key in entry for key in keys):
         raise _corrupt(fmt, path, f"not a pickled dict with keys {', '.join(keys)}")
     return entry
@@ -200,7 +233,7 @@ def _read_idx(fmt: _Format, path: Path, magic: int) -> np.ndarray:
         return read(str(path)).numpy()
     # torchvision's reader asserts on the header and fails to reshape a short or long body.
     except (AssertionError, RuntimeError, TypeError, ValueError) as exc:
-        raise _corrupt(fmt, path, _describe(exc)) from exc
+        raise _corrupt(fmt, path, describe(exc)) from exc
 
 
 def _read_mnist(fmt: _Format, folder: Path, files: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -219,7 +252,7 @@ def _read_svhn(fmt: _Format, folder: Path, files: Sequence[str]) -> tuple[np.nda
         mat = scipy.io.loadmat(path)
     # scipy raises many exception types on a damaged or non-MATLAB file.
     except Exception as exc:
-        raise _corrupt(fmt, path, _describe(exc)) from exc
+        raise _corrupt(fmt, path, describe(exc)) from exc
     if not {"X", "y"} <= mat.keys() or mat["X"].ndim != 4:
         raise _corrupt(fmt, path, "no 'X' array of shape (32, 32, 3, N) and 'y' labels")
     # X is (H, W, C, N); torchvision takes the same (3, 2, 0, 1) transpose to (N, C, H, W).
@@ -320,9 +353,9 @@ _FORMATS: dict[str, _Format] = {
     ),
 }
 
+
+# The image datasets torchvision reads and downloads (also baked into the Docker image).
 DATASET_NAMES = tuple(_FORMATS)
-# Datasets read from their own files by read_wikitext2 and read_cityscapes, never downloaded.
-LOCAL_DATASET_NAMES = ("wikitext2", "cityscapes")
 
 
 def _missing(fmt: _Format, folder: Path) -> list[str]:
@@ -354,7 +387,7 @@ def _download(fmt: _Format, root: Path, missing: list[str]) -> None:
                 dataset_class(str(root), download=True, **kwargs)
             except (OSError, RuntimeError) as exc:
                 raise UserError(
-                    f"{fmt.name}: downloading {fmt.title} into {root} failed ({_describe(exc)}); "
+                    f"{fmt.name}: downloading {fmt.title} into {root} failed ({describe(exc)}); "
                     f"check the network, or put torchvision's {fmt.title} files there yourself"
                 ) from exc
 
@@ -371,14 +404,8 @@ def _check_meta(fmt: _Format, folder: Path) -> None:
 
 
 def check_files(name: str, root: Path) -> None:
-    """UserError, as the reader would raise it, if files of dataset `name` (one of
-    DATASET_NAMES or LOCAL_DATASET_NAMES) are missing under the data folder `root`."""
-    if name == "wikitext2":
-        _wikitext2_paths(Path(root))
-        return
-    if name == "cityscapes":
-        cityscapes_files(Path(root))
-        return
+    """UserError, as `read_torchvision` would raise it, if files of dataset `name` (one of
+    DATASET_NAMES) are missing under the data folder `root`."""
     fmt = _FORMATS[name]
     folder = Path(root) / fmt.folder
     missing = _missing(fmt, folder)
@@ -410,233 +437,3 @@ def read_torchvision(name: str, root: Path, download: bool) -> RawData:
     test_x, test_y = fmt.read(fmt, folder, fmt.test_files)
     _check_meta(fmt, folder)
     return RawData(train_x, train_y, test_x, test_y, fmt.num_classes)
-
-
-# ============================================================================ WikiText-2
-
-WIKITEXT2_FOLDER = "wikitext-2"
-WIKITEXT2_FILES = {
-    "train": "wiki.train.tokens",
-    "valid": "wiki.valid.tokens",
-    "test": "wiki.test.tokens",
-}
-WIKITEXT2_SOURCE = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip"
-EOS, UNK = "<eos>", "<unk>"
-
-
-@dataclass(frozen=True, eq=False)
-class TokenData:
-    """A tokenised corpus: int64 token ids (T,) per split, and the words of the ids in order."""
-
-    train: np.ndarray
-    valid: np.ndarray
-    test: np.ndarray
-    vocab: tuple[str, ...]
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
-
-
-def _wikitext2_paths(root: Path) -> dict[str, Path]:
-    """The three token files under `root`; UserError naming the missing ones and the source."""
-    folder = root / WIKITEXT2_FOLDER
-    paths = {split: folder / file for split, file in WIKITEXT2_FILES.items()}
-    missing = [path.name for path in paths.values() if not path.is_file()]
-    if missing:
-        raise UserError(
-            f"wikitext2: WikiText-2 files missing from {folder}: {', '.join(missing)}; unzip "
-            f"{WIKITEXT2_SOURCE} (Merity et al. 2016) into {root}, or set data.dir or "
-            f"LBS_DATA_DIR to the folder that holds {WIKITEXT2_FOLDER}"
-        )
-    return paths
-
-
-def _wikitext2_corrupt(path: Path, why: str) -> UserError:
-    return _corrupt_file("wikitext2", path, why, f"unzip it again from {WIKITEXT2_SOURCE}")
-
-
-def _read_lines(path: Path) -> list[list[str]]:
-    """The words of each line of a token file, split on whitespace, as PyTorch's example does."""
-    try:
-        with path.open(encoding="utf8") as f:
-            lines = [line.split() for line in f]
-    except UnicodeDecodeError as exc:
-        raise _wikitext2_corrupt(path, _describe(exc)) from exc
-    if not any(lines):
-        raise _wikitext2_corrupt(path, "it holds no words")
-    return lines
-
-
-def tokenize(
-    train: list[list[str]], others: Sequence[list[list[str]]]
-) -> tuple[tuple[str, ...], np.ndarray, list[np.ndarray]]:
-    """Token ids of lines of words, with `<eos>` after each line (PyTorch's word_language_model).
-
-    The vocabulary is the training split's words in order of first appearance, so the ids are
-    the example's; `<unk>` is appended if the training split lacks it. A word of `others` (valid,
-    test) that is not in the vocabulary becomes `<unk>`. Returns the vocabulary, the training
-    ids and the ids of each of `others`, int64.
-    """
-    index: dict[str, int] = {}
-    for words in train:
-        for word in (*words, EOS):
-            index.setdefault(word, len(index))
-    index.setdefault(UNK, len(index))
-    unk = index[UNK]
-
-    def ids(lines: list[list[str]]) -> np.ndarray:
-        return np.fromiter(
-            (index.get(word, unk) for words in lines for word in (*words, EOS)), dtype=np.int64
-        )
-
-    return tuple(index), ids(train), [ids(lines) for lines in others]
-
-
-def read_wikitext2(root: Path) -> TokenData:
-    """Read WikiText-2's `wikitext-2/wiki.{train,valid,test}.tokens` under the data folder `root`.
-
-    Returns each split as int64 token ids with `<eos>` ending every line, over the training
-    split's vocabulary (33,278 words for the real files; see `tokenize`). UserError on one line
-    naming the file when one is missing, not UTF-8 or empty.
-    """
-    paths = _wikitext2_paths(Path(root))
-    lines = {split: _read_lines(path) for split, path in paths.items()}
-    vocab, train, (valid, test) = tokenize(lines["train"], [lines["valid"], lines["test"]])
-    return TokenData(train, valid, test, vocab)
-
-
-# ============================================================================ Cityscapes
-
-CITYSCAPES_FOLDER = "cityscapes"
-CITYSCAPES_SPLITS = ("train", "val")  # the test split's labels are withheld
-CITYSCAPES_CLASSES = 19
-CITYSCAPES_SOURCE = (
-    "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from "
-    "https://www.cityscapes-dataset.com/downloads/ (free registration)"
-)
-_IMAGE_SUFFIX = "_leftImg8bit.png"
-_LABEL_SUFFIX = "_gtFine_labelIds.png"
-
-# labelId -> trainId for the 19 evaluated classes, from cityscapesscripts' labels.py (the table
-# that torchvision.datasets.Cityscapes.classes also holds); every other id is ignored.
-_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11}
-_TRAIN_IDS |= {25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-LABEL_TO_TRAIN_ID = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-LABEL_TO_TRAIN_ID[list(_TRAIN_IDS)] = list(_TRAIN_IDS.values())
-
-
-def _cityscapes_missing(root: Path, what: str) -> UserError:
-    return UserError(
-        f"cityscapes: {what}; unzip {CITYSCAPES_SOURCE} into {root / CITYSCAPES_FOLDER}, "
-        f"or set data.dir or LBS_DATA_DIR to the folder that holds {CITYSCAPES_FOLDER}"
-    )
-
-
-def _cityscapes_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
-    """(image, labelIds) paths of `split` in torchvision's layout, sorted; UserError naming
-    the folder when it holds no images, or the first label file missing."""
-    folder = root / CITYSCAPES_FOLDER
-    images = sorted((folder / "leftImg8bit" / split).glob(f"*/*{_IMAGE_SUFFIX}"))
-    if not images:
-        where = folder / "leftImg8bit" / split
-        raise _cityscapes_missing(root, f"no <city>/*{_IMAGE_SUFFIX} images in {where}")
-    pairs = []
-    for image in images:
-        stem = image.name.removesuffix(_IMAGE_SUFFIX)
-        label = folder / "gtFine" / split / image.parent.name / f"{stem}{_LABEL_SUFFIX}"
-        pairs.append((image, label))
-    missing = [label for _, label in pairs if not label.is_file()]
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise _cityscapes_missing(root, f"label file {missing[0]}{more} missing")
-    return pairs
-
-
-def cityscapes_files(root: Path) -> list[Path]:
-    """Every image and label file of Cityscapes' train and val splits under `root`, sorted by
-    split then name; UserError naming what is missing, as `read_cityscapes` would."""
-    return [
-        path
-        for split in CITYSCAPES_SPLITS
-        for pair in _cityscapes_pairs(root, split)
-        for path in pair
-    ]
-
-
-def _cityscapes_corrupt(path: Path, why: str) -> UserError:
-    return _corrupt_file("cityscapes", path, why, f"unzip it again from {CITYSCAPES_SOURCE}")
-
-
-def _read_png(path: Path) -> Image.Image:
-    """The PNG file `path`, decoded; UserError naming it if Pillow cannot read it."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    # Pillow raises OSError (UnidentifiedImageError, truncated data), SyntaxError or ValueError
-    # on a damaged file.
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise _cityscapes_corrupt(path, f"not a PNG Pillow can decode: {_describe(exc)}") from exc
-
-
-def _read_cityscapes_pair(
-    image_path: Path, label_path: Path, size: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """One image (3, H, W) and its train-id mask (H, W), uint8, resized to `size` (H, W)."""
-    image = _read_png(image_path).convert("RGB")
-    label = _read_png(label_path)
-    if label.mode != "L":
-        why = f"mode {label.mode}, expected L: one 8-bit channel of label ids"
-        raise _cityscapes_corrupt(label_path, why)
-    if label.size != image.size:
-        why = f"labels {label.height}x{label.width} for an image of {image.height}x{image.width}"
-        raise _cityscapes_corrupt(label_path, why)
-    height, width = size
-    if image.size != (width, height):
-        # Pillow's bilinear filter widens with the scale (antialiasing) when shrinking;
-        # nearest (pixel centres) never blends label ids into another class.
-        image = image.resize((width, height), Image.Resampling.BILINEAR)
-        label = label.resize((width, height), Image.Resampling.NEAREST)
-    return np.asarray(image).transpose(2, 0, 1), LABEL_TO_TRAIN_ID[np.asarray(label)]
-
-
-def _read_cityscapes_split(
-    root: Path, split: str, size: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    pairs = _cityscapes_pairs(root, split)
-    images = np.empty((len(pairs), 3, *size), dtype=np.uint8)
-    masks = np.empty((len(pairs), *size), dtype=np.uint8)
-
-    def read(index: int) -> None:
-        images[index], masks[index] = _read_cityscapes_pair(*pairs[index], size)
-
-    # Pillow decodes and resizes without the GIL: threads cut the minutes a split takes (about
-    # 0.1 s per full-size pair on one core) by the cores there are.
-    pool = ThreadPoolExecutor(min(8, len(os.sched_getaffinity(0))))
-    try:
-        for _ in pool.map(read, range(len(pairs))):
-            pass  # map re-raises a worker's error here, in file order
-    finally:
-        # After an error, drop the files not yet started rather than decode them all first.
-        pool.shutdown(cancel_futures=True)
-    return images, masks
-
-
-def read_cityscapes(root: Path, size: tuple[int, int]) -> RawData:
-    """Read Cityscapes' fine annotations under `root`/cityscapes in torchvision's layout:
-    `leftImg8bit/{train,val}/<city>/<name>_leftImg8bit.png` and
-    `gtFine/{train,val}/<city>/<name>_gtFine_labelIds.png`.
-
-    Every image is resized to `size` (H, W): Pillow's bilinear (antialiased) for the images,
-    nearest for the label maps, whose label ids become the 19 training ids (255: ignore). Returns
-    RawData with uint8 images (N, 3, H, W) and uint8 masks (N, H, W) in file-name order; the
-    training split is `train` (2,975 images in the real files) and the test split is the
-    official `val` (500), since the official test split's labels are withheld. UserError on one
-    line naming the folder or file when one is missing or cannot be decoded.
-    """
-    root = Path(root)
-    size = (int(size[0]), int(size[1]))
-    train_x, train_y = _read_cityscapes_split(root, "train", size)
-    val_x, val_y = _read_cityscapes_split(root, "val", size)
-    return RawData(train_x, train_y, val_x, val_y, CITYSCAPES_CLASSES)

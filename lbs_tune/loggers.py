@@ -18,7 +18,6 @@ names of 150 characters) is not.
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import posixpath
 import re
@@ -28,11 +27,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pyarrow.fs as pafs
+from ray.tune import Callback
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, LoggerCallback
 
 from lbs_tune.config import SEARCH_KEY, SweepSpec
 from lbs_tune.errors import UserError
-from lbs_tune.names import METRICS, flatten
+from lbs_tune.names import flatten, own_metrics
 from lbs_tune.storage import Location
 
 TENSORBOARD_DIR = "tensorboard"
@@ -41,8 +41,6 @@ BY_EXAMPLES = "by_examples/"
 AUTO_LOGGERS_OFF = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 # Short names of keys in run names.
 SHORT_KEYS = {"batch_size": "bs"}
-# The reported numbers drawn against the step (step itself is the x axis).
-SCALARS = tuple(m for m in METRICS if m not in ("step", "diverged"))
 # The package each optional logger needs, and the extra that installs it.
 EXTRAS = {"mlflow": ("mlflow", "lbs-tune[mlflow]"), "wandb": ("wandb", "lbs-tune[wandb]")}
 
@@ -74,33 +72,27 @@ def callbacks(spec: SweepSpec, experiment: Location) -> list[LoggerCallback]:
     return found
 
 
-def replace_in(tuner: Any, loggers: list[LoggerCallback]) -> None:
-    """Give a Tuner these loggers in place of the logger callbacks its RunConfig has: a
-    restored Tuner brings the callbacks of the run that made it, but the sweep file's `loggers`
-    may have changed since (they are no part of the sweep's digest). A Tuner driven through
-    Ray Client keeps its own."""
+def replace_in(tuner: Any, callbacks: list[Callback], verbose: int | None = None) -> bool:
+    """Give a Tuner these callbacks in place of the logger callbacks and those of the same
+    classes its RunConfig has, and Ray's verbosity `verbose` unless None: a restored Tuner
+    brings the RunConfig of the run that made it, but the sweep file's `loggers` may have
+    changed since (they are no part of the sweep's digest) and the console is this run's.
+    False, and nothing changed, for a Tuner driven through Ray Client: it keeps its own."""
     local = getattr(tuner, "_local_tuner", None)
     if local is None:
-        return
+        return False
     run_config = local.get_run_config()
-    others = [c for c in run_config.callbacks or [] if not isinstance(c, LoggerCallback)]
-    run_config.callbacks = [*loggers, *others]
+    kinds = (LoggerCallback, *{type(c) for c in callbacks})
+    others = [c for c in run_config.callbacks or [] if not isinstance(c, kinds)]
+    run_config.callbacks = [*callbacks, *others]
+    if verbose is not None:
+        run_config.verbose = verbose
+    return True
 
 
 def varying_keys(spec: SweepSpec) -> list[str]:
     """The grid keys with more than one value: what tells a sweep's trials apart."""
     return [key for key, values in spec.grid.items() if len(values) > 1]
-
-
-def own_metrics(result: dict[str, Any]) -> dict[str, float]:
-    """The trial's own finite numbers of a report (names of lbs_tune.names.METRICS; no Ray keys,
-    no flags such as `diverged` or `replayed`)."""
-    found = {}
-    for key in SCALARS:
-        value = result.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-            found[key] = value
-    return found
 
 
 def run_name(config: dict[str, Any], varying: list[str]) -> str:

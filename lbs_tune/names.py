@@ -3,6 +3,7 @@ report, which way each is better, and dotted keys of nested configs."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 # The metric names of every report: the same in the loop, in Ray's files, in the tables and plots.
@@ -38,8 +39,15 @@ METRICS = (
     "optimizer/beta1",
     "optimizer/beta2",
     "optimizer/eps",
+    "noise/grad_hgrad",
+    "noise/trace_hcov",
+    "noise/b_noise",
+    "sharpness/precond_top_eig",
 )
 
+
+# The reported numbers that are drawn and logged against the step (step itself is the x axis).
+SCALARS = tuple(m for m in METRICS if m not in ("step", "diverged"))
 
 Mode = Literal["max", "min"]
 
@@ -77,6 +85,17 @@ def comparison(metric: str, ascii: bool = False) -> str:
     return "≤" if below else "≥"
 
 
+def own_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The trial's own finite numbers of a report (names in METRICS; no Ray keys, no flags such
+    as `diverged` or `replayed`): what the TensorBoard, MLflow and W&B loggers write."""
+    found = {}
+    for key in SCALARS:
+        value = result.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            found[key] = value
+    return found
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'lr': {'base': 0.1}} -> {'lr.base': 0.1}; lists and tuples stay values."""
     flat: dict[str, Any] = {}
@@ -90,6 +109,18 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 BUDGET_KEYS = ("epochs", "steps", "examples")
+
+
+def get_dotted(tree: Any, key: str) -> Any:
+    """`tree['a']['b']` for key 'a.b'; None where a part is missing."""
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def hashable(value: Any) -> Any:
+    """A config value as a dict key or set member: lists (a shape, milestones) as tuples."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

@@ -106,3 +106,35 @@ def lr_at(
     if rule.decay == "poly":
         return peak * (1.0 - progress) ** rule.power
     return peak * (1.0 - progress)
+
+
+def stability_limit(
+    optimizer: str,
+    lr: float,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> float | None:
+    """The largest curvature the optimizer `optimizer` ("sgd", "adamw", ...) at learning rate `lr`
+    is stable on: above it the iterates grow along the top eigenvector (the edge of stability,
+    Cohen et al. 2021); None where there is no such line (LARS, LAMB: layer-wise trust ratios).
+
+    On a quadratic of curvature λ, PyTorch's SGD is stable for lr·λ < 2 without momentum,
+    lr·λ < 2(1 + β) with heavy-ball momentum β, and lr·λ < 2(1 + β)/(1 + 2β) with Nesterov's
+    (its update g + β·buf), as `build_optimizer` uses it: Nesterov only with β > 0. The limit of
+    Adam(W) is on the preconditioned sharpness λ_max(P⁻¹H), P its frozen preconditioner:
+    2(1 + β₁)/((1 − β₁)·lr) (Cohen et al. 2022, "Adaptive gradient methods at the edge of
+    stability"). Weight decay's own curvature (its coefficient) is left out.
+    """
+    if lr <= 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    if optimizer == "adamw":
+        beta = betas[0]
+        return 2 * (1 + beta) / ((1 - beta) * lr)
+    if optimizer != "sgd":
+        return None
+    if momentum == 0:
+        return 2 / lr
+    if nesterov:
+        return 2 * (1 + momentum) / ((1 + 2 * momentum) * lr)
+    return 2 * (1 + momentum) / lr

@@ -12,15 +12,14 @@ import copy
 import functools
 import json
 import os
-import socket
-import sys
 import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lbs_tune.config import SEARCH_KEY, SweepSpec, changes, data_dir, set_dotted
+from lbs_tune.cluster import check_reachable, start_ray
+from lbs_tune.config import SEARCH_KEY, SweepSpec, changes, data_dir
 from lbs_tune.errors import UserError
 from lbs_tune.experiment import (
     SWEEP_FILE,
@@ -32,6 +31,7 @@ from lbs_tune.experiment import (
     record_end,
     record_start,
 )
+from lbs_tune.names import get_dotted, hashable, set_dotted
 from lbs_tune.provenance import provenance
 from lbs_tune.spec import check_spec, load_spec
 from lbs_tune.storage import Location, locate, scaffolding
@@ -57,20 +57,9 @@ def param_space(spec: SweepSpec, grid_search) -> dict[str, Any]:
     configs = trial_configs(spec)
     space = copy.deepcopy(configs[0])
     for key in spec.grid:
-        values = [_dotted(c, key) for c in configs]
-        set_dotted(space, key, grid_search(list(dict.fromkeys(map(_frozen, values)))))
+        values = [get_dotted(c, key) for c in configs]
+        set_dotted(space, key, grid_search(list(dict.fromkeys(map(hashable, values)))))
     return space
-
-
-def _dotted(tree: dict[str, Any], key: str) -> Any:
-    for part in key.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
-
-
-def _frozen(value: Any) -> Any:
-    # Lists (a shape, milestones) as tuples, so equal values count once.
-    return tuple(value) if isinstance(value, list) else value
 
 
 def trial_dirname(keys: tuple[str, ...], trial) -> str:
@@ -78,20 +67,19 @@ def trial_dirname(keys: tuple[str, ...], trial) -> str:
     short enough for any file system ('train_trial_1a2b3_00004_batch_size=64,lr.scaling=none');
     a key the trial's config lacks is left out (a confirmation run has `search.confirm`, a
     search trial `search.number`)."""
-    values = [(key, _dotted(trial.config, key)) for key in keys]
+    values = [(key, get_dotted(trial.config, key)) for key in keys]
     tag = ",".join(f"{key}={value}" for key, value in values if value is not None)
     tag = "".join(c if c.isalnum() or c in "=,._-" else "_" for c in tag)[:120]
     return f"train_trial_{trial.trial_id}_{tag}".rstrip("_")
 
 
-def start_order(spec: SweepSpec) -> list[int]:
-    """The grid points' indices in the order their trials start: longest first by an estimated
-    cost (steps x seconds per step from the H200 throughput table of lbs_tune.schedule; models
-    it lacks cost like ResNet-20, which keeps the order of batch sizes right), or grid order."""
-    if spec.schedule == "grid":
-        return list(range(len(spec.trials)))
+def trial_costs(spec: SweepSpec) -> list[float]:
+    """One trial's estimated cost at each grid point, in `spec.trials` order: steps x seconds
+    per step from the H200 throughput table of lbs_tune.schedule (models it lacks cost like
+    ResNet-20, which keeps the order of batch sizes right). The start order and the console's
+    time left read it."""
     from lbs_tune import schedule
-    from lbs_tune.data import DATASETS
+    from lbs_tune.datasets import DATASETS
 
     jobs = schedule.sweep_jobs(
         spec,
@@ -99,7 +87,17 @@ def start_order(spec: SweepSpec) -> list[int]:
         schedule.H200_DEVICE_RESIDENT,
         stand_in="resnet20",
     )
-    return schedule.longest_first([job.seconds for job in jobs])
+    return [job.seconds for job in jobs]
+
+
+def start_order(spec: SweepSpec) -> list[int]:
+    """The grid points' indices in the order their trials start: longest first by
+    `trial_costs`, or grid order."""
+    if spec.schedule == "grid":
+        return list(range(len(spec.trials)))
+    from lbs_tune import schedule
+
+    return schedule.longest_first(trial_costs(spec))
 
 
 def print_dry_run(spec: SweepSpec, experiment: Location, recorded: dict | None) -> None:
@@ -185,135 +183,12 @@ def prepare_folder(spec: SweepSpec, experiment: Location, fresh: bool) -> dict[s
 
 def prepare_data(spec: SweepSpec) -> None:
     """For a cluster on this machine: check that the dataset files are there (a missing file is
-    a UserError before anything starts, not a failure of every trial), and generate or resize
-    datasets once (MNIST-1D, Cityscapes), so that trials starting together don't all do it."""
-    from lbs_tune.data import load_raw
-    from lbs_tune.formats import DATASET_NAMES, LOCAL_DATASET_NAMES, check_files
+    a UserError before anything starts, not a failure of every trial), and prepare datasets once
+    (MNIST-1D's generation, Cityscapes' resizing), so that trials starting together don't all do
+    it. Which dataset needs what is its entry in `lbs_tune.datasets`."""
+    from lbs_tune.datasets import prepare_datasets
 
-    seen = set()
-    for config in spec.trials:
-        key = (config.dataset, config.data.dir, config.data.samples, config.data.image_size)
-        if key in seen:
-            continue
-        seen.add(key)
-        # WikiText-2 and Cityscapes cannot be downloaded: their files must be there.
-        if config.dataset in LOCAL_DATASET_NAMES or (
-            config.dataset in DATASET_NAMES and not config.data.download
-        ):
-            check_files(config.dataset, data_dir(config.data))
-        if config.dataset in ("mnist1d", "cityscapes"):
-            load_raw(config)
-
-
-def _check_reachable(address: str, timeout_s: float = 10) -> None:
-    """A one-line UserError at once for a host:port nobody listens on (Ray itself retries for
-    minutes). `auto` and addresses without a port are left to Ray."""
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        return
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except OSError as exc:
-        raise UserError(
-            f"--address {address}: cannot join the Ray cluster (nothing answers at {host}:{port}: "
-            f"{exc.strerror or exc}); start it with `ray start --head` or check the address"
-        ) from None
-
-
-def _use_token_if_there() -> None:
-    """Ray turns token auth on by itself only for clusters it finds; with an explicit address it
-    must be told, so use the token whenever one is there (RAY_AUTH_MODE still wins). Ray has no
-    public call for this: without its private one (a Ray other than 2.60), say how to do it."""
-    try:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
-    except ImportError:
-        if "RAY_AUTH_MODE" not in os.environ:
-            print(
-                "lbs-tune: warning: this Ray cannot be told to use ~/.ray/auth_token; if the "
-                "cluster asks for a token, set RAY_AUTH_MODE=token",
-                file=sys.stderr,
-            )
-        return
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-
-
-def start_ray(
-    address: str | None = None,
-    cpus: int | None = None,
-    gpus: int | None = None,
-    log_to_driver: bool = True,
-) -> None:
-    """Join the cluster at `address`, or start a local one with the dashboard on. The trials'
-    stdout and stderr reach this process only with `log_to_driver`.
-
-    A local Ray listens on the loopback only (GCS, raylets, workers, the metrics endpoint, the
-    dashboard): Ray takes 127.0.0.1 as its node address when told this machine is no cluster
-    node (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read by Ray and by every process it starts).
-    Trials see the environment of the node they run on: a local cluster's nodes inherit this
-    process's (LBS_DATA_DIR included); a cluster's nodes have their own (see docker/).
-    """
-    if not address:
-        os.environ[LOCAL_ONLY] = "0"
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        _use_token_if_there()
-        _check_reachable(address)
-        try:
-            context = ray.init(address=address, log_to_driver=log_to_driver)
-        except (ConnectionError, ValueError, RuntimeError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UserError(
-                f"--address {address}: cannot join the Ray cluster ({reason})"
-            ) from None
-    else:
-        _loopback_in_this_process()
-        # address="local": always a new cluster, never one that happens to run on this machine.
-        context = ray.init(
-            address="local",
-            num_cpus=cpus,
-            num_gpus=gpus,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            log_to_driver=log_to_driver,
-        )
-    if context.dashboard_url:
-        print(f"Ray dashboard: http://{context.dashboard_url}")
-        print(f"  {_auth_mode()}")
-
-
-LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-def _loopback_in_this_process() -> None:
-    """Ray reads LOCAL_ONLY when it is imported: if it was imported before (a test, a notebook),
-    set what it read. Without that module (another Ray), the loopback is not guaranteed."""
-    try:
-        from ray._private import ray_constants
-    except ImportError:
-        return
-    ray_constants.ENABLE_RAY_CLUSTER = False
-
-
-def _auth_mode() -> str:
-    """One line that says how to sign in to the dashboard, from the mode Ray really runs in."""
-    try:
-        from ray._private.authentication.authentication_utils import is_token_auth_enabled
-    except ImportError:
-        return "sign in with the token in ~/.ray/auth_token if the dashboard asks for one"
-    if is_token_auth_enabled():
-        return (
-            "token authentication is on: sign in with the token in ~/.ray/auth_token "
-            "(`ray get-auth-token` prints it)"
-        )
-    return (
-        "token authentication is OFF (RAY_AUTH_MODE=disabled or a cluster without a token): "
-        "whoever reaches the dashboard controls the cluster"
-    )
+    prepare_datasets(spec.trials)
 
 
 def _summary(results, started: float) -> tuple[str, int]:
@@ -349,7 +224,7 @@ def execute(
 
     from lbs_tune.trainable import placement, train_trial
 
-    console = Console(spec, experiment, verbose=verbose, table=table)
+    console = Console(spec, experiment, table=table, costs=trial_costs(spec))
 
     data_dirs = sorted({str(data_dir(t.data)) for t in spec.trials})
     studies = _studies(spec, experiment)
@@ -407,8 +282,10 @@ def execute(
                 callbacks=loggers,
             ),
         )
-    replace_in(tuner, loggers)
-    results = console.fit(tuner)
+    # Without --verbose the console takes the place of Ray's output: a callback, verbosity 0.
+    quiet = not verbose
+    attached = replace_in(tuner, [*loggers, console] if quiet else loggers, 0 if quiet else None)
+    results = console.fit(tuner.fit, quiet=quiet and attached)
     line, errored = _summary(results, started)
     record_end(experiment)
     console.finish(f"sweep {spec.name}: {line}")
@@ -552,6 +429,6 @@ def _before_starting(spec: SweepSpec, address: str | None) -> None:
     """What refuses a run before Ray starts: a cluster address nobody answers at, or missing
     data files (checked here for a local sweep; a cluster's nodes have their own)."""
     if address:
-        _check_reachable(address)
+        check_reachable(address)
     else:
         prepare_data(spec)

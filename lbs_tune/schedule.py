@@ -1,20 +1,14 @@
-"""Sweeps ordered to finish soonest: trial costs, longest-first order and a makespan simulator.
+"""Sweeps ordered to finish soonest: trial costs and the longest-first order.
 
 A trial's cost is its seconds on a whole GPU: total steps x the seconds of one step, where a step
 of batch B run as micro-batches of m takes B / images_per_s(model, m) from a throughput table
 (model, batch size) -> images/s. Starting the longest trials first (LPT, Graham 1969) keeps the
 slow small-batch trials from starting last and setting the sweep's length. Pure: no torch, no Ray.
-
-The simulator assumes a trial given a fraction f of a GPU occupies f of one GPU (whole GPUs for
-f > 1) and runs at the speed it has alone on the card. Trials that share a card really do better
-than that (ANCHORS.md: 8 ResNet-20 processes at batch 32 give 4.5x one process's images/s), so
-the simulated makespans are upper estimates for shared cards.
+The simulator that measures the gain (makespans of both orders) is benchmarks/makespan.py.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -26,8 +20,8 @@ from lbs_tune.errors import UserError
 # (model, batch size) -> images/s of full training steps.
 Table = Mapping[tuple[str, int], float]
 
-# ../shared/ANCHORS.md, "Training throughput on one GPU" (NVIDIA H200, torch 2.11, synthetic
-# CIFAR-10-shaped data), column "device-resident, bf16, channels_last" (eager PyTorch).
+# Measured on an NVIDIA H200 (torch 2.11, synthetic CIFAR-10-shaped data), the project's
+# performance anchors, column "device-resident, bf16, channels_last" (eager PyTorch).
 H200_DEVICE_RESIDENT: dict[tuple[str, int], float] = {
     ("resnet20", 32): 3_480,
     ("resnet20", 128): 10_930,
@@ -48,10 +42,6 @@ H200_CUDA_GRAPH: dict[tuple[str, int], float] = {
     ("wrn28_10", 512): 10_354,
 }
 TABLES = {"device_resident": H200_DEVICE_RESIDENT, "cuda_graph": H200_CUDA_GRAPH}
-
-# Free GPU fractions are sums of floats such as 0.1: compare with a little slack.
-_SLACK = 1e-9
-
 
 # ============================================================================ Throughput
 
@@ -130,27 +120,6 @@ def _loglog(points: Mapping[int, float], x: float) -> float:
     return points[a] * (points[b] / points[a]) ** t
 
 
-def refine(table: Table, measured: Mapping[tuple[str, int], float]) -> dict:
-    """The table corrected by what a running sweep measured: {(model, micro-batch): images/s}.
-
-    Each measured model's curve is multiplied by the ratio measured / predicted, interpolated in
-    log-log between the measured batch sizes and flat beyond them (one measurement scales the
-    whole curve). A model the table lacks takes the measured figures as its curve.
-    """
-    refined = dict(table)
-    for model in {m for m, _ in measured}:
-        mine = {batch: value for (name, batch), value in measured.items() if name == model}
-        curve = _curve(table, model)
-        if not curve:
-            refined.update({(model, batch): value for batch, value in mine.items()})
-            continue
-        ratio = {batch: value / _loglog(curve, batch) for batch, value in mine.items()}
-        # Both factors are piecewise power laws: their product is one with both sets of knots.
-        for batch in set(curve) | set(mine):
-            refined[(model, batch)] = _loglog(curve, batch) * _loglog(ratio, batch)
-    return refined
-
-
 # ============================================================================ Costs
 
 
@@ -178,7 +147,7 @@ def sweep_jobs(
 ) -> list[Job]:
     """Every trial of the sweep as a Job, in `spec.trials` order: its seconds from `table`, its GPU
     fraction from `spec.resources` by batch size. `train_size(config)` is the size of the trial's
-    training split (lbs_tune.data.DATASETS[dataset].train_size(config.data))."""
+    training split (lbs_tune.datasets.DATASETS[dataset].train_size(config.data))."""
     return [
         Job(
             trial_seconds(config, train_size(config), table, stand_in),
@@ -194,89 +163,3 @@ def sweep_jobs(
 def longest_first(costs: Sequence[float]) -> list[int]:
     """Indices of `costs`, the largest first; equal costs keep their given order."""
     return sorted(range(len(costs)), key=lambda i: -costs[i])
-
-
-def tune_grid_order(spec: SweepSpec) -> list[int]:
-    """The order in which Ray Tune's BasicVariantGenerator makes the trials of a param_space with
-    one grid_search per grid key, as indices into `spec.points()`.
-
-    Ray sorts the grid keys by path and varies the first of them fastest
-    (ray.tune.search.variant_generator: parse_spec_vars, _grid_search_generator), while
-    `points()` varies the last key of the file fastest.
-    """
-    keys = list(spec.grid)
-    sizes = [len(spec.grid[key]) for key in keys]
-    # points() is itertools.product over the keys: key k steps by the product of later sizes.
-    strides = [math.prod(sizes[k + 1 :]) for k in range(len(keys))]
-    slowest_first = sorted(range(len(keys)), key=lambda k: keys[k].split("."), reverse=True)
-    return [
-        sum(value * strides[k] for value, k in zip(combo, slowest_first, strict=True))
-        for combo in itertools.product(*(range(sizes[k]) for k in slowest_first))
-    ]
-
-
-# ============================================================================ Simulation
-
-
-def makespan(jobs: Sequence[Job], gpus: int, order: Sequence[int], backfill: bool = True) -> float:
-    """Seconds until the last job ends when `jobs` start greedily in `order` on `gpus` GPUs.
-
-    Whenever a job ends (and at time 0) the waiting jobs are taken in order; each starts if some
-    GPU has its fraction free (the GPU with the least room that fits it, as Ray's raylet picks;
-    whole free GPUs for a request above 1). With `backfill` a job that does not fit waits while
-    later ones that fit start, as Ray does when every trial's placement group is requested up
-    front; without it the first job that does not fit holds back all that follow it.
-    """
-    if sorted(order) != list(range(len(jobs))):
-        raise ValueError(f"order must list each of the {len(jobs)} jobs once")
-    for index, job in enumerate(jobs):
-        whole = job.gpu <= 1 or job.gpu == int(job.gpu)
-        if not (0 < job.gpu <= gpus and whole and job.seconds >= 0):
-            raise ValueError(f"job {index} ({job}) cannot run on {gpus} GPUs")
-    free = [1.0] * gpus
-    waiting = list(order)
-    running: list[tuple[float, int, list[tuple[int, float]]]] = []
-    now = 0.0
-    while waiting or running:
-        held_back = []
-        for position, index in enumerate(waiting):
-            taken = _take(free, jobs[index].gpu)
-            if taken is None:
-                if not backfill:
-                    held_back += waiting[position:]
-                    break
-                held_back.append(index)
-                continue
-            heapq.heappush(running, (now + jobs[index].seconds, index, taken))
-        waiting = held_back
-        # Every job fits an idle cluster, so something runs whenever something waits.
-        now = running[0][0]
-        while running and running[0][0] <= now:
-            for gpu, amount in heapq.heappop(running)[2]:
-                free[gpu] += amount
-    return now
-
-
-def _take(free: list[float], fraction: float) -> list[tuple[int, float]] | None:
-    """Take `fraction` of one GPU (best fit) or whole GPUs from `free`; None if it does not fit."""
-    if fraction <= 1:
-        fits = [gpu for gpu, room in enumerate(free) if room >= fraction - _SLACK]
-        if not fits:
-            return None
-        gpu = min(fits, key=lambda g: free[g])
-        free[gpu] -= fraction
-        return [(gpu, fraction)]
-    idle = [gpu for gpu, room in enumerate(free) if room >= 1 - _SLACK][: int(fraction)]
-    if len(idle) < fraction:
-        return None
-    for gpu in idle:
-        free[gpu] -= 1.0
-    return [(gpu, 1.0) for gpu in idle]
-
-
-def lower_bound(jobs: Sequence[Job], gpus: int) -> float:
-    """No order finishes sooner: max(longest job, total GPU-seconds / gpus), where a job's
-    GPU-seconds are its seconds x its GPU fraction."""
-    if not jobs:
-        return 0.0
-    return max(max(job.seconds for job in jobs), sum(j.seconds * j.gpu for j in jobs) / gpus)

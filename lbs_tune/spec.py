@@ -244,11 +244,15 @@ def check_spec(data: dict[str, Any], where: Where) -> SweepSpec:
     # Resolved once, here: Ray's trials, the dry run, status and the console read this list.
     trials = [resolved(_trial_config(spec, point, where)) for point in spec.points()]
     _check_base(spec, where)
+    from lbs_tune.checks import check_sweep_target  # the zoos import torch: only when checking
+
+    problems = [check_sweep_target(spec.target, trials)]
     if spec.search is not None:
-        problems = check_search(spec.search, spec.grid, trials, spec.target)
-        if problems:
-            key, message = problems[0]
-            raise UserError(f"{where(key)}: {key}: {message}")
+        problems += check_search(spec.search, spec.grid, trials, spec.target)
+    found = [p for p in problems if p]
+    if found:
+        key, message = found[0]
+        raise UserError(f"{where(key)}: {key}: {message}")
     spec.__dict__["trials"] = trials  # the cached_property, filled with what was just checked
     return spec
 

@@ -2,9 +2,10 @@
 scores and the evaluation of a split.
 
 Image classification (images or vectors, one label each), semantic segmentation (images, one
-class per pixel, 255 ignored) and language modelling (token streams, truncated backpropagation
-through time) differ only there; the loop of `lbs_tune.training` is the same for all three and
-asks a `Task` made by `make_task`. The task also fixes what an example is: an image, or for a
+class per pixel, 255 ignored), language modelling (token streams, truncated backpropagation
+through time) and the noisy quadratic model (`lbs_tune.quadratic.NoisyQuadraticTask`) differ
+only there; the loop of `lbs_tune.training` is the same for all and asks a `Task` made by
+`make_task`. The task also fixes what an example is: an image, or for a
 language model a token, so `examples` and epochs count tokens there.
 """
 
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from lbs_tune.config import TrialConfig, total_steps
 from lbs_tune.data import BatchSampler, DeviceData, Split, TokenStreams
 from lbs_tune.models import detach_hidden, model_task
+from lbs_tune.quadratic import NoisyQuadraticTask, QuadraticData
 from lbs_tune.segmentation import IGNORE_INDEX, confusion_matrix, mean_iou, pixel_accuracy
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -77,14 +79,16 @@ class Task(Protocol):
 
 def make_task(
     config: TrialConfig,
-    data: DeviceData | TokenStreams,
+    data: DeviceData | TokenStreams | QuadraticData,
     precision: str,
     order_seed: int,
     augment_seed: int,
 ) -> Task:
-    """The task of the config's model, over `data` on its device: its data order is seeded
-    with `order_seed`, its augmentation with `augment_seed`."""
+    """The task of the config's model, over `data` on its device: its data order (the noisy
+    quadratic's noise) is seeded with `order_seed`, its augmentation with `augment_seed`."""
     task = model_task(config.model)
+    if task == "nqm":
+        return NoisyQuadraticTask(config, data, order_seed)
     if task == "language_model":
         return LanguageModel(config, data, precision)
     kind = Segmentation if task == "segmentation" else Classification

@@ -1,5 +1,5 @@
 """MLflow and W&B through Ray Tune's own MLflowLoggerCallback and WandbLoggerCallback: each gets
-only the trial's own metrics (lbs_tune.loggers.own_metrics), each step once; MLflow's step is the
+only the trial's own metrics (lbs_tune.names.own_metrics), each step once; MLflow's step is the
 optimizer step, W&B counts its own and logs `step` as a metric.
 
 Imported only for a sweep whose `loggers` section names one of them (importing W&B takes
@@ -15,7 +15,7 @@ from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.air.integrations.wandb import WandbLoggerCallback
 
 from lbs_tune.config import SweepSpec
-from lbs_tune.loggers import own_metrics
+from lbs_tune.names import own_metrics
 from lbs_tune.storage import Location
 
 

@@ -2,7 +2,7 @@
 
 The loop keeps every split on the device, runs each step without host-device synchronisation
 (losses and accuracies accumulate on the device) and synchronises only at evaluation time,
-every `eval_every` epochs, where it reports the metrics of ARCHITECTURE.md and, every
+every `eval_every` epochs, where it reports the metrics of `lbs_tune.names.METRICS` and, every
 `checkpoint_every` epochs, a checkpoint that lets a resumed run continue exactly. What differs
 between classification, segmentation and language modelling (batches, loss, scores,
 evaluation) is asked of a `lbs_tune.tasks.Task`; how the step runs (eagerly, compiled, or
@@ -21,8 +21,14 @@ import torch
 from lbs_tune.build import build_trial, task_for
 from lbs_tune.checkpoints import rng_states, set_rng_states
 from lbs_tune.compiled import WARMUP_STEPS, CapturedStep, fitting_micro_batch, resolve_compile
-from lbs_tune.config import TrialConfig, epoch_steps
-from lbs_tune.measure import NoiseScale, gradient_norms, top_hessian_eigenvalue
+from lbs_tune.config import TrialConfig, epoch_steps, every_steps
+from lbs_tune.data import TokenStreams
+from lbs_tune.measure import (
+    NoiseScale,
+    adam_preconditioner,
+    noise_moments,
+    top_hessian_eigenvalue,
+)
 from lbs_tune.names import direction, meets
 from lbs_tune.optim import build_optimizer, load_optimizer_state
 from lbs_tune.rules import lr_at, moved_optimizer, peak_lr
@@ -93,7 +99,7 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     per_epoch = epoch_steps(task.epoch_examples, task.examples_per_step)
     budget = budget_steps(config, task)
-    eval_interval = max(1, round(config.eval_every * per_epoch))
+    eval_interval = every_steps(config.eval_every, per_epoch)
     # Checkpoints fall on evaluations, so every checkpoint has a report of the same step.
     checkpoint_interval = eval_interval * max(
         1, round(config.checkpoint_every * per_epoch / eval_interval)
@@ -104,8 +110,10 @@ def train(
         return task.loss(task.logits(outputs), y, config.label_smoothing)
 
     # Measurements (off by default) leave the trajectory exactly as it would have been.
-    noise = NoiseScale(config.noise_scale.ema) if config.noise_scale else None
-    noise_interval = _interval(config.noise_scale, per_epoch)
+    noise = None
+    if config.noise_scale:
+        window, interval = config.noise_scale.window, _interval(config.noise_scale, per_epoch)
+        noise = NoiseScale(interval, window, budget, config.seed, device)
     sharp_interval = _interval(config.sharpness, per_epoch)
     if config.sharpness:
         probe = task.probe(config.sharpness.batch)
@@ -197,21 +205,26 @@ def train(
     while step < budget:
         lr = lr_at(step, config.lr, batch_size, budget, per_epoch)
         inputs, targets = task.batch(step)
-        if noise and step % noise_interval == 0:
+        if noise and noise.due(step):
             paused = time.perf_counter()
-            with autocast(device, precision):
-                small_sq, big_sq = gradient_norms(
-                    model,
-                    task.inputs(inputs),
-                    targets,
-                    loss_fn,
-                    config.noise_scale.micro_batch,
-                    generators=task.generators,
-                )
-            estimate = noise.update(small_sq, big_sq, config.noise_scale.micro_batch, batch_size)
-            measured["noise/grad_sq"] = estimate.grad_sq
-            measured["noise/trace_cov"] = estimate.trace_cov
-            measured["noise/b_simple"] = estimate.b_simple
+            size, hessian = config.noise_scale.batch, config.noise_scale.hessian_examples
+            draws = [
+                _measurement_batch(data, task, size, noise.generator, config.data.bptt)
+                for _ in range(2 if hessian else 1)
+            ]
+            # In fp32, as the sharpness: its Hessian-vector products need it.
+            moments = noise_moments(
+                model,
+                *draws[0],
+                loss_fn,
+                config.noise_scale.micro_batch,
+                noise.seed(),
+                draws[1] if hessian else None,
+                hessian,
+                generators=task.generators,
+            )
+            estimate = noise.add(step, moments)
+            measured.update(estimate.metrics() if estimate else {})
             started += time.perf_counter() - paused  # images/s stays a training figure
         run_step(inputs, targets, lr)
         step += 1
@@ -230,6 +243,23 @@ def train(
                 max_batch=micro,
                 generators=task.generators,
             )
+            preconditioner = (
+                adam_preconditioner(optimizer, [p for p in model.parameters() if p.requires_grad])
+                if config.optimizer.name == "adamw"
+                else None
+            )
+            if preconditioner is not None:
+                measured["sharpness/precond_top_eig"] = top_hessian_eigenvalue(
+                    model,
+                    task.inputs(probe[0]),
+                    probe[1],
+                    loss_fn,
+                    config.sharpness.iterations,
+                    seed=config.seed,
+                    max_batch=micro,
+                    generators=task.generators,
+                    preconditioner=preconditioner,
+                )
             started += time.perf_counter() - paused
         blown = step % DIVERGENCE_CHECK_STEPS == 0 and bool(non_finite)
         if step % eval_interval and step != budget and not blown:
@@ -237,6 +267,7 @@ def train(
 
         # ------------------------------------------------------------ Evaluation
         train_loss = loss_sum.item() / seen
+        right, count = correct.item(), scored.item()  # count 0: a task without classes (NQM)
         train_time = time.perf_counter() - started
         diverged = not math.isfinite(train_loss) or (
             config.divergence_loss is not None and train_loss > config.divergence_loss
@@ -251,7 +282,7 @@ def train(
             "bn_batch": config.bn_batch,
             "micro_batch": micro,
             "train/loss": train_loss,
-            "train/accuracy": correct.item() / scored.item(),
+            "train/accuracy": right / count if count else None,
         }
         if moved is not config.optimizer:  # the SDE rule's moved Adam hyper-parameters
             metrics.update(
@@ -306,6 +337,23 @@ def _auto_micro_batch(
     if device.type != "cuda":
         return config.batch_size
     return fitting_micro_batch(model, task, config, precision)
+
+
+def _measurement_batch(
+    data: Any, task: Task, n: int, generator: torch.Generator, bptt: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` training examples drawn with replacement by a measurement's own `generator`, which
+    also draws their augmentation (as a step's), as (model inputs, targets); for a language
+    model `n` windows of `bptt` tokens at random offsets."""
+    device = generator.device
+    if isinstance(data, TokenStreams):
+        starts = torch.randint(len(data.train) - bptt, (n, 1), generator=generator, device=device)
+        window = data.train[starts + torch.arange(bptt + 1, device=device)]
+        x, y = window[:, :-1], window[:, 1:]
+    else:
+        index = torch.randint(len(data.train), (n,), generator=generator, device=device)
+        x, y = data.train_batch(index, generator)
+    return task.inputs(x), y
 
 
 def _interval(block, per_epoch: float) -> int:

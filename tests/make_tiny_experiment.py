@@ -53,7 +53,8 @@ def copy_text_files(experiment: Path, target: Path) -> None:
 def main() -> int:
     import ray
 
-    from lbs_tune.runner import run, start_ray
+    from lbs_tune.cluster import start_ray
+    from lbs_tune.runner import run
 
     with tempfile.TemporaryDirectory(prefix="lbs-tiny-") as scratch:
         storage = Path(scratch)

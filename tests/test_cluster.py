@@ -150,7 +150,7 @@ def test_node_lost_mid_sweep_trials_continue_on_the_others(ray_cluster, workers,
     found = reports_by_trial(experiment)
     # status and the report read the sweep at its storage URI; status says where each trial
     # ended, and why the retried ones failed.
-    text = status(f"{storage}/nodes")
+    text = status(f"{storage}/nodes", wide=True)
     assert {rows[-1]["node_id"][:8] for rows in found.values()} <= set(text.split())
     errors = text.partition("\nerrors:\n")[2].splitlines()
     assert len(errors) == len(retried), text

@@ -1,5 +1,11 @@
-"""The console of `lbs-tune run`: Ray Tune's real Trial objects and result dicts drive the
-callback (no cluster), then one real sweep through a Tuner counts what a person sees."""
+"""The console of `lbs-tune run`.
+
+Most tests feed `lbs_tune.console_lines` literal trial states and assert literal lines, as Ray
+Tune's own tests of its console do (no Ray, no terminal, no clock). A few drive the `Console`
+callback with Ray Tune's real Trial objects (no cluster) to check what it adds: the conversion,
+the status period, the terminal's block. With Ray: a fixed-rule sweep through a Tuner, the
+24-trial quickstart and a tuned sweep, each printing to pipes or a file as a user's log does.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,6 @@ import logging
 import re
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
@@ -17,11 +22,10 @@ from conftest import (
     HOSTILE,
     QUICKSTART,
     QUICKSTART_TINY,
+    TINY_MNIST1D,
     tiny_base,
     without_ray_lines,
 )
-from ray.exceptions import RayTaskError
-from ray.train._internal.storage import StorageContext
 from ray.tune import PlacementGroupFactory
 from ray.tune.experiment import Trial
 
@@ -30,15 +34,35 @@ from lbs_tune.console import (
     QUIET_RAY_ENV,
     UP_AND_CLEAR,
     Console,
-    duration,
-    error_line,
+    quiet_logs,
     ray_init_options,
+    trial_state,
 )
-from lbs_tune.errors import UserError
+from lbs_tune.console_lines import (
+    Events,
+    Progress,
+    Reached,
+    TrialState,
+    best_by_size,
+    cost_left,
+    counts,
+    duration,
+    ending,
+    error_line,
+    failure,
+    label,
+    plan_of,
+    progress,
+    status_block,
+    status_line,
+    where,
+)
 from lbs_tune.storage import locate
 
 STAMP = r"\d\d:\d\d:\d\d"
 ESC = "\x1b"
+AT = "12:00:00"  # the time stamp of the events in the tests of lines
+QUICKSTART_TUNED = Path(__file__).parent.parent / "sweeps" / "quickstart_tuned.yaml"
 
 
 def sweep(**extra) -> SweepSpec:
@@ -53,39 +77,15 @@ def sweep(**extra) -> SweepSpec:
     return SweepSpec.model_validate({**body, **extra})
 
 
-class OfflineStorage(StorageContext):
-    """Ray's StorageContext with its driver staging folder in `staging` instead of the Ray
-    session's folder (which needs ray.init): a Trial writes its real error.txt there."""
-
-    def __init__(self, staging: Path, **kwargs):
-        super().__init__(**kwargs)
-        self.staging = staging
-
-    def _get_session_path(self) -> str:
-        return str(self.staging)
+def tuned(**search) -> SweepSpec:
+    """Two batch sizes, lr.base searched, 3 trials each, steps to val/accuracy >= 0.5."""
+    space = {"lr.base": {"log_uniform": [0.001, 1.0]}}
+    body = {"space": space, "trials_per_point": 3, "objective": "steps_to_target", **search}
+    return sweep(grid={"batch_size": [16, 64]}, search=body)
 
 
-def trials_of(spec: SweepSpec, tmp_path: Path) -> list[Trial]:
-    """Ray Tune's Trials of the sweep's grid points, as the controller makes them: config,
-    resources (1 CPU, 0.25 GPU), a trial folder."""
-    storage = OfflineStorage(
-        tmp_path / "staging", storage_path=str(tmp_path / "results"), experiment_dir_name=spec.name
-    )
-    found = []
-    for i, config in enumerate(spec.trials):
-        trial = Trial(
-            "train_trial",
-            stub=True,
-            config=config.model_dump(mode="json"),
-            trial_id=f"c0ffe_{i:05d}",
-            storage=storage,
-            placement_group_factory=PlacementGroupFactory([{"CPU": 1, "GPU": 0.25}]),
-            max_failures=spec.max_failures,
-        )
-        trial.create_placement_group_factory()
-        trial.init_local_path()
-        found.append(trial)
-    return found
+PLAN = plan_of(sweep())
+TUNED = plan_of(tuned())
 
 
 def report(step: int, accuracy: float | None, total: int = 90, **changes) -> dict:
@@ -119,8 +119,365 @@ def report(step: int, accuracy: float | None, total: int = 90, **changes) -> dic
     return {**row, **changes}
 
 
+def fixed(i: int, state: str = "RUNNING", result: dict | None = None, best=None) -> TrialState:
+    """Trial i of `sweep()`: grid point i (batch 16, 16, 64, 64; none, linear, none, linear)."""
+    size, scaling = [(16, "none"), (16, "linear"), (64, "none"), (64, "linear")][i]
+    config = {"batch_size": size, "lr": {"scaling": scaling}}
+    best = {} if best is None else {"val/accuracy": best}
+    return TrialState(f"c0ffe_{i:05d}", state, config, result or {}, best)
+
+
+def searched(i, size, state="TERMINATED", result=None, best=None, reached=None) -> TrialState:
+    """Trial i of `tuned()`, at batch `size`, lr.base 0.01."""
+    point = [16, 64].index(size)
+    config = {"batch_size": size, "lr": {"base": 0.01}, "search": {"point": point, "number": i}}
+    best = {} if best is None else {"val/accuracy": best}
+    return TrialState(f"c0ffe_{i:05d}", state, config, result or {}, best, reached)
+
+
+# ============================================================================ Event lines
+
+
+def test_started_line_says_where_and_finished_with_metric_steps_and_target():
+    events = Events(PLAN)
+    events.start(fixed(0, "PENDING"), "wants 1 CPU, 0.25 GPU")
+    # Where it runs is known at its first report.
+    assert events.result(AT, fixed(0), report(45, 0.41)) == [
+        "12:00:00 started   c0ffe_00000 (batch_size=16 lr.scaling=none)  "
+        "on gpu-node-3 node 9f8e7d6c, gpu 2"
+    ]
+    for step, accuracy in ((60, 0.52), (75, 0.61), (90, 0.58)):  # past the target again at 75
+        assert events.result(AT, fixed(0), report(step, accuracy)) == []
+    # Reached and finished before a flush: one line says both.
+    assert events.complete(AT, fixed(0, result=report(90, 0.58), best=0.61)) == [
+        "12:00:00 finished  c0ffe_00000 (batch_size=16 lr.scaling=none)  "
+        "val/accuracy 0.58 (best 0.61) at step 90/90; target at step 60"
+    ]
+
+
+def test_target_reached_is_a_line_at_the_next_flush_while_the_trial_runs_on():
+    events = Events(PLAN)
+    events.start(fixed(1, "PENDING"), "wants 1 CPU, 0.25 GPU")
+    assert len(events.result(AT, fixed(1), report(45, 0.51))) == 1  # started
+    assert events.flush(AT) == [
+        "12:00:00 target    c0ffe_00001 (batch_size=16 lr.scaling=linear)  "
+        "val/accuracy 0.51 >= 0.5 at step 45"
+    ]
+    assert events.result(AT, fixed(1), report(60, 0.55)) == []
+    assert events.flush(AT) == []
+    assert events.complete(AT, fixed(1, result=report(90, 0.6), best=0.6)) == [
+        "12:00:00 finished  c0ffe_00001 (batch_size=16 lr.scaling=linear)  "
+        "val/accuracy 0.6 (best 0.6) at step 90/90"
+    ]
+
+
+def test_a_trial_without_a_report_is_announced_with_its_placement_at_the_next_flush():
+    events = Events(PLAN)
+    events.start(fixed(1, "PENDING"), "wants 1 CPU, 0.25 GPU")
+    assert events.flush(AT) == [
+        "12:00:00 started   c0ffe_00001 (batch_size=16 lr.scaling=linear)  wants 1 CPU, 0.25 GPU"
+    ]
+    assert events.flush(AT) == []
+
+
+def test_diverged_trial_is_one_line_with_its_step():
+    events = Events(PLAN)
+    events.start(fixed(3, "PENDING"), "wants 1 CPU")
+    result = report(6, 0.1, total=22, diverged=True, **{"train/loss": None})
+    events.result(AT, fixed(3), result)
+    assert events.complete(AT, fixed(3, result=result, best=0.1)) == [
+        "12:00:00 diverged  c0ffe_00003 (batch_size=64 lr.scaling=linear)  "
+        "at step 6/22 (train/loss -)"
+    ]
+
+
+def test_failure_retried_then_errored_names_the_error_and_its_file():
+    events = Events(PLAN)
+    error_file = "/results/console/train_trial_c0ffe_00002/error.txt"
+    first = failure(
+        "Failure # 1\nTraceback (most recent call last):\n  File ...\n"
+        f"lbs_tune.errors.UserError: cifar10: no file data_batch_1 in /data/{HOSTILE}"
+        "\x1b]0;owned\x07\n",
+        error_file,
+    )
+    events.start(fixed(2, "PENDING"), "wants 1 CPU, 0.25 GPU")
+    assert events.recover(AT, fixed(2), 1, first) == [
+        "12:00:00 started   c0ffe_00002 (batch_size=64 lr.scaling=none)  wants 1 CPU, 0.25 GPU",
+        "12:00:00 retrying  c0ffe_00002 (batch_size=64 lr.scaling=none)  retry 1 of 1 from its "
+        "last checkpoint, after: lbs_tune.errors.UserError: cifar10: no file data_batch_1 in "
+        f"/data/{HOSTILE}; full error: {error_file}",
+    ]
+    # The restart that fails before it reports has no line of its own.
+    events.start(fixed(2, "PENDING"), "wants 1 CPU, 0.25 GPU")
+    assert events.error(AT, fixed(2), 2, failure("", error_file)) == [
+        "12:00:00 errored   c0ffe_00002 (batch_size=64 lr.scaling=none)  after 2 failures: "
+        f"no error text; full error: {error_file}"
+    ]
+
+
+def test_a_restart_that_reports_says_where_it_runs_now():
+    events = Events(PLAN)
+    events.start(fixed(2, "PENDING"), "wants 1 CPU")
+    events.result(AT, fixed(2), report(45, 0.3))
+    assert [line.split()[1] for line in events.recover(AT, fixed(2), 1, "boom")] == ["retrying"]
+    events.start(fixed(2, "PENDING", report(45, 0.3)), "wants 1 CPU")
+    assert events.flush(AT) == []  # no placement-only line for a restart
+    assert events.result(AT, fixed(2), report(45, 0.3, replayed=True)) == []
+    assert events.result(AT, fixed(2), report(60, 0.3, host="gpu-node-5", gpu_ids="0")) == [
+        "12:00:00 restarted c0ffe_00002 (batch_size=64 lr.scaling=none)  "
+        "on gpu-node-5 node 9f8e7d6c, gpu 0"
+    ]
+
+
+def test_replayed_reports_of_a_resumed_trial_print_nothing_again():
+    events = Events(PLAN)
+    # It reported in the sweep's earlier run, then the sweep was resumed.
+    events.start(fixed(0, "PENDING", report(60, 0.52)), "wants 1 CPU")
+    assert events.result(AT, fixed(0), report(45, 0.41, replayed=True, host="old")) == []
+    assert events.result(AT, fixed(0), report(60, 0.52, replayed=True, host="old")) == []
+    assert events.result(AT, fixed(0), report(75, 0.61)) == [
+        "12:00:00 resumed   c0ffe_00000 (batch_size=16 lr.scaling=none)  "
+        "on gpu-node-3 node 9f8e7d6c, gpu 2"
+    ]
+    # Its target was reached in the earlier run: that run said so.
+    assert events.flush(AT) == []
+
+
+def test_config_values_and_hosts_are_printed_without_escape_sequences():
+    config = {"batch_size": 16, "data": {"dir": f"/data/{ESC}[2J{ESC}]0;t{ESC}\\x"}}
+    trial = TrialState("c0ffe_00000", "RUNNING", config, {})
+    assert (
+        label(trial, ("batch_size", "data.dir")) == "c0ffe_00000 (batch_size=16 data.dir=/data/x)"
+    )
+    assert where({"host": f"evil{ESC}[31m", "node_id": None}) == "on evil, cpu"
+
+
+def test_searched_sweep_counts_every_trial_and_names_its_searched_values():
+    plan = plan_of(tuned(objective="metric"))
+    assert plan.total == 6 and plan.keys == ("batch_size", "lr.base")
+    config = {"batch_size": 16, "lr": {"base": 0.012345678901234567}}  # what Optuna drew
+    trial = TrialState("c0ffe_00000", "RUNNING", config, report(45, 0.3))
+    assert label(trial, plan.keys) == "c0ffe_00000 (batch_size=16 lr.base=0.01235)"
+    assert counts([trial], plan) == "0 done, 1 running, 5 pending, 0 errored, 0 diverged"
+
+
+# ============================================================================ A tuned sweep
+
+
+def test_tuned_trials_say_reached_at_step_missed_with_their_best_or_diverged():
+    events = Events(TUNED)
+    for i in range(3):
+        events.start(searched(i, 16, "PENDING"), "wants 1 CPU")
+    # The trial stops at the report that reaches the target: no line of its own for that.
+    assert len(events.result(AT, searched(0, 16, "RUNNING"), report(45, 0.51))) == 1
+    assert events.flush(AT)[-1].split()[1] == "started"  # the two that have not reported
+    assert events.complete(AT, searched(0, 16, result=report(45, 0.51), best=0.51)) == [
+        "12:00:00 reached   c0ffe_00000 (batch_size=16 lr.base=0.01)  "
+        "the target at step 45 (val/accuracy 0.51 >= 0.5)"
+    ]
+    assert events.complete(AT, searched(1, 16, result=report(90, 0.45), best=0.47)) == [
+        "12:00:00 missed    c0ffe_00001 (batch_size=16 lr.base=0.01)  "
+        "the target (best 0.47) at step 90/90"
+    ]
+    result = report(6, 0.1, diverged=True, **{"train/loss": None})
+    assert events.complete(AT, searched(2, 16, result=result, best=0.1)) == [
+        "12:00:00 diverged  c0ffe_00002 (batch_size=16 lr.base=0.01)  at step 6/90 (train/loss -)"
+    ]
+    assert events.flush(AT) == []
+
+
+def test_a_tuned_trial_that_diverged_after_its_target_counts_as_reached_as_in_its_study():
+    result = report(45, 0.51, diverged=True)
+    trial = searched(0, 16, result=result, best=0.51, reached=Reached(45, 0.51))
+    assert ending(trial, TUNED) == ("reached", "the target at step 45 (val/accuracy 0.51 >= 0.5)")
+    assert counts([trial], TUNED) == (
+        "1 reached, 0 missed, 0 running, 5 pending, 0 errored, 0 diverged"
+    )
+
+
+def tuned_states() -> list[TrialState]:
+    """Batch 16: one reached at 45, one missed, one half-way; batch 64: one reached at 12, one
+    diverged, one not made yet."""
+    return [
+        searched(0, 16, result=report(45, 0.51), best=0.51, reached=Reached(45, 0.51)),
+        searched(1, 16, result=report(90, 0.45), best=0.47),
+        searched(2, 16, "RUNNING", result=report(45, 0.4), best=0.4),
+        searched(3, 64, result=report(12, 0.55, total=22), best=0.55, reached=Reached(12, 0.55)),
+        searched(4, 64, result=report(3, 0.1, total=22, diverged=True), best=0.1),
+    ]
+
+
+def test_tuned_status_has_the_best_steps_to_target_and_trials_done_per_batch_size():
+    # Done: 4 ended, one half-way = 4.5 trials in 60 s; left: half of one and one not made.
+    assert status_line(tuned_states(), TUNED, Progress(0, 0), 60) == (
+        "status: 2 reached, 1 missed, 1 running, 1 pending, 0 errored, 1 diverged; "
+        "best steps to val/accuracy>=0.5 (trials done/total) by batch size 16: 45 (2/3), "
+        "64: 12 (2/3); elapsed 1m00s, 270 trials/h, ~20s left"
+    )
+    states = [t._replace(reached=None) for t in tuned_states()]
+    assert best_by_size(states, TUNED).endswith("by batch size 16: - (2/3), 64: - (2/3)")
+
+
+def test_a_tuned_metric_sweep_shows_the_best_value_leaving_out_diverged_trials():
+    plan = plan_of(tuned(objective="metric"))
+    assert best_by_size(tuned_states(), plan) == (
+        "best val/accuracy (trials done/total) by batch size 16: 0.51 (2/3), 64: 0.55 (2/3)"
+    )
+    states = tuned_states()[3:]
+    assert best_by_size(states, plan).endswith("16: - (0/3), 64: 0.55 (2/3)")
+
+
+# ============================================================================ Status and pace
+
+
+def test_status_line_counts_best_per_batch_size_pace_and_time_left():
+    trials = [
+        fixed(0, "TERMINATED", report(90, 0.7), best=0.7),
+        fixed(1, "RUNNING", report(45, 0.55), best=0.55),
+        fixed(2, "TERMINATED", report(2, 0.2, total=22, diverged=True), best=0.2),
+        fixed(3, "PENDING"),
+    ]
+    # Done: trial 0 (1), trial 2 (1), trial 1 half-way (0.5) = 2.5 trials in 60 s = 150/h;
+    # 1.5 left = 36 s.
+    assert status_line(trials, PLAN, Progress(0, 0), 60) == (
+        "status: 1 done, 1 running, 1 pending, 0 errored, 1 diverged; "
+        "best val/accuracy by batch size 16: 0.7, 64: 0.2; "
+        "elapsed 1m00s, 150 trials/h, ~36s left"
+    )
+    # What was done before this run (a resumed sweep) is not this run's pace.
+    before = progress(trials[:1], PLAN)
+    assert status_line(trials, PLAN, before, 60).endswith("elapsed 1m00s, 90 trials/h, ~1m00s left")
+
+
+def test_time_left_weighs_each_trial_by_the_cost_model():
+    """Batch 16 costs 8 times batch 64 (the cost model's steps x seconds per step). Counting
+    trials would say 1m40s after the three slow trials and 30 s after the three quick ones;
+    the cost done per second says 15 s and 4 minutes."""
+    plan = plan_of(tuned(), costs=[80.0, 10.0])
+    slow_first = [searched(i, 16) for i in range(3)]
+    assert (progress(slow_first, plan), cost_left(slow_first, plan)) == (Progress(3, 240), 30)
+    assert status_line(slow_first, plan, Progress(0, 0), 120).endswith(
+        "elapsed 2m00s, 90 trials/h, ~15s left"
+    )
+    quick_first = [searched(i, 64) for i in range(3)]
+    assert status_line(quick_first, plan, Progress(0, 0), 30).endswith(
+        "elapsed 30s, 360 trials/h, ~4m00s left"
+    )
+    # The end: one slow trial left, 80% of its steps done; 254 of 270 done in 400 s.
+    last = [*quick_first, searched(3, 16, "RUNNING", report(72, 0.3)), searched(4, 16)]
+    last.append(searched(5, 16))
+    assert cost_left(last, plan) == pytest.approx(16)
+    assert status_line(last, plan, Progress(0, 0), 400).endswith("~25s left")
+
+
+def test_rates_are_over_the_time_since_the_first_trial_started():
+    trials = [fixed(0, "TERMINATED", best=0.7), fixed(1, "PENDING")]
+    trials += [fixed(2, "PENDING"), fixed(3, "PENDING")]
+    # Ray took 50 s to start the first trial, which then took 10 s: 3 more take 30 s.
+    assert status_line(trials, PLAN, Progress(0, 0), 60, working=10).endswith(
+        "elapsed 1m00s, 360 trials/h, ~30s left"
+    )
+
+
+def test_no_time_left_is_guessed_before_anything_is_done():
+    trials = [fixed(0, "RUNNING", report(0, None))]
+    assert status_line(trials, PLAN, Progress(0, 0), 10).endswith("; elapsed 10s")
+
+
+def test_terminal_block_lines_are_wrapped_to_its_width():
+    trials = [fixed(0), fixed(1, "PENDING"), fixed(2, "PENDING"), fixed(3, "PENDING")]
+    assert status_block(trials, PLAN, Progress(0, 0), 1, width=59) == [
+        "console: 0 done, 1 running, 3 pending, 0 errored, 0",
+        "  diverged",
+        "elapsed 1s",
+        "best val/accuracy by batch size 16: -, 64: -",
+    ]
+
+
+# ============================================================================ Pieces
+
+
+def test_error_line_is_the_exception_of_a_ray_traceback():
+    text = (
+        "Failure # 1 (occurred at 2025-01-01_00-00-00)\n"
+        "\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=1, ip=10.0.0.3)\n"
+        '  File "lbs_tune/trainable.py", line 120, in train_trial\n'
+        "lbs_tune.errors.UserError: cifar10: no file\n\n"
+    )
+    assert error_line(text) == "lbs_tune.errors.UserError: cifar10: no file"
+    assert error_line("") == ""
+    assert len(error_line("x" * 500)) == 200
+
+
+def test_duration():
+    assert [duration(s) for s in (0, 59.4, 60, 725, 3600, 11220)] == [
+        "0s",
+        "59s",
+        "1m00s",
+        "12m05s",
+        "1h00m",
+        "3h07m",
+    ]
+
+
+def test_ray_init_options_relay_trial_output_and_ray_info_only_when_verbose_or_ray_client():
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+    assert ray_init_options(False) == quiet
+    assert ray_init_options(False, "10.0.0.1:6379") == quiet
+    assert ray_init_options(True, None) == {"log_to_driver": True}
+    assert ray_init_options(False, "ray://head:10001") == {"log_to_driver": True}
+    assert QUIET_RAY_ENV["RAY_AIR_NEW_OUTPUT"] == "0"
+
+
+def test_quiet_logs_keep_ray_and_optuna_info_and_slow_step_notes_out():
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(f"{record.name}: {record.getMessage()}")
+    loggers = [logging.getLogger(n) for n in ("ray", "optuna", "ray.tune.utils.util")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+    logging.getLogger("ray").setLevel(logging.INFO)
+    try:
+        with quiet_logs():
+            logging.getLogger("optuna").info("A new study created in RDB with name: x")
+            logging.getLogger("ray.tune.tune").info("Wrote the latest version of all result files")
+            logging.getLogger("ray.tune.utils.util").warning(
+                "The `process_trial_result` operation took 0.612 s, which may be a performance "
+                "bottleneck."
+            )
+            logging.getLogger("ray.tune.tune").warning("Trials did not complete: [x]")
+        logging.getLogger("ray.tune.tune").info("after")
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+    assert seen == ["ray.tune.tune: Trials did not complete: [x]", "ray.tune.tune: after"]
+
+
+# ============================================================================ The callback
+
+
+def ray_trials(spec: SweepSpec) -> list[Trial]:
+    """Ray Tune's Trials of the sweep's grid points, as its controller makes them: config,
+    resources (1 CPU, 0.25 GPU); no storage (no trial folder: nothing here fails)."""
+    found = []
+    for i, config in enumerate(spec.trials):
+        trial = Trial(
+            "train_trial",
+            stub=True,
+            config=config.model_dump(mode="json"),
+            trial_id=f"c0ffe_{i:05d}",
+            placement_group_factory=PlacementGroupFactory([{"CPU": 1, "GPU": 0.25}]),
+            max_failures=spec.max_failures,
+        )
+        trial.create_placement_group_factory()
+        found.append(trial)
+    return found
+
+
 class Driver:
-    """Plays Ray Tune's controller: the callback calls and Trial updates in its order."""
+    """Plays Ray Tune's controller: the callback's calls and the Trials' updates in its order."""
 
     def __init__(self, console: Console, trials: list[Trial], clock: list[float]):
         self.console, self.trials, self.clock = console, trials, clock
@@ -138,21 +495,6 @@ class Driver:
     def complete(self, trial: Trial) -> None:
         self.console.on_trial_complete(self.iteration, self.trials, trial)
         trial.set_status(Trial.TERMINATED)
-
-    def fail(self, trial: Trial, message: str) -> None:
-        """A failure as Ray reports one: RayTaskError of the trial's exception, error.txt
-        written, then a retry while failures are left, else ERROR."""
-        try:
-            raise UserError(message)
-        except UserError as exc:
-            error = RayTaskError("ImplicitFunc.train", traceback.format_exc(), exc)
-        trial.handle_error(error)
-        if trial.should_recover():
-            self.console.on_trial_recover(self.iteration, self.trials, trial)
-            trial.set_status(Trial.PENDING)
-        else:
-            self.console.on_trial_error(self.iteration, self.trials, trial)
-            trial.set_status(Trial.ERROR)
 
     def wait(self, seconds: float) -> None:
         self.clock[0] += seconds
@@ -175,8 +517,9 @@ def console_for(spec, tmp_path, stream, every_s=20.0, redraw_s=1.0) -> Driver:
         every_s=every_s,
         redraw_s=redraw_s,
         clock=lambda: clock[0],
+        now=lambda: AT,
     )
-    return Driver(console, trials_of(spec, tmp_path), clock)
+    return Driver(console, ray_trials(spec), clock)
 
 
 def events(text: str) -> list[tuple[str, str, str]]:
@@ -185,183 +528,57 @@ def events(text: str) -> list[tuple[str, str, str]]:
     return [tuple(f) for f in found]
 
 
-# ---------------------------------------------------------------------------- Events
-
-
-def test_started_line_says_where_and_finished_with_metric_steps_and_target(tmp_path):
-    out = io.StringIO()
-    ray = console_for(sweep(), tmp_path, out, every_s=20)
-    trial = ray.trials[0]
-    ray.start(trial)
-    assert out.getvalue() == ""  # where it runs is known at its first report
-    ray.result(trial, report(45, 0.41))
-    ray.result(trial, report(60, 0.52))
-    ray.result(trial, report(75, 0.61))  # past the target again
-    ray.result(trial, report(90, 0.58))
-    ray.wait(5)
-    ray.complete(trial)
-    # Reached and finished within one status period: one line says both.
-    assert events(out.getvalue()) == [
-        ("started", "c0ffe_00000", "on gpu-node-3 node 9f8e7d6c, gpu 2"),
-        (
-            "finished",
-            "c0ffe_00000",
-            "val/accuracy 0.58 (best 0.61) at step 90/90; target at step 60",
-        ),
-    ]
-    assert "(batch_size=16 lr.scaling=none)" in out.getvalue()
-
-
-def test_target_reached_is_a_line_at_the_next_status_while_the_trial_runs_on(tmp_path):
-    out = io.StringIO()
-    ray = console_for(sweep(), tmp_path, out, every_s=20)
-    trial = ray.trials[1]
-    ray.start(trial)
-    ray.result(trial, report(45, 0.51))
-    ray.wait(10)
-    ray.result(trial, report(60, 0.55))
-    ray.wait(11)
-    ray.result(trial, report(90, 0.6))
-    ray.complete(trial)
-    assert events(out.getvalue()) == [
-        ("started", "c0ffe_00001", "on gpu-node-3 node 9f8e7d6c, gpu 2"),
-        ("target", "c0ffe_00001", "val/accuracy 0.51 >= 0.5 at step 45"),
-        ("finished", "c0ffe_00001", "val/accuracy 0.6 (best 0.6) at step 90/90"),
-    ]
-
-
-def test_a_trial_without_a_report_is_announced_with_its_placement_at_the_next_status(tmp_path):
-    out = io.StringIO()
-    ray = console_for(sweep(), tmp_path, out, every_s=20)
-    ray.start(ray.trials[1])
-    ray.wait(19)
-    assert out.getvalue() == ""
-    ray.wait(2)
-    assert events(out.getvalue()) == [("started", "c0ffe_00001", "wants 1 CPU, 0.25 GPU")]
-
-
-def test_diverged_trial_is_one_line_with_its_step(tmp_path):
-    out = io.StringIO()
-    ray = console_for(sweep(), tmp_path, out)
-    trial = ray.trials[3]
-    ray.start(trial)
-    ray.result(trial, report(6, 0.1, total=22, diverged=True, **{"train/loss": None}))
-    ray.complete(trial)
-    assert events(out.getvalue())[1:] == [
-        ("diverged", "c0ffe_00003", "at step 6/22 (train/loss -)")
-    ]
-
-
-def test_failure_retried_then_errored_names_the_error_and_its_file(tmp_path):
-    out = io.StringIO()
-    ray = console_for(sweep(), tmp_path, out)
-    trial = ray.trials[2]
-    error_file = tmp_path / "results" / "console" / trial.storage.trial_dir_name / "error.txt"
-    ray.start(trial)
-    ray.fail(trial, f"cifar10: no file data_batch_1 in /data/{HOSTILE}\x1b]0;owned\x07")
-    ray.start(trial)
-    ray.fail(trial, "cifar10: still missing")
-    lines = events(out.getvalue())
-    # The restart that failed before it reported has no line of its own.
-    assert [(kind, trial_id) for kind, trial_id, _ in lines] == [
-        ("started", "c0ffe_00002"),
-        ("retrying", "c0ffe_00002"),
-        ("errored", "c0ffe_00002"),
-    ]
-    assert lines[1][2] == (
-        "retry 1 of 1 from its last checkpoint, after: lbs_tune.errors.UserError: "
-        f"cifar10: no file data_batch_1 in /data/{HOSTILE}; full error: {error_file}"
+def test_a_ray_trial_becomes_a_plain_state():
+    (trial, *_) = ray_trials(sweep())
+    trial.set_status(Trial.RUNNING)
+    for step, accuracy in ((45, 0.41), (90, 0.62), (135, 0.58)):
+        trial.update_last_result(report(step, accuracy))
+    state = trial_state(trial, PLAN, Reached(90, 0.62))
+    assert (state.id, state.state, state.best, state.reached) == (
+        "c0ffe_00000",
+        "RUNNING",
+        {"val/accuracy": 0.62},
+        Reached(90, 0.62),
     )
-    assert lines[2][2] == (
-        "after 2 failures: lbs_tune.errors.UserError: cifar10: still missing; "
-        f"full error: {error_file}"
-    )
-    assert ESC not in out.getvalue() and "\x07" not in out.getvalue()
+    assert state.result["step"] == 135 and state.config == trial.config
 
 
-def test_a_restart_that_reports_says_where_it_runs_now(tmp_path):
+def test_the_callback_forwards_ray_events_and_prints_their_lines(tmp_path):
     out = io.StringIO()
     ray = console_for(sweep(), tmp_path, out, every_s=20)
-    trial = ray.trials[2]
-    ray.start(trial)
-    ray.result(trial, report(45, 0.3))
-    ray.fail(trial, "the node went away")
-    ray.start(trial)
-    ray.wait(30)  # the status passes: no placement-only line for a restart
-    ray.result(trial, report(45, 0.3, replayed=True))
-    ray.result(trial, report(60, 0.3, host="gpu-node-5", gpu_ids="0"))
-    kinds = [(kind, text[:20]) for kind, _, text in events(out.getvalue())]
-    assert kinds == [
-        ("started", "on gpu-node-3 node 9"),
-        ("retrying", "retry 1 of 1 from it"),
-        ("restarted", "on gpu-node-5 node 9"),
-    ]
-
-
-def test_replayed_reports_of_a_resumed_trial_print_nothing_again(tmp_path):
-    out = io.StringIO()
-    ray = console_for(sweep(), tmp_path, out)
-    trial = ray.trials[0]
-    trial.update_last_result(report(60, 0.52))  # reported by the sweep's earlier run
-    ray.start(trial)
-    ray.result(trial, report(45, 0.41, replayed=True, host="old-node"))
-    ray.result(trial, report(60, 0.52, replayed=True, host="old-node"))
-    ray.result(trial, report(75, 0.61))
-    assert events(out.getvalue()) == [
-        ("resumed", "c0ffe_00000", "on gpu-node-3 node 9f8e7d6c, gpu 2")
-    ]
-
-
-def test_config_values_are_printed_without_escape_sequences(tmp_path):
-    spec = sweep(grid={"batch_size": [16], "data.dir": [f"/data/{ESC}[2J{ESC}]0;t{ESC}\\x"]})
-    out = io.StringIO()
-    ray = console_for(spec, tmp_path, out)
-    ray.start(ray.trials[0])
-    ray.result(ray.trials[0], report(45, 0.2, host=f"evil{ESC}[31m"))
-    assert ESC not in out.getvalue()
-    assert "data.dir=/data/x)" in out.getvalue() and "on evil node" in out.getvalue()
-
-
-def test_searched_sweep_counts_every_trial_and_names_its_searched_values(tmp_path):
-    spec = sweep(
-        grid={"batch_size": [16, 64]},
-        search={"space": {"lr.base": {"log_uniform": [0.001, 1.0]}}, "trials_per_point": 3},
-    )
-    out = io.StringIO()
-    ray = console_for(spec, tmp_path, out, every_s=20)
-    assert ray.console.total == 6
-    trial = ray.trials[0]
-    trial.config["lr"]["base"] = 0.012345678901234567  # what the searcher suggested
-    ray.start(trial)
-    ray.result(trial, report(45, 0.3))
-    ray.wait(21)
-    assert "c0ffe_00000 (batch_size=16 lr.base=0.01235)  on gpu-node-3" in out.getvalue()
-    assert "0 done, 1 running, 5 pending" in out.getvalue()
-
-
-# ---------------------------------------------------------------------------- Status
-
-
-def test_status_line_counts_best_per_batch_size_pace_and_time_left(tmp_path):
-    out = io.StringIO()
-    ray = console_for(sweep(), tmp_path, out, every_s=20)
-    a, b, c, _ = ray.trials
-    for trial in (a, b):
-        ray.start(trial)
-    ray.result(a, report(90, 0.7))
-    ray.result(b, report(45, 0.55))
+    a, b, *_ = ray.trials
+    ray.start(a)
+    ray.start(b)
+    assert out.getvalue() == ""  # where they run is known at their first report
+    ray.result(a, report(45, 0.41))
+    ray.result(a, report(60, 0.52))
+    ray.wait(21)  # b is announced with its placement, a's target said
+    ray.result(a, report(90, 0.58))
     ray.complete(a)
-    ray.start(c)
-    ray.result(c, report(2, 0.2, total=22, diverged=True))
-    ray.complete(c)
-    ray.wait(60)
-    status = out.getvalue().splitlines()[-1]
-    # Done: a (1), c (1), b half-way (0.5) = 2.5 trials in 60 s = 150/h; 1.5 left = 36 s.
-    assert status == (
-        "status: 1 done, 1 running, 1 pending, 0 errored, 1 diverged; "
-        "best val/accuracy by batch size 16: 0.7, 64: 0.2; "
-        "elapsed 1m00s, 150 trials/h, ~36s left"
-    )
+    assert out.getvalue().splitlines() == [
+        "12:00:00 started   c0ffe_00000 (batch_size=16 lr.scaling=none)  "
+        "on gpu-node-3 node 9f8e7d6c, gpu 2",
+        "12:00:00 started   c0ffe_00001 (batch_size=16 lr.scaling=linear)  wants 1 CPU, 0.25 GPU",
+        "12:00:00 target    c0ffe_00000 (batch_size=16 lr.scaling=none)  "
+        "val/accuracy 0.52 >= 0.5 at step 60",
+        "status: 0 done, 2 running, 2 pending, 0 errored, 0 diverged; "
+        "best val/accuracy by batch size 16: 0.52, 64: -; elapsed 21s, 114 trials/h, ~1m45s left",
+        "12:00:00 finished  c0ffe_00000 (batch_size=16 lr.scaling=none)  "
+        "val/accuracy 0.58 (best 0.58) at step 90/90",
+    ]
+
+
+def test_the_callback_measures_the_pace_from_the_first_trial_start(tmp_path):
+    out = io.StringIO()
+    ray = console_for(sweep(), tmp_path, out, every_s=20)
+    ray.wait(45)  # Ray starts its workers: no trial yet
+    a = ray.trials[0]
+    ray.start(a)
+    ray.result(a, report(90, 0.6))
+    ray.wait(15)
+    ray.complete(a)
+    ray.wait(5)
+    assert out.getvalue().splitlines()[-1].endswith("; elapsed 1m05s, 180 trials/h, ~1m00s left")
 
 
 def test_log_file_status_only_when_it_changed_or_after_a_heartbeat(tmp_path):
@@ -439,7 +656,7 @@ def test_terminal_block_steps_aside_for_other_output(tmp_path, monkeypatch):
     ray_logger = logging.getLogger("ray.tune.test_console")
     ray_logger.addHandler(handler)
     try:
-        with ray.console._guarded():
+        with ray.console.guarded():
             ray.wait(1)
             drawn = len(out.getvalue())
             ray_logger.warning("Ray's warning")
@@ -465,7 +682,8 @@ def test_a_24_trial_sweep_fits_in_a_log_file(tmp_path):
     """The console's lines while 24 trials run, four at a time, every one reaching the target:
     24 started, 24 finished (a target reached within a status period of the end is part of
     that line), the status lines. The rest of 120: 4 lines before (dashboard, sign-in, sweep,
-    trial output), 33 at the end (the status table of 24 trials, blank lines, summary, next)."""
+    trial output), 35 at the end (the status table of 24 trials, blank lines, the --wide note,
+    summary, next)."""
     spec = sweep(
         grid={
             "batch_size": [16, 32, 64, 128],
@@ -495,44 +713,10 @@ def test_a_24_trial_sweep_fits_in_a_log_file(tmp_path):
     targets = {trial for kind, trial, _ in found if kind == "target"}
     targets |= {trial for kind, trial, text in found if kind == "finished" and "target at" in text}
     assert len(targets) == 24
-    assert len(lines) <= 120 - 4 - 33, len(lines)
+    assert len(lines) <= 120 - 4 - 35, len(lines)
 
 
-# ---------------------------------------------------------------------------- Pieces
-
-
-def test_error_line_is_the_exception_of_a_ray_traceback():
-    text = (
-        "Failure # 1 (occurred at 2025-01-01_00-00-00)\n"
-        "\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=1, ip=10.0.0.3)\n"
-        '  File "lbs_tune/trainable.py", line 120, in train_trial\n'
-        "lbs_tune.errors.UserError: cifar10: no file\n\n"
-    )
-    assert error_line(text) == "lbs_tune.errors.UserError: cifar10: no file"
-    assert error_line("") == ""
-    assert len(error_line("x" * 500)) == 200
-
-
-def test_duration():
-    assert [duration(s) for s in (0, 59.4, 60, 725, 3600, 11220)] == [
-        "0s",
-        "59s",
-        "1m00s",
-        "12m05s",
-        "1h00m",
-        "3h07m",
-    ]
-
-
-def test_ray_init_options_relay_trial_output_only_when_verbose_or_through_ray_client():
-    assert ray_init_options(False) == {"log_to_driver": False}
-    assert ray_init_options(False, "10.0.0.1:6379") == {"log_to_driver": False}
-    assert ray_init_options(True, None) == {"log_to_driver": True}
-    assert ray_init_options(False, "ray://head:10001") == {"log_to_driver": True}
-    assert QUIET_RAY_ENV["RAY_AIR_NEW_OUTPUT"] == "0"
-
-
-# ---------------------------------------------------------------------------- With Ray
+# ============================================================================ With Ray
 
 
 def tuner_for(spec: SweepSpec, experiment):
@@ -574,6 +758,7 @@ def test_tiny_sweep_through_a_tuner_prints_its_events_and_no_ray_tables(
     errors still logged."""
     from analysis.status import status
     from lbs_tune.experiment import record_start
+    from lbs_tune.loggers import replace_in
 
     base = {**tiny_base(data__dir=str(tmp_path / "empty")), "examples": 960}
     del base["epochs"]
@@ -588,13 +773,15 @@ def test_tiny_sweep_through_a_tuner_prints_its_events_and_no_ray_tables(
     experiment = locate(tmp_path / "results" / spec.name)
     record_start(experiment, spec.model_dump(mode="json"), spec.digest(), None, [])
     console = Console(spec, experiment, table=status, every_s=2)
+    tuner = tuner_for(spec, experiment)
+    assert replace_in(tuner, [console], verbose=0)
     # Ray's logger writes to the stderr it found at import, which pytest had replaced then:
     # its records are read here instead.
     ray_logger = logging.getLogger("ray")
     ray_logger.addHandler(caplog.handler)
     try:
         with caplog.at_level(logging.WARNING, logger="ray"):
-            results = console.fit(tuner_for(spec, experiment))
+            results = console.fit(tuner.fit, quiet=True)
     finally:
         ray_logger.removeHandler(caplog.handler)
     console.finish("sweep console: done")
@@ -603,15 +790,15 @@ def test_tiny_sweep_through_a_tuner_prints_its_events_and_no_ray_tables(
     logged = [r.getMessage() for r in caplog.records if r.name.startswith("ray")]
     assert len(results) == 4
     kinds: dict[str, list[str]] = {}
-    for kind, label in re.findall(rf"^{STAMP} (\w+) +\w+_\d+ \(([^)]*)\)", out, re.MULTILINE):
-        kinds.setdefault(label, []).append(kind)
+    for kind, point in re.findall(rf"^{STAMP} (\w+) +\w+_\d+ \(([^)]*)\)", out, re.MULTILINE):
+        kinds.setdefault(point, []).append(kind)
     assert len(kinds) == 4, kinds
-    for label, found in kinds.items():
-        if "dataset=cifar10" in label:
-            assert found == ["started", "retrying", "errored"], label
+    for point, found in kinds.items():
+        if "dataset=cifar10" in point:
+            assert found == ["started", "retrying", "errored"], point
         else:
-            assert found[0] == "started" and found[-1] in ("finished", "diverged"), label
-            assert set(found[1:-1]) <= {"target"}, label
+            assert found[0] == "started" and found[-1] in ("finished", "diverged"), point
+            assert set(found[1:-1]) <= {"target"}, point
     errors = re.findall(r" errored .*after 2 failures: (.*); full error: (.*)$", out, re.MULTILINE)
     assert len(errors) == 2
     for line, path in errors:
@@ -658,3 +845,58 @@ def test_24_trial_quickstart_prints_at_most_120_lines_without_a_tty(ray_cluster,
     assert "sweep quickstart" in out and "trial        batch_size" in out
     assert f"next: lbs-tune report {tmp_path / 'quickstart'}" in out
     assert len((out + err).splitlines()) <= 120, out + err
+
+
+# Ray's log lines ("2026-01-01 12:00:00,000\tINFO worker.py:2029 -- Started a local Ray
+# instance", "... INFO tune.py:1007 -- Wrote the latest version ...") and Optuna's
+# ("[I 2026-01-01 12:00:00,000] A new study created in RDB ...").
+RAY_INFO = re.compile(r"\bINFO [\w.]+\.py:\d+ -- ")
+OPTUNA_INFO = re.compile(r"^\[I \d{4}-\d\d-\d\d ", re.MULTILINE)
+
+
+@pytest.mark.ray
+def test_a_tuned_sweep_log_file_has_its_outcomes_and_no_colour_or_info_lines(ray_cluster, tmp_path):
+    """`lbs-tune run sweeps/quickstart_tuned.yaml > log 2>&1`, tiny: 2 batch sizes x 2 trials of
+    at most 2 epochs, to 30%. The log says reached, missed or diverged of every trial, the best
+    steps to target per batch size, and ends with a table of at most 120 columns, by grid point
+    and trial number; no escape sequence, no INFO line of Ray or Optuna."""
+    overrides = [
+        f"base.data.samples={TINY_MNIST1D}",
+        "base.epochs=2",
+        "base.eval_every=0.25",
+        "base.checkpoint_every=1",
+        "grid.batch_size=[32, 128]",
+        "search.trials_per_point=2",
+        "target.value=0.3",
+        "max_concurrent=2",
+    ]
+    command = [sys.executable, "-m", "lbs_tune.cli", "run", str(QUICKSTART_TUNED)]
+    command += ["--storage", str(tmp_path), "--address", ray_cluster.address]
+    for override in overrides:
+        command += ["--set", override]
+    log = tmp_path / "run.log"
+    with log.open("w") as stream:
+        done = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, timeout=900)
+    text = log.read_text()
+    assert done.returncode == 0, text
+    assert ESC not in text
+    assert not RAY_INFO.search(text) and not OPTUNA_INFO.search(text), text
+    assert "performance bottleneck" not in text
+    kinds = re.findall(rf"^{STAMP} (\w+) ", text, re.MULTILINE)
+    assert kinds.count("started") == 4, text
+    assert kinds.count("reached") + kinds.count("missed") + kinds.count("diverged") == 4, text
+    assert "finished" not in kinds
+    for line in re.findall(rf"^{STAMP} reached .*$", text, re.MULTILINE):
+        assert re.search(r"  the target at step \d+ \(val/accuracy [\d.]+ >= 0.3\)$", line), line
+    (last,) = [line for line in text.splitlines() if line.startswith("status: ")][-1:]
+    assert "best steps to val/accuracy>=0.3 (trials done/total) by batch size 32: " in last
+    assert re.search(r" 32: (\d+|-) \(2/2\), 128: (\d+|-) \(2/2\);", last), last
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("trial  "))
+    table = lines[start : lines.index("", start)]
+    assert all(len(line) <= 120 for line in table), table
+    header = re.split(r"\s{2,}", table[0])
+    assert header[:4] == ["trial", "batch_size", "lr.base", "optimizer.momentum"], header
+    assert "steps to target" in header
+    sizes = [int(re.split(r"\s{2,}", row)[1]) for row in table[1:]]
+    assert sizes == [32, 32, 128, 128]

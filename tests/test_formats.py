@@ -1,5 +1,5 @@
 """On-disk formats (torchvision's, WikiText-2, Cityscapes): tiny real files read back exactly,
-and one-line errors."""
+one-line errors, and the same errors from the registry's check before a sweep starts."""
 
 from __future__ import annotations
 
@@ -25,16 +25,12 @@ from fixtures_formats import (
     write_wikitext2,
 )
 
+from lbs_tune.cityscapes import LABEL_TO_TRAIN_ID, read_cityscapes
+from lbs_tune.config import DataConfig
+from lbs_tune.datasets import DATASETS
 from lbs_tune.errors import UserError
-from lbs_tune.formats import (
-    DATASET_NAMES,
-    LABEL_TO_TRAIN_ID,
-    LOCAL_DATASET_NAMES,
-    check_files,
-    read_cityscapes,
-    read_torchvision,
-    read_wikitext2,
-)
+from lbs_tune.formats import DATASET_NAMES, read_torchvision
+from lbs_tune.wikitext import read_wikitext2
 
 FOLDERS = {
     "cifar10": "cifar-10-batches-py",
@@ -322,7 +318,7 @@ def test_wikitext2_missing_file_is_named_with_its_source(file: str, tmp_path: Pa
         "data.dir or LBS_DATA_DIR",
     )
     assert "wiki.valid.tokens" not in message
-    _one_line(lambda: check_files("wikitext2", tmp_path), file)
+    _one_line(lambda: files_before_start("wikitext2", tmp_path), file)
 
 
 @pytest.mark.parametrize(
@@ -406,7 +402,7 @@ def test_cityscapes_missing_folder_and_missing_label_are_named(tmp_path: Path) -
         lambda: read_cityscapes(tmp_path, (8, 12)), f"cityscapes: label file {label} missing;"
     )
     assert "more" not in message
-    _one_line(lambda: check_files("cityscapes", tmp_path), str(label))
+    _one_line(lambda: files_before_start("cityscapes", tmp_path), str(label))
 
 
 def _truncate_png(path: Path) -> None:
@@ -450,6 +446,18 @@ def test_cityscapes_corrupt_file_is_named(file: str, damage, why: str, tmp_path:
     assert ".cpp" not in message
 
 
-def test_local_datasets_are_not_torchvision_downloads() -> None:
-    assert set(LOCAL_DATASET_NAMES) == {"wikitext2", "cityscapes"}
-    assert not set(LOCAL_DATASET_NAMES) & set(DATASET_NAMES)
+def files_before_start(name: str, root: Path, download: bool = False) -> None:
+    """The registry's check of dataset `name`'s files under `root`, as a sweep runs it."""
+    DATASETS[name].files(DataConfig(dir=str(root), download=download))
+
+
+def test_local_datasets_are_checked_even_with_download_on(tmp_path: Path) -> None:
+    # WikiText-2 and Cityscapes are never downloaded: their files must be there.
+    for name in ("wikitext2", "cityscapes"):
+        with pytest.raises(UserError, match=f"^{name}: "):
+            files_before_start(name, tmp_path, download=True)
+    # A torchvision dataset to download may be missing: the trial downloads it.
+    for name in DATASET_NAMES:
+        files_before_start(name, tmp_path, download=True)
+        with pytest.raises(UserError, match="files missing"):
+            files_before_start(name, tmp_path)

@@ -18,7 +18,8 @@ from tensorboardX.proto.event_pb2 import Event
 from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
 
 from lbs_tune.errors import UserError
-from lbs_tune.loggers import BY_EXAMPLES, TensorBoard, callbacks, own_metrics, run_name
+from lbs_tune.loggers import BY_EXAMPLES, TensorBoard, callbacks, run_name
+from lbs_tune.names import own_metrics
 from lbs_tune.spec import load_spec
 from lbs_tune.storage import locate
 

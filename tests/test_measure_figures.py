@@ -1,6 +1,7 @@
-"""The figures of the in-trial measurements (issue 10): the gradient noise scale over training
-and against the fitted critical batch size, sharpness with the 2 / lr line; and which of the
-report's extra figures apply. Tables made by hand, numbers checked without drawing."""
+"""The figures of the in-trial measurements (issues 10 and 17): the gradient noise scale over
+training and against the fitted critical batch size, sharpness with the optimizer's stability
+limit; and which of the report's extra figures apply. Tables made by hand, numbers checked
+without drawing."""
 
 from __future__ import annotations
 
@@ -13,18 +14,31 @@ from test_summary import formula_studies, steps_at
 
 from analysis.figures import noise_scale, sharpness
 from analysis.figures._common import Curve
-from analysis.metrics import shown_trials
-from analysis.summary import best_trial_ids, extra_figures, summarize
+from analysis.metrics import prepared, shown_trials
+from analysis.page import Context, best_trial_ids, build_figures
+from analysis.summary import summarize
 from analysis.tables import Results
+from lbs_tune.rules import stability_limit
+
+MEASURED = ("tuned-steps", "pareto", "best-lr", "study-objective", "noise-scale")
+MEASURED += ("noise-scale-hessian", "sharpness")
+
+
+def extra_figures(results: Results, summary, metric: str) -> dict[str, go.Figure]:
+    """The page's figures of a searched sweep and of the measurements (analysis.page)."""
+    drawn = build_figures(Context(results, metric, summary=summary))
+    return {k: f for k, f in drawn.items() if k in (*MEASURED, "noise-vs-critical")}
+
 
 NOISE, SHARP = noise_scale.COLUMN, sharpness.COLUMN
 
 
 def measured_sweep() -> tuple[pa.Table, pa.Table]:
-    """Rule none: B=16 seeds 0 and 1, B=64 seed 0, and an errored B=64 seed 1. Reports at
-    epochs 0.5, 1 and 1.5: B_simple at 0.5 and 1.5 (B=16: 10 x (seed + 1) x epoch; B=64:
-    40 x epoch), sharpness at 1 and 1.5 (B=16: 2 + seed; B=64: 5 x epoch), lr 0.1 at B=16 and
-    0.4 at B=64 but 0.2 at epoch 1.5 (a decay)."""
+    """Rule none: B=16 seeds 0 and 1 (SGD with Nesterov momentum 0.9), B=64 seed 0 and an
+    errored B=64 seed 1 (AdamW). Reports at epochs 0.5, 1 and 1.5: B_simple at 0.5 and 1.5
+    (B=16: 10 x (seed + 1) x epoch; B=64: 40 x epoch), sharpness at 1 and 1.5 (B=16: 2 + seed;
+    B=64: 5 x epoch, preconditioned 30 x epoch), lr 0.1 at B=16 and 0.4 at B=64 but 0.2 at
+    epoch 1.5 (a decay)."""
     trials, reports = [], []
     for trial_id, batch, seed, state in (
         ("a", 16, 0, "TERMINATED"),
@@ -32,9 +46,16 @@ def measured_sweep() -> tuple[pa.Table, pa.Table]:
         ("c", 64, 0, "TERMINATED"),
         ("e", 64, 1, "ERROR"),
     ):
+        optimizer = (
+            {"optimizer.name": "sgd", "optimizer.momentum": 0.9, "optimizer.nesterov": True}
+            if batch == 16
+            else {"optimizer.name": "adamw", "optimizer.momentum": 0.9, "optimizer.nesterov": True}
+        )
         trials.append(
             {"trial_id": trial_id, "state": state, "diverged": False, "lr.scaling": "none"}
             | {"batch_size": batch, "seed": seed, "final/val/accuracy": 0.5}
+            | optimizer
+            | {"optimizer.betas": [0.9, 0.999]}
         )
         for epoch in (0.5, 1.0, 1.5):
             noise = 10 * (seed + 1) * epoch if batch == 16 else 40 * epoch
@@ -48,6 +69,7 @@ def measured_sweep() -> tuple[pa.Table, pa.Table]:
                     "lr": lr,
                     NOISE: noise if epoch != 1.0 else None,
                     SHARP: sharp if epoch != 0.5 else None,
+                    sharpness.PRECONDITIONED: 30 * epoch if batch == 64 and epoch != 0.5 else None,
                 }
             )
     return pa.Table.from_pylist(trials), pa.Table.from_pylist(reports)
@@ -67,22 +89,47 @@ def test_b_simple_over_training_per_batch_size_over_seeds_without_crashes():
     assert isinstance(noise_scale.render(data), go.Figure)
 
 
-def test_sharpness_beside_two_over_the_lr_of_the_same_reports():
+def test_sharpness_beside_the_optimizers_own_limit_at_the_same_reports():
+    # Issue 17: the line was 2 / lr whatever the optimizer, 47% too high for Nesterov's SGD.
     trials, history = measured_sweep()
     data = sharpness.extract(trials, history, "epoch")
     assert data.sharpness.curves == [
         Curve("none", 16, [1.0, 1.5], [2.5, 2.5], [2.0, 2.0], [3.0, 3.0]),
-        Curve("none", 64, [1.0, 1.5], [5.0, 7.5], [5.0, 7.5], [5.0, 7.5]),
+        # AdamW: the preconditioned sharpness, which its limit bounds.
+        Curve("none", 64, [1.0, 1.5], [30.0, 45.0], [30.0, 45.0], [30.0, 45.0]),
     ]
+    # Nesterov at β = 0.9: lr·λ < 2(1.9)/(2.8) = 1.357; AdamW at β₁ = 0.9: lr·λ < 38.
     assert [(c.batch_size, c.x, c.median) for c in data.threshold] == [
-        (16, [1.0, 1.5], pytest.approx([20.0, 20.0])),
-        (64, [1.0, 1.5], pytest.approx([5.0, 10.0])),
+        (16, [1.0, 1.5], pytest.approx([13.571, 13.571], abs=1e-3)),
+        (64, [1.0, 1.5], pytest.approx([95.0, 190.0])),
     ]
     figure = sharpness.render(data)
-    assert [t.name for t in figure.data if t.name.startswith("2/lr")] == [
-        "2/lr, B=16",
-        "2/lr, B=64",
+    assert [t.name for t in figure.data if t.name.startswith("limit")] == [
+        "limit, B=16",
+        "limit, B=64",
     ]
+
+
+def test_each_trials_limit_from_its_optimizer_settings_or_the_defaults():
+    trials, _ = measured_sweep()
+    rows = trials.to_pylist()
+    rows[0] |= {"optimizer.momentum": 0.0}  # plain gradient descent: 2 / lr
+    rows[1] |= {"optimizer.nesterov": False}  # heavy ball: 3.8 / lr
+    rows[2] |= {"optimizer.betas": [0.5, 0.999]}
+    rows[3] |= {"optimizer.name": "lars", "state": "TERMINATED"}  # no line
+    table = pa.Table.from_pylist(rows)
+    # The figures' prepared tables hold list-valued keys as text: the same limits.
+    for found in (sharpness.limits(table), sharpness.limits(prepared(table))):
+        assert found["a"] == (pytest.approx(2.0), False)
+        assert found["b"] == (pytest.approx(3.8), False)
+        assert found["c"] == (pytest.approx(6.0), True)
+        assert math.isnan(found["e"][0])
+    # Without the columns, the trial config's defaults: SGD with Nesterov momentum 0.9.
+    bare = trials.drop_columns([k for k in sharpness.OPTIMIZER_KEYS])
+    assert sharpness.limits(bare)["a"] == (
+        pytest.approx(stability_limit("sgd", 1, 0.9, True)),
+        False,
+    )
 
 
 def test_a_grid_over_lr_shows_the_best_configuration_by_the_metric():
@@ -145,6 +192,15 @@ def test_the_extra_figures_that_apply():
     assert all(isinstance(f, go.Figure) for f in drawn.values())
     with_noise = extra_figures(Results(trials, versus_history(summary)), summary, "val/accuracy")
     assert "noise-vs-critical" in with_noise
+    # The Hessian-weighted B_noise, where the trials measured it, beside B_simple.
+    hessian = history.append_column(noise_scale.HESSIAN_COLUMN, history[NOISE])
+    drawn = extra_figures(Results(trials, hessian), None, "val/accuracy")
+    assert list(drawn) == ["noise-scale", "noise-scale-hessian", "sharpness"]
+    data = noise_scale.measured_curves(
+        trials, hessian, noise_scale.HESSIAN_COLUMN, "epoch", "val/accuracy"
+    )
+    assert [c.median for c in data.curves] == [[7.5, 22.5], [20.0, 60.0]]
+    assert "B_noise = tr(HΣ) / GᵀHG" in drawn["noise-scale-hessian"].layout.title.text
     assert best_trial_ids(summary) == {
         f"r1-{0.1 * math.sqrt(b / 16)}" for b in [16, 32, 64, 128, 256, 512, 1024, 2048]
     }

@@ -167,6 +167,7 @@ def test_resnet110_size_matches_the_paper():
 
 def test_every_listed_name_builds():
     shapes = {"classification": CIFAR, "segmentation": SEGMENTATION, "language_model": TOKENS}
+    shapes["nqm"] = (100,)  # the noisy quadratic: theta of d = 100
     for name in MODEL_NAMES:
         shape = MNIST1D if name in FLAT_MODELS else shapes[model_task(name)]
         assert count_parameters(name, shape) > 0

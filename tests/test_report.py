@@ -12,17 +12,29 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import re
 import shutil
 import statistics
+import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
+import plotly.graph_objects as go
 import pyarrow as pa
 import pytest
 from conftest import HOSTILE, raw_trials
 
 from analysis import load
+from analysis import page as page_module
+from analysis.answer import (
+    FixedAnswer,
+    RuleSteps,
+    fixed_answer,
+    fixed_sentence,
+    number,
+    scaling_limit,
+)
 from analysis.figures import (
     evaluation_curves,
     learning_curves,
@@ -32,20 +44,18 @@ from analysis.figures import (
     steps_to_target,
     throughput,
 )
-from analysis.report import (
-    STATIC_FORMATS,
-    parse_target,
-    script_json,
-    trial_counts,
-    write_report,
-)
+from analysis.figures._draw import SERIES_COLOURS, batch_colour, contrast, log_ticks
+from analysis.figures.tuned_steps import REGIME_NAMES
+from analysis.page import script_json, trial_counts
+from analysis.report import STATIC_FORMATS, parse_target, write_report
+from analysis.scaling import fit_scaling
 from lbs_tune.errors import UserError
 
 FIGURES = [
+    "steps-to-target",
+    "metric-vs-batch-size",
     "learning-curves",
     "loss-curves",
-    "metric-vs-batch-size",
-    "steps-to-target",
     "learning-rate",
     "throughput",
     "parallel-coordinates",
@@ -219,13 +229,14 @@ def test_the_trial_table_lists_every_trial_with_its_steps_to_target(page, tiny_q
     path, _ = page
     text = path.read_text()
     assert '<table class="sortable">' in text and "function sortBy" in text
-    column = f"step to reach val/accuracy ≥ {TARGET}"
+    # Several batch sizes: the x axis, and the table's steps to target, default to examples.
+    column = f"examples to reach val/accuracy ≥ {TARGET}"
     rows = {row["trial_id"]: row for row in table_rows(text)}
     raw = raw_trials(tiny_quickstart)
     assert sorted(rows) == [t.trial_id for t in raw]
     for t in raw:
         step = first_step(t, "val/accuracy", TARGET)
-        assert rows[t.trial_id][column] == ("" if step is None else str(step))
+        assert rows[t.trial_id][column] == ("" if step is None else str(step * t.key[0]))
         assert rows[t.trial_id]["reports"] == str(len(t.reports))
     diverged = {t.trial_id for t in diverged_trials(tiny_quickstart)}
     assert {i for i, row in rows.items() if row["diverged"] == "1"} == diverged
@@ -278,7 +289,7 @@ def test_final_and_best_metric_against_batch_size(page, tiny_quickstart):
 def test_learning_curves_are_medians_over_seeds_per_batch_size_and_rule(page, tiny_quickstart):
     figure = page[1].figure("learning-curves")
     reports = by_config(tiny_quickstart, lambda t: {r["step"]: r for r in t.reports})
-    # Panels in rule order: linear (x), none (x2).
+    # Panels in rule order: linear (x), none (x2); examples across (batch sizes differ).
     for rule, axis in zip(RULES, ["x", "x2"], strict=True):
         for b in BATCH_SIZES:
             seeds = reports[(rule, b)]
@@ -288,13 +299,20 @@ def test_learning_curves_are_medians_over_seeds_per_batch_size_and_rule(page, ti
                 for step in steps
             ]
             median = trace(figure, f"B={b}", axis)
-            assert median["x"] == steps
+            assert median["x"] == [step * b for step in steps]
             assert median["y"] == pytest.approx([m for m, _, _ in stats])
             band = trace(figure, f"B={b} min–max", axis)
             highs, lows = [h for _, _, h in stats], [lo for _, lo, _ in stats]
             assert band["y"] == pytest.approx(highs + lows[::-1])
-    assert figure["layout"]["xaxis"]["title"]["text"] == "step"
-    assert figure["layout"]["yaxis"]["title"]["text"] == "val/accuracy"
+            assert band["mode"] == "lines"  # a band, not the corners of one as markers
+    layout = figure["layout"]
+    assert layout["xaxis"]["title"]["text"] == "examples"
+    assert layout["yaxis"]["title"]["text"] == "val/accuracy"
+    assert "(median and min–max over 2 seeds)" in layout["title"]["text"]
+    assert [a["text"] for a in layout["annotations"]] == [
+        "lr.scaling = linear",
+        "lr.scaling = none",
+    ]
     loss = page[1].figure("loss-curves")
     assert loss["layout"]["yaxis"]["title"]["text"] == "train/loss"
 
@@ -321,10 +339,11 @@ def test_learning_rate_throughput_and_parallel_coordinates(page, tiny_quickstart
 
     parallel = page[1].figure("parallel-coordinates")["data"][0]
     labels = [d["label"] for d in parallel["dimensions"]]
-    assert labels == ["lr.scaling", "batch_size", "final val/accuracy"]
+    assert labels == ["lr.scaling", "batch_size (log)"]  # the seed is no axis
     assert parallel["dimensions"][1]["ticktext"] == ["16", "64", "256"]
     finals = sorted(t.reports[-1]["val/accuracy"] for t in raw)
-    assert sorted(parallel["dimensions"][2]["values"]) == finals
+    assert sorted(parallel["line"]["color"]) == finals
+    assert parallel["line"]["colorbar"]["title"]["text"] == "final val/accuracy"
 
 
 # ============================================================================ Options
@@ -335,7 +354,7 @@ def test_a_target_and_x_axis_given_on_the_command_line_win(tiny_quickstart, tmp_
         tiny_quickstart,
         out=tmp_path / "r.html",
         target=parse_target("val/loss=1.8"),
-        x="examples",
+        x="step",  # over the default of examples (the batch sizes differ)
     )
     parsed = Page(path.read_text())
     figure = parsed.figure("steps-to-target")
@@ -343,8 +362,10 @@ def test_a_target_and_x_axis_given_on_the_command_line_win(tiny_quickstart, tmp_
     assert any(m is not None for m, _, _ in expected["none"])
     assert trace(figure, "none")["y"] == [m for m, _, _ in expected["none"]]
     assert "val/loss ≤ 1.8" in figure["layout"]["title"]["text"]
-    assert parsed.figure("learning-curves")["layout"]["xaxis"]["title"]["text"] == "examples"
-    assert "<th>examples to reach val/loss ≤ 1.8</th>" in path.read_text()
+    curves = parsed.figure("learning-curves")["layout"]["xaxis"]
+    # Steps differ by the ratio of the batch sizes: a log axis.
+    assert (curves["title"]["text"], curves["type"]) == ("steps", "log")
+    assert "<th>step to reach val/loss ≤ 1.8</th>" in path.read_text()
 
 
 @pytest.fixture
@@ -376,16 +397,15 @@ KALEIDO = importlib.util.find_spec("kaleido") is not None
 
 
 @pytest.mark.skipif(KALEIDO, reason="kaleido is installed: the next test checks its files")
-def test_static_figures_without_kaleido_say_so_in_one_line(cli, tiny_quickstart, tmp_path):
+def test_static_figures_without_kaleido_is_one_line_naming_what_to_install(
+    cli, tiny_quickstart, tmp_path
+):
     html, static = tmp_path / "r.html", tmp_path / "static"
     code, out, err = cli("report", tiny_quickstart, "-o", html, "--static", static)
-    assert (code, out) == (0, f"report written to {html}\n")
-    assert err == (
-        "lbs-tune: static figures skipped: kaleido is not installed "
-        "(pip install kaleido; it also needs Chrome or Chromium)\n"
-    )
-    assert Page(html.read_text()).figure("learning-curves")["data"]  # the page is whole
-    assert not static.exists()
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1 and f"--static {static}: " in err
+    assert "pip install kaleido" in err and "plotly_get_chrome" in err
+    assert not html.exists() and not static.exists()  # refused before anything is written
 
 
 @pytest.mark.skipif(not KALEIDO, reason="kaleido is not installed (no dependency of lbs-tune)")
@@ -393,9 +413,9 @@ def test_static_figures_with_kaleido_are_written_or_chrome_is_named(cli, tiny_qu
     html, static = tmp_path / "r.html", tmp_path / "static"
     code, _, err = cli("report", tiny_quickstart, "-o", html, "--static", static)
     written = sorted(p.name for p in static.glob("*")) if static.exists() else []
-    assert code == 0 and html.exists()
-    if err:  # kaleido without a Chrome to drive: one line says so, nothing is half-written
-        assert err.count("\n") == 1 and err.startswith("lbs-tune: static figures skipped: ")
+    assert html.exists()
+    if code:  # kaleido without a Chrome to drive: one line says what to install
+        assert code == 2 and err.count("\n") == 1 and "plotly_get_chrome" in err
         assert written == []
     else:
         assert written == sorted(f"{n}.{f}" for n in FIGURES for f in STATIC_FORMATS)
@@ -487,8 +507,9 @@ def test_a_searched_sweep_shows_the_best_lr_per_batch_size():
     assert steps.reference.median == [10, 5]
 
     parallel = parallel_coordinates.extract(trials, "val/accuracy")
-    assert [d.label for d in parallel.dimensions] == ["lr.scaling", "batch_size", "lr.base"]
-    assert parallel.dimensions[2].values == [0.1, 0.1, 0.2, 0.2, 0.1, 0.1, 0.2, 0.2]
+    # One rule (no axis of one value), no seed axis.
+    assert [d.label for d in parallel.dimensions] == ["batch_size", "lr.base"]  # < 10x: linear
+    assert parallel.dimensions[1].values == [0.1, 0.1, 0.2, 0.2, 0.1, 0.1, 0.2, 0.2]
 
 
 def two_rules() -> tuple[pa.Table, pa.Table]:
@@ -597,9 +618,487 @@ def test_parallel_coordinates_put_wide_ranges_on_a_log_axis_and_text_in_categori
     wide = parallel_coordinates.dimension("lr.base", [0.01, 0.1, 0.1])
     assert wide.values == pytest.approx([-2, -1, -1])
     assert (wide.tickvals, wide.ticktext) == (pytest.approx([-2, -1]), ["0.01", "0.1"])
+    assert wide.label == "lr.base (log)"
+    # A log-uniform key is drawn on a log axis whatever its range; a uniform one on a linear.
+    assert parallel_coordinates.dimension("lr.base", [0.2, 0.3], log=True).label.endswith("(log)")
+    assert parallel_coordinates.dimension("m", [1, 100], log=False).tickvals is None
     narrow = parallel_coordinates.dimension("batch_size", [32, 64])
     assert narrow == parallel_coordinates.Dimension("batch_size", [32.0, 64.0], None, None)
     rules = parallel_coordinates.dimension("lr.scaling", ["none", "linear", "none"])
     assert rules == parallel_coordinates.Dimension(
         "lr.scaling", [1.0, 0.0, 1.0], [0, 1], ["linear", "none"]
     )
+
+
+# ============================================================================ A tuned sweep
+
+
+# A tuned quickstart made by hand (sweeps/quickstart_tuned.yaml at 4 batch sizes, 4 trials per
+# point): the real searcher writes the studies; trial folders as Ray writes them. A trial at
+# batch B with rate lr reaches val/accuracy 0.5 after S(B) (1 + ln(lr / lr*(B))^2 / 2) steps,
+# S(B) = 20 (1 + 200 / B) and lr*(B) = 0.02 sqrt(B / 16), unless lr > 6 lr*(B) (it diverges at
+# its 5th report) or its budget of 10 epochs of 7200 examples ends first.
+TUNED_SIZES = [16, 64, 256, 1024]
+TRAIN_EXAMPLES = 7200
+TUNED_SPEC = {
+    "name": "quickstart_tuned",
+    "description": f"MNIST-1D MLP, tuned {HOSTILE} \u202eevil",
+    "base": {
+        "dataset": "mnist1d",
+        "data": {"samples": 10000},
+        "model": "mlp",
+        "batch_size": 16,
+        "seed": 0,
+        "epochs": 10,
+        "eval_every": 0.05,
+        "optimizer": {"name": "sgd", "momentum": 0.9, "nesterov": True},
+        "lr": {"base": 0.01, "base_batch_size": 16, "scaling": "none"},
+        "device": "cpu",
+    },
+    "grid": {"batch_size": TUNED_SIZES},
+    "search": {
+        "space": {
+            "lr.base": {"log_uniform": [0.003, 1.0]},
+            "optimizer.momentum": {"uniform": [0.8, 0.95]},
+        },
+        "trials_per_point": 4,
+        "sampler": "qmc",
+        "seed": 0,
+        "objective": "steps_to_target",
+    },
+    "metric": {"name": "val/accuracy", "mode": "max"},
+    "target": {"metric": "val/accuracy", "value": 0.5},
+}
+
+
+def toy_steps(batch: int, lr: float) -> float | None:
+    """The steps the toy trial needs to reach the target (None: it diverges)."""
+    best = 0.02 * math.sqrt(batch / 16)
+    if lr > 6 * best:
+        return None
+    return 20 * (1 + 200 / batch) * (1 + math.log(lr / best) ** 2 / 2)
+
+
+def toy_reports(config: dict) -> list[dict]:
+    """The reports of one toy trial, to the first that reaches the target (the study's stop)."""
+    batch, lr = config["batch_size"], config["lr"]["base"]
+    cap = round(10 * TRAIN_EXAMPLES / batch)
+    every = max(1, round(0.05 * TRAIN_EXAMPLES / batch))
+    needed = toy_steps(batch, lr)
+    reports = []
+    for step in range(every, cap + 1, every):
+        diverged = needed is None and len(reports) == 4
+        share = 0.0 if needed is None else min(step / needed, 2.0)
+        accuracy = 0.1 + 0.4 * share**0.7
+        speed = 4000.0 * math.sqrt(batch / 16)
+        reports.append(
+            {
+                "step": step,
+                "epoch": step * batch / TRAIN_EXAMPLES,
+                "examples": step * batch,
+                "total_steps": cap,
+                "lr": lr,
+                "peak_lr": lr,
+                "train/loss": None if diverged else 2.3 - 1.5 * (accuracy - 0.1),
+                "val/accuracy": 0.1 if diverged else accuracy,
+                "images_per_s": speed,
+                "time_s": step * batch / speed,
+                "diverged": diverged,
+            }
+        )
+        if diverged or accuracy >= 0.5:
+            break
+    return reports
+
+
+def tuned_experiment(folder: Path) -> Path:
+    """Write the tuned toy experiment (see TUNED_SPEC, `toy_reports`) into `folder`: the
+    studies through the real searcher (driven as Ray Tune drives it, no cluster), each trial's
+    params.json and result.json, Ray's experiment state and the sweep record."""
+    from lbs_tune.config import SweepSpec
+    from lbs_tune.searcher import StudySearcher
+    from lbs_tune.studies import objective_for
+
+    spec = SweepSpec.model_validate(TUNED_SPEC)
+    folder.mkdir(parents=True)
+    configs = [t.model_dump(mode="json") for t in spec.trials]
+    objective = objective_for(spec.search, spec.metric, spec.target)
+    searcher = StudySearcher(spec.search, spec.points(), configs, folder, objective)
+    states = []
+    for index in range(spec.trial_count):
+        trial_id = f"toy_{index:05d}"
+        config = searcher.suggest(trial_id)
+        reports = toy_reports(config)
+        logdir = f"train_trial_{trial_id}_{index}"
+        (folder / logdir).mkdir()
+        (folder / logdir / "params.json").write_text(json.dumps(config))
+        lines = []
+        for i, report in enumerate(reports, start=1):
+            row = {**report, "trial_id": trial_id, "training_iteration": i}
+            lines.append(json.dumps(row | {"timestamp": 1_800_000_000 + i, "device": "cpu"}))
+        # The last report decides the outcome (the first at the target, or the budget's end with
+        # accuracy rising all along): the searcher is told it alone, one database write.
+        searcher.on_trial_complete(trial_id, reports[-1])
+        (folder / logdir / "result.json").write_text("\n".join(lines) + "\n")
+        trial = {"trial_id": trial_id, "status": "TERMINATED", "config": config}
+        times = {"start_time": 1.8e9, "last_result_time": 1.8e9 + 1, "num_failures": 0}
+        states.append([json.dumps(trial | {"relative_logdir": logdir}), json.dumps(times)])
+    state = {"trial_data": states, "runner_data": {}, "stats": {}}
+    (folder / "experiment_state-2026-12-02_00-00-00.json").write_text(json.dumps(state))
+    record = {
+        "name": spec.name,
+        "spec": spec.model_dump(mode="json"),
+        "digest": spec.digest(),
+        "command": ["lbs-tune", "run", "sweeps/quickstart_tuned.yaml"],
+        "started": "2026-12-02T00:00:00+00:00",
+        "ended": "2026-12-02T00:05:00+00:00",
+    }
+    (folder / "lbs_sweep.json").write_text(json.dumps(record))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory) -> tuple[Path, Page]:
+    """The tuned toy experiment's folder and its report (written with the default options)."""
+    folder = tuned_experiment(tmp_path_factory.mktemp("tuned") / "quickstart_tuned")
+    return folder, Page(write_report(folder).read_text())
+
+
+def toy_trials(folder: Path) -> list[tuple[dict, list[dict], int | None]]:
+    """Each trial's config, reports and first step at the target (None: never), read from the
+    trial folders with plain json, in the studies' order (grid point, then trial number)."""
+    found = []
+    for params in folder.glob("*/params.json"):
+        rows = [
+            json.loads(line) for line in (params.parent / "result.json").read_text().splitlines()
+        ]
+        hit = next((r["step"] for r in rows if r["val/accuracy"] >= 0.5), None)
+        found.append((json.loads(params.read_text()), rows, hit))
+    return sorted(found, key=lambda t: (t[0]["search"]["point"], t[0]["search"]["number"]))
+
+
+def toy_best(folder: Path) -> dict[int, tuple[int, list[dict]]]:
+    """Per batch size, the fewest steps to the target of its trials and that trial's reports."""
+    best: dict[int, tuple[int, list[dict]]] = {}
+    for config, rows, hit in toy_trials(folder):
+        batch = config["batch_size"]
+        if hit is not None and (batch not in best or hit < best[batch][0]):
+            best[batch] = (hit, rows)
+    return best
+
+
+def answer_text(text: str) -> str:
+    """The text of the page's answer section."""
+    section = text[text.index('<section id="answer">') : text.index("</section>")]
+    return " ".join(" ".join(Page(section).text).split())
+
+
+def test_a_tuned_page_opens_with_the_answer_in_numbers(tuned):
+    folder, page = tuned
+    text = (folder / "report.html").read_text()
+    best = toy_best(folder)
+    assert sorted(best) == TUNED_SIZES  # every batch size reached the target in some trial
+    fit = fit_scaling(TUNED_SIZES, [best[b][0] for b in TUNED_SIZES])
+    answer = answer_text(text)
+    assert answer.startswith("Answer The critical batch size is")
+    for value in (fit.b_crit, *fit.intervals["b_crit"], fit.s_min, fit.e_min):
+        assert number(value) in answer
+    for b in TUNED_SIZES:
+        assert f" {b} {number(best[b][0])} {number(best[b][0] * b)} " in answer
+    # The answer's figure sits in the answer, before every other figure.
+    assert text.index('id="fig-tuned-steps"') < text.index("<h2>Figures</h2>")
+    ids = [a["id"][4:] for a, _ in page.scripts if a.get("type") == "application/json"]
+    assert ids == [
+        "tuned-steps",
+        "pareto",
+        "best-lr",
+        "search-budget",
+        "study-objective",
+        "learning-curves",
+        "loss-curves",
+        "throughput",
+        "parallel-coordinates",
+    ]  # no fixed-budget accuracy against batch size, no LR of every trial
+
+
+def test_a_tuned_pages_curves_are_each_studys_best_trial_against_examples(tuned):
+    folder, page = tuned
+    figure = page.figure("learning-curves")
+    for b, (steps, rows) in toy_best(folder).items():
+        (line,) = [t for t in figure["data"] if t["name"] == f"B={b}"]
+        assert line["x"] == [r["examples"] for r in rows]
+        assert line["x"][-1] == steps * b  # the best trial stopped at the target
+    layout = figure["layout"]
+    assert layout["xaxis"]["title"]["text"] == "examples"
+    # One seed: nothing aggregated, and one rule: no panel titled by it.
+    assert layout["title"]["text"] == "val/accuracy during training, best trial of each study"
+    assert "annotations" not in layout
+
+
+def test_a_tuned_pages_parallel_coordinates_are_the_searched_keys(tuned):
+    folder, page = tuned
+    parallel = page.figure("parallel-coordinates")["data"][0]
+    labels = [d["label"] for d in parallel["dimensions"]]
+    assert labels == ["batch_size (log)", "lr.base (log)", "optimizer.momentum"]
+    trials = toy_trials(folder)
+    lr = parallel["dimensions"][1]
+    assert lr["values"] == pytest.approx([math.log10(c["lr"]["base"]) for c, _, _ in trials])
+    # Ticks at 1, 2 and 5 times powers of ten within the rates drawn, labelled in real units.
+    rates = [c["lr"]["base"] for c, _, _ in trials]
+    steps = [m * 10.0**d for d in range(-4, 2) for m in (1, 2, 5)]
+    assert lr["ticktext"] == [f"{t:g}" for t in steps if min(rates) <= t <= max(rates)]
+    assert lr["tickvals"] == pytest.approx([math.log10(float(t)) for t in lr["ticktext"]])
+    # Coloured by steps relative to the study's best (0), up to 8 times it (1); the infeasible
+    # above the scale's feasible part, grey.
+    best = {b: steps for b, (steps, _) in toy_best(folder).items()}
+    expected = [
+        1 / 0.9 if hit is None else min(math.log(hit / best[c["batch_size"]]) / math.log(8), 1)
+        for c, _, hit in trials
+    ]
+    assert parallel["line"]["color"] == pytest.approx(expected)
+    assert parallel["line"]["colorscale"][-1] == [1.0, "rgb(150, 150, 150)"]
+
+
+# ============================================================================ Figures for a paper
+
+
+def figures_of(page: Page) -> dict[str, dict]:
+    return {
+        a["id"][4:]: json.loads(body)
+        for a, body in page.scripts
+        if a.get("type") == "application/json"
+    }
+
+
+def axes(figure: dict) -> dict[str, dict]:
+    return {k: v for k, v in figure["layout"].items() if re.fullmatch(r"[xy]axis\d*", k)}
+
+
+def test_every_figure_has_units_readable_log_ticks_and_room(page, tuned):
+    for parsed in (page[1], tuned[1]):
+        for name, figure in figures_of(parsed).items():
+            layout = figure["layout"]
+            assert layout["template"]["layout"]["plot_bgcolor"] == "white", name
+            rows = 1 + sum(1 for k in axes(figure) if k.startswith("yaxis")) // 4
+            assert layout["height"] >= 300 * rows, name
+            for key, axis in axes(figure).items():
+                if axis.get("title"):  # shared axes are titled once, on their first panel
+                    assert axis["title"]["text"], (name, key)
+                if axis.get("type") != "log":
+                    continue
+                ticks = [t for t in axis["tickvals"]]
+                batch = axis.get("title", {}).get("text") == "batch size (examples)"
+                for t in ticks:
+                    if batch:
+                        assert math.log2(t).is_integer(), (name, key, t)  # powers of two
+                    else:
+                        assert f"{t:e}"[0] in "125" and float(f"{t:e}"[:4]) in (1, 2, 3, 5)
+            if "xaxis" in layout and name not in ("study-objective", "search-budget"):
+                assert axes(figure)["xaxis"]["title"]["text"] in (
+                    "batch size (examples)",
+                    "examples",
+                    "steps S (steps)",
+                ), name
+
+
+def test_one_rule_and_one_seed_leave_no_label_of_either(tuned):
+    text = json.dumps(figures_of(tuned[1]))
+    assert "lr.scaling" not in text and "over seeds" not in text and "over 1 seeds" not in text
+
+
+def test_every_batch_size_and_series_colour_reads_on_white():
+    sizes = [2**k for k in range(4, 12)]
+    colours = [batch_colour(b, sizes) for b in sizes] + list(SERIES_COLOURS)
+    assert min(contrast(c) for c in colours) >= 3  # WCAG's ratio for graphics
+    assert len(set(colours[: len(sizes)])) == len(sizes)
+    assert contrast("rgb(253, 231, 37)") < 1.5  # Viridis' yellow end, which did not read
+
+
+def test_log_ticks_are_powers_of_ten_or_one_two_five_in_plain_units():
+    ticks, text = log_ticks([25, 330])
+    assert [s for t, s in zip(ticks, text, strict=True) if 25 <= t <= 330] == ["50", "100", "200"]
+    ticks, text = log_ticks([10, 20_000])
+    assert [t for t, _ in zip(ticks, text, strict=True) if 10 <= t <= 20_000] == [
+        10,
+        100,
+        1000,
+        10_000,
+    ]
+    assert text[ticks.index(10_000)] == "10k"
+    narrow = [t for t in log_ticks([0.2, 0.45])[0] if 0.2 <= t <= 0.45]
+    assert narrow == pytest.approx([0.2, 0.3, 0.4])
+    assert log_ticks([None, 0, -1]) == ([], [])
+
+
+def test_the_trial_table_scrolls_inside_its_box(page):
+    text = page[0].read_text()
+    assert '<div class="table-wrap"><table class="sortable">' in text
+    assert re.search(r"\.table-wrap \{[^}]*overflow: auto", text)
+
+
+def test_the_tuned_regimes_and_the_b_crit_interval_are_told_apart(tuned):
+    figure = tuned[1].figure("tuned-steps")
+    regimes = [s for s in figure["layout"]["shapes"] if s.get("name") in REGIME_NAMES]
+    assert [s["name"] for s in regimes] == list(REGIME_NAMES)
+    assert len({s["fillcolor"] for s in regimes}) == 3
+    (critical,) = [t for t in figure["data"] if t["name"].startswith("tuned: B_crit")]
+    # The interval is an error bar in black on B_crit's point, no band like the regimes.
+    assert critical["error_x"]["color"] == "black" and critical["marker"]["symbol"] == "diamond"
+    assert critical["y"] == [pytest.approx(2 * read_fit(tuned[0]).s_min)]
+
+
+def read_fit(folder: Path):
+    best = toy_best(folder)
+    return fit_scaling(TUNED_SIZES, [best[b][0] for b in TUNED_SIZES])
+
+
+# ============================================================================ The fixed answer
+
+
+def test_where_a_rule_stops_scaling_in_closed_form():
+    # S(B) = S_min (1 + B_crit / B) is within 2x of perfect scaling from B0 while
+    # B <= B_crit + 2 B0: with B0 = 16, up to 232 for B_crit = 200, 1032 for B_crit = 1000.
+    sizes = [2**k for k in range(4, 12)]
+    for b_crit, last in ((200, 128), (1000, 1024), (10, 32)):
+        steps = [100 * (1 + b_crit / b) for b in sizes]
+        stops = sizes[sizes.index(last) + 1]
+        assert scaling_limit(sizes, steps) == (last, stops)
+    assert scaling_limit([16, 32], [100, 50]) == (32, None)  # perfect scaling throughout
+    assert scaling_limit([16, 32, 64], [None, 100, None]) == (32, 64)  # from the first reached
+    assert scaling_limit([16, 32], [None, None]) == (None, None)
+
+
+def test_the_fixed_answer_is_steps_per_rule_and_batch_size_and_where_each_stops(
+    page, tiny_quickstart
+):
+    trials, history = load(tiny_quickstart)
+    found = fixed_answer(trials, history, "val/accuracy", TARGET)
+    expected = expected_steps_to_target(tiny_quickstart, "val/accuracy", TARGET)
+    for r in found.rules:
+        assert r.batch_sizes == BATCH_SIZES
+        assert list(zip(r.median, r.low, r.high, strict=True)) == expected[r.rule]
+        assert (r.scales_to, r.stops_at) == scaling_limit(BATCH_SIZES, r.median)
+    sentence = fixed_sentence(found)
+    assert sentence.startswith(f"To reach val/accuracy ≥ {TARGET}, lr.scaling linear scales")
+    assert sentence in answer_text(page[0].read_text())
+    made = FixedAnswer(
+        "val/loss ≤ 1",
+        2.0,
+        [
+            RuleSteps(
+                "none", [16, 64], [400.0, 300.0], [400.0, 300.0], [400.0, 300.0], [1, 1], 16, 64
+            )
+        ],
+    )
+    assert fixed_sentence(made) == (
+        "To reach val/loss ≤ 1, the sweep's rule scales up to batch size 16 (at 64 it needs "
+        "300 steps)."
+    )
+
+
+# ============================================================================ Writing
+
+
+def test_adding_a_figure_is_one_entry_in_the_pages_sections(tiny_quickstart, tmp_path, monkeypatch):
+    extra = page_module.Section(
+        "made-here", lambda c: True, lambda c: go.Figure(go.Scatter(x=[1], y=[2]))
+    )
+    monkeypatch.setattr(page_module, "SECTIONS", (*page_module.SECTIONS, extra))
+    parsed = Page(write_report(tiny_quickstart, out=tmp_path / "r.html").read_text())
+    assert parsed.figure("made-here")["data"][0]["y"] == [2]
+
+
+def test_a_description_with_bidirectional_controls_reaches_the_page_as_plain_text(tuned):
+    folder, parsed = tuned
+    text = (folder / "report.html").read_text()
+    # All but plotly.js (whose own code names these characters): text, tables, figures.
+    shown = "".join(parsed.text) + "".join(
+        body for a, body in parsed.scripts if a.get("type") == "application/json"
+    )
+    assert "MNIST-1D MLP, tuned" in shown and "\u202e" not in shown
+    assert not re.search(r"\\u202e", shown, re.IGNORECASE)  # nor as a JSON escape
+    assert "MNIST-1D MLP, tuned &lt;script&gt;alert(1)&lt;/script&gt; evil" in text
+
+
+def test_a_full_disk_keeps_the_earlier_report_whole_and_is_one_line(cli, tiny_quickstart, tmp_path):
+    from test_hardening import tmpfs
+
+    with tmpfs(tmp_path / "disk", size="1m", full=False) as disk:
+        earlier = disk / "report.html"
+        earlier.write_text("an earlier, good report")
+        code, out, err = cli("report", tiny_quickstart, "-o", earlier)
+        assert (code, out) == (2, "")
+        assert (
+            err.count("\n") == 1
+            and f"-o {earlier}: cannot write there (No space left on device; it needs" in err
+        )
+        assert earlier.read_text() == "an earlier, good report"
+        assert sorted(os.listdir(disk)) == ["report.html"]  # no temporary file left
+
+
+# ============================================================================ In a browser
+
+
+CHROMIUM = next(
+    (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None
+)
+WINDOW = (1400, 1000)
+
+
+def chromium(page: Path, profile: Path, *args: str) -> subprocess.Popen:
+    """Headless Chromium on `page`, offline and quiet, with a throw-away profile."""
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+        "--hide-scrollbars",
+        "--virtual-time-budget=10000",  # the page's script draws every figure meanwhile
+        "--enable-logging=stderr",
+    ]
+    return subprocess.Popen(
+        [CHROMIUM, *flags, *args, page.as_uri()],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def drawn_sizes(dom: str) -> dict[str, tuple[int, int]]:
+    """Per figure div, the size of the first SVG plotly drew into it."""
+    sizes = {}
+    for match in re.finditer(r'<div class="plot[^"]*" id="plot-([a-z-]+)"', dom):
+        svg = re.search(r'<svg class="main-svg"[^>]*>', dom[match.end() :])
+        width = re.search(r'width="(\d+)"', svg.group(0))
+        height = re.search(r'height="(\d+)"', svg.group(0))
+        sizes[match.group(1)] = (int(width.group(1)), int(height.group(1)))
+    return sizes
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (apt-get install chromium)")
+def test_both_reports_draw_every_figure_in_headless_chromium(page, tuned, tmp_path):
+    from PIL import Image
+
+    pages = {"fixed": page[0], "tuned": tuned[0] / "report.html"}
+    shot = tmp_path / "tuned.png"
+    runs = {name: chromium(path, tmp_path / name, "--dump-dom") for name, path in pages.items()}
+    runs["shot"] = chromium(pages["tuned"], tmp_path / "shot", f"--screenshot={shot}")
+    done = {name: run.communicate(timeout=240) for name, run in runs.items()}
+    for name, path in pages.items():
+        dom, log = done[name]
+        assert "Uncaught" not in log, log  # no script error
+        expected = [a["id"][4:] for a, _ in Page(path.read_text()).scripts if a.get("id")]
+        sizes = drawn_sizes(dom)
+        assert sorted(sizes) == sorted(expected)
+        for figure, (width, height) in sizes.items():
+            assert 600 <= width <= WINDOW[0] and height >= 300, (name, figure, width, height)
+    # The top of the tuned page (its answer) is drawn, not blank: dark text and lines.
+    image = Image.open(shot).convert("L")
+    dark = sum(image.histogram()[:128]) / (image.width * image.height)
+    assert image.size == WINDOW and dark > 0.005, dark

@@ -806,7 +806,7 @@ def tune_sweep(
     import ray
     from ray import tune
 
-    from lbs_tune.runner import start_ray
+    from lbs_tune.cluster import start_ray
 
     start_ray(address=address)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # for Ray's workers

@@ -175,7 +175,11 @@ def test_gpu_fraction_by_batch_size():
     ("changes", "key", "words"),
     [
         ({"noise_scale": {"every": 1, "micro_batch": 5}}, "noise_scale.micro_batch", "divide"),
-        ({"noise_scale": {"every": 1, "micro_batch": 32}}, "noise_scale.micro_batch", "smaller"),
+        (
+            {"noise_scale": {"every": 1, "batch": 8, "hessian_examples": 9}},
+            "noise_scale.hessian_examples",
+            "at most 8",
+        ),
         ({"noise_scale": {"every": 0, "micro_batch": 4}}, "noise_scale.every", "greater than 0"),
         (
             {"sharpness": {"every": 1, "iterations": 0}},

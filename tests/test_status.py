@@ -63,7 +63,7 @@ def local_time(iso: str) -> str:
 
 
 def test_status_of_a_finished_sweep(cli, tiny_quickstart):
-    code, out, err = cli("status", tiny_quickstart)
+    code, out, err = cli("status", "--wide", tiny_quickstart)
     assert code == 0 and err == ""
     record = json.loads((tiny_quickstart / "lbs_sweep.json").read_text())
     lines = out.splitlines()
@@ -103,7 +103,7 @@ def test_status_of_a_finished_sweep(cli, tiny_quickstart):
 
 
 def test_status_shows_an_errored_trial_and_its_error(cli, tiny_broken):
-    code, out, _ = cli("status", tiny_broken)
+    code, out, _ = cli("status", "--wide", tiny_broken)
     assert code == 0
     assert "  2 trials: 1 error, 1 terminated" in out.splitlines()
     raw = {t.config["dataset"]: t for t in raw_trials(tiny_broken)}
@@ -169,6 +169,87 @@ def test_status_counts_every_trial_of_a_searched_sweep(cli, tiny_quickstart, tmp
     code, out, _ = cli("status", folder)
     assert code == 0
     assert "  0 trials: none yet; 36 more trials not started" in out.splitlines()
+
+
+def test_status_fits_120_columns_and_names_what_wide_adds(cli, tiny_quickstart):
+    code, out, _ = cli("status", tiny_quickstart)
+    assert code == 0
+    lines = out.splitlines()
+    narrow = [h for h in HEADER if h not in ("host / node / gpu", "last checkpoint", "started")]
+    assert re.split(r"\s{2,}", lines[4]) == narrow
+    assert all(len(line) <= 120 for line in lines[3:]), max(lines[3:], key=len)
+    assert len(table(out)) == 12
+    assert lines[-1] == "(more columns with --wide: host / node / gpu, last checkpoint, started)"
+    # The same rows as --wide, in the same order.
+    _, wide, _ = cli("status", "--wide", tiny_quickstart)
+    assert [{h: r[h] for h in narrow} for r in table(wide)] == table(out)
+
+
+def searched_copy(tiny_quickstart: Path, folder: Path) -> tuple[dict, dict]:
+    """The tiny quickstart's 12 trials as a searched sweep: one study per batch size (16, 64,
+    256) of 4 trials over optimizer.momentum, steps to val/accuracy >= 0.3. Each trial's
+    params.json gets its search.point and a search.number in the reverse order of trial ids,
+    and a momentum. Returns ({trial id: (point, number, momentum)}, {trial id: reports})."""
+    shutil.copytree(tiny_quickstart, folder)
+    shutil.rmtree(folder / ".lbs_cache", ignore_errors=True)
+    record = json.loads((folder / "lbs_sweep.json").read_text())
+    record["spec"]["grid"] = {"batch_size": [16, 64, 256]}
+    record["spec"]["search"] = {
+        "space": {"optimizer.momentum": {"uniform": [0.8, 0.95]}},
+        "trials_per_point": 4,
+        "objective": "steps_to_target",
+    }
+    (folder / "lbs_sweep.json").write_text(json.dumps(record))
+    placed, reports, configs = {}, {}, {}
+    raw = raw_trials(folder)
+    for size in (16, 64, 256):
+        mine = [t for t in raw if t.config["batch_size"] == size]
+        for number, t in enumerate(reversed(mine)):
+            momentum = 0.8 + 0.01 * number + 0.001 * size / 16
+            config = {**t.config, "optimizer": {**t.config["optimizer"], "momentum": momentum}}
+            point = (16, 64, 256).index(size)
+            config["search"] = {"study": f"batch_size={size}", "point": point, "number": number}
+            (t.folder / "params.json").write_text(json.dumps(config))
+            configs[t.trial_id] = config
+            placed[t.trial_id] = (point, number, momentum)
+            reports[t.trial_id] = t.reports
+    # Ray's experiment state holds each trial's config too (the one readers take first).
+    (path,) = folder.glob("experiment_state-*.json")
+    state = json.loads(path.read_text())
+    for entry in state["trial_data"]:
+        trial = json.loads(entry[0])
+        trial["config"] = configs[trial["trial_id"]]
+        entry[0] = json.dumps(trial)
+    path.write_text(json.dumps(state))
+    return placed, reports
+
+
+def test_status_of_a_searched_sweep_by_point_and_number_with_its_objective(
+    cli, tiny_quickstart, tmp_path
+):
+    placed, reports = searched_copy(tiny_quickstart, tmp_path / "quickstart")
+    code, out, _ = cli("status", tmp_path / "quickstart")
+    assert code == 0
+    lines = out.splitlines()
+    assert re.split(r"\s{2,}", lines[4])[:3] == ["trial", "batch_size", "optimizer.momentum"]
+    assert all(len(line) <= 120 for line in lines[3:]), max(lines[3:], key=len)
+    rows = table(out)
+    assert [row["trial"] for row in rows] == sorted(placed, key=lambda i: placed[i][:2])
+    for row in rows:
+        momentum = placed[row["trial"]][2]
+        assert row["optimizer.momentum"] == f"{momentum:.4g}"
+        # Steps to target as the study counts them: the first report at or above 0.3.
+        mine = reports[row["trial"]]
+        hit = [r["step"] for r in mine if r["val/accuracy"] >= 0.3]
+        if hit:
+            expected = str(hit[0])
+        elif mine[-1]["diverged"]:
+            expected = "diverged"
+        else:
+            expected = f"missed (best {max(r['val/accuracy'] for r in mine):.4g})"
+        assert row["steps to target"] == expected, row
+    outcomes = {row["steps to target"].split(" ")[0] for row in rows}
+    assert {"missed", "diverged"} <= outcomes and outcomes - {"missed", "diverged"}, outcomes
 
 
 def test_status_imports_neither_torch_nor_ray_nor_pandas(tiny_quickstart, tmp_path):

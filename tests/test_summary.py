@@ -134,7 +134,8 @@ def test_a_point_has_its_best_trial_and_the_spread_of_its_feasible_trials():
         "unfinished": 1,
     }
     # Without confirmation runs the point's steps are the search's best.
-    assert p.steps == (120.0, 120.0, 120.0, 1, "search") and p.confirmed == []
+    assert p.steps == (120.0, 120.0, 120.0, 1, "search")
+    assert (p.confirmations, p.confirmed) == ([], None)
 
 
 def test_equal_steps_go_to_the_better_metric_at_that_step_and_none_reached_is_null():
@@ -260,7 +261,7 @@ def test_summary_json_reads_back_with_points_and_the_fit(tmp_path):
         "median": best,
         "low": best,
         "high": best,
-        "runs": 1,
+        "count": 1,
         "from": "search",
     }
     assert first["examples_to_target"] == 16 * best
@@ -270,7 +271,7 @@ def test_summary_json_reads_back_with_points_and_the_fit(tmp_path):
         "best_value": best,
         "steps_to_target": best,
     }
-    assert (first["confirmed"], first["confirm_seeds"]) == ([], [])
+    assert (first["confirmations"], first["confirm_seeds"]) == ([], [])
     trials = first["trials"]
     assert (trials["asked"], trials["feasible"], trials["infeasible"], trials["diverged"]) == (
         3,
@@ -338,17 +339,18 @@ def test_a_points_steps_are_its_best_configuration_confirmed_on_fresh_seeds():
     assert p.steps == (130.0, 110.0, None, 3, "confirmed")
     # The runner-up is beside it (faster here), but it does not replace the chosen one: picking
     # by these same runs would be the winner's curse again.
-    assert [(c.rank, c.trial, c.search_steps) for c in p.confirmed] == [
+    assert p.confirmed == p.steps
+    assert [(c.rank, c.trial, c.search_steps) for c in p.confirmations] == [
         (0, 0, 100.0),
         (1, 1, 120.0),
     ]
-    assert p.confirmed[1].steps == (105.0, 100.0, 115.0, 3, "confirmed")
-    assert [r["seed"] for r in p.confirmed[0].runs] == [1, 2, 3]
+    assert p.confirmations[1].steps == (105.0, 100.0, 115.0, 3, "confirmed")
+    assert [r["seed"] for r in p.confirmations[0].runs] == [1, 2, 3]
     point = summary_json(summarize([s]))["points"][0]
     assert point["steps_to_target"] == {
-        "median": 130, "low": 110, "high": None, "runs": 3, "from": "confirmed"}  # fmt: skip
+        "median": 130, "low": 110, "high": None, "count": 3, "from": "confirmed"}  # fmt: skip
     assert point["search"]["steps_to_target"] == 100 and point["confirm_seeds"] == [1, 2, 3]
-    first = point["confirmed"][0]
+    first = point["confirmations"][0]
     assert (first["rank"], first["trial"], first["search_steps"], first["median"]) == (
         0,
         0,
@@ -384,7 +386,7 @@ def test_the_fit_takes_the_confirmed_steps_not_the_lucky_search_seed():
     assert series.fit.s_min == pytest.approx(S_MIN, rel=0.01)
     assert series.fit.b_crit == pytest.approx(B_NOISE, rel=0.01)
     fit = summary_json(summarize(studies))["fit"]
-    assert fit["series"]["search"] == series.search and fit["series"]["runs"] == [3] * 8
+    assert fit["series"]["search"] == series.search and fit["series"]["seeds"] == [3] * 8
 
 
 def test_one_median_per_batch_size_covers_where_every_run_as_an_observation_does_not():
@@ -448,10 +450,10 @@ def test_the_search_budget_curve_of_a_point_with_a_pruned_trial():
     # The pruned trial enters one step past where it stopped: a lower bound of its steps.
     expected = best_of_k([20.0, 10.0, None, 26.0])
     for field in ("median", "low", "high", "infeasible"):
-        assert getattr(budget.curve, field).tolist() == getattr(expected, field).tolist()
+        assert getattr(budget, field).tolist() == getattr(expected, field).tolist()
     assert (budget.exact_up_to, budget.pruned) == (25.0, 1)
     # With one trial, the median is the second-best ranked of 4 (20): exact, below 25.
-    assert budget.curve.median[0] == 20.0
+    assert budget.median[0] == 20.0
 
 
 def test_summary_json_beside_the_report():
@@ -517,7 +519,7 @@ def test_the_studies_of_a_real_storage_summarise_and_export(tmp_path):
 
     # Each study's best again on seeds 1 and 2: 10 and 20 steps more than the search's seed 0.
     for p in feasible:
-        assert p.seeds == [1, 2] and [c.trial for c in p.confirmed] == [p.best["number"]]
+        assert p.seeds == [1, 2] and [c.trial for c in p.confirmations] == [p.best["number"]]
         assert p.steps == (p.steps_to_target + 15, p.steps_to_target + 10,
                            p.steps_to_target + 20, 2, "confirmed")  # fmt: skip
         assert p.censoring.capped == 0 and p.censoring.best_cap == 1000
@@ -536,7 +538,7 @@ def test_the_studies_of_a_real_storage_summarise_and_export(tmp_path):
         ("batch_size=128", "confirm", 1, 2),
     ]
     runs = [t for p in summary.points for t in [*p.trials, *sorted(
-        (r for c in p.confirmed for r in c.runs), key=lambda r: r["number"])]]  # fmt: skip
+        (r for c in p.confirmations for r in c.runs), key=lambda r: r["number"])]]  # fmt: skip
     for r, t in zip(rows, runs, strict=True):
         assert (r["state"], r["value"], r["lr.base"], r["ray_trial_id"]) == (
             t["state"],

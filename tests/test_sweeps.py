@@ -313,7 +313,7 @@ def test_trial_killed_mid_run_is_retried_from_its_checkpoint(ray_cluster, refere
     assert len(retried) == 1
     # The failure stays visible in status: its count in the table, its error below it.
     trial_id = json.loads(retried[0].read_text().splitlines()[0])["trial_id"]
-    text = status(str(storage / "tiny"))
+    text = status(str(storage / "tiny"), wide=True)
     (row,) = [line for line in text.splitlines() if line.startswith(trial_id)]
     assert "  1  " in row
     assert "errors:" in text and trial_id in text.split("errors:")[1]
@@ -465,7 +465,7 @@ def test_a_trial_that_raises_is_retried_and_its_error_stays_visible(ray_cluster,
     state = json.loads(sorted(experiment.glob("experiment_state-*.json"))[-1].read_text())
     ((trial, meta),) = [(json.loads(t), json.loads(m)) for t, m in state["trial_data"]]
     assert trial["status"] == "TERMINATED" and meta["num_failures"] == 1
-    text = status(str(experiment))
+    text = status(str(experiment), wide=True)
     errors = text.partition("\nerrors:\n")[2]
     assert f"CIFAR-10 files missing from {late.parent}: data_batch_3" in errors
     assert f"  {meta['num_failures']}  " in text.splitlines()[5], "the failures column"

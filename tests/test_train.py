@@ -310,7 +310,7 @@ def test_measurements_leave_the_trial_unchanged_and_report_positive_values(data_
     base = tiny_base(batch_size=64, epochs=2, eval_every=0.5)
     measured = {
         **base,
-        "noise_scale": {"every": 0.5, "micro_batch": 8},
+        "noise_scale": {"every": 0.5, "window": 2, "batch": 64, "hessian_examples": 2},
         "sharpness": {"every": 1, "batch": 256, "iterations": 10},
     }
     plain, both = ListReporter(), ListReporter()
@@ -321,8 +321,8 @@ def test_measurements_leave_the_trial_unchanged_and_report_positive_values(data_
     assert [without_timing(r) for r in unmeasured] == [without_timing(r) for r in plain.rows]
     noise = [r["noise/b_simple"] for r in both.rows if "noise/b_simple" in r]
     sharp = [r["sharpness/top_eig"] for r in both.rows if "sharpness/top_eig" in r]
-    # 22.5 steps per epoch: measured before steps 0, 11, 22, 33 and 44 (every 11), each
-    # reported with the next evaluation (steps 11, 22, 33, 44, 45).
+    # 22.5 steps per epoch: windows of 2 steps from steps 0, 11, 22, 33 and 44 (every 11, the
+    # last cut by the budget), each reported with the next evaluation (11, 22, 33, 44, 45).
     assert len(noise) == 5 and all(v is not None and v > 0 for v in noise)
     assert len(sharp) == 2 and all(v > 0 for v in sharp)
 

@@ -200,7 +200,7 @@ def test_each_study_runs_its_trials_once_and_finds_a_best(uninterrupted):
     # Each batch size's steps are its best configuration's on the two fresh seeds.
     summary = read_summary(locate(uninterrupted))
     assert [p.steps.source for p in summary.points] == ["confirmed", "confirmed"]
-    assert [p.steps.runs for p in summary.points] == [2, 2]
+    assert [p.confirmed.count for p in summary.points] == [2, 2]
 
 
 @pytest.mark.ray

@@ -1,5 +1,6 @@
-"""The figures of a searched sweep (issue 9): their data extracted from summaries made by hand
-and checked number by number; each render is drawn once to see that it builds."""
+"""The figures and the answer of a searched sweep (issues 9 and 18): their data extracted from
+summaries made by hand and checked number by number; each render is drawn once to see that it
+builds."""
 
 from __future__ import annotations
 
@@ -12,9 +13,19 @@ import pyarrow.compute as pc
 import pytest
 from test_summary import B_NOISE, S_MIN, SIZES, formula_studies, steps_at, study, trial
 
-from analysis.figures import best_lr, pareto, study_objective, tuned_steps
+from analysis.answer import number, tuned_answer, tuned_sentence
+from analysis.figures import (
+    best_lr,
+    parallel_coordinates,
+    pareto,
+    search_budget,
+    study_objective,
+    tuned_steps,
+)
+from analysis.page import Context, answer_html
 from analysis.scaling import REGIME_FACTOR
-from analysis.summary import summarize
+from analysis.summary import PointSummary, summarize
+from analysis.tables import Results
 from lbs_tune.studies import Objective
 
 
@@ -209,3 +220,99 @@ def test_a_metric_study_draws_its_infeasible_trials_below_the_worst_accuracy():
     figure = study_objective.render(data)
     (cross,) = [t for t in figure.data if t.name.endswith("not reached")]
     assert cross.y[0] == pytest.approx(0.6 - 0.2 * (study_objective.CEILING - 1))
+
+
+# ============================================================================ The answer
+
+
+def test_the_tuned_answer_is_the_fit_and_each_batch_sizes_best_steps():
+    summary = summarize(formula_studies(never=(2048,)), resamples=0)
+    found = tuned_answer(summary)
+    (series,) = found.series
+    fit = summary.fits[0].fit
+    assert series.fit is fit and (series.perfect_below, series.maximal_above) == pytest.approx(
+        (fit.b_crit / REGIME_FACTOR, fit.b_crit * REGIME_FACTOR)
+    )
+    rows = [(p.batch_size, p.steps, p.examples, p.feasible, p.asked) for p in series.points]
+    assert rows == [(b, round(steps_at(b)), b * round(steps_at(b)), 2, 3) for b in SIZES[:-1]] + [
+        (2048, None, None, 0, 3)
+    ]
+    assert all(p.confirmed is None and p.cap_hits is None for p in series.points)
+    sentence = tuned_sentence(found)
+    low, high = fit.intervals["b_crit"]
+    assert sentence == (
+        f"The critical batch size is {number(fit.b_crit)} (95% interval {number(low)}–"
+        f"{number(high)}): to reach val/accuracy ≥ 0.5 training needs at least S_min = "
+        f"{number(fit.s_min)} steps and E_min = {number(fit.e_min)} examples; steps fall almost "
+        f"in proportion to the batch size below {number(fit.b_crit / 4)} and barely fall above "
+        f"{number(fit.b_crit * 4)}."
+    )
+    assert (number(200.4), number(19_960.0), number(0.0523), number(None)) == (
+        "200",
+        "20,000",
+        "0.0523",
+        "—",
+    )
+
+
+def test_no_fit_is_said_and_what_newer_summaries_add_is_shown_by_name():
+    one = summarize([study({"batch_size": 16}, 0, [trial(0, 100.0)])], resamples=0)
+    assert tuned_sentence(tuned_answer(one)) == (
+        "No critical batch size: 1 batch size(s) reached the target; the fit needs 2."
+    )
+
+    class Confirmed(PointSummary):
+        """A point as a summary that runs confirmations and counts cap hits gives it."""
+
+        @property
+        def confirmed(self) -> dict:
+            return {"median": 120.0, "low": 110.0, "high": 130.0, "count": 3}
+
+        @property
+        def cap_hits(self) -> int:
+            return 2
+
+    summary = summarize(formula_studies(), resamples=0)
+    points = [Confirmed(*p) for p in summary.points]
+    found = tuned_answer(summary._replace(points=points))
+    assert {(p.confirmed["median"], p.cap_hits) for p in found.series[0].points} == {(120.0, 2)}
+    html = answer_html(
+        Context(Results(*fixed_rule_sweep()), summary=summary._replace(points=points)), None
+    )
+    assert "<th>confirmed on fresh seeds</th><th>trials at their step cap</th>" in html
+    assert "<td>120 (110–130, 3 seeds)</td><td>2</td>" in html
+
+
+# ============================================================================ Search budget
+
+
+def test_the_search_budget_is_the_best_of_k_of_each_studys_finished_trials():
+    summary = summarize(formula_studies(), resamples=0)
+    data = search_budget.extract(summary)
+    assert [c.panel for c in data.studies] == [f"batch_size={b}" for b in SIZES]
+    for b, curve in zip(SIZES, data.studies, strict=True):
+        best = round(steps_at(b))
+        # Trials need 2 best, best and never: of one trial the median is 2 best; of two, the
+        # best of three pairs (2 best + best, 2 best + never, best + never) is best twice.
+        assert (curve.batch_size, curve.x, curve.median) == (b, [1, 2, 3], [2 * best, best, best])
+        assert curve.high[0] is None  # a third of single draws never reach: no top
+    figure = search_budget.render(data)
+    assert figure.layout.yaxis.type == "log"
+
+
+# ============================================================================ Parallel coordinates
+
+
+def test_the_studies_parallel_coordinates_are_the_searched_keys_coloured_by_the_objective():
+    summary = summarize(formula_studies(), resamples=0)
+    space = {"lr.base": {"log_uniform": [0.001, 10.0]}, "optimizer.momentum": {"uniform": [0, 1]}}
+    data = parallel_coordinates.extract_studies(summary, space)
+    # The momentum is 0.9 in every trial: no axis. lr.base is log-uniform: a log axis.
+    assert [d.label for d in data.dimensions] == ["batch_size (log)", "lr.base (log)"]
+    lrs = [t["params"]["lr.base"] for p in summary.points for t in p.trials]
+    assert data.dimensions[1].values == pytest.approx([math.log10(v) for v in lrs])
+    # Per study: twice the best steps (a third of the way to 8x), the best, an infeasible.
+    assert data.values == pytest.approx([1 / 3, 0.0, 1 / 0.9] * len(SIZES))
+    assert data.ticks[1 / 0.9] == "not reached" and data.infeasible
+    figure = parallel_coordinates.render(data)
+    assert figure.data[0].line.cmax == pytest.approx(1 / 0.9)

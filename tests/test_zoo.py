@@ -19,7 +19,7 @@ from fixtures_formats import WIKITEXT2_TRAIN, write_cityscapes, write_wikitext2
 from test_sweeps import histories
 from test_train import same_results
 
-import lbs_tune.data
+import lbs_tune.cityscapes
 from lbs_tune.checkpoints import load_checkpoint
 from lbs_tune.checks import check_trial
 from lbs_tune.config import KeyedError, TrialConfig, set_dotted
@@ -30,6 +30,7 @@ from lbs_tune.models import build_model
 from lbs_tune.runner import run
 from lbs_tune.segmentation import IGNORE_INDEX
 from lbs_tune.spec import load_spec
+from lbs_tune.studies import Objective, read_studies
 from lbs_tune.tasks import LanguageModel, Segmentation
 
 SWEEPS = Path(__file__).parent.parent / "sweeps"
@@ -270,7 +271,7 @@ def test_cityscapes_files_train_through_the_real_path_and_are_cached(cli, tmp_pa
     def no_png(*args):
         raise AssertionError("read the PNGs although the cache is there")
 
-    monkeypatch.setattr(lbs_tune.data, "read_cityscapes", no_png)
+    monkeypatch.setattr(lbs_tune.cityscapes, "read_cityscapes", no_png)
     data = load_dataset(TrialConfig.model_validate(base), torch.device("cpu"))
     assert (len(data.train), len(data.val), len(data.test)) == (4, 2, 2)
     assert data.train.y.dtype == torch.uint8 and data.input_shape == (3, 16, 32)
@@ -352,7 +353,8 @@ def test_clipping_bounds_each_update_to_lr_times_the_norm(cli, tmp_path, data_di
 
 
 @pytest.mark.ray
-def test_wikitext2_file_runs_tiny_on_real_files(ray_cluster, tmp_path):
+def test_wikitext2_file_runs_tiny_tuned_to_a_perplexity_target_on_real_files(ray_cluster, tmp_path):
+    # Tuned to a val/perplexity target (the search refused a perplexity target once).
     write_wikitext2(tmp_path / "data", train=WIKITEXT2_TRAIN * 8)
     overrides = [
         f"base.data.dir={tmp_path / 'data'}",
@@ -363,7 +365,9 @@ def test_wikitext2_file_runs_tiny_on_real_files(ray_cluster, tmp_path):
         "base.eval_batch_size=2",
         "grid.batch_size=[2]",
         "grid.seed=[0]",
-        "grid.lr.scaling=[linear]",
+        "grid.lr.scaling=[none]",
+        "search={space: {lr.base: {log_uniform: [1, 20]}}, trials_per_point: 1, sampler: qmc}",
+        "target={metric: val/perplexity, value: 1000}",
         "resources.cpu=1",
     ]
     spec = SWEEPS / "wikitext2_lstm.yaml"
@@ -372,6 +376,10 @@ def test_wikitext2_file_runs_tiny_on_real_files(ray_cluster, tmp_path):
     (rows,) = histories(experiment).values()
     assert rows[-1]["step"] == 2 and rows[-1]["val/perplexity"] > 1
     assert rows[-1]["examples"] == 2 * 2 * 5 and rows[-1]["gpu_ids"] != ""
+    ((study,),) = [read_studies(experiment)]
+    (trial,) = study.trials
+    assert study.objective == Objective("steps_to_target", "val/perplexity", "min", 1000)
+    assert (trial["state"], trial["value"]) == ("COMPLETE", 2)  # reached at its one evaluation
     # `lbs-tune evaluate` builds the trial's own LSTM (its model options) and scores perplexity.
     evaluate_experiment(str(experiment), ("val",), device="cpu")
     (row,) = pq.read_table(experiment / "evaluation.parquet").to_pylist()

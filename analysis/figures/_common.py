@@ -60,6 +60,12 @@ def curves(spread: pa.Table, x: str) -> list[Curve]:
     return found
 
 
+def most_seeds(spread: pa.Table) -> int:
+    """The most rows (seeds) behind one statistic of a `metrics.seed_spread` table (0 if
+    empty): a figure names its aggregate over seeds only where this is above 1."""
+    return max(spread["seeds"].to_pylist(), default=0)
+
+
 def lines(best: pa.Table, panel: str | None = None) -> list[Line]:
     """One Line per LR rule from the rows of `metrics.best_configs`; `panel` names the subplot
     (default: the rule)."""

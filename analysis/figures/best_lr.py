@@ -13,7 +13,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from analysis.figures._common import Points
-from analysis.figures._draw import batch_axis, rule_colour
+from analysis.figures._draw import batch_axis, finish, log_axis, rule_colour
 
 if TYPE_CHECKING:
     from analysis.summary import Summary
@@ -131,9 +131,14 @@ def render(data: BestLRs) -> go.Figure:
                 )
             )
     batch_axis(fig, [Points(s.name, s.name, s.sizes, [], []) for s in data.series])
-    fig.update_yaxes(type="log", title_text=f"best {data.param}")
-    slopes = ", ".join(f"{s.name} {s.slope.slope:.2f}" for s in data.series if s.slope is not None)
-    fig.update_layout(
-        title=f"tuned learning rate against batch size (log–log slope: {slopes or 'n/a'})"
+    shown = [
+        v for s in data.series for v in s.lrs + [r for ref in s.references.values() for r in ref]
+    ]
+    log_axis(fig, "y", shown)
+    fig.update_yaxes(title_text=f"best {data.param}")
+    slopes = ", ".join(
+        f"{s.name + ' ' if len(data.series) > 1 else ''}{s.slope.slope:.2f}"
+        for s in data.series
+        if s.slope is not None
     )
-    return fig
+    return finish(fig, f"tuned learning rate against batch size (log–log slope {slopes or 'n/a'})")

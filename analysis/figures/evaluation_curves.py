@@ -11,7 +11,15 @@ import pyarrow as pa
 from plotly.subplots import make_subplots
 
 from analysis.figures import learning_curves
-from analysis.figures._draw import RULE_DASHES, batch_colour, curve_traces
+from analysis.figures._draw import (
+    RULE_DASHES,
+    axis_title,
+    batch_colour,
+    curve_traces,
+    finish,
+    series_name,
+    spread_note,
+)
 
 SPLITS = ("train", "val", "test")
 
@@ -76,15 +84,13 @@ def render(data: EvaluationCurves) -> go.Figure:
                 "color": batch_colour(curve.batch_size, sizes),
                 "dash": RULE_DASHES[rules.index(curve.panel) % len(RULE_DASHES)],
             }
-            name = f"B={curve.batch_size} {curve.panel}"
+            name = f"B={curve.batch_size} {series_name(curve.panel, rules)}".strip()
             # Checkpoints are few: markers show where each one is.
             for part in curve_traces(curve, name, line, number == 0, "lines+markers"):
                 fig.add_trace(part, row=row + 1, col=col + 1)
-    fig.update_xaxes(title_text="checkpoint step", row=rows)
+    fig.update_xaxes(title_text=f"checkpoint ({axis_title('step')})", row=rows)
     for row, kind in enumerate(data.kinds, start=1):
         fig.update_yaxes(title_text=kind, row=row, col=1)
-    fig.update_layout(
-        title="checkpoints evaluated by lbs-tune evaluate (median and min–max over seeds)",
-        height=max(450, 300 * rows),
-    )
-    return fig
+    seeds = max((lc.seeds for lc in data.curves), default=1)
+    title = f"checkpoints evaluated by lbs-tune evaluate{spread_note(seeds)}"
+    return finish(fig, title, rows, legend="batch size")

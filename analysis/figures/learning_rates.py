@@ -9,7 +9,14 @@ import plotly.graph_objects as go
 import pyarrow as pa
 
 from analysis.figures._common import Points, points, points_by_rule
-from analysis.figures._draw import DIVERGED_MARKER, batch_axis, points_trace, rule_colour
+from analysis.figures._draw import (
+    DIVERGED_MARKER,
+    batch_axis,
+    finish,
+    log_axis,
+    points_trace,
+    rule_colour,
+)
 from analysis.metrics import prepared
 
 
@@ -37,9 +44,12 @@ def render(data: LearningRates) -> go.Figure:
     fig = go.Figure()
     rules = [p.name for p in data.points]
     for found in data.points:
-        fig.add_trace(points_trace(found, {"color": rule_colour(found.name, rules), "size": 9}))
+        marker = {"color": rule_colour(found.name, rules), "size": 9}
+        # One rule: its points need no name of their own beside 'diverged'.
+        fig.add_trace(points_trace(found, marker, show=len(rules) > 1))
     fig.add_trace(points_trace(data.diverged, DIVERGED_MARKER))
     batch_axis(fig, data.points)
-    fig.update_yaxes(type="log", title_text="lr")
-    fig.update_layout(title="peak learning rate against batch size")
-    return fig
+    log_axis(fig, "y", [v for p in data.points for v in p.y])
+    fig.update_yaxes(title_text="peak learning rate")
+    legend = "lr.scaling" if len(rules) > 1 else None
+    return finish(fig, "peak learning rate of each trial against batch size", legend=legend)

@@ -20,13 +20,14 @@ import pyarrow.compute as pc
 
 from analysis._arrow import from_numpy, strings, to_numpy, valid
 from analysis.figures._common import Curve, curves
-from analysis.figures._draw import batch_colour, curves_figure
+from analysis.figures._draw import batch_colour, curves_figure, finish, log_axis
 from analysis.metrics import BATCH, RULE, attach, seed_spread, shown_trials
 
 if TYPE_CHECKING:
     from analysis.summary import Summary
 
 COLUMN = "noise/b_simple"
+HESSIAN_COLUMN = "noise/b_noise"  # tr(HΣ) / GᵀHG, McCandlish et al. eq. 2.8
 
 
 class Measured(NamedTuple):
@@ -73,9 +74,11 @@ def render_curves(data: Measured, title: str) -> go.Figure:
 
 
 def render(data: Measured) -> go.Figure:
-    return render_curves(
-        data, "gradient noise scale B_simple = tr(Σ) / |G|² during training (McCandlish et al.)"
-    )
+    if data.column == HESSIAN_COLUMN:
+        title = "Hessian-weighted noise scale B_noise = tr(HΣ) / GᵀHG during training"
+    else:
+        title = "gradient noise scale B_simple = tr(Σ) / |G|² during training"
+    return render_curves(data, f"{title} (McCandlish et al.)")
 
 
 # ============================================================================ Against B_crit
@@ -153,7 +156,9 @@ def render_versus(data: Versus) -> go.Figure:
                 x=ends, y=ends, mode="lines", line={"dash": "dash", "color": "grey"}, name="y = x"
             )
         )
-    fig.update_xaxes(type="log", title_text="fitted B_crit (steps to target)")
-    fig.update_yaxes(type="log", title_text=f"{COLUMN} at the target")
-    fig.update_layout(title="measured noise scale against the fitted critical batch size")
+    log_axis(fig, "x", span)
+    log_axis(fig, "y", span)
+    fig.update_xaxes(title_text="fitted B_crit (examples)")
+    fig.update_yaxes(title_text=f"{COLUMN} at the target (examples)")
+    finish(fig, "measured noise scale against the fitted critical batch size")
     return fig

@@ -5,12 +5,13 @@ hyperbola (S / S_min - 1)(E / E_min - 1) = 1 with its asymptotes S_min and E_min
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import plotly.graph_objects as go
 
-from analysis.figures._draw import rule_colour
+from analysis.figures._draw import axis_title, finish, log_axis, rule_colour
 from analysis.scaling import fitted_curve
 
 if TYPE_CHECKING:
@@ -111,9 +112,22 @@ def render(data: Pareto) -> go.Figure:
             )
             fig.add_hline(y=f.e_min, line={"dash": "dash", "color": "grey"})
             fig.add_vline(x=f.s_min, line={"dash": "dash", "color": "grey"})
-    fig.update_xaxes(type="log", title_text="steps S")
-    fig.update_yaxes(type="log", title_text="examples E = B S")
-    fig.update_layout(
-        title=f"examples against steps to reach {data.target} (asymptotes: S_min and E_min)"
+    steps = [v for f in data.series for v in [*f.steps, f.s_min or 0, 2 * (f.s_min or 0)]]
+    examples = [v for f in data.series for v in [*f.examples, f.e_min or 0, 2 * (f.e_min or 0)]]
+    log_axis(fig, "x", steps)
+    log_axis(fig, "y", examples)
+    # The hyperbola runs far along both asymptotes: show the points and the minima.
+    fig.update_xaxes(title_text=f"steps S ({axis_title('step')})", range=_span(steps))
+    fig.update_yaxes(title_text="examples E = B S (examples)", range=_span(examples))
+    return finish(
+        fig, f"examples against steps to reach {data.target} (asymptotes: S_min and E_min)"
     )
-    return fig
+
+
+def _span(values: list[float]) -> list[float] | None:
+    """A log axis' range (log10 units) around the positive `values`, a third of a decade
+    beyond each end."""
+    shown = [v for v in values if v > 0]
+    if not shown:
+        return None
+    return [math.log10(min(shown)) - 0.3, math.log10(max(shown)) + 0.3]

@@ -1,6 +1,7 @@
 """Steps to reach a target against batch size (Shallue et al. 2018): a line per LR rule, the
 median and band over seeds (never reaching counts as worst), and the perfect-scaling reference,
-steps ∝ 1/B from the smallest batch size that reached the target."""
+steps ∝ 1/B from the smallest batch size that reached the target; each rule's last batch size
+that still scales (`analysis.answer.scaling_limit`) is ringed."""
 
 from __future__ import annotations
 
@@ -9,10 +10,19 @@ from typing import NamedTuple
 import plotly.graph_objects as go
 import pyarrow as pa
 
-from analysis.figures._common import Line, lines
-from analysis.figures._draw import batch_axis, line_trace, rule_colour
-from analysis.metrics import best_configs, perfect_scaling, prepared, reached_at
-from lbs_tune.names import comparison
+from analysis.answer import FACTOR, fixed_steps, scaling_limit, target_label
+from analysis.figures._common import Line, lines, most_seeds
+from analysis.figures._draw import (
+    axis_title,
+    batch_axis,
+    finish,
+    line_trace,
+    log_axis,
+    rule_colour,
+    series_name,
+    spread_note,
+)
+from analysis.metrics import perfect_scaling
 
 
 class StepsToTarget(NamedTuple):
@@ -20,16 +30,16 @@ class StepsToTarget(NamedTuple):
     target: float
     lines: list[Line]
     reference: Line | None
+    seeds: int  # the most seeds behind one point
+    scales_to: dict[str, int | None]  # per rule, its last batch size that scales
 
 
 def extract(trials: pa.Table, history: pa.Table, metric: str, target: float) -> StepsToTarget:
-    """The best configuration per rule and batch size by fewest steps; the reference anchored
-    at the fewest median steps of any rule at the smallest batch size that reached it."""
-    trials = prepared(trials)
-    trials = trials.append_column(
-        "target/step", reached_at(trials, history, metric, target, "step")
-    )
-    found = lines(best_configs(trials, "target/step", "min"))
+    """The best configuration per rule and batch size by fewest steps
+    (`analysis.answer.fixed_steps`); the reference anchored at the fewest median steps of any
+    rule at the smallest batch size that reached it."""
+    best = fixed_steps(trials, history, metric, target)
+    found = lines(best)
     fewest: dict[int, float] = {}
     for line in found:
         for batch, median in zip(line.batch_sizes, line.median, strict=True):
@@ -42,16 +52,40 @@ def extract(trials: pa.Table, history: pa.Table, metric: str, target: float) -> 
         if any(s is not None for s in steps)
         else None
     )
-    return StepsToTarget(metric, target, found, reference)
+    limits = {line.name: scaling_limit(line.batch_sizes, line.median)[0] for line in found}
+    return StepsToTarget(metric, target, found, reference, most_seeds(best), limits)
 
 
 def render(data: StepsToTarget) -> go.Figure:
-    """Log–log: on the perfect-scaling line steps halve as B doubles; the curves bend away from
-    it into diminishing returns and flatten at maximal data parallelism."""
+    """Log–log: steps fall as 1/B along the reference while batches scale perfectly; rules bend
+    away from it into diminishing returns and flatten at maximal data parallelism."""
     fig = go.Figure()
     rules = sorted({line.name for line in data.lines})
+    ringed = False  # the ring's legend entry is shown once
     for line in data.lines:
-        fig.add_trace(line_trace(line, rule_colour(line.name, rules)))
+        colour = rule_colour(line.name, rules)
+        name = series_name(line.name, rules) or "steps to target"
+        fig.add_trace(line_trace(line, colour, name=name))
+        last = data.scales_to.get(line.name)
+        if last is not None:
+            steps = line.median[line.batch_sizes.index(last)]
+            fig.add_trace(
+                go.Scatter(
+                    x=[last],
+                    y=[steps],
+                    mode="markers",
+                    marker={
+                        "symbol": "circle-open",
+                        "size": 18,
+                        "color": colour,
+                        "line": {"width": 2},
+                    },
+                    name=f"last batch size within {FACTOR:g}× of perfect scaling",
+                    legendgroup="last",
+                    showlegend=not ringed,
+                )
+            )
+            ringed = True
     if data.reference is not None:
         fig.add_trace(
             go.Scatter(
@@ -62,9 +96,27 @@ def render(data: StepsToTarget) -> go.Figure:
                 line={"dash": "dash", "color": "grey"},
             )
         )
+    missed = [
+        f"{series_name(line.name, rules) or 'B'} at {', '.join(str(b) for b in never)}"
+        for line in data.lines
+        if (never := [b for b, m in zip(line.batch_sizes, line.median, strict=True) if m is None])
+    ]
+    if missed:
+        fig.add_annotation(
+            text="target not reached (median seed): " + "; ".join(missed),
+            xref="paper",
+            yref="paper",
+            x=1,
+            y=-0.2,
+            xanchor="right",
+            yanchor="top",
+            showarrow=False,
+        )
+        fig.update_layout(margin={"b": 110})
     batch_axis(fig, data.lines)
-    fig.update_yaxes(type="log", title_text="steps")
-    fig.update_layout(
-        title=f"steps to reach {data.metric} {comparison(data.metric)} {data.target:g}"
-    )
-    return fig
+    shown = [v for line in data.lines for v in line.low + line.high + line.median]
+    shown += data.reference.median if data.reference else []
+    log_axis(fig, "y", shown)
+    fig.update_yaxes(title_text=axis_title("step"))
+    title = f"steps to reach {target_label(data.metric, data.target)}{spread_note(data.seeds)}"
+    return finish(fig, title, legend="lr.scaling" if len(rules) > 1 else None)

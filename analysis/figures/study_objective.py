@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import plotly.graph_objects as go
 
-from analysis.figures._draw import DIVERGED_MARKER, batch_colour
+from analysis.figures._draw import DIVERGED_MARKER, batch_colour, finish, log_axis
 
 if TYPE_CHECKING:
     from analysis.summary import Summary
@@ -122,10 +122,14 @@ def render(data: StudyObjective) -> go.Figure:
                     showlegend=False,
                 )
             )
-    fig.update_xaxes(type="log", title_text=data.param)
-    fig.update_yaxes(type="log" if data.log_y else "linear", title_text=data.objective)
-    fig.update_layout(
-        title=f"every trial of every study: objective against {data.param} "
-        "(× at the worst edge: infeasible; ★: best)"
+    log_axis(fig, "x", [v for s in data.studies for v in s.x])
+    fig.update_xaxes(title_text=data.param)
+    if data.log_y:
+        log_axis(fig, "y", [*values, edge])
+    fig.update_yaxes(title_text=data.objective)
+    return finish(
+        fig,
+        f"every trial of every study: objective against {data.param} "
+        "(× at the worst edge: infeasible; ★: best)",
+        legend="study",
     )
-    return fig

@@ -1,11 +1,12 @@
 """Steps to the target against batch size with the learning rate tuned per batch size (Shallue
 et al. 2018): the best trial's steps (median and min–max over seeds), the fit S(B) = S_min (1 +
-B_noise / B) with B_crit and its interval marked (McCandlish et al. 2018), the three regimes
+B_crit / B) with B_crit and its interval marked (McCandlish et al. 2018), the three regimes
 shaded, and beside them the fixed-rule series (the best configuration per rule and batch size)
 of this sweep's unsearched trials or of a compared sweep, to the same target."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -14,9 +15,18 @@ import plotly.graph_objects as go
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from analysis.answer import number
 from analysis.figures import steps_to_target
 from analysis.figures._common import Line
-from analysis.figures._draw import batch_axis, line_trace, rule_colour
+from analysis.figures._draw import (
+    axis_title,
+    batch_axis,
+    finish,
+    line_trace,
+    log_axis,
+    rule_colour,
+    spread_note,
+)
 from analysis.scaling import Regimes, fitted_curve, regimes
 
 if TYPE_CHECKING:
@@ -33,13 +43,14 @@ class FitCurve(NamedTuple):
 
 
 class Critical(NamedTuple):
-    """B_crit of one series with its bootstrap interval (None without one)."""
+    """B_crit of one series with its interval (None without one)."""
 
     name: str
     b_crit: float
     low: float | None
     high: float | None
     bracketed: bool
+    steps: float | None = None  # S(B_crit) = 2 S_min, where the fit puts it
 
 
 class TunedSteps(NamedTuple):
@@ -50,6 +61,7 @@ class TunedSteps(NamedTuple):
     critical: list[Critical]
     regimes: Regimes | None  # shaded only for a single series with a fit
     fixed: list[Line]  # fixed-rule series, named '<source>: <rule>'
+    seeds: int = 1  # the most seeds behind one tuned point
 
 
 def fixed_rule_lines(
@@ -83,34 +95,44 @@ def extract(summary: Summary, fixed: Sequence[tuple[str, pa.Table, pa.Table]] = 
         curve = fitted_curve(fit, span)
         curves.append(FitCurve(name, curve.batch_sizes.tolist(), curve.steps.tolist()))
         low, high = fit.intervals.get("b_crit", (None, None))
-        critical.append(Critical(name, fit.b_crit, low, high, fit.bracketed))
+        critical.append(Critical(name, fit.b_crit, low, high, fit.bracketed, 2 * fit.s_min))
     shade = regimes(critical[0].b_crit) if len(summary.fits) == 1 and critical else None
     lines = []
     if objective.target is not None:
         for label, trials, history in fixed:
             lines += fixed_rule_lines(label, trials, history, objective.metric, objective.target)
-    return TunedSteps(summary.target_label, tuned, missing, curves, critical, shade, lines)
+    seeds = max((n for series in summary.fits for n in series.seeds), default=1)
+    return TunedSteps(summary.target_label, tuned, missing, curves, critical, shade, lines, seeds)
 
 
-REGIME_COLOURS = ("rgba(44, 160, 44, 0.08)", "rgba(255, 127, 14, 0.08)", "rgba(214, 39, 40, 0.08)")
+# The regimes as background bands, green, amber and red, strong enough to tell apart on white;
+# B_crit's interval is no band but an error bar on its point of the fit (black), so the two
+# never blend.
+REGIME_COLOURS = (
+    "rgba(44, 160, 44, 0.14)",
+    "rgba(255, 160, 0, 0.16)",
+    "rgba(214, 39, 40, 0.12)",
+)
 REGIME_NAMES = ("perfect scaling", "diminishing returns", "maximal data parallelism")
 
 
 def render(data: TunedSteps) -> go.Figure:
-    """Log–log; the regimes as background bands (boundaries at B_crit / 4 and 4 B_crit)."""
+    """Log–log; the regimes as background bands (boundaries at B_crit / 4 and 4 B_crit), named
+    along the top; B_crit as a black diamond on the fit at 2 S_min with its interval as a
+    horizontal error bar, and a dashed line."""
     fig = go.Figure()
     names = [line.name for line in data.tuned] + [line.name for line in data.fixed]
     for line in data.tuned:
         colour = rule_colour(line.name, names)
-        fig.add_trace(line_trace(line._replace(name=f"{line.name} (best trial)"), colour))
+        fig.add_trace(line_trace(line, colour, name=f"{line.name}: best trial of each batch size"))
     for fit in data.fits:
         fig.add_trace(
             go.Scatter(
                 x=fit.batch_sizes,
                 y=fit.steps,
                 mode="lines",
-                name=f"{fit.name}: S_min (1 + B_noise / B)",
-                line={"dash": "dot", "color": rule_colour(fit.name, names)},
+                name=f"{fit.name}: fit S_min (1 + B_crit / B)",
+                line={"dash": "dot", "color": rule_colour(fit.name, names), "width": 2},
             )
         )
     for line in data.fixed:
@@ -118,38 +140,54 @@ def render(data: TunedSteps) -> go.Figure:
     for missing in data.not_reached:
         if missing.batch_sizes:
             fig.add_annotation(
-                text=f"{missing.name}: not reached at B = "
+                text=f"{missing.name}: target not reached at B = "
                 + ", ".join(str(b) for b in missing.batch_sizes),
                 xref="paper",
                 yref="paper",
                 x=1,
-                y=1,
-                yanchor="bottom",
+                y=-0.2,
+                xanchor="right",
+                yanchor="top",
                 showarrow=False,
             )
-    # Shapes, named in the legend: annotations sit at log10 positions on log axes, shapes not.
+            fig.update_layout(margin={"b": 110})
     for c in data.critical:
-        interval = "" if c.low is None else f" [{c.low:.3g}, {c.high:.3g}]"
+        interval = "" if c.low is None else f" [{number(c.low)}, {number(c.high)}]"
         outside = "" if c.bracketed else ", outside the batch sizes fitted"
-        fig.add_vline(
-            x=c.b_crit,
-            line={"dash": "dash", "color": "black"},
-            name=f"{c.name}: B_crit {c.b_crit:.3g}{interval}{outside}",
-            showlegend=True,
+        # A side that the data do not bound (0 or inf) gets no bar: the legend says so.
+        bars = [
+            None if side is None or not 0 < side < math.inf else abs(side - c.b_crit)
+            for side in (c.high, c.low)
+        ]
+        error = (
+            {
+                "type": "data",
+                "symmetric": False,
+                "array": [bars[0] or 0],
+                "arrayminus": [bars[1] or 0],
+                "thickness": 2.5,
+                "width": 8,
+                "color": "black",
+            }
+            if any(bars)
+            else None
         )
-        if c.low is not None:
-            fig.add_vrect(
-                x0=c.low,
-                x1=c.high,
-                fillcolor="rgba(0, 0, 0, 0.08)",
-                line_width=0,
-                name=f"{c.name}: B_crit 95% interval",
-                showlegend=True,
+        fig.add_trace(
+            go.Scatter(
+                x=[c.b_crit],
+                y=[c.steps],
+                mode="markers",
+                marker={"symbol": "diamond", "size": 13, "color": "black"},
+                error_x=error,
+                name=f"{c.name}: B_crit {c.b_crit:.3g}{interval}{outside}",
             )
+        )
+        fig.add_vline(x=c.b_crit, line={"dash": "dash", "color": "black", "width": 1})
     if data.regimes is not None:
         sizes = [b for line in data.tuned + data.fixed for b in line.batch_sizes]
-        edges = [min(sizes) / 2, data.regimes.perfect_below, data.regimes.maximal_above]
-        edges.append(max(sizes) * 2)
+        edges = [min(sizes) / 1.5, data.regimes.perfect_below, data.regimes.maximal_above]
+        edges.append(max(sizes) * 1.5)
+        places = ("top left", "top center", "top right")  # the outer labels inside the plot
         for i, (name, colour) in enumerate(zip(REGIME_NAMES, REGIME_COLOURS, strict=True)):
             if edges[i] < edges[i + 1]:
                 fig.add_vrect(
@@ -160,8 +198,11 @@ def render(data: TunedSteps) -> go.Figure:
                     layer="below",
                     name=name,
                     showlegend=True,
+                    label={"text": name, "textposition": places[i], "font": {"size": 12}},
                 )
     batch_axis(fig, data.tuned + data.fixed)
-    fig.update_yaxes(type="log", title_text="steps")
-    fig.update_layout(title=f"steps to reach {data.target}, learning rate tuned per batch size")
-    return fig
+    shown = [v for line in data.tuned + data.fixed for v in line.low + line.high + line.median]
+    log_axis(fig, "y", shown + [v for f in data.fits for v in f.steps])
+    fig.update_yaxes(title_text=axis_title("step"))
+    title = f"steps to reach {data.target}, learning rate tuned per batch size"
+    return finish(fig, title + spread_note(data.seeds))

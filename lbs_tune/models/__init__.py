@@ -5,7 +5,8 @@ Image classifiers: the CIFAR ResNets of He et al. (`resnet20` ... `resnet110`), 
 with the CIFAR changes of their modules, wide ResNets `wrnD_K` for any depth D = 6n + 4 and
 width K, `vgg11/13/16/19` with batch norm, and the small `lenet`, `mlp` and `cnn1d`.
 Segmentation: `drn_d_22` (per-pixel logits). Language models: `lstm` and the decoder-only
-`transformer` (next-token logits and a hidden state; see `lstm`, `transformer`). With a ghost
+`transformer` (next-token logits and a hidden state; see `lstm`, `transformer`). The noisy
+quadratic model: `nqm` (its parameter theta; see `quadratic`). With a ghost
 batch size every batch norm becomes a `GhostBatchNorm` with the same state_dict keys (see
 `ghost_bn`).
 
@@ -30,6 +31,7 @@ from lbs_tune.models.ghost_bn import GhostBatchNorm, use_ghost_batch_norm
 from lbs_tune.models.lstm import LSTMLanguageModel, detach_hidden
 from lbs_tune.models.lstm import lstm as lstm_language_model
 from lbs_tune.models.mobilenet import mobilenet_v2
+from lbs_tune.models.quadratic import nqm
 from lbs_tune.models.resnet import cifar_resnet, resnet18, torchvision_resnet
 from lbs_tune.models.small import CNN1d, LeNet, mlp
 from lbs_tune.models.transformer import transformer
@@ -53,13 +55,14 @@ __all__ = [
     "validate_model_name",
 ]
 
-Task = Literal["classification", "segmentation", "language_model"]
-TASKS: tuple[Task, ...] = ("classification", "segmentation", "language_model")
+Task = Literal["classification", "segmentation", "language_model", "nqm"]
+TASKS: tuple[Task, ...] = ("classification", "segmentation", "language_model", "nqm")
 # The model a task needs, in words for messages.
 TASK_MODELS: dict[Task, str] = {
     "classification": "a classifier",
     "segmentation": "a segmentation model",
     "language_model": "a language model",
+    "nqm": "the noisy quadratic model",
 }
 
 # Each builder takes (num_classes, input_shape) and returns a freshly initialised model; its
@@ -79,6 +82,7 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "drn_d_22": drn_d_22,
     "lstm": lstm_language_model,
     "transformer": transformer,
+    "nqm": nqm,
 }
 
 # Every model not named here is a classifier: (N, *input_shape) -> (N, num_classes) logits.
@@ -86,6 +90,7 @@ _TASKS: dict[str, Task] = {
     "drn_d_22": "segmentation",
     "lstm": "language_model",
     "transformer": "language_model",
+    "nqm": "nqm",
 }
 
 # Wide ResNets are built for any valid wrnD_K; these common ones are listed by name.
@@ -94,7 +99,7 @@ _LISTED_WRNS = ("wrn16_4", "wrn16_8", "wrn28_10")
 MODEL_NAMES: tuple[str, ...] = (*_BUILDERS, *_LISTED_WRNS)
 
 # Cheap models tried, in this order, to suggest a model that fits a dataset.
-_SUGGESTED = ("mlp", "cnn1d", "lenet", "resnet20", "wrn16_4", "drn_d_22", "lstm")
+_SUGGESTED = ("mlp", "cnn1d", "lenet", "resnet20", "wrn16_4", "drn_d_22", "lstm", "nqm")
 
 
 def _builder(name: str) -> Callable[..., nn.Module]:
