@@ -8,8 +8,9 @@ that give every batch size room (pure numpy: no I/O, no torch, no Ray).
 - `censoring`: per batch size, the trials that ended at their step cap without reaching the
   target or diverging, and whether the best trial used more than half its cap (the cap may have
   cut off configurations that needed a little more).
-- `step_caps` and `scaled_caps`: step caps with a floor, or from perfect scaling of the smaller
-  batch sizes' measured steps.
+- `scaled_caps`: step caps from perfect scaling of the smaller batch sizes' measured steps. (A
+  floor on an epoch budget is the trial config's `min_steps`: the budget's one formula is
+  `lbs_tune.config.total_steps`.)
 """
 
 from __future__ import annotations
@@ -145,18 +146,6 @@ def censoring(
             )
         )
     return out
-
-
-def step_caps(
-    batch_sizes: Sequence[float], train_size: int, epochs: float, min_steps: int = 1
-) -> list[int]:
-    """Step caps of an epoch budget with a floor: max(round(epochs N / B), min_steps).
-
-    Equal epochs give every batch size the same examples, so the steps fall as 1/B, faster than
-    steps to target, which stop falling near S_min above the critical batch size: the largest
-    batch sizes get too few (batch 2048 of MNIST-1D: 35 steps at 10 epochs, the best needed 27).
-    A floor of a few S_min gives them room and costs nothing at the small batch sizes."""
-    return [max(min_steps, 1, round(epochs * train_size / b)) for b in batch_sizes]
 
 
 def scaled_caps(

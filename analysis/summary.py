@@ -1,18 +1,36 @@
 """The numbers of a searched sweep (one Optuna study per grid point, `lbs_tune.studies`): per grid
-point the best trial and the spread of its study, the critical-batch fit of the best steps,
-`summary.json`, and the study trials as a table for `lbs-tune export`.
+point the best trial of its search, its confirmation runs on fresh seeds, how its trials ended
+against their step caps, the search-budget curve, the critical-batch fit, `summary.json`, and
+the study trials as a table for `lbs-tune export`.
 
 The best trial of a study is `StudyRecord.best()`: fewest steps to the target, ties by the
 better value of the metric at that step, then the earlier trial. Its `steps_to_target` is that
 trial's objective value (an objective `metric` study: the first step at which its reported
 values reach the target, when the target is on the study's metric).
 
+A point's steps to target (`PointSummary.steps`, also `confirmed` when they come from
+confirmation runs): with `search.confirm`, the median over the confirmation seeds of the
+search's best configuration (rank 0), with their min-max; else the search's best. The
+configuration is chosen on the search's seed and measured on seeds that took no part in
+choosing it; taking the best of the top k by the same runs that report it would bring back the
+winner's curse (the minimum of k noisy medians is biased low). The runner-up configurations'
+runs are given beside it, so a reader sees whether the ranking holds.
+
 How grid points combine into the fit: grid keys other than `batch_size` and `seed` (e.g.
-`optimizer.name`) split the points into series, one fit each; the seeds of one batch size
-combine as the median of their best steps, a seed whose study never reached the target counting
-as the worst (`analysis.metrics.seed_spread`; a median that lands on it leaves that batch size
-out of the fit, as a batch size that never reached it). The fit and its bootstrap intervals over
-batch sizes are `analysis.scaling.fit_scaling`'s.
+`optimizer.name`) split the points into series, one fit each. A batch size's observations are
+its points' confirmation runs of their rank-0 configuration (else each point's search best);
+their median is its steps, a run that never reached the target counting as the worst
+(`analysis.metrics.seed_spread`; a median that lands on it leaves that batch size out of the
+fit). The fit is `analysis.scaling.fit_scaling`'s of one median per batch size, not of every
+run: the seeds of one batch size share its configuration and that configuration's distance
+from the true optimum, so they are not independent observations of S(B); fitted as such
+(pseudo-replication), the interval narrows by up to sqrt(seeds) and under-covers as soon as
+the batch sizes scatter about the curve by more than their seeds do. On 200 synthetic sweeps
+(8 batch sizes x 3 seeds, seed noise and a per-batch-size offset of sd 0.1 each in log steps)
+the 95% interval of B_crit covers 94.5% fitted to the medians and 75.5% fitted to every run; with
+no offset both cover (95.5%, 94%) (tests/test_summary.py). The medians' scatter about the curve
+carries the seeds' spread into the residual variance, on which the profile-likelihood
+intervals rest.
 
 Reads the studies' SQLite storage through `lbs_tune.studies.read_studies` (Optuna, no Ray); no
 torch, no pandas.
@@ -31,15 +49,19 @@ import numpy as np
 import pyarrow as pa
 
 from analysis._arrow import rows_to_table
+from analysis.budget import Censoring, best_of_k, censoring
 from analysis.metrics import BATCH, SEED, seed_spread
-from analysis.scaling import LEVEL, PARAMETERS, RESAMPLES, ScalingFit, fit_scaling
+from analysis.scaling import RESAMPLES, ScalingFit, fit_scaling
 from lbs_tune.experiment import REPORT_FILE, SUMMARY_FILE, write_parquet
 from lbs_tune.names import comparison, first_reached
 from lbs_tune.storage import Location, locate
 from lbs_tune.studies import STUDY_FILE, Objective, StudyRecord, read_studies
 
 STEPS = "steps_to_target"
-FORMAT = 1  # summary.json's layout version
+FORMAT = 2  # summary.json's layout version
+CONFIRMED, SEARCH = "confirmed", "search"  # where a point's steps come from
+# The fit's parameters in summary.json: B_crit = E_min / S_min (no second name for it).
+FIT_PARAMETERS = ("s_min", "e_min", "b_crit")
 
 
 class Spread(NamedTuple):
@@ -53,6 +75,46 @@ class Spread(NamedTuple):
     count: int
 
 
+class Steps(NamedTuple):
+    """Steps to target over runs: median and min–max, a run that never reached the target
+    counting as the worst (a statistic that lands on it is None)."""
+
+    median: float | None
+    low: float | None
+    high: float | None
+    count: int  # the runs behind them, one per seed (as `Spread.count`)
+    source: str  # CONFIRMED (confirmation runs) or SEARCH (the search's best trial)
+
+
+class Confirmed(NamedTuple):
+    """One confirmed configuration of a study: its search trial and its confirmation runs."""
+
+    rank: int  # 0: the study's best trial
+    trial: int  # the search trial's number
+    params: dict[str, Any]
+    search_steps: float | None  # its steps to target in the search (None: never reached)
+    runs: list[dict[str, Any]]  # its told confirmation runs (read_studies' dicts), by seed
+    steps: Steps | None  # over `runs` (None before any is told)
+
+
+class Budget(NamedTuple):
+    """The search-budget curve of a study (`analysis.budget.BudgetCurve`'s fields, by
+    `best_of_k`) over its told trials' steps to target. A PRUNED trial enters at one step past
+    where it stopped, a lower bound of its steps: a quantile (`median`, `low`, `high`) at or
+    below `exact_up_to` (the first step a pruned trial stopped at; None: none was pruned, all
+    exact) is exact, one above it a lower bound; `infeasible` is then a lower bound too, and
+    `expected` neither."""
+
+    k: np.ndarray
+    expected: np.ndarray
+    median: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    infeasible: np.ndarray
+    exact_up_to: float | None
+    pruned: int  # the PRUNED trials among them
+
+
 class PointSummary(NamedTuple):
     """One grid point's study, summarised."""
 
@@ -60,11 +122,27 @@ class PointSummary(NamedTuple):
     point: dict[str, Any]  # the grid point {dotted key: value}
     batch_size: int | None  # the point's, else the sweep's base batch size
     objective: Objective
-    steps_to_target: float | None  # the best trial's; None if no trial reached the target
+    steps_to_target: float | None  # the search's best trial's; None if no trial reached it
     best: dict[str, Any] | None  # the best trial, as `read_studies` gives it
     spread: Spread
-    counts: dict[str, int]  # asked, feasible, infeasible, diverged, unfinished
+    counts: dict[str, int]  # asked, feasible, infeasible, diverged, pruned, unfinished
     trials: list[dict[str, Any]]  # every trial of the study (read_studies' dicts)
+    confirmations: list[Confirmed]  # the confirmed configurations, best first; [] without
+    seeds: list[int]  # the confirmation seeds
+    steps: Steps  # the point's steps to target (see the module docstring)
+    censoring: Censoring | None  # its told, unpruned trials against their caps
+    budget: Budget | None  # None without a trial's steps to target
+
+    @property
+    def confirmed(self) -> Steps | None:
+        """The point's steps from its confirmation runs, None while it has none."""
+        return self.steps if self.steps.source == CONFIRMED else None
+
+    @property
+    def cap_hits(self) -> int | None:
+        """Trials that ran to their step cap without reaching the target or diverging (None
+        without reported caps)."""
+        return self.censoring.capped if self.censoring else None
 
     @property
     def group(self) -> dict[str, Any]:
@@ -78,17 +156,19 @@ class PointSummary(NamedTuple):
 
 
 class SeriesFit(NamedTuple):
-    """The best steps of one series (a value of the grid keys other than batch size and seed)
-    against batch size, over seeds, and the critical-batch fit of their medians."""
+    """The steps of one series (a value of the grid keys other than batch size and seed)
+    against batch size, over runs, and the critical-batch fit of their medians."""
 
     group: dict[str, Any]
     name: str  # the group as text ('' for the only series)
     batch_sizes: list[int]
-    median: list[float | None]  # None: the median seed never reached the target
+    median: list[float | None]  # None: the median run never reached the target
     low: list[float | None]
     high: list[float | None]
-    seeds: list[int]
+    seeds: list[int]  # the runs behind each median
     fit: ScalingFit
+    search: list[float | None]  # the median over the batch size's studies of their best
+    sources: list[str]  # CONFIRMED or SEARCH, per batch size
 
 
 class Summary(NamedTuple):
@@ -125,6 +205,82 @@ def trial_steps(
     return None if hit is None else float(hit)
 
 
+def spread_of(steps: Sequence[float | None], source: str) -> Steps:
+    """Median and min–max of runs' steps to target (None: never reached, the worst)."""
+    table = rows_to_table(
+        [{"group": 0, "steps": s} for s in steps],
+        pa.schema([("group", pa.int64()), ("steps", pa.float64())]),
+    )
+    (row,) = seed_spread(table, "steps", ["group"], "min").to_pylist()
+    return Steps(row["median"], row["low"], row["high"], row["seeds"], source)
+
+
+def confirmed_configs(
+    study: StudyRecord, target: tuple[str, float] | None = None
+) -> list[Confirmed]:
+    """The confirmed configurations of a study, best first, with their told runs (by seed)."""
+    by_number = {t["number"]: t for t in study.trials}
+    found = []
+    for rank, number in enumerate(study.confirmed):
+        runs = sorted(
+            (c for c in study.confirmations if c["confirms"] == number and _told(c)),
+            key=lambda c: c["seed"],
+        )
+        steps = [trial_steps(c, study.objective, target) for c in runs]
+        searched = by_number.get(number)
+        found.append(
+            Confirmed(
+                rank,
+                number,
+                dict(searched["params"]) if searched else {},
+                trial_steps(searched, study.objective, target) if searched else None,
+                runs,
+                spread_of(steps, CONFIRMED) if runs else None,
+            )
+        )
+    return found
+
+
+def _told(trial: dict[str, Any]) -> bool:
+    return trial["state"] in ("COMPLETE", "FAIL", "PRUNED")
+
+
+def search_budget(
+    trials: Sequence[dict[str, Any]], objective: Objective, target: tuple[str, float] | None
+) -> Budget | None:
+    """The search-budget curve of a study's told trials (see `Budget`); None when no trial
+    reached the target in a study whose reports hold no steps to target (a `metric` study
+    without a target on its metric) or when none is told."""
+    told = [t for t in trials if _told(t)]
+    if not told or (objective.kind != STEPS and (target is None or target[0] != objective.metric)):
+        return None
+    pruned = [t["pruned_at"] for t in told if t["state"] == "PRUNED" and t["pruned_at"] is not None]
+    values = []
+    for t in told:
+        steps = trial_steps(t, objective, target)
+        if steps is None and t["state"] == "PRUNED" and t["pruned_at"] is not None:
+            steps = t["pruned_at"] + 1  # its steps to target are more than where it stopped
+        values.append(steps)
+    return Budget(*best_of_k(values), float(min(pruned)) if pruned else None, len(pruned))
+
+
+def trial_censoring(
+    trials: Sequence[dict[str, Any]],
+    batch_size: int,
+    objective: Objective,
+    target: tuple[str, float] | None = None,
+) -> Censoring | None:
+    """How a study's told trials ended against their step caps (`analysis.budget.censoring`;
+    the cap is each trial's reported `total_steps`). PRUNED trials are left out (stopped by the
+    search, not by their cap: `counts['pruned']`). None when no trial reported its cap."""
+    rows = [
+        (batch_size, trial_steps(t, objective, target), t["total_steps"], bool(t["diverged"]))
+        for t in trials
+        if t["state"] in ("COMPLETE", "FAIL") and t.get("total_steps") is not None
+    ]
+    return censoring(rows)[0] if rows else None
+
+
 def summarize_point(
     study: StudyRecord,
     batch_size: int | None = None,
@@ -147,43 +303,67 @@ def summarize_point(
         "feasible": len(feasible),
         "infeasible": sum(t["state"] == "FAIL" for t in trials),
         "diverged": sum(bool(t["diverged"]) for t in trials),
-        "unfinished": sum(t["state"] not in ("COMPLETE", "FAIL") for t in trials),
+        "pruned": sum(t["state"] == "PRUNED" for t in trials),
+        "unfinished": sum(not _told(t) for t in trials),
     }
     best = study.best()
     steps = trial_steps(best, study.objective, target) if best else None
+    confirmations = confirmed_configs(study, target)
+    if confirmations and confirmations[0].steps is not None:
+        answer = confirmations[0].steps
+    else:
+        answer = Steps(steps, steps, steps, 1 if best else 0, SEARCH)
+    batch = study.point.get(BATCH, batch_size)
     return PointSummary(
         study.name,
         dict(study.point),
-        study.point.get(BATCH, batch_size),
+        batch,
         study.objective,
         steps,
         best,
         spread,
         counts,
         list(trials),
+        confirmations,
+        list(study.seeds),
+        answer,
+        trial_censoring(trials, batch, study.objective, target) if batch is not None else None,
+        search_budget(trials, study.objective, target),
     )
+
+
+def _observations(point: PointSummary) -> tuple[list[float | None], str]:
+    """A point's observations of its batch size's steps: its rank-0 configuration's told
+    confirmation runs, else its search's best (one)."""
+    if point.confirmations and point.confirmations[0].runs:
+        first = point.confirmations[0]
+        return [trial_steps(r, point.objective) for r in first.runs], CONFIRMED
+    return [point.steps_to_target], SEARCH
 
 
 def fit_series(
     points: Sequence[PointSummary], resamples: int = RESAMPLES, seed: int = 0
 ) -> list[SeriesFit]:
     """One SeriesFit per group of grid keys other than batch size and seed, in order of first
-    appearance; points without a batch size are left out."""
+    appearance; points without a batch size are left out. `resamples` and `seed` are passed to
+    `fit_scaling` (whose profile-likelihood intervals need neither)."""
     points = [p for p in points if p.batch_size is not None]
     groups: dict[str, list[PointSummary]] = {}
     for p in points:
         groups.setdefault(p.series, []).append(p)
     fits = []
     for name, mine in groups.items():
-        rows = [{BATCH: p.batch_size, "steps": p.steps_to_target} for p in mine]
-        spread = seed_spread(
-            rows_to_table(rows, pa.schema([(BATCH, pa.int64()), ("steps", pa.float64())])),
-            "steps",
-            [BATCH],
-            "min",
-        )
-        sizes = spread[BATCH].to_pylist()
-        median = spread["median"].to_pylist()
+        sizes = sorted({p.batch_size for p in mine})
+        observed: dict[int, tuple[list[float | None], set[str]]] = {b: ([], set()) for b in sizes}
+        for p in mine:
+            runs, source = _observations(p)
+            observed[p.batch_size][0].extend(runs)
+            observed[p.batch_size][1].add(source)
+        spreads = [spread_of(observed[b][0], "") for b in sizes]
+        searched = [
+            spread_of([p.steps_to_target for p in mine if p.batch_size == b], "") for b in sizes
+        ]
+        median = [s.median for s in spreads]
         fit = fit_scaling(sizes, median, resamples=resamples, seed=seed)
         fits.append(
             SeriesFit(
@@ -191,10 +371,12 @@ def fit_series(
                 name,
                 sizes,
                 median,
-                spread["low"].to_pylist(),
-                spread["high"].to_pylist(),
-                spread["seeds"].to_pylist(),
+                [s.low for s in spreads],
+                [s.high for s in spreads],
+                [s.count for s in spreads],
                 fit,
+                [s.median for s in searched],
+                [SEARCH if SEARCH in observed[b][1] else CONFIRMED for b in sizes],
             )
         )
     return fits
@@ -210,7 +392,7 @@ def summarize(
     """The Summary of a sweep's studies (`read_studies`), None when there are none.
     `batch_size`: the sweep's base batch size, for a grid without one; `target`: the report's,
     for studies whose objective is the metric (see `trial_steps`); `resamples` and `seed`: the
-    fit's bootstrap."""
+    fit's (see `fit_series`)."""
     if not studies:
         return None
     points = [summarize_point(s, batch_size, target) for s in studies]
@@ -222,11 +404,18 @@ def summarize(
 
 def _number(value: Any) -> Any:
     """A float as JSON takes it: whole floats as ints (steps), NaN and inf as None."""
-    if isinstance(value, float):
+    if isinstance(value, float | np.floating):
+        value = float(value)
         if not math.isfinite(value):
             return None
         return int(value) if value.is_integer() else value
+    if isinstance(value, np.integer):
+        return int(value)
     return value
+
+
+def _numbers(values) -> list[Any]:
+    return [_number(v) for v in values]
 
 
 def _trial_json(trial: dict[str, Any]) -> dict[str, Any]:
@@ -239,45 +428,151 @@ def _trial_json(trial: dict[str, Any]) -> dict[str, Any]:
         "params": trial["params"],
         "diverged": trial["diverged"],
         "reason": trial["reason"],
+        "pruned_at": trial.get("pruned_at"),
+        "total_steps": trial.get("total_steps"),
     }
 
 
-def _fit_json(fit: ScalingFit) -> dict[str, Any]:
+def _steps_json(steps: Steps | None) -> dict[str, Any] | None:
+    if steps is None:
+        return None
     return {
-        **{name: _number(getattr(fit, name)) for name in PARAMETERS},
-        "intervals": {k: [_number(lo), _number(hi)] for k, (lo, hi) in fit.intervals.items()},
-        "level": LEVEL if fit.intervals else None,
-        "resamples": fit.resamples,
+        "median": _number(steps.median),
+        "low": _number(steps.low),
+        "high": _number(steps.high),
+        "count": steps.count,
+        "from": steps.source,
+    }
+
+
+def _confirmed_json(c: Confirmed, objective: Objective) -> dict[str, Any]:
+    runs = [
+        {
+            "seed": r["seed"],
+            "number": r["number"],
+            STEPS: _number(trial_steps(r, objective)),
+            "state": r["state"],
+            "diverged": r["diverged"],
+            "reason": r["reason"],
+        }
+        for r in c.runs
+    ]
+    spread = _steps_json(c.steps)
+    return {
+        "rank": c.rank,
+        "trial": c.trial,
+        "config": c.params,
+        "search_steps": _number(c.search_steps),
+        **{k: (spread or {}).get(k) for k in ("median", "low", "high")},
+        "runs": runs,
+    }
+
+
+def _censoring_json(c: Censoring | None, pruned: int) -> dict[str, Any] | None:
+    if c is None:
+        return None
+    return {
+        "trials": c.trials,
+        "reached": c.reached,
+        "diverged": c.diverged,
+        "capped": c.capped,
+        "pruned": pruned,
+        "best_steps": _number(c.best_steps),
+        "best_cap": c.best_cap,
+        "used": _number(c.used),
+        "flagged": c.flagged,
+    }
+
+
+def _budget_json(b: Budget | None) -> dict[str, Any] | None:
+    if b is None:
+        return None
+    return {
+        "k": b.k.tolist(),
+        "median": _numbers(b.median),
+        "low": _numbers(b.low),
+        "high": _numbers(b.high),
+        "p_none": _numbers(b.infeasible),
+        "exact_up_to": _number(b.exact_up_to),
+        "pruned": b.pruned,
+    }
+
+
+def _fit_json(series: SeriesFit) -> dict[str, Any]:
+    fit = series.fit
+    return {
+        "group": series.group,
+        **{name: _number(getattr(fit, name)) for name in FIT_PARAMETERS},
+        "intervals": {k: _numbers(fit.intervals[k]) for k in FIT_PARAMETERS if k in fit.intervals},
+        "level": fit.level,
+        "method": fit.method if fit.intervals else None,
+        "residual_sd": _number(fit.residual_sd),
         "bracketed": fit.bracketed,
-        "batch_sizes": [_number(b) for b in fit.batch_sizes],
-        "steps": [_number(s) for s in fit.steps],
+        "batch_sizes": _numbers(fit.batch_sizes),
+        "steps": _numbers(fit.steps),
         "reason": fit.reason,
+        "series": {
+            BATCH: series.batch_sizes,
+            "median": _numbers(series.median),
+            "low": _numbers(series.low),
+            "high": _numbers(series.high),
+            "seeds": series.seeds,
+            "search": _numbers(series.search),
+            "from": series.sources,
+        },
     }
 
 
 def summary_json(summary: Summary) -> dict[str, Any]:
-    """summary.json's content: `objective`, `points` (per grid point: its grid keys,
-    `batch_size`, `study`, `steps_to_target` (null if never), `examples_to_target`,
-    `best_config` (the best trial's searched values), `best_value`, and `trials`: counts, the
-    spread of the feasible trials' objective and every trial), `fit` (the only series' `s_min`,
-    `e_min`, `b_noise`, `b_crit`, their `intervals` as [low, high], ...; null when grid keys
-    other than batch size and seed make several series) and `fits` (every series' fit with its
-    `group`)."""
+    """summary.json's content (`format` 2), one name per number:
+
+    - `objective`: kind, metric, mode, target.
+    - `points`, per grid point: its grid keys, `batch_size`, `study`; `steps_to_target`: the
+      point's steps {median, low, high, count, from: 'confirmed' (its best configuration's
+      confirmation runs) or 'search' (the search's best trial)}; `examples_to_target` (the
+      median x batch size); `search`: {best_trial, best_config, best_value, steps_to_target}
+      of the search's best trial (on the search's seed); `confirmations`: per confirmed
+      configuration, best first, {rank, trial, config, search_steps, median, low, high, runs:
+      [{seed, number, steps_to_target, state, diverged, reason}]} ([] without confirmation);
+      `confirm_seeds`; `censoring`: the search's told, unpruned trials against their caps
+      {trials, reached, diverged, capped (ran to the cap without reaching the target or
+      diverging), pruned, best_steps, best_cap, used (best_steps / best_cap), flagged (used >
+      half, or nothing reached and some capped)} (null without caps); `search_budget`: the
+      best steps of a search of k of its trials {k, median, low, high (10% and 90%), p_none,
+      exact_up_to, pruned} (see `Budget`); `trials`: counts, the spread of the feasible
+      trials' objective and every trial.
+    - `fit`: the only series' fit (null when grid keys other than batch size and seed make
+      several series): `s_min`, `e_min`, `b_crit` (= E_min / S_min, McCandlish et al.'s
+      critical batch size; not the measured gradient noise scale), their `intervals` [low,
+      high] at `level` by `method`, `residual_sd`, `bracketed`, the `batch_sizes` and `steps`
+      fitted, `reason` (why there is no fit), and `series`: per batch size the `median`,
+      `low`, `high` over `seeds` runs, the `search` best, and where they come `from`.
+    - `fits`: every series' fit with its `group`.
+    """
     o = summary.objective
     points = []
     for p in summary.points:
-        steps = p.steps_to_target
+        median = p.steps.median
+        best = p.best
         points.append(
             {
                 **p.point,
                 BATCH: p.batch_size,
                 "study": p.study,
-                STEPS: _number(steps),
+                STEPS: _steps_json(p.steps),
                 "examples_to_target": _number(
-                    None if steps is None or p.batch_size is None else steps * p.batch_size
+                    None if median is None or p.batch_size is None else median * p.batch_size
                 ),
-                "best_config": p.best["params"] if p.best else None,
-                "best_value": _number(p.best["value"]) if p.best else None,
+                "search": {
+                    "best_trial": best["number"] if best else None,
+                    "best_config": best["params"] if best else None,
+                    "best_value": _number(best["value"]) if best else None,
+                    STEPS: _number(p.steps_to_target),
+                },
+                "confirmations": [_confirmed_json(c, o) for c in p.confirmations],
+                "confirm_seeds": p.seeds,
+                "censoring": _censoring_json(p.censoring, p.counts["pruned"]),
+                "search_budget": _budget_json(p.budget),
                 "trials": {
                     **p.counts,
                     "spread": {k: _number(v) for k, v in p.spread._asdict().items()},
@@ -285,7 +580,7 @@ def summary_json(summary: Summary) -> dict[str, Any]:
                 },
             }
         )
-    fits = [{"group": s.group, **_fit_json(s.fit)} for s in summary.fits]
+    fits = [_fit_json(s) for s in summary.fits]
     return {
         "format": FORMAT,
         "objective": {"kind": o.kind, "metric": o.metric, "mode": o.mode, "target": o.target},
@@ -343,17 +638,20 @@ def read_summary(
 def study_trials_table(source: Location | str | Path) -> pa.Table | None:
     """Every trial of every study of an experiment (a Location, folder or URI) as one table
     (None without studies): `study`, `point` (its grid index), the grid keys, `objective`,
-    `objective_metric`, `number`, `state`, `value`, `at_value`, the searched keys (dotted),
-    `ray_trial_id`, `reason`, `diverged`, `ray_errors`, and the reported values of the
-    objective's metric as lists `report_steps` and `report_values`. For `lbs-tune export`
-    (studies.parquet)."""
+    `objective_metric`, `run` ('search', or 'confirm' for a confirmation run), `number` (in
+    its study or its confirmation study), `confirms` (a confirmation run's search trial),
+    `confirm_seed` (a confirmation run's seed), `state`, `value`, `at_value`, the searched
+    keys (dotted), `ray_trial_id`, `reason`, `diverged`, `ray_errors`, `pruned_at`,
+    `total_steps`, and the reported values of the objective's metric as lists `report_steps`
+    and `report_values`. For `lbs-tune export` (studies.parquet)."""
     where = source if isinstance(source, Location) else locate(source)
     studies = studies_of(where)
     if not studies:
         return None
     rows = []
     for s in studies:
-        for t in s.trials:
+        runs = [("search", t) for t in s.trials] + [("confirm", t) for t in s.confirmations]
+        for run, t in runs:
             rows.append(
                 {
                     "study": s.name,
@@ -361,7 +659,10 @@ def study_trials_table(source: Location | str | Path) -> pa.Table | None:
                     **s.point,
                     "objective": s.objective.kind,
                     "objective_metric": s.objective.metric,
+                    "run": run,
                     "number": t["number"],
+                    "confirms": t.get("confirms"),
+                    "confirm_seed": t.get("seed"),
                     "state": t["state"],
                     "value": t["value"],
                     "at_value": t["at_value"],
@@ -370,6 +671,8 @@ def study_trials_table(source: Location | str | Path) -> pa.Table | None:
                     "reason": t["reason"],
                     "diverged": t["diverged"],
                     "ray_errors": t["ray_errors"],
+                    "pruned_at": t["pruned_at"],
+                    "total_steps": t["total_steps"],
                     "report_steps": list(t["values"]),
                     "report_values": list(t["values"].values()),
                 }
@@ -380,7 +683,10 @@ def study_trials_table(source: Location | str | Path) -> pa.Table | None:
             ("point", pa.int64()),
             ("objective", pa.string()),
             ("objective_metric", pa.string()),
+            ("run", pa.string()),
             ("number", pa.int64()),
+            ("confirms", pa.int64()),
+            ("confirm_seed", pa.int64()),
             ("state", pa.string()),
             ("value", pa.float64()),
             ("at_value", pa.float64()),
@@ -388,6 +694,8 @@ def study_trials_table(source: Location | str | Path) -> pa.Table | None:
             ("reason", pa.string()),
             ("diverged", pa.bool_()),
             ("ray_errors", pa.int64()),
+            ("pruned_at", pa.int64()),
+            ("total_steps", pa.int64()),
             ("report_steps", pa.list_(pa.int64())),
             ("report_values", pa.list_(pa.float64())),
         ]

@@ -245,6 +245,9 @@ class TrialConfig(_Strict):
     epochs: float | None = Field(None, gt=0, le=MAX_EPOCHS)
     steps: int | None = Field(None, gt=0, le=MAX_STEPS)
     examples: int | None = Field(None, gt=0, le=MAX_STEPS)
+    # A floor on an epochs or examples budget, in steps (`total_steps`): equal epochs leave the
+    # largest batch sizes too few steps to reach a target that needs ~S_min of them.
+    min_steps: int | None = Field(None, gt=0, le=MAX_STEPS)
     eval_every: float = Field(1.0, gt=0, le=MAX_EPOCHS)
     eval_batch_size: int = Field(1024, gt=0, le=MAX_BATCH)
     checkpoint_every: float = Field(1.0, gt=0, le=MAX_EPOCHS)
@@ -331,6 +334,12 @@ class TrialConfig(_Strict):
             raise KeyedError(budgets[-1], f"give one budget, not {' and '.join(budgets)}")
         if not budgets:
             raise ValueError("no budget: set one of epochs, steps or examples")
+        if self.min_steps is not None and self.steps is not None:
+            raise KeyedError(
+                "min_steps",
+                "min_steps is a floor on an epochs or examples budget; with steps given, "
+                "remove it (or raise steps)",
+            )
         for key in ("max_device_batch", "ghost_batch_size"):
             size = getattr(self, key)
             if size in (None, "auto"):
@@ -700,13 +709,16 @@ class SweepSpec(_Strict):
 
     @property
     def trials_per_point(self) -> int:
-        """Ray Tune trials per grid point: the search's trials of its study, else one."""
-        return self.search.trials_per_point if self.search else 1
+        """Ray Tune trials per grid point: the search's trials of its study and its
+        confirmation runs (`search.confirm`: top x seeds), else one."""
+        if self.search is None:
+            return 1
+        return self.search.trials_per_point + self.search.confirm_runs
 
     @property
     def trial_count(self) -> int:
-        """The trials this sweep asks for: grid points x trials per point. The one home of
-        this count (runner, dry run, console and status read it)."""
+        """The trials this sweep asks for: grid points x trials per point (confirmation runs
+        included). The one home of this count (runner, dry run, console and status read it)."""
         if self.branch is not None:
             return self.branch.trial_count
         return math.prod(len(values) for values in self.grid.values()) * self.trials_per_point
@@ -751,15 +763,23 @@ def every_steps(epochs: float, per_epoch: float) -> int:
 
 
 def total_steps(config: TrialConfig, train_size: int) -> int:
-    """The budget in optimizer steps: round(epochs x N / B) (the same examples for every batch
-    size, within one batch), examples // B, or the steps given. With a batch schedule, the
-    fewest steps that see the examples (epochs x N rounded, or `examples`) by the schedule's
-    step accounting (`lbs_tune.branching.steps_to`)."""
+    """The budget in optimizer steps, the one home of its formula: the steps given, else
+    round(epochs x N / B) (the same examples for every batch size, within one batch) or
+    examples // B, at least `min_steps` (and 1). With a batch schedule, the fewest steps that
+    see the examples (epochs x N rounded, or `examples`) by the schedule's step accounting
+    (`lbs_tune.branching.steps_to`).
+
+    Equal epochs give steps that fall as 1/B, faster than steps to target, which stop falling
+    near S_min above the critical batch size: MNIST-1D at 10 epochs gives batch 2048 35 steps
+    where the best needed 27. A floor of a few S_min gives the largest batch sizes room and
+    changes nothing at the small ones."""
     if config.steps is not None:
         return config.steps
+    seen = config.examples if config.examples is not None else round(config.epochs * train_size)
     if config.batch_schedule is not None:
-        seen = config.examples if config.examples is not None else round(config.epochs * train_size)
-        return max(1, steps_to(config.batch_schedule, seen))
-    if config.examples is not None:
-        return max(1, config.examples // config.batch_size)
-    return max(1, round(config.epochs * epoch_steps(train_size, config.batch_size)))
+        steps = steps_to(config.batch_schedule, seen)
+    elif config.examples is not None:
+        steps = config.examples // config.batch_size
+    else:
+        steps = round(config.epochs * epoch_steps(train_size, config.batch_size))
+    return max(1, config.min_steps or 1, steps)

@@ -97,13 +97,16 @@ def varying_keys(spec: SweepSpec) -> list[str]:
 
 def run_name(config: dict[str, Any], varying: list[str]) -> str:
     """A trial's short name from its values of the `varying` grid keys, e.g.
-    `bs=64,lr.scaling=linear`; a searched trial adds its study's trial number (`,trial=3`).
+    `bs=64,lr.scaling=linear`; a searched trial adds its study's trial number (`,trial=3`), a
+    confirmation run its number (`,confirm=2`).
     Characters that a folder name should not hold become `_`."""
     flat = flatten({k: v for k, v in config.items() if k != SEARCH_KEY})
     parts = [f"{SHORT_KEYS.get(k, k)}={_value(flat.get(k))}" for k in varying]
     search = config.get(SEARCH_KEY)
     if isinstance(search, dict) and search.get("number") is not None:
         parts.append(f"trial={search['number']}")
+    elif isinstance(search, dict) and search.get("confirm") is not None:
+        parts.append(f"confirm={search['confirm']}")
     name = ",".join(parts) or "base"
     return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
 

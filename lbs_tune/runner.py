@@ -64,8 +64,11 @@ def param_space(spec: SweepSpec, grid_search) -> dict[str, Any]:
 
 def trial_dirname(keys: tuple[str, ...], trial) -> str:
     """A trial folder's name: Ray's trial id and the grid (and search) keys that tell it apart,
-    short enough for any file system ('train_trial_1a2b3_00004_batch_size=64,lr.scaling=none')."""
-    tag = ",".join(f"{key}={get_dotted(trial.config, key)}" for key in keys)
+    short enough for any file system ('train_trial_1a2b3_00004_batch_size=64,lr.scaling=none');
+    a key the trial's config lacks is left out (a confirmation run has `search.confirm`, a
+    search trial `search.number`)."""
+    values = [(key, get_dotted(trial.config, key)) for key in keys]
+    tag = ",".join(f"{key}={value}" for key, value in values if value is not None)
     tag = "".join(c if c.isalnum() or c in "=,._-" else "_" for c in tag)[:120]
     return f"train_trial_{trial.trial_id}_{tag}".rstrip("_")
 
@@ -110,6 +113,11 @@ def print_dry_run(spec: SweepSpec, experiment: Location, recorded: dict | None) 
             f"sampler {search.sampler} (seed {search.seed}), objective {search.objective}; "
             f"space: {space}"
         )
+        if search.confirm is not None:
+            print(
+                f"  confirm: the best {search.confirm.top} of each study again on "
+                f"{search.confirm.seeds} fresh seeds ({search.confirm_runs} runs per grid point)"
+            )
     if recorded is not None and recorded["digest"] == spec.digest():
         print("  (a sweep of this spec is there: running would resume it)")
     elif recorded is not None:
@@ -259,7 +267,8 @@ def execute(
             param_space=space,
         )
     else:
-        keys = (*spec.grid, *((SEARCH_KEY + ".number",) if spec.search else ()))
+        searched = (f"{SEARCH_KEY}.number", f"{SEARCH_KEY}.confirm") if spec.search else ()
+        keys = (*spec.grid, *searched)
         keys += (BRANCH_KEY + ".label",) if spec.branch else ()
         tuner = tune.Tuner(
             trainable,
@@ -325,8 +334,9 @@ def _studies(spec: SweepSpec, experiment: Location) -> dict[str, str]:
 
 def _searched(spec: SweepSpec, experiment: Location) -> tuple[dict, Any]:
     """(TuneConfig arguments, stop condition) of a searched sweep: one Optuna study per grid
-    point (lbs_tune.searcher), trials_per_point trials each; a steps-to-target trial stops at its
-    first report that reaches the target."""
+    point (lbs_tune.searcher), trials_per_point trials each and their confirmation runs; the
+    searcher's stop condition ends a steps-to-target trial at its first report that reaches the
+    target, and a search trial that can no longer win (`search.prune`)."""
     from lbs_tune.searcher import StudySearcher
     from lbs_tune.studies import objective_for
 
@@ -339,8 +349,9 @@ def _searched(spec: SweepSpec, experiment: Location) -> tuple[dict, Any]:
         "num_samples": spec.trial_count,
         "max_concurrent_trials": spec.max_concurrent,
     }
-    stop = objective.stop if objective.kind == "steps_to_target" else None
-    return options, stop
+    # One object: Ray pickles the searcher and its bound method into tuner.pkl together, so a
+    # restored sweep's stop condition asks the restored searcher.
+    return options, searcher.stop
 
 
 def _branched(spec: SweepSpec, experiment: Location) -> dict[str, Any]:

@@ -69,3 +69,20 @@ class SobolSampler(optuna.samplers.BaseSampler):
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         return sobol_point(self._search, self._point, trial.number)[param_name]
+
+
+class FixedSampler(optuna.samplers.BaseSampler):
+    """Gives every parameter a set value: a confirmation run takes its search trial's values
+    (the confirmation study records them as its trial's parameters)."""
+
+    def __init__(self, params: dict[str, Any]):
+        self._params = params
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        return {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._params[param_name]

@@ -10,6 +10,8 @@ search:
   sampler: tpe          # tpe | qmc | random
   seed: 0
   objective: steps_to_target    # or: metric
+  confirm: {top: 3, seeds: 3}   # the 3 best configurations again on 3 fresh seeds each
+  prune: true                   # false | true | median | hyperband (see SearchSpec)
 ```
 
 No Optuna, no Ray, no torch at import time: `lbs_tune.config` holds a `SearchSpec`. How the
@@ -29,7 +31,9 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -180,14 +184,87 @@ Distribution = Annotated[
 ]
 
 
+PRUNERS = ("median", "hyperband")
+
+
+def _prune_choice(value: Any) -> Any:
+    """One clear error for a `prune` that is neither a boolean nor a pruner's name."""
+    if isinstance(value, bool) or value in PRUNERS:
+        return value
+    raise ValueError(f"got {value!r}: true, false, {' or '.join(PRUNERS)}")
+
+
+class ConfirmSpec(_Strict):
+    """`search.confirm`: once a study has all its trials, its `top` best configurations run
+    again, each on `seeds` seeds that no trial of the search used (`lbs_tune.studies.
+    confirmation_seeds`), as trials of the same sweep."""
+
+    top: int = Field(3, ge=1)
+    seeds: int = Field(3, ge=1)
+
+    @property
+    def runs(self) -> int:
+        """Confirmation runs per grid point."""
+        return self.top * self.seeds
+
+
 class SearchSpec(_Strict):
-    """The `search` section: a space over dotted trial-config keys, searched per grid point."""
+    """The `search` section: a space over dotted trial-config keys, searched per grid point.
+
+    `confirm` (optional): the best configurations of each study run again on fresh seeds
+    (ConfirmSpec). `prune`: true (the default) stops a steps_to_target trial that can no
+    longer be among the best (the best `confirm.top`, else the best one): at a step as far as
+    the study's current best without meeting the target, its steps to target are already
+    worse. This changes no study's best trial (nor its top) and, with the qmc sampler, no
+    trial's parameters. false keeps every trial whole. For `objective: metric`, `median` or
+    `hyperband` stop trials by Optuna's MedianPruner or HyperbandPruner (defaults), which may
+    stop a trial that would have won; true stops nothing there.
+    """
 
     space: dict[str, Distribution] = Field(min_length=1)
     trials_per_point: int = Field(16, ge=1)
     sampler: Literal["tpe", "qmc", "random"] = "tpe"
     seed: int = 0
     objective: Literal["steps_to_target", "metric"] = "steps_to_target"
+    confirm: ConfirmSpec | None = None
+    prune: Annotated[bool | Literal[PRUNERS], BeforeValidator(_prune_choice)] = True
+
+    @field_validator("confirm")
+    @classmethod
+    def _top_of_the_trials(cls, confirm: ConfirmSpec | None, info: ValidationInfo):
+        trials = info.data.get("trials_per_point")
+        if confirm is not None and trials is not None and confirm.top > trials:
+            raise ValueError(
+                f"top {confirm.top} is more than the {trials} trials per point; confirm at "
+                f"most {trials}"
+            )
+        return confirm
+
+    @field_validator("prune")
+    @classmethod
+    def _pruner_of_the_objective(cls, prune: bool | str, info: ValidationInfo):
+        if isinstance(prune, str) and info.data.get("objective") == "steps_to_target":
+            raise ValueError(
+                f"{prune} pruning is for objective: metric; a steps_to_target study stops the "
+                "trials that can no longer win with prune: true"
+            )
+        return prune
+
+    # A sweep made before `confirm` and `prune` existed keeps its digest and its studies' attrs:
+    # the keys are written only when they differ from their defaults.
+    @model_serializer(mode="wrap")
+    def _new_keys_only_when_set(self, handler) -> dict[str, Any]:
+        data = handler(self)
+        if self.confirm is None:
+            data.pop("confirm", None)
+        if self.prune is True:
+            data.pop("prune", None)
+        return data
+
+    @property
+    def confirm_runs(self) -> int:
+        """Confirmation runs per grid point (0 without `confirm`)."""
+        return self.confirm.runs if self.confirm else 0
 
     def distributions(self) -> dict[str, Any]:
         """{dotted key: Optuna distribution}."""

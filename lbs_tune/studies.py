@@ -6,8 +6,16 @@ Ray Tune searcher that fills the studies is `lbs_tune.searcher`, imported by the
 
 `steps_to_target` minimises the first reported `step` at which the sweep's target is met; a
 trial that never meets it, or diverges first, is FAIL with the reason in its user attrs (never a
-made-up number). `metric` optimises the best reported value of the sweep's metric; a diverged
-trial is FAIL. Every report's value is kept as the trial's intermediate value.
+made-up number); a trial stopped because it can no longer win is PRUNED, with the step it was
+stopped at (its steps to target are more) in user attr `pruned_at`. `metric` optimises the best
+reported value of the sweep's metric; a diverged trial is FAIL. Every report's value is kept as
+the trial's intermediate value, and the step budget the trial reported as user attr
+`total_steps`.
+
+Confirmation runs (`search.confirm`): a grid point's study of its search has a second study,
+`confirm:<name>`, whose user attr CONFIRM holds the confirmed search trials (best first, fixed
+when the search study has all its trials) and the seeds; its trial n runs confirmed trial
+n // seeds on seed n % seeds, with user attrs `confirms` (the search trial) and `seed`.
 """
 
 from __future__ import annotations
@@ -16,20 +24,29 @@ import math
 import os
 import shlex
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from lbs_tune.config import Metric, Target
 from lbs_tune.names import Mode, comparison, direction, first_reached, meets
 from lbs_tune.space import SearchSpec
 
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
+
 STUDY_FILE = "optuna.db"
 # The Optuna user attr of a study that holds its grid point and search (one attr: one write).
 STUDY = "lbs_tune"
+# The user attr of a confirmation study: the search study, the confirmed trials, the seeds.
+CONFIRM = "lbs_tune_confirm"
 # Optuna user attrs of a trial.
 RAY_TRIAL = "ray_trial_id"  # the Ray Tune trial that runs (or last ran) it
 REASON = "reason"  # why it is FAIL
 DIVERGED = "diverged"
 ERRORS = "ray_errors"  # runs that ended in ERROR in Ray (it stays RUNNING for the next resume)
+PRUNED_AT = "pruned_at"  # the step a PRUNED trial was stopped at
+TOTAL_STEPS = "total_steps"  # the step budget the trial reported (its cap)
+CONFIRMS = "confirms"  # a confirmation run's search trial (its number)
+SEED = "seed"  # a confirmation run's seed
 
 
 # ============================================================================ The objective
@@ -116,73 +133,138 @@ def study_name(point: dict[str, Any]) -> str:
     return ",".join(f"{k}={v}" for k, v in point.items()) or "base"
 
 
+def confirm_study_name(name: str) -> str:
+    """The confirmation study of the search study `name`."""
+    return f"confirm:{name}"
+
+
+def confirmation_seeds(search: SearchSpec, seeds: list[int]) -> list[int]:
+    """The seeds of the confirmation runs: the `search.confirm.seeds` integers after the largest
+    seed a search trial can use (`seeds`: the grid points' own, base or grid; and the top of
+    `seed` in the search space). The same at every grid point, so that every batch size is
+    confirmed on the same seeds."""
+    if search.confirm is None:
+        return []
+    used = list(seeds)
+    if "seed" in search.space:
+        used += [v for v in search.space["seed"].ends() if isinstance(v, int)]
+    start = max(used, default=-1) + 1
+    return list(range(start, start + search.confirm.seeds))
+
+
+def trial_record(t: FrozenTrial, objective: Objective) -> dict[str, Any]:
+    """An Optuna trial as plain data (see `read_studies`)."""
+    values = dict(sorted(t.intermediate_values.items()))
+    done = t.state.name == "COMPLETE"
+    steps = objective.kind == "steps_to_target" and done and t.value is not None
+    return {
+        "number": t.number,
+        "state": t.state.name,
+        "value": t.value if done else None,  # Optuna gives a PRUNED trial its last report
+        "at_value": values.get(int(t.value)) if steps else None,
+        "params": dict(t.params),
+        "ray_trial_id": t.user_attrs.get(RAY_TRIAL),
+        "reason": t.user_attrs.get(REASON),
+        "diverged": t.user_attrs.get(DIVERGED),
+        "ray_errors": t.user_attrs.get(ERRORS, 0),
+        "pruned_at": t.user_attrs.get(PRUNED_AT),
+        "total_steps": t.user_attrs.get(TOTAL_STEPS),
+        "values": values,
+    }
+
+
+def ranked(trials: list[dict[str, Any]], objective: Objective) -> list[dict[str, Any]]:
+    """The told trials (`trial_record`s), best first: COMPLETE ones by their value
+    (steps_to_target: fewest steps, ties by the better reported value at that step; metric:
+    the better value), then FAIL and PRUNED ones by the best value of the metric they reported
+    (the nearest to the target first; none reported: last); ties by the lower number. RUNNING
+    trials (not told) are left out."""
+    sign = 1 if objective.mode == "max" else -1
+    done = [t for t in trials if t["state"] == "COMPLETE"]
+    if objective.kind == "steps_to_target":
+        done.sort(key=lambda t: (t["value"], -sign * (t["at_value"] or 0.0), t["number"]))
+    else:
+        done.sort(key=lambda t: (-sign * t["value"], t["number"]))
+    rest = [t for t in trials if t["state"] in ("FAIL", "PRUNED")]
+    pick = max if sign > 0 else min
+    rest.sort(
+        key=lambda t: (
+            not t["values"],
+            -sign * pick(t["values"].values()) if t["values"] else 0.0,
+            t["number"],
+        )
+    )
+    return done + rest
+
+
 class StudyRecord(NamedTuple):
-    """One study as read back from the storage (see `read_studies`)."""
+    """One study as read back from the storage (see `read_studies`), with its confirmation
+    runs (none without `search.confirm`, or before the study has all its trials)."""
 
     name: str
     point: dict[str, Any]  # the grid point: {dotted key: value}
     index: int  # its position in the grid
     objective: Objective
     trials: list[dict[str, Any]]
+    confirmed: tuple[int, ...] = ()  # the search trials confirmed, best first
+    seeds: tuple[int, ...] = ()  # the confirmation seeds
+    confirmations: tuple[dict[str, Any], ...] = ()  # the confirmation runs, by number
 
     @property
     def finished(self) -> int:
-        """Trials told to the study (COMPLETE or FAIL)."""
-        return sum(t["state"] in ("COMPLETE", "FAIL") for t in self.trials)
+        """Trials told to the study (COMPLETE, FAIL or PRUNED)."""
+        return sum(t["state"] in ("COMPLETE", "FAIL", "PRUNED") for t in self.trials)
 
     def best(self) -> dict[str, Any] | None:
-        """The best COMPLETE trial, None if there is none. steps_to_target: fewest steps, ties
-        by the better reported value at that step; metric: best value; then the lower number."""
-        done = [t for t in self.trials if t["state"] == "COMPLETE"]
-        if not done:
-            return None
-        sign = 1 if self.objective.mode == "max" else -1
-        if self.objective.kind == "steps_to_target":
-            return min(done, key=lambda t: (t["value"], -sign * t["at_value"], t["number"]))
-        return min(done, key=lambda t: (-sign * t["value"], t["number"]))
+        """The best COMPLETE trial (first in `ranked`), None if there is none."""
+        order = ranked(self.trials, self.objective)
+        return order[0] if order and order[0]["state"] == "COMPLETE" else None
 
 
 def read_studies(folder: str | Path) -> list[StudyRecord]:
     """Every study of an experiment folder, in grid order ([] if it has no study storage).
 
-    Each trial is a plain dict: `number`, `state` ('COMPLETE'; 'FAIL': infeasible; 'RUNNING':
-    asked and not told, e.g. errored in Ray or still running), `value` (steps to target or the
-    best metric; None unless COMPLETE), `at_value` (steps_to_target: the reported value at that
-    step), `params` ({dotted key: value}), `ray_trial_id`, `reason` (why FAIL), `diverged`,
-    `ray_errors` (its runs that ended in ERROR) and `values` ({step: reported value}).
+    Each trial is a plain dict: `number`, `state` ('COMPLETE'; 'FAIL': infeasible; 'PRUNED':
+    stopped when it could no longer win; 'RUNNING': asked and not told, e.g. errored in Ray or
+    still running), `value` (steps to target or the best metric; None unless COMPLETE),
+    `at_value` (steps_to_target: the reported value at that step), `params` ({dotted key:
+    value}), `ray_trial_id`, `reason` (why FAIL), `diverged`, `ray_errors` (its runs that ended
+    in ERROR), `pruned_at` (the step a PRUNED trial stopped at), `total_steps` (its step
+    budget, None before its first report) and `values` ({step: reported value}). A
+    confirmation run's dict adds `confirms` (the search trial it runs again) and `seed`.
     """
     import optuna
 
     if not Path(folder, STUDY_FILE).exists():
         return []
     storage = optuna.storages.RDBStorage(study_storage(folder).url)
-    records = []
+    records, confirms = [], {}
     for name in optuna.get_all_study_names(storage):
         study = optuna.load_study(study_name=name, storage=storage)
         attrs = study.user_attrs.get(STUDY)
-        if attrs is None:  # made this instant: its attrs follow
+        confirm = study.user_attrs.get(CONFIRM)
+        if attrs is None and confirm is None:  # made this instant: its attrs follow
             continue
-        objective = Objective(*attrs["objective"])
-        trials = []
-        for t in study.get_trials(deepcopy=False):
-            values = dict(sorted(t.intermediate_values.items()))
-            steps = objective.kind == "steps_to_target" and t.value is not None
-            trials.append(
-                {
-                    "number": t.number,
-                    "state": t.state.name,
-                    "value": t.value,
-                    "at_value": values.get(int(t.value)) if steps else None,
-                    "params": dict(t.params),
-                    "ray_trial_id": t.user_attrs.get(RAY_TRIAL),
-                    "reason": t.user_attrs.get(REASON),
-                    "diverged": t.user_attrs.get(DIVERGED),
-                    "ray_errors": t.user_attrs.get(ERRORS, 0),
-                    "values": values,
-                }
-            )
+        objective = Objective(*(attrs or confirm)["objective"])
+        trials = [trial_record(t, objective) for t in study.get_trials(deepcopy=False)]
+        if confirm is not None:
+            for t, frozen in zip(trials, study.get_trials(deepcopy=False), strict=True):
+                t[CONFIRMS] = frozen.user_attrs.get(CONFIRMS)
+                t[SEED] = frozen.user_attrs.get(SEED)
+            confirms[confirm["study"]] = (confirm, trials)
+            continue
         records.append(StudyRecord(name, attrs["point"], attrs["index"], objective, trials))
-    return sorted(records, key=lambda r: r.index)
+    found = []
+    for r in sorted(records, key=lambda r: r.index):
+        if r.name in confirms:
+            plan, runs = confirms[r.name]
+            r = r._replace(
+                confirmed=tuple(plan["confirms"]),
+                seeds=tuple(plan["seeds"]),
+                confirmations=tuple(runs),
+            )
+        found.append(r)
+    return found
 
 
 def create_storage(db: Path) -> None:

@@ -18,14 +18,22 @@ from analysis.budget import (
     best_of_k,
     censoring,
     scaled_caps,
-    step_caps,
 )
+from lbs_tune.config import TrialConfig, total_steps
 
 # quickstart_tuned: MNIST-1D with 7200 training examples, batch sizes 16..2048, 10 epochs;
 # its fit S_min 22.6, B_crit 217; the best trial at 2048 needed 27 steps of a cap of 35.
 TRAIN, EPOCHS = 7200, 10
 SIZES = [16, 32, 64, 128, 256, 512, 1024, 2048]
 S_MIN, B_CRIT = 22.6, 217.0
+
+
+def step_caps(sizes, epochs=EPOCHS, min_steps=None):
+    """The quickstart's step budgets through the budget's one formula, `total_steps`."""
+    return [
+        total_steps(TrialConfig(batch_size=b, epochs=epochs, min_steps=min_steps), TRAIN)
+        for b in sizes
+    ]
 
 
 def enumerate_best(values, k):
@@ -101,7 +109,7 @@ def test_a_study_with_no_trials_has_no_curve():
 
 
 def test_the_quickstart_budget_censors_batch_2048():
-    caps = dict(zip(SIZES, step_caps(SIZES, TRAIN, EPOCHS), strict=True))
+    caps = dict(zip(SIZES, step_caps(SIZES), strict=True))
     trials = [
         # batch 16: best 330 steps of 4500; two rates too small ran to the cap; one diverged
         (16, 330.0, caps[16], False),
@@ -146,11 +154,13 @@ def test_censoring_edge_cases():
 
 def test_equal_epochs_and_a_floor():
     # round(10 x 7200 / B): the quickstart's caps, 4500 steps at batch 16 and 35 at 2048.
-    assert step_caps(SIZES, TRAIN, EPOCHS) == [4500, 2250, 1125, 562, 281, 141, 70, 35]
-    assert step_caps(SIZES, TRAIN, EPOCHS, min_steps=100) == [
-        4500, 2250, 1125, 562, 281, 141, 100, 100
-    ]  # fmt: skip
-    assert step_caps([10**6], TRAIN, 1) == [1]
+    assert step_caps(SIZES) == [4500, 2250, 1125, 562, 281, 141, 70, 35]
+    assert step_caps(SIZES, min_steps=100) == [4500, 2250, 1125, 562, 281, 141, 100, 100]
+    assert step_caps([4096], epochs=0.1) == [1]  # never 0 steps
+    # An examples budget takes the floor too; a steps budget is its own and refuses one.
+    assert total_steps(TrialConfig(batch_size=2048, examples=8192, min_steps=30), TRAIN) == 30
+    with pytest.raises(ValueError, match="min_steps is a floor on an epochs or examples"):
+        TrialConfig(steps=10, min_steps=20)
 
 
 def test_caps_from_perfect_scaling_leave_the_model_half_its_cap():

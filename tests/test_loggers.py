@@ -97,6 +97,8 @@ def test_run_names_are_the_grid_keys_that_vary():
     assert run_name(config, []) == "base"
     searched = {**config, "search": {"study": "batch_size=64", "point": 1, "number": 3}}
     assert run_name(searched, ["batch_size"]) == "bs=64,trial=3"
+    confirming = {**config, "search": {"study": "batch_size=64", "point": 1, "confirm": 3}}
+    assert run_name(confirming, ["batch_size"]) == "bs=64,confirm=3"  # not trial 3's name
     assert run_name({"data": {"dir": "/a b/c"}}, ["data.dir"]) == "data.dir=_a_b_c"
 
 

@@ -28,7 +28,14 @@ from lbs_tune.samplers import make_sampler, sobol_point
 from lbs_tune.searcher import StudySearcher
 from lbs_tune.space import SearchSpec
 from lbs_tune.spec import check_search
-from lbs_tune.studies import Objective, objective_for, read_studies, study_storage
+from lbs_tune.studies import (
+    Objective,
+    confirmation_seeds,
+    objective_for,
+    ranked,
+    read_studies,
+    study_storage,
+)
 
 SPACE = {
     "lr.base": {"log_uniform": [0.01, 10.0]},
@@ -444,20 +451,358 @@ def test_studies_of_another_search_or_a_lost_storage_are_refused(tmp_path):
         restored(pickled, tmp_path / "lost").suggest("t0")
 
 
+# ---------------------------------------------------------------------------- Confirmation
+
+
+def confirmed(tmp_path: Path, **changes) -> StudySearcher:
+    """The searcher of two points, 3 trials each, whose best 2 run again on 2 fresh seeds."""
+    return searcher(tmp_path, confirm={"top": 2, "seeds": 2}, **changes)
+
+
+def finish_search(s: StudySearcher, prefix: str = "t") -> list[dict]:
+    """Ask every search trial and run each to its end; return their configs."""
+    asked = [s.suggest(f"{prefix}{i}") for i in range(6)]
+    for i, config in enumerate(asked):
+        run(s, f"{prefix}{i}", config)
+    return asked
+
+
+def confirmations(folder: Path) -> dict[str, list[tuple]]:
+    """{study: (number, confirmed trial, seed, params, state, value) of each confirmation run}."""
+    return {
+        r.name: [
+            (c["number"], c["confirms"], c["seed"], c["params"], c["state"], c["value"])
+            for c in r.confirmations
+        ]
+        for r in read_studies(folder)
+    }
+
+
+def test_the_best_trials_run_again_on_seeds_the_search_never_used(tmp_path):
+    s = confirmed(tmp_path, sampler="qmc")
+    search = finish_search(s)
+    studies = read_studies(tmp_path)
+    runs = [s.suggest(f"c{i}") for i in range(8)]
+    assert s.suggest("c8") == s.FINISHED
+    # Point by point in turn, the best trial on each seed, then the second best.
+    assert [c["search"]["point"] for c in runs] == [0, 1] * 4
+    assert [c["search"]["confirm"] for c in runs] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [c["seed"] for c in runs] == [1, 1, 2, 2, 1, 1, 2, 2]  # the search used seed 0
+    for point, study in enumerate(studies):
+        best = ranked(study.trials, TARGET)[:2]
+        mine = runs[point::2]
+        assert [c["search"]["confirms"] for c in mine] == [best[0]["number"]] * 2 + [
+            best[1]["number"]
+        ] * 2
+        for c in mine:
+            config = next(
+                x
+                for x in search
+                if x["search"]
+                == {"study": NAMES[point], "point": point, "number": c["search"]["confirms"]}
+            )
+            assert c == {
+                **config,
+                "seed": c["seed"],
+                "search": {"study": NAMES[point], "point": point,
+                           "confirm": c["search"]["confirm"], "confirms": c["search"]["confirms"]},
+            }  # fmt: skip
+    for i, config in enumerate(runs):
+        run(s, f"c{i}", config)
+    found = read_studies(tmp_path)
+    assert [r.seeds for r in found] == [(1, 2), (1, 2)]
+    assert [r.confirmed for r in found] == [
+        tuple(t["number"] for t in ranked(r.trials, TARGET)[:2]) for r in studies
+    ]
+    for r in found:
+        assert [c["state"] for c in r.confirmations] == ["COMPLETE"] * 4
+        assert r.finished == 3  # the search study keeps its own trials only
+
+
+def test_a_point_is_confirmed_once_its_search_has_ended(tmp_path):
+    s = confirmed(tmp_path, sampler="random")
+    asked = [s.suggest(f"t{i}") for i in range(6)]
+    for i in (0, 2, 4, 1, 3):  # all of point 0; point 1's last trial still runs
+        run(s, f"t{i}", asked[i])
+    first = s.suggest("c0")
+    assert first["search"]["point"] == 0 and first["search"]["confirm"] == 0
+    assert [s.suggest(f"c{i}")["search"]["point"] for i in (1, 2, 3)] == [0, 0, 0]
+    assert s.suggest("c4") is None  # point 1 still searches: ask again later, not FINISHED
+    run(s, "t5", asked[5])
+    assert s.suggest("c5")["search"] == {
+        "study": NAMES[1],
+        "point": 1,
+        "confirm": 0,
+        "confirms": ranked(read_studies(tmp_path)[1].trials, TARGET)[0]["number"],
+    }
+
+
+def test_an_errored_trial_is_left_out_of_what_is_confirmed(tmp_path):
+    s = confirmed(tmp_path, sampler="random")
+    asked = [s.suggest(f"t{i}") for i in range(6)]
+    for i, config in enumerate(asked):
+        if i == 0:
+            s.on_trial_complete("t0", error=True)  # Ray gave up on it: it stays RUNNING
+        else:
+            run(s, f"t{i}", config)
+    runs = [s.suggest(f"c{i}") for i in range(8)]
+    assert s.suggest("c8") == s.FINISHED
+    assert 0 not in {c["search"]["confirms"] for c in runs if c["search"]["point"] == 0}
+
+
+def test_a_killed_driver_resumes_the_confirmation_runs_of_an_unbroken_run(tmp_path):
+    unbroken = confirmed(tmp_path / "unbroken", sampler="qmc")
+    finish_search(unbroken)
+    for i, config in enumerate([unbroken.suggest(f"u{i}") for i in range(8)]):
+        run(unbroken, f"u{i}", config)
+
+    folder = tmp_path / "killed"
+    first = confirmed(folder, sampler="qmc")
+    pickled = pickle.dumps(first)
+    finish_search(first, "k")
+    asked = [first.suggest(f"c{i}") for i in range(5)]
+    run(first, "c0", asked[0])
+    run(first, "c3", asked[3])
+    # Ray saved its state when c0..c2 existed; c3 and c4 came after it; the driver is killed.
+    ray_knows(folder, [f"k{i}" for i in range(6)] + ["c0", "c1", "c2"])
+    del first
+
+    second = restored(pickled, folder)
+    again = second.suggest("r0")
+    assert again == asked[4]  # the same run: configuration, seed and number
+    for trial_id in ("c1", "c2"):
+        run(second, trial_id, asked[int(trial_id[1])])
+    run(second, "r0", again)
+    rest = [second.suggest(f"r{i}") for i in range(1, 4)]
+    assert second.suggest("r4") == second.FINISHED
+    for i, config in enumerate(rest, 1):
+        run(second, f"r{i}", config)
+    assert confirmations(folder) == confirmations(tmp_path / "unbroken")
+    assert [len(r.confirmations) for r in read_studies(folder)] == [4, 4]
+
+
+def test_a_confirmation_study_killed_before_its_plan_is_made_again(tmp_path):
+    s = confirmed(tmp_path, sampler="qmc")
+    pickled = pickle.dumps(s)
+    finish_search(s)
+    ray_knows(tmp_path, [f"t{i}" for i in range(6)])
+    # The driver died after making the confirmation study, before writing which trials it runs.
+    optuna.create_study(
+        storage=study_storage(tmp_path).url, study_name=f"confirm:{NAMES[0]}", direction="minimize"
+    )
+    again = restored(pickled, tmp_path)
+    runs = [again.suggest(f"c{i}") for i in range(8)]
+    assert again.suggest("c8") == again.FINISHED
+    assert sorted(c["search"]["confirm"] for c in runs if c["search"]["point"] == 0) == [0, 1, 2, 3]
+
+
+def test_confirmation_seeds_follow_every_seed_the_search_can_use():
+    plain = spec(confirm={"top": 1, "seeds": 3})
+    assert confirmation_seeds(plain, [0, 0]) == [1, 2, 3]
+    assert confirmation_seeds(plain, [0, 7, 3]) == [8, 9, 10]  # grid seeds 0, 7 and 3
+    searched = spec(confirm={"top": 1, "seeds": 2}, space={**SPACE, "seed": {"int": [0, 9]}})
+    assert confirmation_seeds(searched, [0]) == [10, 11]
+    listed = spec(confirm={"top": 1, "seeds": 1}, space={**SPACE, "seed": {"values": [4, 2]}})
+    assert confirmation_seeds(listed, [0]) == [5]
+    assert confirmation_seeds(spec(), [0]) == []
+
+
+def test_the_trial_count_holds_the_confirmation_runs():
+    search = {"space": SPACE, "trials_per_point": 8, "confirm": {"top": 3, "seeds": 2}}
+    swept = SweepSpec(name="s", base={"steps": 10}, grid={"batch_size": [16, 64]}, search=search)
+    assert (swept.trials_per_point, swept.trial_count) == (14, 28)
+    plain = SweepSpec(name="s", base={"steps": 10}, grid={"batch_size": [16, 64]})
+    assert plain.trial_count == 2
+    with pytest.raises(ValidationError, match="top 9 is more than the 8 trials per point"):
+        SearchSpec.model_validate({**search, "confirm": {"top": 9}})
+
+
+def test_sweeps_made_before_confirm_and_prune_keep_their_digest():
+    # The section as written before these keys existed: its dump, and so the sweep's digest
+    # and the studies' attrs, are unchanged; a key that is set is written.
+    assert spec().dump() == {
+        "space": SPACE | {"lr.base": {"log_uniform": [0.01, 10.0]},
+                          "optimizer.momentum": {"uniform": [0.0, 0.99]}},
+        "trials_per_point": 3, "sampler": "tpe", "seed": 0, "objective": "steps_to_target",
+    }  # fmt: skip
+    assert spec(prune=False).dump()["prune"] is False
+    assert spec(confirm={"top": 1}).dump()["confirm"] == {"top": 1, "seeds": 3}
+
+
+# ---------------------------------------------------------------------------- Pruning
+
+
+TOP_2 = {"top": 2, "seeds": 1}
+
+
+def run_as_ray(s: StudySearcher, trial_id: str, config: dict, cap: int = 100) -> int:
+    """One trial as Ray runs it with the searcher's stop condition: each report goes to `stop`
+    first, then to on_trial_result unless it stops the trial; the stopping (or last) report
+    goes to on_trial_complete. Returns the steps it ran."""
+    rows = [{**row, "total_steps": cap} for row in reports(config)]
+    for row in rows:
+        if s.stop(trial_id, row) or row is rows[-1]:
+            s.on_trial_complete(trial_id, row)
+            return row["step"]
+        s.on_trial_result(trial_id, row)
+    raise AssertionError("unreachable")
+
+
+def test_a_trial_past_the_best_steps_without_the_target_is_pruned(tmp_path):
+    s = searcher(tmp_path, trials_per_point=4, sampler="random")
+    for i in range(4):
+        s.suggest(f"t{i}")  # point 0: t0 and t2
+    s.on_trial_complete("t0", {"step": 40, "val/accuracy": 0.92, "total_steps": 100})
+    assert not s.stop("t2", {"step": 30, "val/accuracy": 0.5, "total_steps": 100})
+    s.on_trial_result("t2", {"step": 30, "val/accuracy": 0.5, "total_steps": 100})
+    # At the best's 40 steps without the target: its steps to target are more than 40.
+    assert s.stop("t2", {"step": 40, "val/accuracy": 0.6, "total_steps": 100})
+    s.on_trial_complete("t2", {"step": 40, "val/accuracy": 0.6, "total_steps": 100})
+    # Point 1 has no best yet: nothing is pruned there.
+    assert not s.stop("t1", {"step": 90, "val/accuracy": 0.2, "total_steps": 100})
+    point0 = read_studies(tmp_path)[0]
+    pruned = point0.trials[1]
+    assert (pruned["state"], pruned["pruned_at"], pruned["value"]) == ("PRUNED", 40, None)
+    assert pruned["values"] == {30: 0.5, 40: 0.6} and pruned["total_steps"] == 100
+    assert point0.best()["number"] == 0 and point0.finished == 2
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        {"step": 50, "val/accuracy": 0.95},  # it reached the target: done, not pruned
+        {"step": 50, "val/accuracy": None},  # no evaluation at this step
+        {"step": 50, "val/accuracy": 0.1, "diverged": True},  # it ends as diverged
+        {"step": 100, "val/accuracy": 0.6},  # its last step: it ran to its cap
+    ],
+    ids=["reached", "no-evaluation", "diverged", "at-its-cap"],
+)
+def test_what_is_not_pruned(tmp_path, report):
+    s = searcher(tmp_path, trials_per_point=2, sampler="random")
+    for i in range(4):
+        s.suggest(f"t{i}")
+    s.on_trial_complete("t0", {"step": 40, "val/accuracy": 0.92, "total_steps": 100})
+    report = {**report, "total_steps": 100}
+    assert s.stop("t2", report) == (report["val/accuracy"] == 0.95)
+    s.on_trial_complete("t2", report)
+    assert read_studies(tmp_path)[0].trials[1]["state"] != "PRUNED"
+
+
+def test_with_confirm_only_what_passes_the_kth_best_is_pruned_and_never_a_confirmation(tmp_path):
+    s = searcher(tmp_path, trials_per_point=4, sampler="random", confirm={"top": 2, "seeds": 1})
+    for i in range(8):
+        s.suggest(f"t{i}")  # point 0: t0, t2, t4, t6
+    s.on_trial_complete("t0", {"step": 40, "val/accuracy": 0.92, "total_steps": 100})
+    assert not s.stop("t2", {"step": 60, "val/accuracy": 0.6, "total_steps": 100})  # 1 of 2
+    s.on_trial_complete("t2", {"step": 70, "val/accuracy": 0.93, "total_steps": 100})
+    assert not s.stop("t4", {"step": 60, "val/accuracy": 0.6, "total_steps": 100})
+    assert s.stop("t4", {"step": 70, "val/accuracy": 0.6, "total_steps": 100})  # the 2nd best
+    s.on_trial_complete("t4", {"step": 70, "val/accuracy": 0.6, "total_steps": 100})
+    s.on_trial_complete("t6", {"step": 100, "val/accuracy": 0.6, "total_steps": 100})
+    for i in (1, 3, 5, 7):
+        s.on_trial_complete(f"t{i}", {"step": 100, "val/accuracy": 0.1, "total_steps": 100})
+    c = s.suggest("c0")
+    assert c["search"]["confirms"] == 0
+    assert not s.stop("c0", {"step": 80, "val/accuracy": 0.5, "total_steps": 100})
+
+
+def test_prune_false_keeps_every_trial_whole(tmp_path):
+    s = searcher(tmp_path, trials_per_point=2, sampler="random", prune=False)
+    for i in range(4):
+        s.suggest(f"t{i}")
+    s.on_trial_complete("t0", {"step": 40, "val/accuracy": 0.92, "total_steps": 100})
+    assert not s.stop("t2", {"step": 90, "val/accuracy": 0.5, "total_steps": 100})
+    assert s.stop("t2", {"step": 90, "val/accuracy": 0.95, "total_steps": 100})  # the target
+
+
+def test_pruning_changes_no_best_and_no_confirmation_and_saves_steps(tmp_path):
+    """qmc, 8 trials per point, run one after another as Ray would: with and without pruning
+    the same parameters, the same best trial, the same confirmed trials; fewer steps."""
+    steps, found, pruned = {}, {}, {}
+    for prune in (True, False):
+        folder = tmp_path / str(prune)
+        s = searcher(folder, trials_per_point=8, sampler="qmc", prune=prune, confirm=TOP_2)
+        total, i = 0, 0
+        while isinstance(config := s.suggest(f"t{i}"), dict):
+            total += run_as_ray(s, f"t{i}", config)
+            i += 1
+        steps[prune] = total
+        studies = read_studies(folder)
+        found[prune] = [
+            ([t["params"] for t in r.trials], r.best()["number"], r.confirmed, [
+                (c["confirms"], c["value"]) for c in r.confirmations])
+            for r in studies
+        ]  # fmt: skip
+        pruned[prune] = sum(t["state"] == "PRUNED" for r in studies for t in r.trials)
+    assert pruned[False] == 0 < pruned[True]
+    assert found[True] == found[False]
+    assert steps[True] < steps[False], steps
+
+
+@pytest.mark.parametrize("last, pruned", [(0.9, False), (0.2, True)])
+def test_median_pruning_stops_a_metric_trial_below_the_median(tmp_path, last, pruned):
+    best = Objective("metric", "val/accuracy", "max")
+    search = spec(objective="metric", trials_per_point=6, sampler="random", prune="median")
+    s = StudySearcher(search, POINTS, configs(), tmp_path, best)
+    for i in range(12):
+        s.suggest(f"t{i}")  # point 0: t0, t2, ..., t10
+    for i in (0, 2, 4, 6, 8):  # MedianPruner waits for 5 finished trials
+        s.on_trial_result(f"t{i}", {"step": 10, "val/accuracy": 0.5 + i / 100})
+        s.on_trial_complete(f"t{i}", {"step": 20, "val/accuracy": 0.8, "total_steps": 20})
+    report = {"step": 10, "val/accuracy": last, "total_steps": 20}
+    assert s.stop("t10", report) == pruned
+    s.on_trial_complete("t10", report)
+    trial = read_studies(tmp_path)[0].trials[-1]
+    assert (trial["state"], trial["pruned_at"]) == (
+        ("PRUNED", 10) if pruned else ("COMPLETE", None)
+    )
+
+
+def test_hyperband_pruning_stops_metric_trials_early(tmp_path):
+    best = Objective("metric", "val/accuracy", "max")
+    search = spec(objective="metric", trials_per_point=8, sampler="random", prune="hyperband")
+    s = StudySearcher(search, POINTS[:1], configs()[:1], tmp_path, best)
+    for i in range(8):
+        s.suggest(f"t{i}")
+        quality = (i * 5 % 8 + 1) / 8  # each trial's accuracy grows at its own rate
+        for step in range(1, 31):
+            report = {"step": step, "val/accuracy": quality * step / 30, "total_steps": 30}
+            if s.stop(f"t{i}", report) or step == 30:
+                s.on_trial_complete(f"t{i}", report)
+                break
+            s.on_trial_result(f"t{i}", report)
+    trials = read_studies(tmp_path)[0].trials
+    stopped = [t["pruned_at"] for t in trials if t["state"] == "PRUNED"]
+    assert stopped and all(step < 30 for step in stopped)
+
+
+def test_a_median_or_hyperband_pruner_is_for_a_metric_study():
+    with pytest.raises(ValidationError, match="median pruning is for objective: metric"):
+        spec(prune="median")
+    assert spec(prune="hyperband", objective="metric").prune == "hyperband"
+    with pytest.raises(ValidationError, match="true, false, median or hyperband"):
+        spec(prune="asha")
+
+
 # ---------------------------------------------------------------------------- Ray Tune
 
 
 def closed_form_trial(config: dict) -> None:
-    """A Ray Tune function trainable that reports `reports(config)`, `delay` s apart."""
+    """A Ray Tune function trainable that reports `reports(config)`, `delay` s apart, with its
+    step budget of 100 (as `run_as_ray`)."""
     from ray import tune
 
     for row in reports(config):
         time.sleep(config["delay"])
-        tune.report(row)
+        tune.report({**row, "total_steps": 100})
 
 
-def tune_sweep(address: str, storage: str, name: str, delay: str, restore: str = "") -> None:
-    """Run (or, with `restore`, resume) the 2 x 3 qmc sweep in a Ray Tune experiment."""
+def tune_sweep(
+    address: str, storage: str, name: str, delay: str, restore: str = "", concurrent: str = "0"
+) -> None:
+    """Run (or, with `restore`, resume) the 2 x 3 qmc sweep in a Ray Tune experiment, with the
+    searcher's stop condition as the runner gives it (`concurrent`: at most that many trials
+    at once, 0: no limit)."""
     import ray
     from ray import tune
 
@@ -479,8 +824,13 @@ def tune_sweep(address: str, storage: str, name: str, delay: str, restore: str =
         tuner = tune.Tuner(
             closed_form_trial,
             param_space=base[0],
-            tune_config=tune.TuneConfig(search_alg=search, num_samples=6, reuse_actors=True),
-            run_config=tune.RunConfig(name=name, storage_path=storage, stop=TARGET.stop),
+            tune_config=tune.TuneConfig(
+                search_alg=search,
+                num_samples=6,
+                reuse_actors=True,
+                max_concurrent_trials=int(concurrent) or None,
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=storage, stop=search.stop),
         )
     results = tuner.fit()
     assert not results.errors
@@ -546,3 +896,28 @@ def test_ray_tune_resumes_the_studies_of_a_killed_driver(ray_cluster, tmp_path):
         for t in r.trials:
             if t["state"] == "COMPLETE":  # stopped at its first report that reaches the target
                 assert max(t["values"]) == t["value"] and t["at_value"] >= 0.9
+
+
+@pytest.mark.ray
+def test_ray_ends_a_pruned_trial_where_the_searcher_stopped_it(ray_cluster, tmp_path):
+    # One trial at a time, the searcher decides as it does when driven by hand (run_as_ray).
+    simulated = searcher(tmp_path / "simulated", sampler="qmc")
+    i = 0
+    while isinstance(config := simulated.suggest(f"s{i}"), dict):
+        run_as_ray(simulated, f"s{i}", config)
+        i += 1
+    tune_sweep(ray_cluster.address, str(tmp_path), "real", "0", concurrent="1")
+
+    def outcomes(folder: Path) -> list[list[tuple]]:
+        return [
+            [(t["params"], t["state"], t["value"], t["pruned_at"]) for t in r.trials]
+            for r in read_studies(folder)
+        ]
+
+    assert outcomes(tmp_path / "real") == outcomes(tmp_path / "simulated")
+    pruned = [t for r in read_studies(tmp_path / "real") for t in r.trials if t["pruned_at"]]
+    assert pruned
+    for t in pruned:  # Ray ended the trial at the report that the searcher stopped it at
+        (folder,) = (tmp_path / "real").glob(f"*{t['ray_trial_id']}*")
+        rows = [json.loads(line) for line in (folder / "result.json").read_text().splitlines()]
+        assert rows[-1]["step"] == t["pruned_at"] and rows[-1]["val/accuracy"] < 0.9

@@ -1,9 +1,13 @@
 """Tuned sweeps (a `search` section), through `lbs-tune run` of sweeps/quickstart_tuned.yaml.
 
 A bad search section is refused in one line at its key's line, before anything starts. On Ray,
-the file at a tiny size runs once uninterrupted and once with its driver SIGKILLed twice and run
-again: every study ends with exactly trials_per_point trials, each asked once, with (sampler qmc)
-the parameters and the outcomes of the uninterrupted run.
+the file at a tiny size (its best trial confirmed on 2 fresh seeds, losing trials pruned) runs
+once uninterrupted and once with its driver SIGKILLed three times (twice in the search, once
+among the confirmation runs) and run again: every study ends with exactly trials_per_point
+trials, each asked once, with (sampler qmc) the parameters and the outcomes of the uninterrupted
+run (a trial stopped as it could no longer win may have been stopped at another step, or not at
+all, since that depends on when the others finished), the same best and exactly the same
+confirmation runs: configuration, seed and outcome.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import pytest
 from conftest import TINY_MNIST1D
 from test_sweeps import _driver
 
+from analysis.summary import read_summary
 from lbs_tune.runner import run
 from lbs_tune.space import KINDS
+from lbs_tune.storage import locate
 from lbs_tune.studies import read_studies
 
 QUICKSTART_TUNED = Path(__file__).parent.parent / "sweeps" / "quickstart_tuned.yaml"
@@ -64,11 +70,16 @@ def line_of(text: str, key: str) -> int:
         ("trials_per_point: 8", "trials_per_point: 0", "search.trials_per_point",
          "greater than or equal to 1"),
         (TARGET_SECTION, "", "search.objective", "steps_to_target needs a `target`"),
+        ("confirm: {top: 1,", "confirm: {top: 9,", "search.confirm",
+         "top 9 is more than the 8 trials per point"),
+        ("  prune: true", "  prune: median", "search.prune",
+         "median pruning is for objective: metric"),
         ("scaling: none", "scaling: linear", "base.lr.scaling",
          "must be 'none' when search.space has lr.base"),
     ],
     ids=["unknown-distribution", "empty-range", "inverted-range", "not-a-config-key",
-         "also-a-grid-key", "no-trials", "no-target", "lr-scaled"],
+         "also-a-grid-key", "no-trials", "no-target", "confirm-too-many", "pruner-of-a-metric",
+         "lr-scaled"],
 )  # fmt: skip
 def test_a_bad_search_is_one_line_at_its_key_and_nothing_starts(
     cli, tmp_path, old, new, key, message
@@ -89,14 +100,17 @@ def test_a_bad_search_is_one_line_at_its_key_and_nothing_starts(
 # ---------------------------------------------------------------------------- On Ray
 
 # quickstart_tuned.yaml, tiny: 2 batch sizes x 3 trials of at most 4 epochs of 1440 examples,
-# evaluated every quarter epoch (every 11 steps at batch 32, every 3 at 128), to 30%.
+# evaluated every quarter epoch (every 11 steps at batch 32, every 3 at 128), to 30%; the best
+# of each study again on seeds 1 and 2.
 TINY_TUNED = [
     f"base.data.samples={TINY_MNIST1D}",
     "base.epochs=4",
+    "base.min_steps=null",
     "base.eval_every=0.25",
     "base.checkpoint_every=1",
     "grid.batch_size=[32, 128]",
     "search.trials_per_point=3",
+    "search.confirm={top: 1, seeds: 2}",
     "target.value=0.3",
     "max_concurrent=2",
 ]
@@ -109,8 +123,13 @@ def studies(folder: Path) -> dict[str, list[dict]]:
 
 
 def told(folder: Path) -> int:
-    """Trials told to their study (COMPLETE or FAIL) so far, over all studies."""
+    """Trials told to their study (COMPLETE, FAIL or PRUNED) so far, over all studies."""
     return sum(r.finished for r in read_studies(folder))
+
+
+def confirmed(folder: Path) -> int:
+    """Confirmation runs told so far, over all studies."""
+    return sum(c["state"] != "RUNNING" for r in read_studies(folder) for c in r.confirmations)
 
 
 def best_steps(folder: Path) -> dict[str, float | None]:
@@ -118,23 +137,50 @@ def best_steps(folder: Path) -> dict[str, float | None]:
     return {r.name: (r.best() or {}).get("value") for r in read_studies(folder)}
 
 
+def confirmations(folder: Path) -> dict[str, list[tuple]]:
+    """{study: (confirmed trial, seed, params, state, value) of each confirmation run}."""
+    return {
+        r.name: [(c["confirms"], c["seed"], c["params"], c["state"], c["value"])
+                 for c in r.confirmations]
+        for r in read_studies(folder)
+    }  # fmt: skip
+
+
 def check_studies(folder: Path) -> None:
     """Each study: trials 0..n-1, each asked once and told once, each by a Ray trial of its own
-    whose reports are in the folder. Ray's newest state holds no trial of its own beside them (it
-    may lack one told just before a kill, before Ray saved its state: the study keeps it)."""
-    found = studies(folder)
+    whose reports are in the folder; its best trial confirmed on seeds 1 and 2, once each. Ray's
+    newest state holds no trial of its own beside them (it may lack one told just before a
+    kill, before Ray saved its state: the study keeps it)."""
+    found = {r.name: r for r in read_studies(folder)}
     assert list(found) == STUDIES
-    for name, trials in found.items():
+    ray_ids = []
+    for name, r in found.items():
+        trials = sorted(r.trials, key=lambda t: t["number"])
         assert [t["number"] for t in trials] == [0, 1, 2], name
-        assert all(t["state"] in ("COMPLETE", "FAIL") for t in trials), (name, trials)
-    ray_ids = [t["ray_trial_id"] for trials in found.values() for t in trials]
-    assert len(set(ray_ids)) == 6
+        assert all(t["state"] in ("COMPLETE", "FAIL", "PRUNED") for t in trials), (name, trials)
+        assert r.confirmed == (r.best()["number"],) and r.seeds == (1, 2)
+        runs = sorted(r.confirmations, key=lambda c: c["number"])
+        assert [(c["number"], c["seed"], c["state"] != "RUNNING") for c in runs] == [
+            (0, 1, True),
+            (1, 2, True),
+        ]
+        ray_ids += [t["ray_trial_id"] for t in [*trials, *runs]]
+    assert len(set(ray_ids)) == 10
     for ray_id in ray_ids:
         (trial,) = folder.glob(f"train_trial_{ray_id}_*")
         assert (trial / "result.json").read_text(), ray_id
     state = max(folder.glob("experiment_state-*.json"))  # the newest: Tuner.restore's
     saved = {json.loads(t)["trial_id"] for t, _ in json.loads(state.read_text())["trial_data"]}
     assert saved <= set(ray_ids)
+
+
+def same_outcome(found: dict, expected: dict) -> bool:
+    """One trial of the killed and of the unbroken run: the same outcome, except that a trial
+    pruned in one (its steps known to exceed `pruned_at`) may have run on in the other."""
+    if "PRUNED" not in (found["state"], expected["state"]):
+        return (found["state"], found["value"]) == (expected["state"], expected["value"])
+    pruned, other = (found, expected) if found["state"] == "PRUNED" else (expected, found)
+    return other["state"] != "COMPLETE" or other["value"] > pruned["pruned_at"]
 
 
 @pytest.fixture(scope="module")
@@ -151,10 +197,14 @@ def test_each_study_runs_its_trials_once_and_finds_a_best(uninterrupted):
     assert all(best[name] is not None for name in STUDIES), best
     meta = json.loads((uninterrupted / "lbs_sweep.json").read_text())
     assert meta["optuna_storage"] == f"sqlite:///{uninterrupted.resolve() / 'optuna.db'}"
+    # Each batch size's steps are its best configuration's on the two fresh seeds.
+    summary = read_summary(locate(uninterrupted))
+    assert [p.steps.source for p in summary.points] == ["confirmed", "confirmed"]
+    assert [p.confirmed.count for p in summary.points] == [2, 2]
 
 
 @pytest.mark.ray
-def test_driver_killed_twice_then_rerun_ends_as_the_uninterrupted_run(
+def test_driver_killed_three_times_then_rerun_ends_as_the_uninterrupted_run(
     ray_cluster, uninterrupted, tmp_path
 ):
     storage = tmp_path / "results"
@@ -166,24 +216,29 @@ def test_driver_killed_twice_then_rerun_ends_as_the_uninterrupted_run(
         *(arg for override in TINY_TUNED for arg in ("--set", override)),
     )
 
-    def kill_once_told(at_least: int) -> int:
-        """Start the driver, SIGKILL it once `at_least` trials are told; return those told."""
+    def kill_once_told(at_least: int, confirmations: int = 0) -> int:
+        """Start the driver, SIGKILL it once `at_least` trials and `confirmations` confirmation
+        runs are told; return those told (the confirmation runs, when asked for)."""
+        count = confirmed if confirmations else told
+        at_least = confirmations or at_least
         driver = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and driver.poll() is None:
-            if told(folder) >= at_least:
+            if count(folder) >= at_least:
                 break
             time.sleep(0.05)
         assert driver.poll() is None, "the driver finished before it could be killed"
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-        return told(folder)
+        return count(folder)
 
     first = kill_once_told(1)  # once the first trial is told
     second = kill_once_told(first + 1)  # later: at least one more told by the resumed sweep
     assert 1 <= first < second
+    third = kill_once_told(0, confirmations=1)  # once a confirmation run is told
+    assert 1 <= third < 4
     assert run(QUICKSTART_TUNED, TINY_TUNED, storage=str(storage), address=ray_cluster.address) == 0
 
     check_studies(folder)
@@ -191,9 +246,9 @@ def test_driver_killed_twice_then_rerun_ends_as_the_uninterrupted_run(
     expected, found = studies(uninterrupted), studies(folder)
     for name in STUDIES:
         assert [t["params"] for t in found[name]] == [t["params"] for t in expected[name]], name
-        assert [(t["state"], t["value"]) for t in found[name]] == [
-            (t["state"], t["value"]) for t in expected[name]
-        ], name
+        for mine, theirs in zip(found[name], expected[name], strict=True):
+            assert same_outcome(mine, theirs), (name, mine, theirs)
     assert best_steps(folder) == best_steps(uninterrupted)
+    assert confirmations(folder) == confirmations(uninterrupted)
     meta = json.loads((folder / "lbs_sweep.json").read_text())
-    assert len(meta["runs"]) == 3 and meta["ended"]
+    assert len(meta["runs"]) == 4 and meta["ended"]
