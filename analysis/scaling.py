@@ -39,9 +39,9 @@ REACH = 1000.0
 GRID = 501
 # The regimes' boundaries, at B_crit / 4 and 4 B_crit (see `regimes`).
 REGIME_FACTOR = 4.0
-# Fitted numbers by name. `b_noise` is the same number as `b_crit`, kept only while
-# summary.json still writes it (issue 17 item 8).
-PARAMETERS = ("s_min", "e_min", "b_noise", "b_crit")
+# Fitted numbers by name: one name per number (the fitted B_crit = E_min / S_min is no measured
+# noise scale, whose names are the metrics noise/b_simple and noise/b_noise).
+PARAMETERS = ("s_min", "e_min", "b_crit")
 PROFILE = "profile likelihood"
 BOOTSTRAP = "hierarchical bootstrap"
 
@@ -53,7 +53,6 @@ class ScalingFit(NamedTuple):
 
     s_min: float | None
     e_min: float | None
-    b_noise: float | None  # = b_crit; kept for summary.json's old key only
     b_crit: float | None  # E_min / S_min
     intervals: dict[str, tuple[float, float]]
     batch_sizes: tuple[float, ...]  # the batch sizes that reached the target, as given
@@ -131,7 +130,6 @@ def fit_scaling(
     return ScalingFit(
         s_min,
         s_min * b_crit,
-        b_crit,
         b_crit,
         _named(intervals),
         tuple(b.tolist()),
@@ -249,14 +247,11 @@ def _points(batch_sizes: Sequence[float], steps: Sequence[float | None]):
 
 
 def _no_fit(b: np.ndarray, s: np.ndarray, reason: str) -> ScalingFit:
-    return ScalingFit(
-        None, None, None, None, {}, tuple(b.tolist()), tuple(s.tolist()), 0, False, reason
-    )
+    return ScalingFit(None, None, None, {}, tuple(b.tolist()), tuple(s.tolist()), 0, False, reason)
 
 
 def _named(intervals: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
-    """The intervals in PARAMETERS' order, b_noise (summary.json's old key) a copy of b_crit."""
-    intervals = {**intervals, "b_noise": intervals["b_crit"]} if intervals else {}
+    """The intervals in PARAMETERS' order."""
     return {name: intervals[name] for name in PARAMETERS if name in intervals}
 
 

@@ -21,14 +21,14 @@ from analysis.scaling import (
     resample_steps,
 )
 
-S_MIN, B_NOISE = 1000.0, 256.0
+S_MIN, B_CRIT = 1000.0, 256.0
 BATCHES = 2.0 ** np.arange(4, 14)  # 16 .. 8192: B_noise / 16 .. 32 B_noise
 # The quickstart_tuned sweep's fit (S_min 22.6, B_crit 217 from batch sizes 16..2048).
 QUICK_S_MIN, QUICK_B_CRIT = 22.6, 217.0
 
 
-def steps(b, s_min=S_MIN, b_noise=B_NOISE):
-    return s_min * (1 + b_noise / np.asarray(b, dtype=float))
+def steps(b, s_min=S_MIN, b_crit=B_CRIT):
+    return s_min * (1 + b_crit / np.asarray(b, dtype=float))
 
 
 def wald_t(b, s_min, b_crit, rss, level=0.95):
@@ -58,14 +58,14 @@ def test_exact_points_give_the_parameters_back():
     assert fit.reason is None and fit.bracketed
     assert (fit.method, fit.level, fit.resamples) == (PROFILE, 0.95, 0)
     assert fit.s_min == pytest.approx(S_MIN, rel=1e-6)
-    assert fit.b_crit == pytest.approx(B_NOISE, rel=1e-6)
-    assert fit.e_min == pytest.approx(S_MIN * B_NOISE, rel=1e-6)
-    assert fit.b_crit == pytest.approx(fit.e_min / fit.s_min) and fit.b_noise == fit.b_crit
+    assert fit.b_crit == pytest.approx(B_CRIT, rel=1e-6)
+    assert fit.e_min == pytest.approx(S_MIN * B_CRIT, rel=1e-6)
+    assert fit.b_crit == pytest.approx(fit.e_min / fit.s_min) and "b_noise" not in fit._fields
     assert fit.residual_sd < 1e-6
-    for name, truth in {"s_min": S_MIN, "b_crit": B_NOISE, "e_min": S_MIN * B_NOISE}.items():
+    for name, truth in {"s_min": S_MIN, "b_crit": B_CRIT, "e_min": S_MIN * B_CRIT}.items():
         low, high = fit.intervals[name]
         assert low == pytest.approx(truth, rel=1e-4) and high == pytest.approx(truth, rel=1e-4)
-    assert fit.intervals["b_noise"] == fit.intervals["b_crit"]
+    assert set(fit.intervals) == {"s_min", "e_min", "b_crit"}
 
 
 def test_a_worked_example_of_two_points():
@@ -93,16 +93,16 @@ def test_ten_percent_noise_is_recovered_within_three_standard_errors():
     # within three of them (a miss has odds of about 1 in 400 per parameter and draw; this draw
     # is seeded).
     sigma = 0.1
-    jacobian = np.stack([np.ones_like(BATCHES), B_NOISE / (BATCHES + B_NOISE)], axis=1)
+    jacobian = np.stack([np.ones_like(BATCHES), B_CRIT / (BATCHES + B_CRIT)], axis=1)
     se_log_s_min, se_log_b_noise = sigma * np.sqrt(np.diag(np.linalg.inv(jacobian.T @ jacobian)))
     assert 0.04 < se_log_s_min < 0.07 and 0.07 < se_log_b_noise < 0.12
     noise = np.exp(np.random.default_rng(7).normal(0, sigma, len(BATCHES)))
     fit = fit_scaling(BATCHES, steps(BATCHES) * noise)
     assert abs(math.log(fit.s_min / S_MIN)) < 3 * se_log_s_min
-    assert abs(math.log(fit.b_crit / B_NOISE)) < 3 * se_log_b_noise
+    assert abs(math.log(fit.b_crit / B_CRIT)) < 3 * se_log_b_noise
     assert fit.residual_sd == pytest.approx(sigma, rel=0.5)
     low, high = fit.intervals["b_crit"]
-    assert low < B_NOISE < high and low < fit.b_crit < high
+    assert low < B_CRIT < high and low < fit.b_crit < high
 
 
 def test_the_fit_is_least_squares_and_small_noise_intervals_are_wald_t():
@@ -132,9 +132,9 @@ def test_a_far_off_batch_size_widens_the_intervals_which_still_cover():
     fit = fit_scaling(BATCHES, measured)
     # Least squares moves B_crit (15% here); the residual variance grows with the miss, and
     # the interval with it, so the truth stays inside.
-    assert fit.b_crit == pytest.approx(B_NOISE * 1.15, rel=0.03)
+    assert fit.b_crit == pytest.approx(B_CRIT * 1.15, rel=0.03)
     assert fit.residual_sd > 0.2
-    for name, truth in {"s_min": S_MIN, "b_crit": B_NOISE, "e_min": S_MIN * B_NOISE}.items():
+    for name, truth in {"s_min": S_MIN, "b_crit": B_CRIT, "e_min": S_MIN * B_CRIT}.items():
         low, high = fit.intervals[name]
         assert low < truth < high
 
@@ -189,7 +189,7 @@ def test_batch_sizes_may_repeat_as_seeds():
     means = np.exp(np.log(measured).reshape(4, 3).mean(axis=1))
     pooled = fit_scaling([16, 64, 256, 1024], means)
     assert (fit.s_min, fit.b_crit) == pytest.approx((pooled.s_min, pooled.b_crit), rel=1e-6)
-    assert len(fit.batch_sizes) == 12 and fit.intervals["b_crit"][0] < B_NOISE
+    assert len(fit.batch_sizes) == 12 and fit.intervals["b_crit"][0] < B_CRIT
     # Two distinct batch sizes, seen three times: the fit and an interval (1 degree of freedom).
     three = fit_scaling([64, 64, 1024], [5000, 5100, 1250])
     assert three.intervals and three.s_min == pytest.approx(1000, rel=0.02)
@@ -200,7 +200,7 @@ def test_batch_sizes_that_never_reached_the_target_are_left_out():
     measured[0], measured[-1] = None, math.nan
     fit = fit_scaling(BATCHES, measured)
     assert fit.batch_sizes == tuple(BATCHES[1:-1])
-    assert fit.b_crit == pytest.approx(B_NOISE, rel=1e-6)
+    assert fit.b_crit == pytest.approx(B_CRIT, rel=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -209,7 +209,7 @@ def test_batch_sizes_that_never_reached_the_target_are_left_out():
 )
 def test_fewer_than_two_batch_sizes_that_reached_give_no_fit(batch_sizes, measured, count):
     fit = fit_scaling(batch_sizes, measured)
-    assert (fit.s_min, fit.e_min, fit.b_noise, fit.b_crit) == (None, None, None, None)
+    assert (fit.s_min, fit.e_min, fit.b_crit) == (None, None, None)
     assert fit.reason == f"{count} batch size(s) reached the target; the fit needs 2"
     with pytest.raises(ValueError, match="no fit"):
         fitted_curve(fit, [64])
