@@ -126,9 +126,9 @@ def write_report(
     page = render_html(context, drawn, where.uri).encode()
     with writing(named or str(out), len(page)), locate(out).atomic_output() as f:
         f.write(page)
-    if summary is not None:
+    if summary is not None or context.branches is not None:
         with writing(str(summary_path(out))):
-            write_summary(summary, summary_path(out))
+            write_summary(summary, summary_path(out), context.exact, context.branches)
     if static is not None:
         write_static(drawn, Path(static), out)
     return out

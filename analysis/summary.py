@@ -50,6 +50,7 @@ import pyarrow as pa
 
 from analysis._arrow import rows_to_table
 from analysis.budget import Censoring, best_of_k, censoring
+from analysis.known import Exact, compare
 from analysis.metrics import BATCH, SEED, seed_spread
 from analysis.scaling import RESAMPLES, ScalingFit, fit_scaling
 from lbs_tune.experiment import REPORT_FILE, SUMMARY_FILE, write_parquet
@@ -523,7 +524,7 @@ def _fit_json(series: SeriesFit) -> dict[str, Any]:
     }
 
 
-def summary_json(summary: Summary) -> dict[str, Any]:
+def summary_json(summary: Summary, exact: Sequence[Exact] | None = None) -> dict[str, Any]:
     """summary.json's content (`format` 2), one name per number:
 
     - `objective`: kind, metric, mode, target.
@@ -581,6 +582,11 @@ def summary_json(summary: Summary) -> dict[str, Any]:
             }
         )
     fits = [_fit_json(s) for s in summary.fits]
+    for fit, series in zip(fits, summary.fits, strict=True):
+        # A workload with a known answer: the exact values beside the measured fit.
+        known = [e for e in exact or () if e.group == series.group]
+        if known:
+            fit["exact"] = compare(known[0], series.fit)
     return {
         "format": FORMAT,
         "objective": {"kind": o.kind, "metric": o.metric, "mode": o.mode, "target": o.target},
@@ -600,9 +606,21 @@ def summary_path(report: Path) -> Path:
     return report.with_name(f"{report.stem}.{SUMMARY_FILE}")
 
 
-def write_summary(summary: Summary, path: str | Path) -> Path:
-    """Write `summary_json(summary)` to `path` (atomically); return the path."""
-    locate(path).write_text(json.dumps(summary_json(summary), indent=1) + "\n")
+def write_summary(
+    summary: Summary | None,
+    path: str | Path,
+    exact: Sequence[Exact] | None = None,
+    branches: dict[str, Any] | None = None,
+) -> Path | None:
+    """Write summary.json to `path` (atomically) and return the path: `summary_json(summary,
+    exact)` and, for a branched sweep, its `branches` (`analysis.branches.branches_json`).
+    None, writing nothing, when there is neither."""
+    if summary is None and branches is None:
+        return None
+    content = summary_json(summary, exact) if summary is not None else {"format": FORMAT}
+    if branches is not None:
+        content["branches"] = branches
+    locate(path).write_text(json.dumps(content, indent=1) + "\n")
     return Path(path)
 
 

@@ -159,6 +159,9 @@ def test_the_report_opens_a_branched_sweep_with_its_local_critical_batch_sizes(
     page = write_report(tmp_path / "quickstart_branch", tmp_path / "b.html").read_text()
     answer = page[page.index('<section id="answer">') : page.index("</section>")]
     assert sentence.replace("'", "&#x27;") in answer and 'id="fig-local-cbs"' in answer
+    written = json.loads((tmp_path / "b.summary.json").read_text())
+    assert written == json.loads(json.dumps({"format": written["format"], "branches": branches}))
     other = write_report(tmp_path / "quickstart", tmp_path / "q.html").read_text()
+    assert not (tmp_path / "q.summary.json").exists()  # a fixed-rule sweep has none
     assert "fig-local-cbs" not in other
     assert branches_json(load(TINY_EXPERIMENTS / "quickstart", cache=False)) is None

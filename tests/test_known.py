@@ -12,7 +12,7 @@ import pytest
 from analysis.figures import exact_steps
 from analysis.known import compare, exact_answer, holds
 from analysis.scaling import fit_scaling
-from analysis.summary import summarize
+from analysis.summary import summarize, summary_json
 from lbs_tune import nqm
 from lbs_tune.config import SweepSpec
 from lbs_tune.studies import Objective, StudyRecord
@@ -126,3 +126,7 @@ def test_the_figure_puts_the_measured_fit_against_the_exact_one():
     verdict = compare(exact, summary.fits[0].fit)
     assert verdict["b_crit"] == pytest.approx(exact.fit.b_crit)
     assert verdict["holds"]["b_crit"] == critical.held
+    # summary.json: the exact values beside the measured fit, and whether its interval holds.
+    fit = summary_json(summary, [exact])["fit"]
+    assert fit["exact"]["holds"] == verdict["holds"] and fit["b_crit"] == summary.fits[0].fit.b_crit
+    assert "exact" not in summary_json(summary)["fit"]
