@@ -22,11 +22,12 @@ import pyarrow.compute as pc
 
 from analysis._arrow import rows_to_table, strings
 from analysis.tables import Results
-from lbs_tune.config import BRANCH_KEY, BranchSpec
+from lbs_tune.config import BRANCH_KEY
 from lbs_tune.experiment import write_parquet
 from lbs_tune.names import first_reached
 from lbs_tune.probes import branch_loss, point_sizes, smoothing, tolerance
 from lbs_tune.storage import Location, locate
+from lbs_tune.sweep import BranchSpec
 
 BRANCHES_FILE = "branches.parquet"
 TARGET_METRIC = "val/loss"  # the comparison's: the small-batch run's final validation loss

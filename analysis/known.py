@@ -23,11 +23,12 @@ from typing import Any, NamedTuple
 
 from analysis.scaling import ScalingFit, fit_scaling
 from lbs_tune import nqm
-from lbs_tune.config import SweepSpec, TrialConfig, epoch_steps, every_steps, total_steps
+from lbs_tune.config import TrialConfig, epoch_steps, every_steps, total_steps
 from lbs_tune.experiment import read_record
 from lbs_tune.rules import peak_lr
 from lbs_tune.space import LogUniform, Uniform, Values
 from lbs_tune.storage import Location, locate
+from lbs_tune.sweep import SweepSpec
 
 BATCH, SEED = "batch_size", "seed"
 # The searched keys whose every value the exact answer searches too.

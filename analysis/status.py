@@ -19,10 +19,11 @@ import yaml
 from analysis.columns import config_columns
 from analysis.load import experiment_location, load
 from analysis.tables import FINISHED
-from lbs_tune.config import SEARCH_KEY, SweepSpec
+from lbs_tune.config import SEARCH_KEY
 from lbs_tune.errors import UserError, cut, did_you_mean, printable
 from lbs_tune.experiment import has_record, mixed_runs, read_record
 from lbs_tune.studies import Objective, finite_number, objective_for
+from lbs_tune.sweep import SweepSpec
 
 
 def _state(row: dict[str, Any]) -> str:

@@ -37,8 +37,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 from analysis import load
 from analysis.report import write_report
-from lbs_tune.config import set_dotted
 from lbs_tune.experiment import CACHE_DIR, PARAMS_FILE, RESULT_FILE, SWEEP_FILE
+from lbs_tune.names import set_dotted
 from lbs_tune.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from lbs_tune import schedule
-from lbs_tune.config import SweepSpec
 from lbs_tune.datasets import DATASETS
 from lbs_tune.errors import UserError
 from lbs_tune.schedule import Job
 from lbs_tune.spec import load_spec
+from lbs_tune.sweep import SweepSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = [ROOT / "sweeps" / "cifar10.yaml", ROOT / "sweeps" / "cifar10_wrn.yaml"]

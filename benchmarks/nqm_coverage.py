@@ -39,7 +39,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 from analysis.known import COMPARED, compare, exact_answer
 from analysis.scaling import bootstrap_studies
 from analysis.summary import summarize
-from lbs_tune.config import TrialConfig, set_dotted
+from lbs_tune.config import TrialConfig
+from lbs_tune.names import set_dotted
 from lbs_tune.samplers import sobol_point
 from lbs_tune.spec import load_spec
 from lbs_tune.studies import Objective, StudyRecord, finite_number, objective_for, study_name

@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 from ray.tune.search import Searcher
 
 from lbs_tune.checkpoints import read_state
-from lbs_tune.config import BranchSpec, trial_config
+from lbs_tune.config import trial_config
 from lbs_tune.errors import UserError
 from lbs_tune.experiment import BRANCH_STATE_FILE, trial_checkpoints
 from lbs_tune.probes import (
@@ -51,6 +51,7 @@ from lbs_tune.probes import (
 )
 from lbs_tune.searcher import _ray_trial_ids
 from lbs_tune.storage import locate
+from lbs_tune.sweep import BranchSpec
 
 STATE_FORMAT = 1
 

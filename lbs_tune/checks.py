@@ -8,7 +8,7 @@ batch fit the training split) before anything starts: in `lbs-tune run`, `run --
 
 from __future__ import annotations
 
-from lbs_tune.config import KeyedError, Target, TrialConfig, TrialTarget
+from lbs_tune.config import KeyedError, TrialConfig, TrialTarget
 from lbs_tune.datasets import DATASETS, batch_too_large, dataset_info
 from lbs_tune.errors import did_you_mean
 from lbs_tune.models import (
@@ -21,6 +21,7 @@ from lbs_tune.models import (
 )
 from lbs_tune.rules import moved_optimizer
 from lbs_tune.segmentation import IGNORE_INDEX
+from lbs_tune.sweep import Target
 
 
 def check_trial(config: TrialConfig) -> None:

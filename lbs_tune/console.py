@@ -31,10 +31,10 @@ from typing import Any, TextIO, TypeVar
 from ray.tune import Callback
 
 from lbs_tune import console_lines as lines
-from lbs_tune.config import SweepSpec
 from lbs_tune.errors import UserError, cut
 from lbs_tune.experiment import ERROR_FILE
 from lbs_tune.storage import Location
+from lbs_tune.sweep import SweepSpec
 
 STATUS_S = 30.0  # a status line (log file) or a new start flushed, at most this often
 REDRAW_S = 1.0  # the live block on a terminal is redrawn this often

@@ -15,11 +15,12 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from lbs_tune.config import BRANCH_KEY, SweepSpec
+from lbs_tune.config import BRANCH_KEY
 from lbs_tune.errors import cut, printable
 from lbs_tune.experiment import count_outcomes
 from lbs_tune.names import Mode, comparison, direction, get_dotted, hashable
 from lbs_tune.studies import Objective, objective_for
+from lbs_tune.sweep import SweepSpec
 
 ERROR_CHARS = 200  # the error line of a failed trial is cut to this length
 ENDED = ("TERMINATED", "ERROR")

@@ -30,10 +30,11 @@ import pyarrow.fs as pafs
 from ray.tune import Callback
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, LoggerCallback
 
-from lbs_tune.config import SEARCH_KEY, SweepSpec
+from lbs_tune.config import SEARCH_KEY
 from lbs_tune.errors import UserError
 from lbs_tune.names import flatten, own_metrics
 from lbs_tune.storage import Location
+from lbs_tune.sweep import SweepSpec
 
 TENSORBOARD_DIR = "tensorboard"
 BY_EXAMPLES = "by_examples/"

@@ -45,9 +45,10 @@ from lbs_tune.branching import (
     plan_schedule,
     smoothed,
 )
-from lbs_tune.config import ARMS, BRANCH_KEY, BranchSpec, KeyedError, TrialConfig, total_steps
+from lbs_tune.config import BRANCH_KEY, KeyedError, TrialConfig, total_steps
 from lbs_tune.names import set_dotted
 from lbs_tune.rules import moved_optimizer, peak_lr
+from lbs_tune.sweep import ARMS, BranchSpec
 
 PHASES = ("reference", "branch", "compare")
 # The LR rule of each optimizer's branches when `branch.scaling` leaves it to the optimizer.

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lbs_tune.cluster import check_reachable, start_ray
-from lbs_tune.config import BRANCH_KEY, SEARCH_KEY, SweepSpec, changes, data_dir
+from lbs_tune.config import BRANCH_KEY, SEARCH_KEY, changes, data_dir
 from lbs_tune.errors import UserError
 from lbs_tune.experiment import (
     SWEEP_FILE,
@@ -35,6 +35,7 @@ from lbs_tune.names import get_dotted, hashable, set_dotted
 from lbs_tune.provenance import provenance
 from lbs_tune.spec import check_spec, load_spec
 from lbs_tune.storage import Location, locate, scaffolding
+from lbs_tune.sweep import SweepSpec
 
 DEFAULT_STORAGE = "results"
 SYNC_PERIOD_S = 10

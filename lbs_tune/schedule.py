@@ -14,8 +14,9 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
-from lbs_tune.config import SweepSpec, TrialConfig, total_steps
+from lbs_tune.config import TrialConfig, total_steps
 from lbs_tune.errors import UserError
+from lbs_tune.sweep import SweepSpec
 
 # (model, batch size) -> images/s of full training steps.
 Table = Mapping[tuple[str, int], float]

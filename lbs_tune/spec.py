@@ -1,6 +1,6 @@
 """Sweep files: YAML loading with line numbers, `--set` overrides, errors that name file and key.
 
-A sweep file is a `base` trial config plus a `grid` of dotted keys (`lbs_tune.config.SweepSpec`).
+A sweep file is a `base` trial config plus a `grid` of dotted keys (`lbs_tune.sweep.SweepSpec`).
 `load_spec` validates the spec and every grid point, first as plain data and then against the
 dataset and model zoos (`lbs_tune.checks`), before anything starts; a mistake is a `UserError`
 whose one line names the file, the line, the key and the fix.
@@ -17,17 +17,11 @@ from typing import Any, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from lbs_tune.config import (
-    BUDGET_KEYS,
-    KeyedError,
-    SweepSpec,
-    Target,
-    TrialConfig,
-    resolved,
-    set_dotted,
-)
+from lbs_tune.config import KeyedError, TrialConfig, resolved
 from lbs_tune.errors import UserError, cut, did_you_mean, short
+from lbs_tune.names import BUDGET_KEYS, set_dotted
 from lbs_tune.space import SearchSpec
+from lbs_tune.sweep import SweepSpec, Target
 
 Where = Callable[[str], str]
 

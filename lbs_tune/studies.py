@@ -26,9 +26,9 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-from lbs_tune.config import Metric, Target
 from lbs_tune.names import Mode, comparison, direction, first_reached, meets
 from lbs_tune.space import SearchSpec
+from lbs_tune.sweep import Metric, Target
 
 if TYPE_CHECKING:
     from optuna.trial import FrozenTrial

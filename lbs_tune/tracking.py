@@ -14,9 +14,9 @@ from typing import Any
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.air.integrations.wandb import WandbLoggerCallback
 
-from lbs_tune.config import SweepSpec
 from lbs_tune.names import own_metrics
 from lbs_tune.storage import Location
+from lbs_tune.sweep import SweepSpec
 
 
 class _OwnSteps:

@@ -20,8 +20,8 @@ import yaml
 
 from lbs_tune.cli import main
 from lbs_tune.cluster import start_ray
-from lbs_tune.config import METRICS, set_dotted
 from lbs_tune.errors import UserError
+from lbs_tune.names import METRICS, set_dotted
 
 # Small enough to generate in a second or two, large enough for batches of 256.
 TINY_MNIST1D = 2000

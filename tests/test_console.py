@@ -29,7 +29,6 @@ from conftest import (
 from ray.tune import PlacementGroupFactory
 from ray.tune.experiment import Trial
 
-from lbs_tune.config import SweepSpec
 from lbs_tune.console import (
     QUIET_RAY_ENV,
     UP_AND_CLEAR,
@@ -58,6 +57,7 @@ from lbs_tune.console_lines import (
     where,
 )
 from lbs_tune.storage import locate
+from lbs_tune.sweep import SweepSpec
 
 STAMP = r"\d\d:\d\d:\d\d"
 ESC = "\x1b"

@@ -14,8 +14,8 @@ from analysis.known import compare, exact_answer, holds
 from analysis.scaling import fit_scaling
 from analysis.summary import summarize, summary_json
 from lbs_tune import nqm
-from lbs_tune.config import SweepSpec
 from lbs_tune.studies import Objective, StudyRecord
+from lbs_tune.sweep import SweepSpec
 
 PROBLEM = {"dim": 50, "power": 0.5, "scale": 1.0, "noise_scale": 1.0, "theta0": 1.0}
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import without_ray_lines
 
-from lbs_tune.config import SweepSpec, set_dotted
+from lbs_tune.names import set_dotted
 from lbs_tune.schedule import H200_DEVICE_RESIDENT, Job, longest_first
+from lbs_tune.sweep import SweepSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 

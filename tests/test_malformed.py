@@ -431,7 +431,8 @@ def _unknown_choice(draw, name, text, data):
 
 
 def _grid_values(draw, name, text, data):
-    grid = data["grid"]
+    # A sweep without a grid (a branched sweep) gets one, of the base's batch size.
+    grid = data.setdefault("grid", {"batch_size": [data["base"].get("batch_size", 32)]})
     key = draw(st.sampled_from(sorted(grid)))
     values = list(grid[key])
     if draw(st.booleans()):

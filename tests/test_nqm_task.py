@@ -14,8 +14,10 @@ from conftest import read_jsonl, write_spec
 
 from lbs_tune import nqm
 from lbs_tune.checks import check_sweep_target
-from lbs_tune.config import Target, TrialConfig, set_dotted
+from lbs_tune.config import TrialConfig
 from lbs_tune.experiment import run_checkpoints
+from lbs_tune.names import set_dotted
+from lbs_tune.sweep import Target
 from lbs_tune.training import ListReporter, train
 
 SWEEP = Path(__file__).parent.parent / "sweeps" / "nqm_tuned.yaml"

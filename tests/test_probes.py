@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lbs_tune.branching import LocalCBS, local_cbs, smoothed
-from lbs_tune.config import BRANCH_KEY, BranchSpec, TrialConfig, trial_config
+from lbs_tune.config import BRANCH_KEY, TrialConfig, trial_config
 from lbs_tune.probes import (
     Point,
     Slot,
@@ -26,6 +26,7 @@ from lbs_tune.probes import (
 )
 from lbs_tune.rules import sde_moved
 from lbs_tune.spec import load_spec
+from lbs_tune.sweep import BranchSpec
 
 QUICKSTART_BRANCH = Path(__file__).parent.parent / "sweeps" / "quickstart_branch.yaml"
 TRAIN = 14_400  # MNIST-1D of 20,000 samples: its training split

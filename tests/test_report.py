@@ -715,9 +715,9 @@ def tuned_experiment(folder: Path) -> Path:
     """Write the tuned toy experiment (see TUNED_SPEC, `toy_reports`) into `folder`: the
     studies through the real searcher (driven as Ray Tune drives it, no cluster), each trial's
     params.json and result.json, Ray's experiment state and the sweep record."""
-    from lbs_tune.config import SweepSpec
     from lbs_tune.searcher import StudySearcher
     from lbs_tune.studies import objective_for
+    from lbs_tune.sweep import SweepSpec
 
     spec = SweepSpec.model_validate(TUNED_SPEC)
     folder.mkdir(parents=True)

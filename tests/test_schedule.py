@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lbs_tune.config import SweepSpec, TrialConfig
+from lbs_tune.config import TrialConfig
 from lbs_tune.errors import UserError
 from lbs_tune.schedule import (
     images_per_s,
@@ -12,6 +12,7 @@ from lbs_tune.schedule import (
     sweep_jobs,
     trial_seconds,
 )
+from lbs_tune.sweep import SweepSpec
 
 # Two points: between them images/s is 2000 x 4^t with t = log(b / 100) / log(8).
 TABLE = {("m", 100): 2000.0, ("m", 800): 8000.0}

@@ -22,7 +22,6 @@ import optuna
 import pytest
 from pydantic import ValidationError
 
-from lbs_tune.config import Metric, SweepSpec, Target
 from lbs_tune.errors import UserError
 from lbs_tune.samplers import make_sampler, sobol_point
 from lbs_tune.searcher import StudySearcher
@@ -36,6 +35,7 @@ from lbs_tune.studies import (
     read_studies,
     study_storage,
 )
+from lbs_tune.sweep import Metric, SweepSpec, Target
 
 SPACE = {
     "lr.base": {"log_uniform": [0.01, 10.0]},

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from conftest import tiny_base, write_spec
 
-from lbs_tune.config import Resources, TrialConfig, total_steps
+from lbs_tune.config import TrialConfig, total_steps
 from lbs_tune.errors import UserError
 from lbs_tune.spec import load_spec, trial_from_spec
+from lbs_tune.sweep import Resources
 
 
 def error_of(path) -> str:

@@ -56,7 +56,7 @@ def raw_steps(experiment: Path) -> dict[str, list[int]]:
 
 
 def metrics_only(row: dict) -> dict:
-    from lbs_tune.config import METRICS
+    from lbs_tune.names import METRICS
 
     return {k: row.get(k) for k in METRICS if k not in TIMING}
 

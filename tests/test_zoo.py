@@ -22,11 +22,12 @@ from test_train import same_results
 import lbs_tune.cityscapes
 from lbs_tune.checkpoints import load_checkpoint
 from lbs_tune.checks import check_trial
-from lbs_tune.config import KeyedError, TrialConfig, set_dotted
+from lbs_tune.config import KeyedError, TrialConfig
 from lbs_tune.data import DeviceData, Split, TokenStreams, load_dataset
 from lbs_tune.evaluate import evaluate_experiment
 from lbs_tune.experiment import run_checkpoints
 from lbs_tune.models import build_model
+from lbs_tune.names import set_dotted
 from lbs_tune.runner import run
 from lbs_tune.segmentation import IGNORE_INDEX
 from lbs_tune.spec import load_spec
