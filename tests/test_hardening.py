@@ -132,23 +132,38 @@ def test_the_lock_of_another_host_is_refused_and_taken_with_force(tmp_path, caps
     assert "elsewhere.example" in line
 
 
+# A process that holds the lock file's flock and writes who it is only after DELAY seconds.
+HOLDER = """
+import fcntl, json, os, socket, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+    "started": "2026-01-01T00:00:00", "command": ["lbs-tune", "run", "sweep.yaml"]}).encode(), 0)
+time.sleep(60)
+"""
+
+
 def test_a_lock_being_written_is_waited_for_not_taken(tmp_path):
     experiment = locate(tmp_path / "results" / "tiny")
     path = Path(lock_location(experiment).path)
     path.parent.mkdir(parents=True)
-    # Another writer has just created the lock (O_EXCL) and writes its content a moment later.
-    path.write_text("")
-    holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": "2026-01-01T00:00:00",
-              "command": ["lbs-tune", "run", "sweep.yaml"]}  # fmt: skip
-    writer = threading.Timer(0.3, lambda: path.write_text(json.dumps(holder)))
-    writer.start()
+    # Another writer holds the lock and writes its content a moment later.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path), "0.3"], stdout=subprocess.PIPE, text=True
+    )
     try:
+        assert holder.stdout.readline() == "held\n"
         with pytest.raises(UserError) as info, exclusive(experiment):
             pytest.fail("a lock being written was taken")
+        assert f"pid {holder.pid} since 2026-01-01T00:00:00" in str(info.value)
+        assert json.loads(path.read_text())["pid"] == holder.pid, "left to its writer"
     finally:
-        writer.join()
-    assert f"pid {os.getpid()} since 2026-01-01T00:00:00" in str(info.value)
-    assert json.loads(path.read_text()) == holder, "left to its writer"
+        holder.kill()
+        holder.wait()
+    with exclusive(experiment):  # its holder died: the flock went with it
+        assert json.loads(path.read_text())["pid"] == os.getpid()
 
 
 def test_an_empty_lock_left_by_a_writer_that_died_is_taken(tmp_path):
@@ -158,6 +173,88 @@ def test_an_empty_lock_left_by_a_writer_that_died_is_taken(tmp_path):
     path.write_text("")  # its writer died between creating and writing it
     with exclusive(experiment):
         assert json.loads(path.read_text())["pid"] == os.getpid()
+
+
+def _take_in_rounds(experiment: Path, rounds: int, start, done, held) -> None:
+    """One of the simultaneous takers of `test_six_takers_of_a_dead_runs_lock...`: each round,
+    take the lock at `start` and, if taken, hold it until every taker has tried (`done`)."""
+    import io
+
+    sys.stderr = io.StringIO()  # the takeover's warning
+    for round_ in range(rounds):
+        start.wait()
+        try:
+            with exclusive(locate(experiment)):
+                with held.get_lock():
+                    held[round_] += 1
+                done.wait()
+        except UserError:
+            done.wait()
+
+
+def test_six_takers_of_a_dead_runs_lock_give_one_holder_in_each_of_100_rounds(tmp_path):
+    import multiprocessing
+
+    rounds, takers = 100, 6
+    experiment = tmp_path / "results" / "tiny"
+    context = multiprocessing.get_context("fork")
+    start, done = context.Barrier(takers + 1), context.Barrier(takers + 1)
+    held = context.Array("i", rounds)  # holders in each round
+    processes = [
+        context.Process(target=_take_in_rounds, args=(experiment, rounds, start, done, held))
+        for _ in range(takers)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        for _ in range(rounds):
+            _write_lock(locate(experiment), socket.gethostname(), _dead_pid())
+            start.wait(timeout=30)
+            done.wait(timeout=30)
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+    assert list(held) == [1] * rounds
+
+
+def test_one_lock_whatever_link_or_uri_names_the_experiment(tmp_path):
+    (tmp_path / "bigdisk" / "q").mkdir(parents=True)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "q").symlink_to(tmp_path / "bigdisk" / "q")
+    names = [
+        locate(tmp_path / "results").join("q"),  # `run --storage results`: the link unresolved
+        locate(tmp_path / "results" / "q"),
+        locate(tmp_path / "bigdisk" / "q"),
+        locate(f"file://{tmp_path}/results/q"),
+        locate(f"file://{tmp_path}/bigdisk/q/"),
+    ]
+    for holder in names:
+        with exclusive(holder):
+            for other in names:
+                with pytest.raises(UserError), exclusive(other):
+                    pytest.fail(f"{other.uri} taken while {holder.uri} is held")
+    assert lock_location(names[0]).path == f"{tmp_path}/bigdisk/.q.lbs-lock"
+
+
+def test_run_and_resume_through_a_link_refuse_each_other(cli, tmp_path):
+    # CIFAR-10 files missing: a run that gets past the lock stops there, before Ray.
+    base = tiny_base(dataset="cifar10", model="lenet", data__dir=str(tmp_path / "no-data"))
+    spec = write_spec(tmp_path / "q.yaml", base, {"batch_size": [32]})
+    (tmp_path / "bigdisk" / "q").mkdir(parents=True)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "q").symlink_to(tmp_path / "bigdisk" / "q")
+    record_start(locate(tmp_path / "bigdisk" / "q"), load_spec(spec).model_dump(mode="json"),
+                 load_spec(spec).digest(), None, [])  # fmt: skip
+    holder = f"another run holds this sweep: {socket.gethostname()} pid {os.getpid()}"
+    with exclusive(locate(tmp_path / "results" / "q")):  # as `resume results/q` does
+        line = one_line(*cli("run", spec, "--storage", tmp_path / "results")[::2])
+        assert holder in line
+    with exclusive(locate(tmp_path / "results").join("q")):  # as `run --storage results` does
+        for where in (tmp_path / "results" / "q", f"file://{tmp_path}/bigdisk/q"):
+            line = one_line(*cli("resume", where)[::2])
+            assert holder in line, where
 
 
 def test_the_command_line_refuses_a_second_writer_and_force_unlock_takes_another_hosts(
