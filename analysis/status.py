@@ -19,6 +19,7 @@ from analysis.load import experiment_location, load
 from lbs_tune.config import SweepSpec
 from lbs_tune.errors import UserError, cut, did_you_mean, printable
 from lbs_tune.experiment import has_record, mixed_runs, read_record
+from lbs_tune.studies import STUDY_FILE
 
 
 def _state(row: dict[str, Any]) -> str:
@@ -147,6 +148,12 @@ def status(source: str) -> str:
     mixed = mixed_runs(runs)
     if mixed:
         lines.append(f"  {len(runs)} runs, under other code or data than the first: {mixed}")
+    if experiment.join(STUDY_FILE).exists():  # a searched sweep; a damaged optuna.db: UserError
+        from analysis.summary import studies_of
+
+        studies = studies_of(experiment)
+        told = sum(s.finished for s in studies)
+        lines.append(f"  Optuna studies: {len(studies)}, {told} trials told to them")
     lines += ["", _table(header, rows) if rows else "(no trials yet)"]
     if errors:
         lines += ["", "errors:", *errors]

@@ -14,6 +14,7 @@ import ipaddress
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import socket
@@ -44,6 +45,7 @@ from lbs_tune.experiment import (
 from lbs_tune.runner import check_writable, prepare_folder
 from lbs_tune.spec import load_spec
 from lbs_tune.storage import locate
+from lbs_tune.studies import create_storage
 
 # Sequences that set the terminal's title and clear its screen.
 TITLE, CLEAR = "\x1b]0;pwned\x07", "\x1b[2J"
@@ -443,6 +445,26 @@ def test_train_whose_checkpoint_does_not_fit_says_so_and_leaves_no_temporary_fil
         assert sorted(os.listdir(disk / "run")) == ["config.json", "metrics.jsonl"]
 
 
+def test_export_on_a_full_disk_says_what_it_needs_and_leaves_the_last_export(
+    cli, tiny_quickstart, tmp_path
+):
+    with tmpfs(tmp_path / "disk", size="2m", full=False) as disk:
+        code, _, err = cli("export", tiny_quickstart, "-o", disk / "tables")
+        assert code == 0, err
+        before = {p.name: p.read_bytes() for p in (disk / "tables").iterdir()}
+        assert sorted(before) == ["history.parquet", "trials.parquet"]
+        with contextlib.suppress(OSError), (disk / "filler").open("wb", buffering=0) as f:
+            while True:
+                f.write(b"\0" * 4096)
+        for out_dir in (disk / "tables", disk / "new" / "tables"):
+            line = one_line(*cli("export", tiny_quickstart, "-o", out_dir)[::2])
+            assert f"-o {out_dir}: cannot write there (No space left on device: " in line
+            assert re.search(r"[0-9.]+ kB needed, [0-9.]+ (B|kB) free\)", line), line
+        # The export before is whole, nothing half-written beside it, no folder made.
+        assert {p.name: p.read_bytes() for p in (disk / "tables").iterdir()} == before
+        assert sorted(p.name for p in disk.iterdir()) == ["filler", "tables"]
+
+
 def _address() -> tuple[str, str]:
     return ("--address", f"127.0.0.1:{_unused_port()}")
 
@@ -481,6 +503,38 @@ def test_status_and_report_of_a_sweep_record_that_is_a_json_list(cli, copy, tmp_
     args = ("-o", tmp_path / "report.html") if command == "report" else ()
     line = one_line(*cli(command, copy, *args)[::2])
     assert f"{copy}/lbs_sweep.json" in line
+
+
+def _damage_study_storage(db: Path, damage: str) -> None:
+    """Make `db` a damaged study storage: `damage` is 'zero bytes', 'garbage' or 'truncated'
+    (the first pages of a real one)."""
+    if damage == "zero bytes":
+        db.write_bytes(b"")
+    elif damage == "garbage":
+        db.write_bytes(bytes(range(256)) * 40)
+    else:
+        create_storage(db)
+        db.write_bytes(db.read_bytes()[:8192])
+
+
+@pytest.mark.parametrize("damage", ["zero bytes", "garbage", "truncated"])
+def test_every_reader_of_a_damaged_study_storage_says_so_in_one_line_and_leaves_it(
+    cli, copy, tmp_path, damage
+):
+    db = copy / "optuna.db"
+    _damage_study_storage(db, damage)
+    before = db.read_bytes()
+    for args in (
+        ("status", copy),
+        ("report", copy, "-o", tmp_path / "report.html"),
+        ("export", copy, "-o", tmp_path / "tables"),
+    ):
+        line = one_line(*cli(*args)[::2])
+        assert f"{db}: damaged study storage (" in line and "--fresh" in line, (args, line)
+    # A reader never writes to the experiment's studies: no schema, no journal.
+    assert db.read_bytes() == before
+    assert sorted(p.name for p in copy.glob("optuna.db*")) == ["optuna.db"]
+    assert not (tmp_path / "report.html").exists() and not (tmp_path / "tables").exists()
 
 
 def test_report_of_a_recorded_metric_it_does_not_know(cli, copy, tmp_path):
