@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -52,6 +52,10 @@ CHECKPOINT_FILE = "state.pt"  # our state inside each of them
 EVALUATION_FILE = "evaluation.parquet"
 CACHE_DIR = ".lbs_cache"
 REPORT_FILE = "report.html"
+# Trial folders that no run of the sweep will use again, and Ray's files of a run whose state
+# was lost (lbs_tune.runner), moved here rather than deleted.
+SET_ASIDE_DIR = ".lbs_set_aside"
+TRIAL_DIR_PREFIX = "train_trial_"  # every trial folder's name starts so (lbs_tune.runner)
 SUMMARY_FILE = "summary.json"
 # `lbs-tune evaluate`'s table: one row per checkpoint and split, a column per score that a task's
 # evaluation gives (null where the task has none, or the value is not finite).
@@ -211,10 +215,11 @@ def finished_sweep(experiment: Location, digest: str, count: int) -> str | None:
     needs neither Ray nor the lock."""
     if not has_record(experiment) or read_record(experiment).get("digest") != digest:
         return None
-    trials = _newest_state(experiment)
-    if trials is None or len(trials) != count or any(s != "TERMINATED" for s, _ in trials):
+    names = state_files(experiment)
+    trials = read_state(experiment.join(names[0])) if names else None
+    if trials is None or len(trials) != count or any(t.state != "TERMINATED" for t in trials):
         return None
-    counts = count_outcomes(trials)
+    counts = count_outcomes((t.state, t.diverged) for t in trials)
     line = ", ".join(f"{n} {label}" for label, n in counts.items() if label != "running or pending")
     return (
         f"sweep {read_record(experiment).get('name')} is finished ({line}) in {experiment.uri}: "
@@ -222,25 +227,59 @@ def finished_sweep(experiment: Location, digest: str, count: int) -> str | None:
     )
 
 
-def _newest_state(experiment: Location) -> list[tuple[str, bool]] | None:
-    """(Ray state, diverged) of each trial in Ray's newest experiment state file; None without
-    one, or if it cannot be read (Ray may be rewriting it)."""
+class RayTrial(NamedTuple):
+    """One trial of Ray's experiment state."""
+
+    trial_id: str
+    state: str  # PENDING, RUNNING, PAUSED, TERMINATED or ERROR
+    folder: str | None  # its folder in the experiment (None before it started)
+    diverged: bool  # its last report said so
+
+
+def state_files(experiment: Location) -> list[str]:
+    """The names of Ray's experiment states in `experiment`, newest first (Ray names each by
+    the start of the run that writes it, and restores from the newest)."""
     try:
         infos = experiment.fs.get_file_info(pafs.FileSelector(experiment.path))
     except (FileNotFoundError, NotADirectoryError):
-        return None
-    names = sorted(i.base_name for i in infos if STATE_FILE.match(i.base_name))
-    if not names:
-        return None
+        return []
+    return sorted((i.base_name for i in infos if STATE_FILE.match(i.base_name)), reverse=True)
+
+
+def read_state(state: Location) -> list[RayTrial] | None:
+    """The trials of one of Ray's experiment state files; None if it cannot be read (Ray may
+    be rewriting it, or a kill cut it short)."""
     try:
-        pairs = json.loads(experiment.join(names[-1]).read_text())["trial_data"]
+        pairs = json.loads(state.read_text())["trial_data"]
         trials = []
         for trial, runtime in pairs:
+            info = json.loads(trial)
             last = json.loads(runtime).get("last_result") or {}
-            trials.append((json.loads(trial)["status"], bool(last.get("diverged"))))
+            folder = info.get("relative_logdir")
+            trials.append(
+                RayTrial(info["trial_id"], info["status"], folder, bool(last.get("diverged")))
+            )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     return trials
+
+
+def run_files(name: str) -> re.Pattern[str]:
+    """The files that Ray writes in the experiment for the run whose experiment state is `name`
+    (its search algorithm's and callbacks' states share the run's time stamp)."""
+    stamp = name.removeprefix("experiment_state-").removesuffix(".json")
+    return re.compile(rf"^[a-z_-]+-{re.escape(stamp)}\.(json|pkl)$")
+
+
+def set_aside(experiment: Location, names: list[str]) -> str:
+    """Move the entries `names` of the experiment (files or trial folders) into a folder of
+    SET_ASIDE_DIR named by the time; return that folder's path within the experiment. Readers
+    and Ray never look there; nothing is deleted."""
+    folder = posixpath.join(SET_ASIDE_DIR, datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+    experiment.fs.create_dir(experiment.join(folder).path, recursive=True)
+    for name in names:
+        experiment.fs.move(experiment.join(name).path, experiment.join(folder, name).path)
+    return folder
 
 
 def count_outcomes(trials) -> dict[str, int]:

@@ -233,5 +233,5 @@ def create_storage(db: Path) -> None:
 
     db.parent.mkdir(parents=True, exist_ok=True)
     building = db.with_name(f".{db.name}.{os.getpid()}")
-    optuna.storages.RDBStorage(f"sqlite:///{building}").engine.dispose()
+    optuna.storages.RDBStorage(f"sqlite:///{quote(str(building))}").engine.dispose()
     os.replace(building, db)

@@ -8,14 +8,16 @@ and batch size).
 
 from __future__ import annotations
 
+import copy
+import shutil
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import ray
 import torch
 from ray import tune
+from ray.tune.schedulers import FIFOScheduler
 from ray.util.metrics import Gauge
 
 from lbs_tune.build import resolve_device
@@ -43,6 +45,27 @@ def placement(config: dict[str, Any], cpu: float, gpu_by_batch) -> tune.Placemen
     return tune.PlacementGroupFactory([bundle])
 
 
+class HereScheduler(FIFOScheduler):
+    """Ray's first-in-first-out scheduler that files every trial it is given under this run's
+    experiment folder (`experiment`). A resumed run's search algorithm comes back from Ray's
+    saved state with the experiment of the run that saved it, and makes its new trials there:
+    for a moved or copied experiment, in the old folder."""
+
+    def __init__(self, experiment: Location):
+        super().__init__()
+        self.experiment = experiment
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        here = self.experiment.parent().path, self.experiment.name
+        if (trial.storage.storage_fs_path, trial.storage.experiment_dir_name) != here:
+            # As Ray does for the trials of its saved state (TuneController._restore_trials).
+            storage = copy.copy(trial.storage)
+            storage.storage_filesystem = self.experiment.fs
+            storage.storage_fs_path, storage.experiment_dir_name = here
+            trial.set_storage(storage)
+        super().on_trial_add(tune_controller, trial)
+
+
 class RayReporter:
     """Sends the loop's reports to Ray Tune, with checkpoints, host/GPU facts and gauges."""
 
@@ -67,9 +90,16 @@ class RayReporter:
         if checkpoint is None:
             tune.report(result)
             return
-        with tempfile.TemporaryDirectory(prefix="lbs-ckpt-") as folder:
-            save_checkpoint({**checkpoint, "reports": self.sent}, Path(folder) / CHECKPOINT_FILE)
+        # Made in the trial's working folder (Ray's, in its session folder; the current one),
+        # not in $TMPDIR, and made anew each time: a kill leaves it to the trial's next save.
+        folder = Path.cwd() / f".lbs-checkpoint-{self.tags['trial']}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        try:
+            save_checkpoint({**checkpoint, "reports": self.sent}, folder / CHECKPOINT_FILE)
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))
+        finally:  # Ray has copied it to the storage
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _device(config: TrialConfig) -> torch.device:

@@ -494,6 +494,35 @@ def test_run_on_a_full_disk_is_one_line_leaves_no_temporary_file_and_fresh_then_
             assert prepare_folder(load_spec(spec), experiment, fresh=True) is None
 
 
+# ============================================================================ Resources
+
+
+@pytest.mark.parametrize(
+    "resources, flags, line",
+    [
+        ({"gpu": 0.25}, ["--gpus", "0"],
+         "resources.gpu: a trial of batch size 32 asks for 0.25 GPU, but the local Ray has 0 "
+         "(--gpus): it would wait forever; run with --set resources.gpu=0 to train on the CPU, "
+         "or join a cluster that has them with --address"),
+        ({"gpu": {"32": 0, "64": 1}}, ["--gpus", "0"],
+         "resources.gpu: a trial of batch size 64 asks for 1 GPU, but the local Ray has 0"),
+        ({"cpu": 4096}, [], "resources.cpu: a trial of batch size 32 asks for 4096 CPU, but "
+         f"this machine has {os.cpu_count()}: it would wait forever; run with --set "
+         f"resources.cpu={os.cpu_count()} (or less)"),
+        ({"cpu": 3}, ["--cpus", "2"], "but the local Ray has 2 (--cpus)"),
+    ],
+    ids=["gpu-fraction", "gpu-by-batch", "cpu", "cpus-flag"],
+)  # fmt: skip
+def test_a_local_sweep_that_asks_for_more_than_the_machine_has_is_refused_before_ray(
+    cli, tmp_path, resources, flags, line
+):
+    spec = write_spec(tmp_path / "tiny.yaml", tiny_base(), {"batch_size": [32, 64]},
+                      resources=resources)  # fmt: skip
+    error = one_line(*cli("run", spec, "--storage", tmp_path / "results", *flags)[::2])
+    assert line in error
+    assert sorted(os.listdir(tmp_path)) == ["tiny.yaml"], "nothing is left behind"
+
+
 # ============================================================================ Damaged files
 
 
