@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from lbs_tune import __version__
 from lbs_tune.errors import UserError
-from lbs_tune.storage import Location
+from lbs_tune.storage import Location, size_text
 
 T = TypeVar("T")
 
@@ -365,6 +365,49 @@ def _checkpoint_name(checkpoint: Location) -> str:
     """'checkpoint_000002' for `.../checkpoint_000002/state.pt`, else the file's name."""
     folder = checkpoint.parent().name
     return folder if CHECKPOINT_DIR.match(folder) else checkpoint.name
+
+
+# ---------------------------------------------------------------------------- Disk space
+
+
+# Room kept for reports, the sweep record and the studies, beside checkpoints.
+RESERVE_BYTES = 1_000_000
+
+
+class DiskFull(Exception):
+    """The disk of an experiment has no room for what its sweep writes next (see `disk_room`);
+    `str()` is the user's one line."""
+
+
+def disk_room(experiment: Location, running: int, unfinished: int) -> DiskFull | None:
+    """A DiskFull if the local disk of `experiment` has less room than its `running` trials'
+    next checkpoints take (each as large as the largest of the experiment's so far) and 1 MB
+    for reports and studies; None otherwise, and on object stores. Its message says how much
+    is free, about how much the `unfinished` trials need (each as much as the largest trial
+    folder so far), and what to do."""
+    if not experiment.is_local or not os.path.isdir(experiment.path):
+        return None
+    stat = os.statvfs(experiment.path)
+    free = stat.f_bavail * stat.f_frsize
+    largest_checkpoint, largest_trial = 0, 0
+    with os.scandir(experiment.path) as entries:
+        for entry in entries:
+            if entry.is_dir() and entry.name.startswith(TRIAL_DIR_PREFIX):
+                sizes = [
+                    (f.stat().st_size, f.name) for f in Path(entry.path).rglob("*") if f.is_file()
+                ]
+                largest_trial = max(largest_trial, sum(size for size, _ in sizes))
+                largest_checkpoint = max(
+                    [largest_checkpoint, *(size for size, name in sizes if name == CHECKPOINT_FILE)]
+                )
+    if free >= running * largest_checkpoint + RESERVE_BYTES:
+        return None
+    need = max(unfinished, 1) * max(largest_trial, largest_checkpoint) + RESERVE_BYTES
+    return DiskFull(
+        f"{experiment.uri}: the disk is full ({size_text(free)} free; this sweep needs about "
+        f"{size_text(need)} more for its {unfinished} trials to go); free some space and run "
+        "the same command again: it goes on where it stopped"
+    )
 
 
 # ---------------------------------------------------------------------------- Trials

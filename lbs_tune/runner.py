@@ -29,7 +29,9 @@ from lbs_tune.errors import UserError
 from lbs_tune.experiment import (
     SWEEP_FILE,
     TRIAL_DIR_PREFIX,
+    DiskFull,
     count_outcomes,
+    disk_room,
     exclusive,
     finished_sweep,
     has_record,
@@ -494,7 +496,7 @@ def _fit(
     from ray import tune
 
     from lbs_tune.console import Console
-    from lbs_tune.trainable import HereScheduler, placement, train_trial
+    from lbs_tune.trainable import DiskWatch, HereScheduler, placement, train_trial
 
     console = Console(spec, experiment, verbose=verbose, table=table)
     if ray_address:
@@ -550,11 +552,20 @@ def _fit(
             # sync_period (Ray's default is 5 minutes): keep status and reports current.
             sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
             stop=stop,
-            callbacks=loggers,
+            callbacks=[*loggers, DiskWatch(experiment, spec.trial_count)],
         ),
         _tuner_kwargs={"resume_config": resume_config} if resume else None,
     )
-    results = console.fit(tuner)
+    try:
+        results = console.fit(tuner)
+    except DiskFull as full:
+        raise UserError(str(full)) from None
+    except Exception:
+        # What a full disk breaks first may be a write of the studies or of Ray's.
+        full = disk_room(experiment, running=1, unfinished=spec.trial_count)
+        if full is None:
+            raise
+        raise UserError(str(full)) from None
     line, code = _summary(spec, experiment, results, started)
     record_end(experiment)
     console.finish(f"sweep {spec.name}: {line}")

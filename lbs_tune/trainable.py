@@ -11,12 +11,14 @@ from __future__ import annotations
 import copy
 import shutil
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import ray
 import torch
 from ray import tune
+from ray.tune import Callback
 from ray.tune.schedulers import FIFOScheduler
 from ray.util.metrics import Gauge
 
@@ -24,7 +26,12 @@ from lbs_tune.build import resolve_device
 from lbs_tune.checkpoints import resume_state, save_checkpoint
 from lbs_tune.config import TrialConfig, trial_config
 from lbs_tune.errors import out_of_memory
-from lbs_tune.experiment import CHECKPOINT_FILE, checkpoint_number, trial_checkpoints
+from lbs_tune.experiment import (
+    CHECKPOINT_FILE,
+    checkpoint_number,
+    disk_room,
+    trial_checkpoints,
+)
 from lbs_tune.storage import Location
 from lbs_tune.training import train
 
@@ -64,6 +71,37 @@ class HereScheduler(FIFOScheduler):
             storage.storage_fs_path, storage.experiment_dir_name = here
             trial.set_storage(storage)
         super().on_trial_add(tune_controller, trial)
+
+
+class DiskWatch(Callback):
+    """Ends the sweep with `lbs_tune.experiment.DiskFull` once the experiment's disk has no room
+    for what its running trials write next (`disk_room`): checked at most every `every_s`
+    seconds, and whenever a trial fails (a full disk fails the trial that writes). The sweep so
+    ended resumes as one that was killed, once there is room."""
+
+    def __init__(self, experiment: Location, trial_count: int, every_s: float = 1.0):
+        self.experiment = experiment
+        self.trial_count = trial_count
+        self.every_s = every_s
+        self.checked = 0.0
+
+    def _check(self, trials: list) -> None:
+        running = sum(t.status == "RUNNING" for t in trials)
+        unfinished = self.trial_count - sum(t.status == "TERMINATED" for t in trials)
+        full = disk_room(self.experiment, running, unfinished)
+        if full is not None:
+            raise full
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        if time.monotonic() - self.checked >= self.every_s:
+            self.checked = time.monotonic()
+            self._check(trials)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._check(trials)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
+        self._check(trials)
 
 
 class RayReporter:

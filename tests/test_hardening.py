@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -492,6 +493,68 @@ def test_run_on_a_full_disk_is_one_line_leaves_no_temporary_file_and_fresh_then_
         check_writable(experiment.parent())
         with exclusive(experiment):
             assert prepare_folder(load_spec(spec), experiment, fresh=True) is None
+
+
+@pytest.mark.ray
+def test_a_sweep_that_fills_its_disk_stops_in_one_line_and_then_runs_exactly(
+    cli, ray_cluster, tmp_path
+):
+    """A tuned sweep on a 3 MB disk: it stops with one line that says how much it needs, exit
+    2, no traceback; on a grown disk the same command finishes every study exactly."""
+    from test_tuned import QUICKSTART_TUNED, TINY_TUNED, check_studies
+
+    sets = [arg for override in TINY_TUNED for arg in ("--set", override)]
+    with tmpfs(tmp_path / "disk", size="3m", full=False) as disk:
+        command = ("run", QUICKSTART_TUNED, "--storage", disk / "results", *sets)
+        code, _, err = cli(*command, "--address", ray_cluster.address)
+        assert code == 2 and "Traceback" not in err, err
+        (line,) = [ln for ln in err.splitlines() if ln.startswith("lbs-tune: error: ")]
+        assert line.startswith(f"lbs-tune: error: {disk}/results/quickstart_tuned: the disk is")
+        assert re.search(r"\(\S+ .?B free; this sweep needs about \S+ .?B more for its", line)
+        assert line.endswith("run the same command again: it goes on where it stopped"), line
+        json.loads((disk / "results" / "quickstart_tuned" / "lbs_sweep.json").read_text())
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        code, out, err = cli(*command, "--address", ray_cluster.address)
+        assert code == 0 and "6 of 6 trials: " in out, err
+        check_studies(disk / "results" / "quickstart_tuned")
+
+
+@pytest.mark.ray
+def test_a_local_sweep_killed_then_finished_leaves_nothing_in_tmpdir(tmp_path, data_dir):
+    """Its own Ray, started with TMPDIR set: killed once a checkpoint is made, then run again
+    to its end. $TMPDIR keeps Ray's folders (its session's logs, its file locks) and torch's
+    compile cache, nothing else: no forkserver folder of Ray's dashboard, no checkpoint."""
+    from test_restart import kill_when
+
+    # Short: Ray's sockets live below it, and a socket's path has at most 107 bytes.
+    tmp = Path(tempfile.mkdtemp(prefix="lbs-", dir="/tmp"))
+    spec = write_spec(tmp_path / "local.yaml", tiny_base(epochs=2), {"seed": [0, 1]})
+    storage = tmp_path / "results"
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "lbs_tune.cli", "run", str(spec), "--storage",
+               str(storage), "--cpus", "1"]  # fmt: skip
+    try:
+        kill_when(command, lambda: any(storage.glob("local/*/checkpoint_*")), env=env)
+        rerun = subprocess.run(command, env=env, capture_output=True, text=True)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert "2 of 2 trials: 2 finished" in rerun.stdout
+        ours = [p for p in os.listdir(tmp) if p not in ("ray", "_ray_lockfiles")]
+        assert [p for p in ours if not p.startswith("torchinductor_")] == []
+        assert _running_below(tmp) == [], "a Ray process of the sweeps lives on"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _running_below(folder: Path) -> list[int]:
+    """The processes whose command line names a path below `folder`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if str(folder).encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+    return found
 
 
 # ============================================================================ Resources

@@ -6,12 +6,14 @@ from. Drivers are real processes, SIGKILLed; the sweeps join the shared Ray clus
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,25 +40,31 @@ def states(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if STATE_FILE.match(p.name))
 
 
-def kill_when(command: list[str], ready: Callable[[], bool], wait_s: float = 240) -> None:
-    """Start the driver `command`, SIGKILL it (and its process group) once `ready()`."""
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # Ray saves its state every second
-    driver = subprocess.Popen(
-        command,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        env=env,
-    )
-    try:
-        deadline = time.monotonic() + wait_s
-        while not ready():
-            assert driver.poll() is None, "the driver ended before it could be killed"
-            assert time.monotonic() < deadline, "the driver never got there"
-            time.sleep(0.02)
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
+def kill_when(
+    command: list[str], ready: Callable[[], bool], wait_s: float = 240, env: dict | None = None
+) -> None:
+    """Start the driver `command` (environment `env`, os.environ by default), SIGKILL it and
+    its process group once `ready()`."""
+    # Ray saves its experiment state every second.
+    env = {**(env or os.environ), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    with tempfile.TemporaryFile("w+") as log:
+        driver = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
+        try:
+            deadline = time.monotonic() + wait_s
+            while not ready():
+                if driver.poll() is not None:
+                    log.seek(0)
+                    pytest.fail(
+                        f"the driver ended before it could be killed:\n{log.read()[-3000:]}"
+                    )
+                assert time.monotonic() < deadline, "the driver never got there"
+                time.sleep(0.02)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
 
 
 def cut_short(state: Path) -> None:
