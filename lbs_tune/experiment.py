@@ -379,35 +379,42 @@ class DiskFull(Exception):
     `str()` is the user's one line."""
 
 
-def disk_room(experiment: Location, running: int, unfinished: int) -> DiskFull | None:
+def disk_room(
+    experiment: Location, running: int, unfinished: int, checkpoint_bytes: int | None = None
+) -> DiskFull | None:
     """A DiskFull if the local disk of `experiment` has less room than its `running` trials'
-    next checkpoints take (each as large as the largest of the experiment's so far) and 1 MB
-    for reports and studies; None otherwise, and on object stores. Its message says how much
-    is free, about how much the `unfinished` trials need (each as much as the largest trial
-    folder so far), and what to do."""
+    next checkpoints take (each as large as the largest so far: `checkpoint_bytes` if known,
+    else read from the folder) and RESERVE_BYTES; None otherwise, and on object stores. Its
+    message says how much is free, about how much the `unfinished` trials need (each as much as
+    the largest trial folder so far), and what to do."""
     if not experiment.is_local or not os.path.isdir(experiment.path):
         return None
     stat = os.statvfs(experiment.path)
     free = stat.f_bavail * stat.f_frsize
-    largest_checkpoint, largest_trial = 0, 0
-    with os.scandir(experiment.path) as entries:
-        for entry in entries:
-            if entry.is_dir() and entry.name.startswith(TRIAL_DIR_PREFIX):
-                sizes = [
-                    (f.stat().st_size, f.name) for f in Path(entry.path).rglob("*") if f.is_file()
-                ]
-                largest_trial = max(largest_trial, sum(size for size, _ in sizes))
-                largest_checkpoint = max(
-                    [largest_checkpoint, *(size for size, name in sizes if name == CHECKPOINT_FILE)]
-                )
-    if free >= running * largest_checkpoint + RESERVE_BYTES:
+    if checkpoint_bytes is not None and free >= running * checkpoint_bytes + RESERVE_BYTES:
         return None
-    need = max(unfinished, 1) * max(largest_trial, largest_checkpoint) + RESERVE_BYTES
+    checkpoint, trial = _largest(experiment)
+    if free >= running * checkpoint + RESERVE_BYTES:
+        return None
+    need = max(unfinished, 1) * max(trial, checkpoint) + RESERVE_BYTES
     return DiskFull(
         f"{experiment.uri}: the disk is full ({size_text(free)} free; this sweep needs about "
         f"{size_text(need)} more for its {unfinished} trials to go); free some space and run "
         "the same command again: it goes on where it stopped"
     )
+
+
+def _largest(experiment: Location) -> tuple[int, int]:
+    """(bytes of the largest checkpoint file, of the largest trial folder) of a local
+    experiment."""
+    checkpoint, trial = 0, 0
+    for folder in Path(experiment.path).glob(f"{TRIAL_DIR_PREFIX}*"):
+        files = [f for f in folder.rglob("*") if f.is_file()]
+        trial = max(trial, sum(f.stat().st_size for f in files))
+        checkpoint = max(
+            [checkpoint] + [f.stat().st_size for f in files if f.name == CHECKPOINT_FILE]
+        )
+    return checkpoint, trial
 
 
 # ---------------------------------------------------------------------------- Trials
@@ -615,7 +622,7 @@ def _object_store_lock(
             holder = {}
         holder = holder if isinstance(holder, dict) else {}
         here = holder.get("host") == mine["host"]
-        if here and not _alive(holder.get("pid")):
+        if here and not alive(holder.get("pid")):
             print(
                 f"lbs-tune: warning: taking over the lock of a dead run: {_who(holder)}",
                 file=sys.stderr,
@@ -637,7 +644,8 @@ def _object_store_lock(
                 lock.fs.delete_file(lock.path)
 
 
-def _alive(pid: Any) -> bool:
+def alive(pid: Any) -> bool:
+    """Whether a process of this host has the id `pid`."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:

@@ -1,19 +1,30 @@
-"""What a local Ray leaves in the temporary folder ($TMPDIR), found and removed.
+"""What a sweep's processes leave in the temporary folder ($TMPDIR), found and removed.
 
 Ray's dashboard starts its modules through a multiprocessing forkserver, whose socket lives in
 a `pymp-*` folder of the temporary folder. Python removes that folder when the process exits
 normally; Ray stops its dashboard with a signal, so every local sweep (finished or killed) left
 one behind. `forkserver_folders` finds those whose sockets no live process listens on; they are
 removed when a local sweep starts and once its Ray has stopped.
+
+The driver's own temporary files (W&B, which Ray imports to count the callbacks it is given,
+makes two folders at import and removes them at exit) go to a folder of its own while a sweep
+runs (`driver_folder`), removed at exit, or by the next sweep once its process is gone.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import os
+import re
+import shutil
 import stat
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+from lbs_tune.experiment import alive
 
 # The bound Unix sockets of every process of this machine (Linux).
 UNIX_SOCKETS = Path("/proc/net/unix")
@@ -69,3 +80,26 @@ def remove_forkserver_folders(wait_for: set[Path] = frozenset(), wait_s: float =
         if not (wait_for & pymp_folders()) or time.monotonic() >= deadline:
             return
         time.sleep(0.1)
+
+
+# A driver's temporary folder: `lbs-driver-<pid>-<random>`.
+DRIVER_FOLDER = re.compile(r"^lbs-driver-(\d+)-")
+
+
+@contextlib.contextmanager
+def driver_folder() -> Iterator[Path]:
+    """While the body runs, this process's temporary files go to a folder of its own in the
+    temporary folder; it is removed when the process exits (after the libraries that made files
+    there removed theirs). Folders of drivers that are gone (killed) are removed first."""
+    for old in Path(tempfile.gettempdir()).glob("lbs-driver-*"):
+        match = DRIVER_FOLDER.match(old.name)
+        if match and not alive(int(match.group(1))):
+            shutil.rmtree(old, ignore_errors=True)
+    folder = tempfile.mkdtemp(prefix=f"lbs-driver-{os.getpid()}-")
+    # Registered now, so it runs after the exit handlers of what the body imports.
+    atexit.register(shutil.rmtree, folder, True)
+    before, tempfile.tempdir = tempfile.tempdir, folder
+    try:
+        yield Path(folder)
+    finally:
+        tempfile.tempdir = before

@@ -496,6 +496,7 @@ def _fit(
     from ray import tune
 
     from lbs_tune.console import Console
+    from lbs_tune.leftovers import driver_folder
     from lbs_tune.trainable import DiskWatch, HereScheduler, placement, train_trial
 
     console = Console(spec, experiment, verbose=verbose, table=table)
@@ -557,7 +558,8 @@ def _fit(
         _tuner_kwargs={"resume_config": resume_config} if resume else None,
     )
     try:
-        results = console.fit(tuner)
+        with driver_folder():
+            results = console.fit(tuner)
     except DiskFull as full:
         raise UserError(str(full)) from None
     except Exception:

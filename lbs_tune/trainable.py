@@ -8,7 +8,9 @@ and batch size).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import shutil
 import socket
 import time
@@ -75,22 +77,30 @@ class HereScheduler(FIFOScheduler):
 
 class DiskWatch(Callback):
     """Ends the sweep with `lbs_tune.experiment.DiskFull` once the experiment's disk has no room
-    for what its running trials write next (`disk_room`): checked at most every `every_s`
-    seconds, and whenever a trial fails (a full disk fails the trial that writes). The sweep so
-    ended resumes as one that was killed, once there is room."""
+    for what its running trials write next (`disk_room`, with the largest checkpoint seen so
+    far): checked at most every `every_s` seconds, and whenever a trial fails (a full disk
+    fails the trial that writes). The sweep so ended resumes as a killed one, once there is
+    room."""
 
     def __init__(self, experiment: Location, trial_count: int, every_s: float = 1.0):
         self.experiment = experiment
         self.trial_count = trial_count
         self.every_s = every_s
         self.checked = 0.0
+        self.checkpoint_bytes = 0
 
     def _check(self, trials: list) -> None:
         running = sum(t.status == "RUNNING" for t in trials)
         unfinished = self.trial_count - sum(t.status == "TERMINATED" for t in trials)
-        full = disk_room(self.experiment, running, unfinished)
+        full = disk_room(self.experiment, running, unfinished, self.checkpoint_bytes)
         if full is not None:
             raise full
+
+    def on_checkpoint(self, iteration: int, trials: list, trial, checkpoint, **info) -> None:
+        if self.experiment.is_local:
+            with contextlib.suppress(OSError):
+                size = os.path.getsize(os.path.join(checkpoint.path, CHECKPOINT_FILE))
+                self.checkpoint_bytes = max(self.checkpoint_bytes, size)
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
         if time.monotonic() - self.checked >= self.every_s:

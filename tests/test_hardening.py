@@ -36,6 +36,7 @@ from test_sweeps import _driver, histories, metrics_only
 from analysis.status import status
 from lbs_tune.errors import UserError, cut, printable
 from lbs_tune.experiment import (
+    disk_room,
     exclusive,
     lock_location,
     mixed_runs,
@@ -45,7 +46,7 @@ from lbs_tune.experiment import (
 )
 from lbs_tune.runner import check_writable, prepare_folder
 from lbs_tune.spec import load_spec
-from lbs_tune.storage import locate
+from lbs_tune.storage import locate, size_text
 from lbs_tune.studies import create_storage
 
 # Sequences that set the terminal's title and clear its screen.
@@ -495,6 +496,23 @@ def test_run_on_a_full_disk_is_one_line_leaves_no_temporary_file_and_fresh_then_
             assert prepare_folder(load_spec(spec), experiment, fresh=True) is None
 
 
+def test_disk_room_counts_the_running_trials_next_checkpoints(tmp_path):
+    with tmpfs(tmp_path / "disk", size="2m", full=False) as disk:
+        experiment = locate(disk / "tiny")
+        trial = disk / "tiny" / "train_trial_1a2b3_00000_batch_size=32" / "checkpoint_000000"
+        trial.mkdir(parents=True)
+        (trial / "state.pt").write_bytes(b"\0" * 300_000)  # 2 MB disk: ~1.7 MB free
+        assert disk_room(experiment, running=2, unfinished=3) is None
+        full = disk_room(experiment, running=3, unfinished=3)  # 0.9 MB + 1 MB reserve
+        assert str(full) == (
+            f"{disk}/tiny: the disk is full ({size_text(shutil.disk_usage(disk).free)} free; this "
+            "sweep needs about 1.9 MB more for its 3 trials to go); free some space and run the "
+            "same command again: it goes on where it stopped"
+        )
+        # A checkpoint size known beforehand decides without reading the folder.
+        assert disk_room(experiment, 2, 3, checkpoint_bytes=300_000) is None
+
+
 @pytest.mark.ray
 def test_a_sweep_that_fills_its_disk_stops_in_one_line_and_then_runs_exactly(
     cli, ray_cluster, tmp_path
@@ -584,6 +602,24 @@ def test_a_local_sweep_that_asks_for_more_than_the_machine_has_is_refused_before
     error = one_line(*cli("run", spec, "--storage", tmp_path / "results", *flags)[::2])
     assert line in error
     assert sorted(os.listdir(tmp_path)) == ["tiny.yaml"], "nothing is left behind"
+
+
+@pytest.mark.ray
+def test_a_cluster_that_lacks_what_a_trial_asks_for_is_said_once(ray_cluster, tmp_path, capsys):
+    from lbs_tune.runner import _waiting_for
+
+    gpu = {"32": 1, "64": ray_cluster.gpus + 1}
+    spec = write_spec(
+        tmp_path / "big.yaml", tiny_base(), {"batch_size": [32, 64]}, resources={"gpu": gpu}
+    )
+    _waiting_for(load_spec(spec))
+    assert capsys.readouterr().err == (
+        "lbs-tune: waiting for the cluster to grow: a trial of batch size 64 asks for "
+        f"{ray_cluster.gpus + 1} GPU (resources.gpu) and the cluster has {ray_cluster.gpus} now; "
+        "an autoscaler may add nodes; if none will, stop this run and run it with less\n"
+    )
+    _waiting_for(load_spec(spec, ["resources.gpu=1"]))
+    assert capsys.readouterr().err == "", "it fits: nothing to say"
 
 
 # ============================================================================ Damaged files
@@ -902,3 +938,19 @@ def test_a_cifar_archive_that_is_not_torchvisions_is_refused(tmp_path):
         read_torchvision("cifar10", tmp_path / "data", download=False)
     message = str(info.value)
     assert f"{archive}: MD5 " in message and "c58f30108f718f92721af3b95e74349a" in message
+
+
+# ============================================================================ The README
+
+
+def test_every_test_the_readmes_reliability_section_names_exists():
+    root = Path(__file__).parent.parent
+    text = (root / "README.md").read_text()
+    section = text.split("### Reliability")[1].split("\n### ")[0]
+    named = set(re.findall(r"`(?:test_\w+\.py::)?(test_\w+)`", section))
+    defined = {
+        name
+        for test_file in (root / "tests").glob("test_*.py")
+        for name in re.findall(r"^def (test_\w+)\(", test_file.read_text(), re.MULTILINE)
+    }
+    assert len(named) >= 15 and sorted(named - defined) == []
