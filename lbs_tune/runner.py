@@ -419,9 +419,10 @@ def resume_point(spec: SweepSpec, experiment: Location, recorded: dict | None) -
             "cannot be moved aside; run the sweep file with --fresh to start it again"
         )
     where = set_aside(experiment, aside)
+    moved = f"{len(strays)} trial folders, {len(aside) - len(strays)} files of Ray's"
     print(
-        f"lbs-tune: warning: {reason}: {then}; {len(strays)} trial folders that will not be "
-        f"used again moved to {experiment.join(where).uri}",
+        f"lbs-tune: warning: {reason}: {then}; what no run will use again ({moved}) moved to "
+        f"{experiment.join(where).uri}",
         file=sys.stderr,
     )
     return trials is not None

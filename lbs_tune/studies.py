@@ -109,8 +109,9 @@ def study_storage(folder: str | Path) -> StudyStorage:
     """The studies' storage in an experiment folder (a local or shared POSIX path): SQLite,
     because a transaction either lands whole or not at all when the driver is SIGKILLed, and the
     OS drops its locks with the process (a journal file leaves a stale lock behind for 30 s).
-    The path is percent-escaped: a folder named with `?`, `#` or `%41` is that folder."""
-    url = f"sqlite:///{quote(str(Path(folder).expanduser().resolve() / STUDY_FILE))}"
+    The path is percent-escaped (spaces aside, as the URL reads well with them): a folder named
+    with `?`, `#` or `%41` is that folder."""
+    url = f"sqlite:///{quote(str(Path(folder).expanduser().resolve() / STUDY_FILE), safe='/ ')}"
     return StudyStorage(url, f"optuna-dashboard {shlex.quote(url)}")
 
 
