@@ -4,6 +4,10 @@ The experiment folder is `<storage>/<name>`: Ray Tune's own files plus `lbs_swee
 resolved spec, its digest, the lbs-tune version, the git commit, the command, the times). Running
 the same spec again resumes it (finished trials kept; interrupted and errored ones continue from
 their newest checkpoint; pending ones start); another spec under the same name is refused.
+
+Every run makes a new Tuner from this run's settings and folder, and resumes the trials of Ray's
+newest readable state there (`resume_point`): a sweep stopped at any moment, or copied or moved
+elsewhere, ends with exactly the trials it asks for, in its own folder.
 """
 
 from __future__ import annotations
