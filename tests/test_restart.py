@@ -97,11 +97,11 @@ def test_a_tuned_sweep_killed_before_ray_saves_then_copied_and_cut_short_runs_ev
     cut_short(states(copy)[-1])
 
     code, out, err = cli("resume", copy, "--address", ray_cluster.address)
+    assert files(folder) == before, "the copy's run wrote into the original"
     assert code == 0, (out, err)
     assert "sweep quickstart_tuned: 6 of 6 trials: " in out
     assert "cannot be read (cut short when the run was stopped?): its trials start again" in err
     check_studies(copy)
-    assert files(folder) == before, "the copy's run wrote into the original"
     db = (copy / "optuna.db").read_bytes()
     code, _, err = cli("report", copy, "-o", tmp_path / "report.html")
     assert code == 0, err
@@ -123,13 +123,14 @@ def test_a_grid_sweep_whose_ray_state_is_cut_short_reruns_without_duplicates(
     spec = sweep_spec(tmp_path, "tiny")
     storage = tmp_path / "results"
     folder = storage / "tiny"
+    # Killed once two trials' reports reached the experiment folder (with Ray's state).
     kill_when(
         _driver(spec, storage, ray_cluster.address),
-        lambda: len({p.parent for p in folder.glob("*/checkpoint_*")}) >= 2 and states(folder),
+        lambda: len(list(folder.glob("*/result.json"))) >= 2 and states(folder),
     )
     cut_short(states(folder)[-1])
     assert run(spec, storage=str(storage), address=ray_cluster.address) == 0
-    assert len(list(folder.glob("*/params.json"))) == 4, "a trial folder twice"
+    assert len(list(folder.glob("train_trial_*"))) == 4, "a trial folder twice"
     expected, found = histories(reference), histories(folder)
     assert sorted(found) == sorted(expected)
     for key, rows in expected.items():
@@ -154,9 +155,9 @@ def test_a_copied_grid_sweep_resumes_in_its_new_place_and_leaves_the_old(
     copy = tmp_path / "elsewhere" / "tiny-copy"
     shutil.copytree(folder, copy, symlinks=True)
     code, out, err = cli("resume", copy, "--address", ray_cluster.address)
-    assert code == 0 and "4 of 4 trials: 4 finished" in out, (out, err)
     assert files(folder) == before, "the copy's run wrote into the original"
-    assert len(list(copy.glob("*/params.json"))) == 4
+    assert code == 0 and "4 of 4 trials: 4 finished" in out, (out, err)
+    assert len(list(copy.glob("train_trial_*"))) == 4
     expected, found = histories(reference), histories(copy)
     assert sorted(found) == sorted(expected)
     for key, rows in expected.items():
