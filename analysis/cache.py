@@ -8,10 +8,11 @@ import json
 import warnings
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from analysis.tables import Results
-from lbs_tune.experiment import CACHE_DIR, read_parquet, write_parquet
-from lbs_tune.storage import Location
+from lbs_tune.experiment import CACHE_DIR, read_parquet
+from lbs_tune.storage import Location, atomic_outputs, check_space
 
 # Part of the manifest: a new table layout makes every old cache stale.
 CACHE_VERSION = 6
@@ -37,7 +38,7 @@ def write_cache(where: Location, files: dict[str, list[int]], results: Results) 
     """Cache `results`, made of `files`; a folder that cannot be written only warns."""
     folder = where.join(CACHE_DIR)
     try:
-        write_tables(results, folder)
+        write_tables(dict(zip(TABLES, results, strict=True)), folder)
         # Written last: a manifest on disk means the tables beside it are complete.
         folder.join("manifest.json").write_text(
             json.dumps({"version": CACHE_VERSION, "files": files})
@@ -49,13 +50,20 @@ def write_cache(where: Location, files: dict[str, list[int]], results: Results) 
         )
 
 
-def write_tables(results: Results, folder: Location) -> list[str]:
-    """Write `trials.parquet` and `history.parquet` into `folder` (made as needed); the sweep
-    record rides in the trials table's schema metadata. Returns their URIs."""
-    folder.fs.create_dir(folder.path, recursive=True)
-    written = []
-    for name, table in zip(TABLES, results, strict=True):
-        target = folder.join(f"{name}.parquet")
-        write_parquet(target, table)
-        written.append(target.uri)
-    return written
+def write_tables(tables: dict[str, pa.Table], folder: Location) -> list[str]:
+    """Write each table as `<name>.parquet` into `folder` (made as needed), all or none (see
+    `lbs_tune.storage.atomic_outputs`), once the disk is known to have room for them (else an
+    OSError that says how much is needed); the sweep record rides in the trials table's schema
+    metadata. Returns their URIs."""
+    blobs = {}
+    for name, table in tables.items():
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        blobs[name] = sink.getvalue()
+    # A block per file on top of its bytes: what a file system takes at most beyond them.
+    check_space(folder, sum(blob.size + 4096 for blob in blobs.values()))
+    targets = [folder.join(f"{name}.parquet") for name in blobs]
+    with atomic_outputs(targets) as files:
+        for f, blob in zip(files, blobs.values(), strict=True):
+            f.write(blob)
+    return [target.uri for target in targets]

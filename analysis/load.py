@@ -13,11 +13,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from analysis.cache import read_cache, write_cache, write_tables
+from analysis.cache import TABLES, read_cache, write_cache, write_tables
 from analysis.tables import Results, build
 from analysis.tune_files import manifest
 from lbs_tune.experiment import read_evaluation
-from lbs_tune.storage import Location, locate
+from lbs_tune.storage import Location, locate, scaffolding
 
 
 def experiment_location(source: Any) -> Location:
@@ -57,17 +57,25 @@ def export(source: Any, out_dir: str | Path) -> list[str]:
     The history carries the grid keys; metrics never reported are left out; config columns
     have their declared types (analysis.exported). A searched sweep adds `studies.parquet`:
     every trial of its Optuna studies; a branched sweep `branches.parquet` (analysis.branches).
-    Returns the paths written."""
+    All files are written or none (a full disk is an OSError that says how much space they
+    need, and leaves an earlier export as it was, and no folder made for this one). Returns the
+    paths written."""
     # Here, not at the top: a plain load needs neither Optuna nor the fit's scipy.
-    from analysis.branches import write_branch_table
+    from analysis.branches import branch_table
     from analysis.exported import for_export
-    from analysis.summary import write_study_trials
+    from analysis.summary import study_trials_table
 
     results = load(source)
-    written = write_tables(for_export(results), locate(out_dir))
-    studies = write_study_trials(experiment_location(source), out_dir)
-    branches = write_branch_table(results, out_dir)  # a branched sweep's branches.parquet
-    return written + [path for path in (studies, branches) if path]
+    tables = dict(zip(TABLES, for_export(results), strict=True))
+    studies = study_trials_table(experiment_location(source))
+    if studies is not None:
+        tables["studies"] = studies
+    branches = branch_table(results)  # a branched sweep's branches.parquet
+    if branches is not None:
+        tables["branches"] = branches
+    target = locate(out_dir)
+    with scaffolding(target):
+        return write_tables(tables, target)
 
 
 def load_evaluation(source: Any) -> pa.Table | None:

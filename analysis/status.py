@@ -22,7 +22,7 @@ from analysis.tables import FINISHED
 from lbs_tune.config import SEARCH_KEY
 from lbs_tune.errors import UserError, cut, did_you_mean, printable
 from lbs_tune.experiment import has_record, mixed_runs, read_record
-from lbs_tune.studies import Objective, finite_number, objective_for
+from lbs_tune.studies import STUDY_FILE, Objective, finite_number, objective_for
 from lbs_tune.sweep import SweepSpec
 
 
@@ -159,6 +159,12 @@ def status(source: str, wide: bool = False) -> str:
     mixed = mixed_runs(runs)
     if mixed:
         lines.append(f"  {len(runs)} runs, under other code or data than the first: {mixed}")
+    if experiment.join(STUDY_FILE).exists():  # a searched sweep; a damaged optuna.db: UserError
+        from analysis.summary import studies_of
+
+        studies = studies_of(experiment)
+        told = sum(s.finished for s in studies)
+        lines.append(f"  Optuna studies: {len(studies)}, {told} trials told to them")
     if trials:
         header = [c.header for c in shown]
         rows = [list(row) for row in zip(*(c.cells for c in shown), strict=True)]

@@ -53,7 +53,7 @@ from analysis.budget import Censoring, best_of_k, censoring
 from analysis.known import Exact, compare
 from analysis.metrics import BATCH, SEED, seed_spread
 from analysis.scaling import RESAMPLES, ScalingFit, fit_scaling
-from lbs_tune.experiment import REPORT_FILE, SUMMARY_FILE, write_parquet
+from lbs_tune.experiment import REPORT_FILE, SUMMARY_FILE
 from lbs_tune.names import comparison, first_reached
 from lbs_tune.storage import Location, locate
 from lbs_tune.studies import STUDY_FILE, Objective, StudyRecord, read_studies
@@ -725,15 +725,3 @@ def study_trials_table(source: Location | str | Path) -> pa.Table | None:
     names = fixed.names
     at = names.index("at_value") + 1
     return table.select(names[:2] + grid + names[2:at] + params + names[at:])
-
-
-def write_study_trials(source: Location | str | Path, out_dir: Location | str | Path) -> str | None:
-    """Write `studies.parquet` (see `study_trials_table`) into `out_dir`; its URI, or None
-    when the experiment has no studies."""
-    table = study_trials_table(source)
-    if table is None:
-        return None
-    folder = out_dir if isinstance(out_dir, Location) else locate(out_dir)
-    target = folder.join("studies.parquet")
-    write_parquet(target, table)
-    return target.uri

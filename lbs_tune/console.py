@@ -192,7 +192,7 @@ class Console(Callback):
 
     def fit(self, fit: Callable[[], T], quiet: bool) -> T:
         """Run `fit` (a Tuner's fit) and return what it returns. `quiet`: this console is the
-        Tuner's callback and Ray's verbosity 0 (lbs_tune.loggers.replace_in): Ray's output and
+        Tuner's callback and Ray's verbosity 0 (as lbs_tune.runner makes it): Ray's output and
         log lines are quieted while it runs (see quiet_logs); on a terminal, other output to
         stdout and stderr erases the live block first, so it is never overwritten."""
         # The console itself writes to the real stream, also while stdout is guarded.

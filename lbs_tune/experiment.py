@@ -15,6 +15,7 @@ No torch and no Ray here: `analysis` reads through these names too.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import posixpath
@@ -26,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -34,7 +35,7 @@ import pyarrow.parquet as pq
 
 from lbs_tune import __version__
 from lbs_tune.errors import UserError
-from lbs_tune.storage import Location
+from lbs_tune.storage import Location, size_text
 
 T = TypeVar("T")
 
@@ -51,6 +52,10 @@ CHECKPOINT_FILE = "state.pt"  # our state inside each of them
 EVALUATION_FILE = "evaluation.parquet"
 CACHE_DIR = ".lbs_cache"
 REPORT_FILE = "report.html"
+# Trial folders that no run of the sweep will use again, and Ray's files of a run whose state
+# was lost (lbs_tune.runner), moved here rather than deleted.
+SET_ASIDE_DIR = ".lbs_set_aside"
+TRIAL_DIR_PREFIX = "train_trial_"  # every trial folder's name starts so (lbs_tune.runner)
 SUMMARY_FILE = "summary.json"
 # The state of a branched sweep's searcher (lbs_tune.branch_searcher), JSON text. Not named
 # .json: on restore Ray copies the experiment folder's .json and .pkl files into its staging
@@ -214,10 +219,11 @@ def finished_sweep(experiment: Location, digest: str, count: int) -> str | None:
     needs neither Ray nor the lock."""
     if not has_record(experiment) or read_record(experiment).get("digest") != digest:
         return None
-    trials = _newest_state(experiment)
-    if trials is None or len(trials) != count or any(s != "TERMINATED" for s, _ in trials):
+    names = state_files(experiment)
+    trials = read_state(experiment.join(names[0])) if names else None
+    if trials is None or len(trials) != count or any(t.state != "TERMINATED" for t in trials):
         return None
-    counts = count_outcomes(trials)
+    counts = count_outcomes((t.state, t.diverged) for t in trials)
     line = ", ".join(f"{n} {label}" for label, n in counts.items() if label != "running or pending")
     return (
         f"sweep {read_record(experiment).get('name')} is finished ({line}) in {experiment.uri}: "
@@ -225,25 +231,59 @@ def finished_sweep(experiment: Location, digest: str, count: int) -> str | None:
     )
 
 
-def _newest_state(experiment: Location) -> list[tuple[str, bool]] | None:
-    """(Ray state, diverged) of each trial in Ray's newest experiment state file; None without
-    one, or if it cannot be read (Ray may be rewriting it)."""
+class RayTrial(NamedTuple):
+    """One trial of Ray's experiment state."""
+
+    trial_id: str
+    state: str  # PENDING, RUNNING, PAUSED, TERMINATED or ERROR
+    folder: str | None  # its folder in the experiment (None before it started)
+    diverged: bool  # its last report said so
+
+
+def state_files(experiment: Location) -> list[str]:
+    """The names of Ray's experiment states in `experiment`, newest first (Ray names each by
+    the start of the run that writes it, and restores from the newest)."""
     try:
         infos = experiment.fs.get_file_info(pafs.FileSelector(experiment.path))
     except (FileNotFoundError, NotADirectoryError):
-        return None
-    names = sorted(i.base_name for i in infos if STATE_FILE.match(i.base_name))
-    if not names:
-        return None
+        return []
+    return sorted((i.base_name for i in infos if STATE_FILE.match(i.base_name)), reverse=True)
+
+
+def read_state(state: Location) -> list[RayTrial] | None:
+    """The trials of one of Ray's experiment state files; None if it cannot be read (Ray may
+    be rewriting it, or a kill cut it short)."""
     try:
-        pairs = json.loads(experiment.join(names[-1]).read_text())["trial_data"]
+        pairs = json.loads(state.read_text())["trial_data"]
         trials = []
         for trial, runtime in pairs:
+            info = json.loads(trial)
             last = json.loads(runtime).get("last_result") or {}
-            trials.append((json.loads(trial)["status"], bool(last.get("diverged"))))
+            folder = info.get("relative_logdir")
+            trials.append(
+                RayTrial(info["trial_id"], info["status"], folder, bool(last.get("diverged")))
+            )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     return trials
+
+
+def run_files(name: str) -> re.Pattern[str]:
+    """The files that Ray writes in the experiment for the run whose experiment state is `name`
+    (its search algorithm's and callbacks' states share the run's time stamp)."""
+    stamp = name.removeprefix("experiment_state-").removesuffix(".json")
+    return re.compile(rf"^[a-z_-]+-{re.escape(stamp)}\.(json|pkl)$")
+
+
+def set_aside(experiment: Location, names: list[str]) -> str:
+    """Move the entries `names` of the experiment (files or trial folders) into a folder of
+    SET_ASIDE_DIR named by the time; return that folder's path within the experiment. Readers
+    and Ray never look there; nothing is deleted."""
+    folder = posixpath.join(SET_ASIDE_DIR, datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+    experiment.fs.create_dir(experiment.join(folder).path, recursive=True)
+    for name in names:
+        experiment.fs.move(experiment.join(name).path, experiment.join(folder, name).path)
+    return folder
 
 
 def count_outcomes(trials) -> dict[str, int]:
@@ -331,6 +371,56 @@ def _checkpoint_name(checkpoint: Location) -> str:
     return folder if CHECKPOINT_DIR.match(folder) else checkpoint.name
 
 
+# ---------------------------------------------------------------------------- Disk space
+
+
+# Room kept for reports, the sweep record and the studies, beside checkpoints.
+RESERVE_BYTES = 1_000_000
+
+
+class DiskFull(Exception):
+    """The disk of an experiment has no room for what its sweep writes next (see `disk_room`);
+    `str()` is the user's one line."""
+
+
+def disk_room(
+    experiment: Location, running: int, unfinished: int, checkpoint_bytes: int | None = None
+) -> DiskFull | None:
+    """A DiskFull if the local disk of `experiment` has less room than its `running` trials'
+    next checkpoints take (each as large as the largest so far: `checkpoint_bytes` if known,
+    else read from the folder) and RESERVE_BYTES; None otherwise, and on object stores. Its
+    message says how much is free, about how much the `unfinished` trials need (each as much as
+    the largest trial folder so far), and what to do."""
+    if not experiment.is_local or not os.path.isdir(experiment.path):
+        return None
+    stat = os.statvfs(experiment.path)
+    free = stat.f_bavail * stat.f_frsize
+    if checkpoint_bytes is not None and free >= running * checkpoint_bytes + RESERVE_BYTES:
+        return None
+    checkpoint, trial = _largest(experiment)
+    if free >= running * checkpoint + RESERVE_BYTES:
+        return None
+    need = max(unfinished, 1) * max(trial, checkpoint) + RESERVE_BYTES
+    return DiskFull(
+        f"{experiment.uri}: the disk is full ({size_text(free)} free; this sweep needs about "
+        f"{size_text(need)} more for its {unfinished} trials to go); free some space and run "
+        "the same command again: it goes on where it stopped"
+    )
+
+
+def _largest(experiment: Location) -> tuple[int, int]:
+    """(bytes of the largest checkpoint file, of the largest trial folder) of a local
+    experiment."""
+    checkpoint, trial = 0, 0
+    for folder in Path(experiment.path).glob(f"{TRIAL_DIR_PREFIX}*"):
+        files = [f for f in folder.rglob("*") if f.is_file()]
+        trial = max(trial, sum(f.stat().st_size for f in files))
+        checkpoint = max(
+            [checkpoint] + [f.stat().st_size for f in files if f.name == CHECKPOINT_FILE]
+        )
+    return checkpoint, trial
+
+
 # ---------------------------------------------------------------------------- Trials
 
 
@@ -395,24 +485,36 @@ def read_evaluation(experiment: Location) -> pa.Table | None:
 # ---------------------------------------------------------------------------- One writer
 
 
-# The longest a lock may stay empty while its writer writes it (one small write).
+# The longest a lock may stay empty while its holder writes who it is (one small write).
 LOCK_WRITE_S = 2.0
 
 
+def canonical(experiment: Location) -> Location:
+    """The experiment as one name, however it was given: on a local disk, its path with every
+    symbolic link resolved (`results/q` linking to `bigdisk/q` is `bigdisk/q`; a `file://` URI
+    is its path); elsewhere, as given."""
+    if not experiment.is_local:
+        return experiment
+    path = os.path.realpath(experiment.path)
+    return Location(experiment.fs, path, path)
+
+
 def lock_location(experiment: Location) -> Location:
-    """The lock of an experiment: beside its folder, so `--fresh` can move the folder aside
-    while the lock stays held, and readers of the folder never meet it."""
-    return experiment.parent().join(f".{experiment.name}.lbs-lock")
+    """The lock of an experiment: beside its folder (its canonical path), so `--fresh` can move
+    the folder aside while the lock stays held, and readers of the folder never meet it."""
+    return canonical(experiment).parent().join(f".{canonical(experiment).name}.lbs-lock")
 
 
 @contextlib.contextmanager
 def exclusive(experiment: Location, force: bool = False) -> Iterator[None]:
     """Hold the experiment's lock (host, pid, start time, command) while the body runs.
 
-    A lock held by a live process, or by any process on another host, is a UserError naming the
-    holder; with `force`, a lock of another host is taken over. A lock left by a dead process of
-    this host is taken over with a warning. On a local disk the lock file is created atomically
-    (O_EXCL); on an object store, where nothing is, it is checked and then written.
+    A lock held by a live run is a UserError naming the holder. On a local or shared disk the
+    holder is who holds `fcntl.flock` on the lock file: the kernel drops it when its process
+    dies, so the takeover of a dead run's lock is atomic (of any number of simultaneous takers,
+    one gets it). A lock left by a run of this host that died is taken over with a warning; one
+    left by another host is taken only with `force` (a file system may not share flocks between
+    hosts). On an object store, where no file can be locked, the lock is checked, then written.
     """
     lock = lock_location(experiment)
     mine = {
@@ -421,83 +523,133 @@ def exclusive(experiment: Location, force: bool = False) -> Iterator[None]:
         "started": now_iso(),
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
     }
-    while not _create(lock, mine):
-        holder = _holder(lock)
-        if holder is None:
-            continue  # released meanwhile, or unreadable and removed: try again
-        who = (
-            f"{holder.get('host')} pid {holder.get('pid')} since {holder.get('started')} "
-            f"({' '.join(map(str, holder.get('command') or []))})"
-        )
-        if holder.get("host") == mine["host"] and not _alive(holder.get("pid")):
-            print(f"lbs-tune: warning: taking over the lock of a dead run: {who}", file=sys.stderr)
-        elif holder.get("host") != mine["host"] and force:
-            print(
-                f"lbs-tune: warning: --force-unlock: taking over the lock of {who}", file=sys.stderr
-            )
-        elif holder.get("host") != mine["host"]:
-            raise UserError(
-                f"{experiment.uri}: another run holds this sweep: {who}; wait for it, or if that "
-                f"host's run is gone, run again with --force-unlock"
-            )
-        else:
-            raise UserError(
-                f"{experiment.uri}: another run holds this sweep: {who}; wait for it to end or "
-                "stop it (a second writer would run its trials twice)"
-            )
-        _remove(lock)
+    if not lock.is_local:
+        with _object_store_lock(experiment, lock, mine, force):
+            yield
+        return
+    fd = _take(experiment, lock.path, mine, force)
     try:
         yield
     finally:
-        if _holder(lock) == mine:
-            _remove(lock)
+        # Removed while still held: a taker that opened it meanwhile finds, once it holds it,
+        # that the path names another file (or none) and opens it again (see `_take`).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock.path)
+        os.close(fd)
 
 
-def _create(lock: Location, content: dict[str, Any]) -> bool:
-    """Write the lock if there is none; False if there is one."""
-    text = json.dumps(content).encode()
-    if not lock.is_local:
-        if lock.exists():
-            return False
-        with lock.fs.open_output_stream(lock.path) as f:
-            f.write(text)
-        return True
-    os.makedirs(posixpath.dirname(lock.path), exist_ok=True)
-    try:
-        fd = os.open(lock.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "wb") as f:
-        f.write(text)
-    return True
+def _who(holder: dict[str, Any]) -> str:
+    return (
+        f"{holder.get('host')} pid {holder.get('pid')} since {holder.get('started')} "
+        f"({' '.join(map(str, holder.get('command') or []))})"
+    )
 
 
-def _holder(lock: Location) -> dict[str, Any] | None:
-    """The lock's content; None if there is none. A lock that is not JSON yet is being written
-    (its writer created it and writes next): wait for it; one still not JSON after
-    LOCK_WRITE_S was left by a writer that died in between, and is removed."""
+def _busy(experiment: Location, holder: dict[str, Any], host: str) -> UserError:
+    """The error of a lock held by a live run, or left by another host's."""
+    if holder.get("host") != host:
+        return UserError(
+            f"{experiment.uri}: another run holds this sweep: {_who(holder)}; wait for it, or if "
+            "that host's run is gone, run again with --force-unlock"
+        )
+    return UserError(
+        f"{experiment.uri}: another run holds this sweep: {_who(holder)}; wait for it to end or "
+        "stop it (a second writer would run its trials twice)"
+    )
+
+
+def _take(experiment: Location, path: str, mine: dict[str, Any], force: bool) -> int:
+    """Hold the flock of the lock file at `path` and write `mine` into it; return its fd."""
+    os.makedirs(posixpath.dirname(path), exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # Held: its holder may not have written who it is yet.
+            holder = _content(fd, wait=LOCK_WRITE_S) or {"host": "?", "pid": "?"}
+            os.close(fd)
+            raise _busy(experiment, holder, mine["host"]) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # its holder removed it as it let go: take the file that is there now
+            os.close(fd)
+            continue
+        left = _content(fd)
+        if left and left.get("host") == mine["host"]:
+            print(
+                f"lbs-tune: warning: taking over the lock of a dead run: {_who(left)}",
+                file=sys.stderr,
+            )
+        elif left and force:
+            print(
+                f"lbs-tune: warning: --force-unlock: taking over the lock of {_who(left)}",
+                file=sys.stderr,
+            )
+        elif left:
+            os.close(fd)
+            raise _busy(experiment, left, mine["host"])
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(mine).encode(), 0)
+        os.fsync(fd)
+        return fd
+
+
+def _content(fd: int, wait: float = 0.0) -> dict[str, Any] | None:
+    """Who the lock file `fd` names; None if it is empty or not JSON, after waiting up to
+    `wait` seconds for its holder to write it."""
     waited = 0.0
     while True:
+        raw = os.pread(fd, 1 << 16, 0)
+        try:
+            holder = json.loads(raw)
+            return holder if isinstance(holder, dict) else None
+        except (ValueError, UnicodeDecodeError):
+            if waited >= wait:
+                return None
+        time.sleep(0.05)
+        waited += 0.05
+
+
+@contextlib.contextmanager
+def _object_store_lock(
+    experiment: Location, lock: Location, mine: dict[str, Any], force: bool
+) -> Iterator[None]:
+    """The lock on an object store, where no file can be locked or made atomically: checked,
+    then written. A dead run's of this host is taken over; another host's with `force`."""
+    if lock.exists():
         try:
             holder = json.loads(lock.read_text())
-        except FileNotFoundError:
-            return None
         except (ValueError, UnicodeDecodeError):
-            if waited >= LOCK_WRITE_S:
-                _remove(lock)
-                return None
-            time.sleep(0.05)
-            waited += 0.05
-            continue
-        return holder if isinstance(holder, dict) else {}
+            holder = {}
+        holder = holder if isinstance(holder, dict) else {}
+        here = holder.get("host") == mine["host"]
+        if here and not alive(holder.get("pid")):
+            print(
+                f"lbs-tune: warning: taking over the lock of a dead run: {_who(holder)}",
+                file=sys.stderr,
+            )
+        elif not here and force:
+            print(
+                f"lbs-tune: warning: --force-unlock: taking over the lock of {_who(holder)}",
+                file=sys.stderr,
+            )
+        else:
+            raise _busy(experiment, holder, mine["host"])
+    with lock.fs.open_output_stream(lock.path) as f:
+        f.write(json.dumps(mine).encode())
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(lock.read_text()) == mine:
+                lock.fs.delete_file(lock.path)
 
 
-def _remove(lock: Location) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        lock.fs.delete_file(lock.path)
-
-
-def _alive(pid: Any) -> bool:
+def alive(pid: Any) -> bool:
+    """Whether a process of this host has the id `pid`."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:

@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pyarrow.fs as pafs
-from ray.tune import Callback
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, LoggerCallback
 
 from lbs_tune.config import SEARCH_KEY
@@ -71,24 +70,6 @@ def callbacks(spec: SweepSpec, experiment: Location) -> list[LoggerCallback]:
 
         found.append(wandb_callback(spec, experiment))
     return found
-
-
-def replace_in(tuner: Any, callbacks: list[Callback], verbose: int | None = None) -> bool:
-    """Give a Tuner these callbacks in place of the logger callbacks and those of the same
-    classes its RunConfig has, and Ray's verbosity `verbose` unless None: a restored Tuner
-    brings the RunConfig of the run that made it, but the sweep file's `loggers` may have
-    changed since (they are no part of the sweep's digest) and the console is this run's.
-    False, and nothing changed, for a Tuner driven through Ray Client: it keeps its own."""
-    local = getattr(tuner, "_local_tuner", None)
-    if local is None:
-        return False
-    run_config = local.get_run_config()
-    kinds = (LoggerCallback, *{type(c) for c in callbacks})
-    others = [c for c in run_config.callbacks or [] if not isinstance(c, kinds)]
-    run_config.callbacks = [*callbacks, *others]
-    if verbose is not None:
-        run_config.verbose = verbose
-    return True
 
 
 def varying_keys(spec: SweepSpec) -> list[str]:

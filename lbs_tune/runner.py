@@ -4,37 +4,54 @@ The experiment folder is `<storage>/<name>`: Ray Tune's own files plus `lbs_swee
 resolved spec, its digest, the lbs-tune version, the git commit, the command, the times). Running
 the same spec again resumes it (finished trials kept; interrupted and errored ones continue from
 their newest checkpoint; pending ones start); another spec under the same name is refused.
+
+Every run makes a new Tuner from this run's settings and folder, and resumes the trials of Ray's
+newest readable state there (`resume_point`): a sweep stopped at any moment, or copied or moved
+elsewhere, ends with exactly the trials it asks for, in its own folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
 import os
+import sqlite3
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import pyarrow.fs as pafs
 
 from lbs_tune.cluster import check_reachable, start_ray
 from lbs_tune.config import BRANCH_KEY, SEARCH_KEY, changes, data_dir
 from lbs_tune.errors import UserError
 from lbs_tune.experiment import (
     SWEEP_FILE,
+    TRIAL_DIR_PREFIX,
+    DiskFull,
     count_outcomes,
+    disk_room,
     exclusive,
     finished_sweep,
     has_record,
     read_record,
+    read_state,
     record_end,
     record_start,
+    run_files,
+    set_aside,
+    state_files,
 )
 from lbs_tune.names import get_dotted, hashable, set_dotted
 from lbs_tune.provenance import provenance
 from lbs_tune.spec import check_spec, load_spec
 from lbs_tune.storage import Location, locate, scaffolding
+from lbs_tune.studies import STUDY_FILE
 from lbs_tune.sweep import SweepSpec
 
 DEFAULT_STORAGE = "results"
@@ -71,7 +88,7 @@ def trial_dirname(keys: tuple[str, ...], trial) -> str:
     values = [(key, get_dotted(trial.config, key)) for key in keys]
     tag = ",".join(f"{key}={value}" for key, value in values if value is not None)
     tag = "".join(c if c.isalnum() or c in "=,._-" else "_" for c in tag)[:120]
-    return f"train_trial_{trial.trial_id}_{tag}".rstrip("_")
+    return f"{TRIAL_DIR_PREFIX}{trial.trial_id}_{tag}".rstrip("_")
 
 
 def trial_costs(spec: SweepSpec) -> list[float]:
@@ -199,15 +216,112 @@ def prepare_data(spec: SweepSpec) -> None:
     prepare_datasets(spec.trials)
 
 
-def _summary(results, started: float) -> tuple[str, int]:
-    """The sweep's outcome counts and wall time, and the number of errored trials."""
-    counts = count_outcomes(
-        ("ERROR" if r.error is not None else "TERMINATED", bool((r.metrics or {}).get("diverged")))
+def _summary(spec: SweepSpec, experiment: Location, results, started: float) -> tuple[str, int]:
+    """The sweep's final line and exit code: the trials that ran of the `spec.trial_count` it
+    asks for, by outcome, and the wall time; 0 if they all ran and none errored. Ray's
+    `results` lack a searched trial that was told to its study after Ray last saved its state
+    before an interruption: its study counts it."""
+    outcomes = {
+        Path(r.path).name: (
+            "ERROR" if r.error is not None else "TERMINATED",
+            bool((r.metrics or {}).get("diverged")),
+        )
         for r in results
-    )
+    }
+    for trial in _told(spec, experiment):
+        folder = f"{TRIAL_DIR_PREFIX}{trial['ray_trial_id']}_"
+        if not any(name.startswith(folder) for name in outcomes):
+            outcomes[folder] = ("TERMINATED", bool(trial["diverged"]))
+    counts = count_outcomes(outcomes.values())
     wall = time.monotonic() - started
+    ran, asked = len(outcomes), spec.trial_count
     line = ", ".join(f"{n} {label}" for label, n in counts.items() if label != "running or pending")
-    return f"{line}, wall time {wall:.0f} s", counts["errored"]
+    line = f"{ran} of {asked} trials: {line}, wall time {wall:.0f} s"
+    if ran < asked:
+        line += f"; {asked - ran} did not run: run the same command again to run them"
+    elif ran > asked:
+        line += f"; {ran - asked} more than the sweep asks for (see lbs-tune status)"
+    return line, 1 if counts["errored"] or ran != asked else 0
+
+
+def _told(spec: SweepSpec, experiment: Location) -> list[dict[str, Any]]:
+    """The trials of a searched sweep's studies that were told their outcome (read-only)."""
+    if spec.search is None or not experiment.is_local:
+        return []
+    from lbs_tune.studies import read_studies
+
+    return [
+        trial
+        for study in read_studies(experiment.path)
+        for trial in study.trials
+        if trial["state"] in ("COMPLETE", "FAIL")
+    ]
+
+
+def resume_point(spec: SweepSpec, experiment: Location, recorded: dict | None) -> bool:
+    """Whether Ray resumes the trials of its saved state in `experiment` (True), or starts its
+    bookkeeping anew (False): a new sweep, or one stopped before Ray first saved its state.
+
+    Ray's newest readable state is the one resumed; newer ones that cannot be read (a kill cut
+    one short while Ray rewrote it) are set aside with their run's other files, and so is every
+    trial folder that the resumed run will not use again: one that Ray's state does not know,
+    whose trial runs again under a new id, unless a searched sweep's study was told its
+    outcome. A searched sweep whose studies are damaged, or missing while trials ran, is a
+    UserError, as is what cannot be set aside on an object store. Call it before Ray starts."""
+    if recorded is None:
+        return False
+    names = state_files(experiment)
+    damaged, trials = [], None
+    for name in names:
+        trials = read_state(experiment.join(name))
+        if trials is not None:
+            break
+        damaged.append(name)
+    known = {t.folder for t in trials or [] if t.folder}
+    folders = [
+        i.base_name
+        for i in experiment.listdir()
+        if i.type == pafs.FileType.Directory and i.base_name.startswith(TRIAL_DIR_PREFIX)
+    ]
+    studies = experiment.join(STUDY_FILE)
+    if spec.search is not None and (known or folders) and not studies.exists():
+        raise UserError(
+            f"{studies.uri}: the studies of this sweep are missing, though its trials ran; "
+            "restore the file, or run the sweep file with --fresh to start again"
+        )
+    if studies.is_local and os.path.exists(f"{studies.path}-journal"):
+        # A run killed while it wrote them: SQLite undoes that write on the next writable read
+        # (this run holds the lock), which readers, opening the studies read-only, cannot do.
+        with contextlib.closing(sqlite3.connect(studies.path)) as db:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchall()
+    told = {f"{TRIAL_DIR_PREFIX}{t['ray_trial_id']}_" for t in _told(spec, experiment)}
+    strays = [f for f in folders if f not in known and not any(f.startswith(t) for t in told)]
+    files = [i.base_name for i in experiment.listdir() if i.type == pafs.FileType.File]
+    aside = [f for name in damaged for f in files if run_files(name).match(f)] + strays
+    if not aside:
+        return trials is not None
+    if damaged:
+        reason = f"Ray's state {damaged[0]} cannot be read (cut short when the run was stopped?)"
+    elif trials is None:
+        reason = "the sweep was stopped before Ray first saved its state"
+    else:
+        reason = "trials started after Ray last saved its state"
+    then = (
+        f"resuming from {names[len(damaged)]}" if trials is not None else "its trials start again"
+    )
+    if not experiment.is_local:
+        raise UserError(
+            f"{experiment.uri}: {reason}, and on this storage what the run would not use again "
+            "cannot be moved aside; run the sweep file with --fresh to start it again"
+        )
+    where = set_aside(experiment, aside)
+    moved = f"{len(strays)} trial folders, {len(aside) - len(strays)} files of Ray's"
+    print(
+        f"lbs-tune: warning: {reason}: {then}; what no run will use again ({moved}) moved to "
+        f"{experiment.join(where).uri}",
+        file=sys.stderr,
+    )
+    return trials is not None
 
 
 def execute(
@@ -221,18 +335,70 @@ def execute(
     """Run (or resume) the sweep into `experiment`; return the exit code. `verbose` keeps Ray's
     own output; `table` (experiment URI -> text) is printed at the end."""
     started = time.monotonic()
-    from lbs_tune.console import Console, ray_init_options
+    from lbs_tune.console import ray_init_options
     from lbs_tune.loggers import callbacks as logger_callbacks
-    from lbs_tune.loggers import replace_in
 
-    # A missing logger package is refused before Ray starts.
+    # A missing logger package is refused before Ray starts, and so are damaged studies.
     loggers = logger_callbacks(spec, experiment)
-    start_ray(**ray_args, **ray_init_options(verbose, ray_args.get("address")))
+    resume = resume_point(spec, experiment, recorded)
+    with ray_running(**ray_args, **ray_init_options(verbose, ray_args.get("address"))):
+        return _fit(
+            spec,
+            experiment,
+            recorded,
+            resume,
+            loggers,
+            started,
+            verbose,
+            table,
+            ray_args.get("address"),
+        )
+
+
+@contextlib.contextmanager
+def ray_running(**options) -> Iterator[None]:
+    """Join Ray or start it (`start_ray(**options)`) for the body. A Ray started here is shut
+    down after it, and the forkserver folders its dashboard leaves in $TMPDIR are removed, as
+    are those of earlier local sweeps that were killed (lbs_tune.leftovers)."""
+    from lbs_tune.leftovers import pymp_folders, remove_forkserver_folders
+
+    ray = sys.modules.get("ray")  # not imported here: start_ray sets what Ray reads on import
+    here = not options.get("address") and not (ray and ray.is_initialized())
+    before = pymp_folders()
+    if here:
+        remove_forkserver_folders()
+    start_ray(**options)
+    try:
+        yield
+    finally:
+        if here:
+            import ray
+
+            ray.shutdown()
+            remove_forkserver_folders(wait_for=pymp_folders() - before, wait_s=5)
+
+
+def _fit(
+    spec: SweepSpec,
+    experiment: Location,
+    recorded: dict | None,
+    resume: bool,
+    loggers: list,
+    started: float,
+    verbose: bool,
+    table: Callable[[str], str] | None,
+    ray_address: str | None,
+) -> int:
+    """The sweep on a running Ray: the Tuner made, fitted, and its outcome printed."""
     from ray import tune
 
-    from lbs_tune.trainable import placement, train_trial
+    from lbs_tune.console import Console
+    from lbs_tune.leftovers import driver_folder
+    from lbs_tune.trainable import DiskWatch, HereScheduler, placement, train_trial
 
     console = Console(spec, experiment, table=table, costs=trial_costs(spec))
+    if ray_address:
+        _waiting_for(spec)
 
     data_dirs = sorted({str(data_dir(t.data)) for t in spec.trials})
     studies = _studies(spec, experiment)
@@ -258,49 +424,61 @@ def execute(
         space, (options, stop) = param_space(spec, tune.grid_search), (_order(spec), None)
     else:
         space, (options, stop) = {}, _searched(spec, experiment)
-    if recorded is not None and tune.Tuner.can_restore(experiment.uri):
+    # A new Tuner every run, also to resume: a restored one (Tuner.restore) would bring the
+    # search algorithm, scheduler and callbacks pickled by the first run, with its folder. Ray
+    # resumes the trials of its saved state in this folder (`resume_config`, Tuner's own way
+    # in: it passes _tuner_kwargs to tune.run).
+    if resume:
         print(f"resuming sweep {spec.name} in {experiment.uri}")
-        tuner = tune.Tuner.restore(
-            experiment.uri,
-            trainable,
-            resume_unfinished=True,
-            resume_errored=True,
-            param_space=space,
-        )
-    else:
-        searched = (f"{SEARCH_KEY}.number", f"{SEARCH_KEY}.confirm") if spec.search else ()
-        keys = (*spec.grid, *searched)
-        keys += (BRANCH_KEY + ".label",) if spec.branch else ()
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space,
-            tune_config=tune.TuneConfig(
-                metric=spec.metric.name,
-                mode=spec.metric.mode,
-                reuse_actors=True,
-                trial_dirname_creator=functools.partial(trial_dirname, keys),
-                **options,
-            ),
-            run_config=tune.RunConfig(
-                name=experiment.name,
-                storage_path=experiment.parent().uri,
-                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
-                # Trial files reach the storage from the driver's staging folder at most every
-                # sync_period (Ray's default is 5 minutes): keep status and reports current.
-                sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
-                stop=stop,
-                callbacks=loggers,
-            ),
-        )
+    resume_config = tune.ResumeConfig(errored=tune.ResumeConfig.ResumeType.RESUME)
+    searched = (f"{SEARCH_KEY}.number", f"{SEARCH_KEY}.confirm") if spec.search else ()
+    keys = (*spec.grid, *searched, *((f"{BRANCH_KEY}.label",) if spec.branch else ()))
     # Without --verbose the console takes the place of Ray's output: a callback, verbosity 0.
     quiet = not verbose
-    attached = replace_in(tuner, [*loggers, console] if quiet else loggers, 0 if quiet else None)
-    results = console.fit(tuner.fit, quiet=quiet and attached)
-    line, errored = _summary(results, started)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=spec.metric.name,
+            mode=spec.metric.mode,
+            reuse_actors=True,
+            trial_dirname_creator=functools.partial(trial_dirname, keys),
+            scheduler=HereScheduler(experiment),
+            **options,
+        ),
+        run_config=tune.RunConfig(
+            name=experiment.name,
+            storage_path=experiment.parent().uri,
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
+            # Trial files reach the storage from the driver's staging folder at most every
+            # sync_period (Ray's default is 5 minutes): keep status and reports current.
+            sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
+            stop=stop,
+            callbacks=[
+                *loggers,
+                *([console] if quiet else []),
+                DiskWatch(experiment, spec.trial_count),
+            ],
+            verbose=0 if quiet else None,
+        ),
+        _tuner_kwargs={"resume_config": resume_config} if resume else None,
+    )
+    try:
+        with driver_folder():
+            results = console.fit(tuner.fit, quiet=quiet)
+    except DiskFull as full:
+        raise UserError(str(full)) from None
+    except Exception:
+        # What a full disk breaks first may be a write of the studies or of Ray's.
+        full = disk_room(experiment, running=1, unfinished=spec.trial_count)
+        if full is None:
+            raise
+        raise UserError(str(full)) from None
+    line, code = _summary(spec, experiment, results, started)
     record_end(experiment)
     console.finish(f"sweep {spec.name}: {line}")
-    return 1 if errored else 0
+    return code
 
 
 def _order(spec: SweepSpec) -> dict[str, Any]:
@@ -429,7 +607,7 @@ def run(
         # The folder's checks first (they read a file; the data may take minutes to make), the
         # move aside of --fresh last (a run refused for its data leaves the old sweep in place).
         recorded = prepare_folder(spec, experiment, fresh=False) if not fresh else None
-        _before_starting(spec, ray_args.get("address"))
+        _before_starting(spec, ray_args)
         if fresh:
             prepare_folder(spec, experiment, fresh=True)
         return execute(spec, experiment, recorded, verbose, table, **ray_args)
@@ -457,14 +635,80 @@ def resume(
         return 0
     check_writable(experiment.parent())
     with exclusive(experiment, force_unlock):
-        _before_starting(spec, ray_args.get("address"))
+        _before_starting(spec, ray_args)
         return execute(spec, experiment, recorded, verbose, table, **ray_args)
 
 
-def _before_starting(spec: SweepSpec, address: str | None) -> None:
-    """What refuses a run before Ray starts: a cluster address nobody answers at, or missing
-    data files (checked here for a local sweep; a cluster's nodes have their own)."""
-    if address:
-        check_reachable(address)
-    else:
-        prepare_data(spec)
+def _before_starting(spec: SweepSpec, ray_args: dict[str, Any]) -> None:
+    """What refuses a run before Ray starts: a cluster address nobody answers at; for a local
+    sweep, trials that ask for more than this machine has, or missing data files (a cluster's
+    nodes have their own)."""
+    if ray_args.get("address"):
+        check_reachable(ray_args["address"])
+        return
+    have = {"cpu": ray_args.get("cpus"), "gpu": ray_args.get("gpus")}
+    if have["cpu"] is None:
+        have["cpu"] = _local_cpus()
+    if have["gpu"] is None:
+        have["gpu"] = _local_gpus()
+    short = shortfall(spec, have)
+    if short:
+        key, asked, batch = short
+        given = ray_args.get(f"{key}s") is not None
+        where = (
+            f"the local Ray has {have[key]} (--{key}s)"
+            if given
+            else f"this machine has {have[key]}"
+        )
+        fix = "gpu=0 to train on the CPU" if key == "gpu" else f"cpu={have[key]} (or less)"
+        raise UserError(
+            f"resources.{key}: a trial of batch size {batch} asks for {asked:g} {key.upper()}, "
+            f"but {where}: it would wait forever; run with --set resources.{fix}, or join a "
+            "cluster that has them with --address"
+        )
+    prepare_data(spec)
+
+
+def shortfall(spec: SweepSpec, have: dict[str, float]) -> tuple[str, float, int] | None:
+    """(resource, amount, batch size) of the first trial of `spec` that asks for more of a
+    resource ('cpu', 'gpu') than `have` holds, or None if every trial fits."""
+    for config in spec.trials:
+        asked = dict(zip(("cpu", "gpu"), spec.resources.for_batch(config.batch_size), strict=True))
+        for key, amount in asked.items():
+            if amount > have[key]:
+                return key, amount, config.batch_size
+    return None
+
+
+def _local_cpus() -> int:
+    """The CPUs a local Ray counts on this machine (its own count, cgroup limits included)."""
+    try:
+        from ray._private.utils import get_num_cpus
+    except ImportError:  # another Ray: the machine's count
+        return os.cpu_count() or 1
+    return get_num_cpus()
+
+
+def _local_gpus() -> int:
+    """The GPUs a local Ray finds (CUDA_VISIBLE_DEVICES respected)."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _waiting_for(spec: SweepSpec) -> None:
+    """On a joined cluster: one line if a trial asks for more than the cluster has now, so that
+    a sweep waiting for an autoscaler (or for nothing) says what it waits for."""
+    import ray
+
+    total = ray.cluster_resources()
+    have = {"cpu": total.get("CPU", 0), "gpu": total.get("GPU", 0)}
+    short = shortfall(spec, have)
+    if short:
+        key, asked, batch = short
+        print(
+            f"lbs-tune: waiting for the cluster to grow: a trial of batch size {batch} asks for "
+            f"{asked:g} {key.upper()} (resources.{key}) and the cluster has {have[key]:g} now; "
+            "an autoscaler may add nodes; if none will, stop this run and run it with less",
+            file=sys.stderr,
+        )

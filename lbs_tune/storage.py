@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import posixpath
 import tempfile
@@ -65,35 +66,81 @@ class Location:
     @contextlib.contextmanager
     def atomic_output(self) -> Iterator[BinaryIO]:
         """A stream that replaces this file as a whole: readers and a crash see the old file or
-        the new one. On a local disk it writes a temporary file of a unique name beside it,
-        flushed to disk, then renamed over it (a failed write removes it); an object store's
-        single upload is atomic by itself. The folder is made as needed."""
-        self.fs.create_dir(posixpath.dirname(self.path), recursive=True)
-        if not self.is_local:
-            with self.fs.open_output_stream(self.path) as f:
-                yield f
-            return
-        folder, name = posixpath.split(self.path)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{name}.", delete=False) as f:
-            try:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            except BaseException:
-                # Closing flushes what is buffered and may fail the same way (a full disk).
-                with contextlib.suppress(OSError):
-                    f.close()
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(f.name)
-                raise
-        # NamedTemporaryFile makes the file 0600: give it the mode a plain open would.
-        os.chmod(f.name, 0o666 & ~_umask())
-        os.replace(f.name, self.path)
+        the new one (see `atomic_outputs`)."""
+        with atomic_outputs([self]) as (f,):
+            yield f
 
     def listdir(self) -> list[pafs.FileInfo]:
         if not self.exists():
             return []
         return self.fs.get_file_info(pafs.FileSelector(self.path))
+
+
+@contextlib.contextmanager
+def atomic_outputs(targets: list[Location]) -> Iterator[list[BinaryIO]]:
+    """Streams that replace the files `targets`, all of them or none: readers and a crash see
+    the old files or the new ones. On a local disk each is a temporary file of a unique name
+    beside its target, flushed to disk; once every one is written they are renamed over their
+    targets. A failed write (a full disk) removes them all and leaves the targets as they were.
+    On an object store each upload is atomic by itself. Folders are made as needed."""
+    for target in targets:
+        target.fs.create_dir(posixpath.dirname(target.path), recursive=True)
+    if not all(target.is_local for target in targets):
+        with contextlib.ExitStack() as stack:
+            yield [stack.enter_context(t.fs.open_output_stream(t.path)) for t in targets]
+        return
+    files = []
+    try:
+        for target in targets:
+            folder, name = posixpath.split(target.path)
+            # Closed below, on success and on failure alike.
+            temporary = tempfile.NamedTemporaryFile(  # noqa: SIM115
+                dir=folder, prefix=f".{name}.", delete=False
+            )
+            files.append(temporary)
+        yield files
+        for f in files:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+    except BaseException:
+        for f in files:
+            # Closing flushes what is buffered and may fail the same way (a full disk).
+            with contextlib.suppress(OSError):
+                f.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f.name)
+        raise
+    for f, target in zip(files, targets, strict=True):
+        # NamedTemporaryFile makes the file 0600: give it the mode a plain open would.
+        os.chmod(f.name, 0o666 & ~_umask())
+        os.replace(f.name, target.path)
+
+
+def check_space(folder: Location, needed: int) -> None:
+    """OSError(ENOSPC) that says how much space is needed and how much is free, unless the disk
+    of `folder` (or of its nearest existing parent) has `needed` bytes free. Object stores are
+    not checked."""
+    if not folder.is_local:
+        return
+    path = Path(folder.path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    stat = os.statvfs(path)
+    free = stat.f_bavail * stat.f_frsize
+    if free < needed:
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device: {size_text(needed)} needed, {size_text(free)} free",
+        )
+
+
+def size_text(count: int) -> str:
+    """A number of bytes for people: '812 B', '4.1 kB', '1.3 MB', '2.0 GB'."""
+    for power, unit in ((3, "GB"), (2, "MB"), (1, "kB")):
+        if count >= 1000**power:
+            return f"{count / 1000**power:.1f} {unit}"
+    return f"{count} B"
 
 
 @contextlib.contextmanager

@@ -25,7 +25,9 @@ import os
 import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from urllib.parse import quote
 
+from lbs_tune.errors import UserError
 from lbs_tune.names import Mode, comparison, direction, first_reached, meets
 from lbs_tune.space import SearchSpec
 from lbs_tune.sweep import Metric, Target
@@ -123,9 +125,18 @@ class StudyStorage(NamedTuple):
 def study_storage(folder: str | Path) -> StudyStorage:
     """The studies' storage in an experiment folder (a local or shared POSIX path): SQLite,
     because a transaction either lands whole or not at all when the driver is SIGKILLed, and the
-    OS drops its locks with the process (a journal file leaves a stale lock behind for 30 s)."""
-    url = f"sqlite:///{Path(folder).expanduser().resolve() / STUDY_FILE}"
+    OS drops its locks with the process (a journal file leaves a stale lock behind for 30 s).
+    The path is percent-escaped (spaces aside, as the URL reads well with them): a folder named
+    with `?`, `#` or `%41` is that folder."""
+    url = f"sqlite:///{quote(str(Path(folder).expanduser().resolve() / STUDY_FILE), safe='/ ')}"
     return StudyStorage(url, f"optuna-dashboard {shlex.quote(url)}")
+
+
+def read_only_url(db: Path) -> str:
+    """A URL that opens the study storage `db` read-only (SQLite's `mode=ro`): a reader never
+    writes to an experiment, not even a schema into an empty file. Escaped twice: SQLAlchemy
+    unescapes the URL's path once, SQLite the `file:` URI's."""
+    return f"sqlite:///file:{quote(quote(str(Path(db).resolve())))}?mode=ro&uri=true"
 
 
 def study_name(point: dict[str, Any]) -> str:
@@ -233,11 +244,41 @@ def read_studies(folder: str | Path) -> list[StudyRecord]:
     budget, None before its first report) and `values` ({step: reported value}). A
     confirmation run's dict adds `confirms` (the search trial it runs again) and `seed`.
     """
+    db = Path(folder, STUDY_FILE)
+    if not db.exists():
+        return []
+    import sqlite3
+
+    import optuna
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return _read_studies(
+            optuna.storages.RDBStorage(read_only_url(db), skip_table_creation=True)
+        )
+    except (StorageInternalError, SQLAlchemyError, sqlite3.Error) as exc:
+        raise UserError(f"{db}: {_damage(db, exc)}") from None
+
+
+def _damage(db: Path, exc: BaseException) -> str:
+    """What is wrong with the study storage `db` that could not be read, and what to do."""
+    cause = exc.__cause__ or exc.__context__ or exc
+    reason = str(getattr(cause, "orig", None) or cause).splitlines()[0]
+    if Path(f"{db}-journal").exists():
+        return (
+            f"cannot be read as it is ({reason}): a run was stopped while writing it; running "
+            "the sweep again finishes or undoes that write"
+        )
+    return (
+        f"damaged study storage ({reason}); restore it from a copy, or run the sweep file with "
+        "--fresh to move this sweep aside and start again"
+    )
+
+
+def _read_studies(storage) -> list[StudyRecord]:
     import optuna
 
-    if not Path(folder, STUDY_FILE).exists():
-        return []
-    storage = optuna.storages.RDBStorage(study_storage(folder).url)
     records, confirms = [], {}
     for name in optuna.get_all_study_names(storage):
         study = optuna.load_study(study_name=name, storage=storage)
@@ -275,5 +316,5 @@ def create_storage(db: Path) -> None:
 
     db.parent.mkdir(parents=True, exist_ok=True)
     building = db.with_name(f".{db.name}.{os.getpid()}")
-    optuna.storages.RDBStorage(f"sqlite:///{building}").engine.dispose()
+    optuna.storages.RDBStorage(f"sqlite:///{quote(str(building))}").engine.dispose()
     os.replace(building, db)

@@ -8,21 +8,32 @@ and batch size).
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import os
+import shutil
 import socket
-import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import ray
 import torch
 from ray import tune
+from ray.tune import Callback
+from ray.tune.schedulers import FIFOScheduler
 from ray.util.metrics import Gauge
 
 from lbs_tune.build import resolve_device
 from lbs_tune.checkpoints import resume_state, save_checkpoint
 from lbs_tune.config import TrialConfig, trial_config
 from lbs_tune.errors import out_of_memory
-from lbs_tune.experiment import CHECKPOINT_FILE, checkpoint_number, trial_checkpoints
+from lbs_tune.experiment import (
+    CHECKPOINT_FILE,
+    checkpoint_number,
+    disk_room,
+    trial_checkpoints,
+)
 from lbs_tune.storage import Location
 from lbs_tune.training import train
 
@@ -41,6 +52,66 @@ def placement(config: dict[str, Any], cpu: float, gpu_by_batch) -> tune.Placemen
     if gpu:
         bundle["GPU"] = gpu
     return tune.PlacementGroupFactory([bundle])
+
+
+class HereScheduler(FIFOScheduler):
+    """Ray's first-in-first-out scheduler that files every trial it is given under this run's
+    experiment folder (`experiment`). A resumed run's search algorithm comes back from Ray's
+    saved state with the experiment of the run that saved it, and makes its new trials there:
+    for a moved or copied experiment, in the old folder."""
+
+    def __init__(self, experiment: Location):
+        super().__init__()
+        self.experiment = experiment
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        here = self.experiment.parent().path, self.experiment.name
+        if (trial.storage.storage_fs_path, trial.storage.experiment_dir_name) != here:
+            # As Ray does for the trials of its saved state (TuneController._restore_trials).
+            storage = copy.copy(trial.storage)
+            storage.storage_filesystem = self.experiment.fs
+            storage.storage_fs_path, storage.experiment_dir_name = here
+            trial.set_storage(storage)
+        super().on_trial_add(tune_controller, trial)
+
+
+class DiskWatch(Callback):
+    """Ends the sweep with `lbs_tune.experiment.DiskFull` once the experiment's disk has no room
+    for what its running trials write next (`disk_room`, with the largest checkpoint seen so
+    far): checked at most every `every_s` seconds, and whenever a trial fails (a full disk
+    fails the trial that writes). The sweep so ended resumes as a killed one, once there is
+    room."""
+
+    def __init__(self, experiment: Location, trial_count: int, every_s: float = 1.0):
+        self.experiment = experiment
+        self.trial_count = trial_count
+        self.every_s = every_s
+        self.checked = 0.0
+        self.checkpoint_bytes = 0
+
+    def _check(self, trials: list) -> None:
+        running = sum(t.status == "RUNNING" for t in trials)
+        unfinished = self.trial_count - sum(t.status == "TERMINATED" for t in trials)
+        full = disk_room(self.experiment, running, unfinished, self.checkpoint_bytes)
+        if full is not None:
+            raise full
+
+    def on_checkpoint(self, iteration: int, trials: list, trial, checkpoint, **info) -> None:
+        if self.experiment.is_local:
+            with contextlib.suppress(OSError):
+                size = os.path.getsize(os.path.join(checkpoint.path, CHECKPOINT_FILE))
+                self.checkpoint_bytes = max(self.checkpoint_bytes, size)
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        if time.monotonic() - self.checked >= self.every_s:
+            self.checked = time.monotonic()
+            self._check(trials)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._check(trials)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
+        self._check(trials)
 
 
 class RayReporter:
@@ -67,9 +138,16 @@ class RayReporter:
         if checkpoint is None:
             tune.report(result)
             return
-        with tempfile.TemporaryDirectory(prefix="lbs-ckpt-") as folder:
-            save_checkpoint({**checkpoint, "reports": self.sent}, Path(folder) / CHECKPOINT_FILE)
+        # Made in the trial's working folder (Ray's, in its session folder; the current one),
+        # not in $TMPDIR, and made anew each time: a kill leaves it to the trial's next save.
+        folder = Path.cwd() / f".lbs-checkpoint-{self.tags['trial']}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        try:
+            save_checkpoint({**checkpoint, "reports": self.sent}, folder / CHECKPOINT_FILE)
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))
+        finally:  # Ray has copied it to the storage
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _device(config: TrialConfig) -> torch.device:

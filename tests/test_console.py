@@ -719,8 +719,8 @@ def test_a_24_trial_sweep_fits_in_a_log_file(tmp_path):
 # ============================================================================ With Ray
 
 
-def tuner_for(spec: SweepSpec, experiment):
-    """A Tuner built as lbs_tune.runner.execute builds a new one."""
+def tuner_for(spec: SweepSpec, experiment, console):
+    """A Tuner built as lbs_tune.runner builds one, `console` its callback, Ray quiet."""
     from ray import tune
 
     from lbs_tune.runner import SYNC_PERIOD_S, _gpu_for_batch, param_space
@@ -745,6 +745,8 @@ def tuner_for(spec: SweepSpec, experiment):
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
+            callbacks=[console],
+            verbose=0,
         ),
     )
 
@@ -758,7 +760,6 @@ def test_tiny_sweep_through_a_tuner_prints_its_events_and_no_ray_tables(
     errors still logged."""
     from analysis.status import status
     from lbs_tune.experiment import record_start
-    from lbs_tune.loggers import replace_in
 
     base = {**tiny_base(data__dir=str(tmp_path / "empty")), "examples": 960}
     del base["epochs"]
@@ -773,8 +774,7 @@ def test_tiny_sweep_through_a_tuner_prints_its_events_and_no_ray_tables(
     experiment = locate(tmp_path / "results" / spec.name)
     record_start(experiment, spec.model_dump(mode="json"), spec.digest(), None, [])
     console = Console(spec, experiment, table=status, every_s=2)
-    tuner = tuner_for(spec, experiment)
-    assert replace_in(tuner, [console], verbose=0)
+    tuner = tuner_for(spec, experiment, console)
     # Ray's logger writes to the stderr it found at import, which pytest had replaced then:
     # its records are read here instead.
     ray_logger = logging.getLogger("ray")

@@ -14,11 +14,13 @@ import ipaddress
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -34,6 +36,7 @@ from test_sweeps import _driver, histories, metrics_only
 from analysis.status import status
 from lbs_tune.errors import UserError, cut, printable
 from lbs_tune.experiment import (
+    disk_room,
     exclusive,
     lock_location,
     mixed_runs,
@@ -43,7 +46,8 @@ from lbs_tune.experiment import (
 )
 from lbs_tune.runner import check_writable, prepare_folder
 from lbs_tune.spec import load_spec
-from lbs_tune.storage import locate
+from lbs_tune.storage import locate, size_text
+from lbs_tune.studies import create_storage
 
 # Sequences that set the terminal's title and clear its screen.
 TITLE, CLEAR = "\x1b]0;pwned\x07", "\x1b[2J"
@@ -132,23 +136,38 @@ def test_the_lock_of_another_host_is_refused_and_taken_with_force(tmp_path, caps
     assert "elsewhere.example" in line
 
 
+# A process that holds the lock file's flock and writes who it is only after DELAY seconds.
+HOLDER = """
+import fcntl, json, os, socket, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+    "started": "2026-01-01T00:00:00", "command": ["lbs-tune", "run", "sweep.yaml"]}).encode(), 0)
+time.sleep(60)
+"""
+
+
 def test_a_lock_being_written_is_waited_for_not_taken(tmp_path):
     experiment = locate(tmp_path / "results" / "tiny")
     path = Path(lock_location(experiment).path)
     path.parent.mkdir(parents=True)
-    # Another writer has just created the lock (O_EXCL) and writes its content a moment later.
-    path.write_text("")
-    holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": "2026-01-01T00:00:00",
-              "command": ["lbs-tune", "run", "sweep.yaml"]}  # fmt: skip
-    writer = threading.Timer(0.3, lambda: path.write_text(json.dumps(holder)))
-    writer.start()
+    # Another writer holds the lock and writes its content a moment later.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path), "0.3"], stdout=subprocess.PIPE, text=True
+    )
     try:
+        assert holder.stdout.readline() == "held\n"
         with pytest.raises(UserError) as info, exclusive(experiment):
             pytest.fail("a lock being written was taken")
+        assert f"pid {holder.pid} since 2026-01-01T00:00:00" in str(info.value)
+        assert json.loads(path.read_text())["pid"] == holder.pid, "left to its writer"
     finally:
-        writer.join()
-    assert f"pid {os.getpid()} since 2026-01-01T00:00:00" in str(info.value)
-    assert json.loads(path.read_text()) == holder, "left to its writer"
+        holder.kill()
+        holder.wait()
+    with exclusive(experiment):  # its holder died: the flock went with it
+        assert json.loads(path.read_text())["pid"] == os.getpid()
 
 
 def test_an_empty_lock_left_by_a_writer_that_died_is_taken(tmp_path):
@@ -158,6 +177,88 @@ def test_an_empty_lock_left_by_a_writer_that_died_is_taken(tmp_path):
     path.write_text("")  # its writer died between creating and writing it
     with exclusive(experiment):
         assert json.loads(path.read_text())["pid"] == os.getpid()
+
+
+def _take_in_rounds(experiment: Path, rounds: int, start, done, held) -> None:
+    """One of the simultaneous takers of `test_six_takers_of_a_dead_runs_lock...`: each round,
+    take the lock at `start` and, if taken, hold it until every taker has tried (`done`)."""
+    import io
+
+    sys.stderr = io.StringIO()  # the takeover's warning
+    for round_ in range(rounds):
+        start.wait()
+        try:
+            with exclusive(locate(experiment)):
+                with held.get_lock():
+                    held[round_] += 1
+                done.wait()
+        except UserError:
+            done.wait()
+
+
+def test_six_takers_of_a_dead_runs_lock_give_one_holder_in_each_of_100_rounds(tmp_path):
+    import multiprocessing
+
+    rounds, takers = 100, 6
+    experiment = tmp_path / "results" / "tiny"
+    context = multiprocessing.get_context("fork")
+    start, done = context.Barrier(takers + 1), context.Barrier(takers + 1)
+    held = context.Array("i", rounds)  # holders in each round
+    processes = [
+        context.Process(target=_take_in_rounds, args=(experiment, rounds, start, done, held))
+        for _ in range(takers)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        for _ in range(rounds):
+            _write_lock(locate(experiment), socket.gethostname(), _dead_pid())
+            start.wait(timeout=30)
+            done.wait(timeout=30)
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+    assert list(held) == [1] * rounds
+
+
+def test_one_lock_whatever_link_or_uri_names_the_experiment(tmp_path):
+    (tmp_path / "bigdisk" / "q").mkdir(parents=True)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "q").symlink_to(tmp_path / "bigdisk" / "q")
+    names = [
+        locate(tmp_path / "results").join("q"),  # `run --storage results`: the link unresolved
+        locate(tmp_path / "results" / "q"),
+        locate(tmp_path / "bigdisk" / "q"),
+        locate(f"file://{tmp_path}/results/q"),
+        locate(f"file://{tmp_path}/bigdisk/q/"),
+    ]
+    for holder in names:
+        with exclusive(holder):
+            for other in names:
+                with pytest.raises(UserError), exclusive(other):
+                    pytest.fail(f"{other.uri} taken while {holder.uri} is held")
+    assert lock_location(names[0]).path == f"{tmp_path}/bigdisk/.q.lbs-lock"
+
+
+def test_run_and_resume_through_a_link_refuse_each_other(cli, tmp_path):
+    # CIFAR-10 files missing: a run that gets past the lock stops there, before Ray.
+    base = tiny_base(dataset="cifar10", model="lenet", data__dir=str(tmp_path / "no-data"))
+    spec = write_spec(tmp_path / "q.yaml", base, {"batch_size": [32]})
+    (tmp_path / "bigdisk" / "q").mkdir(parents=True)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "q").symlink_to(tmp_path / "bigdisk" / "q")
+    record_start(locate(tmp_path / "bigdisk" / "q"), load_spec(spec).model_dump(mode="json"),
+                 load_spec(spec).digest(), None, [])  # fmt: skip
+    holder = f"another run holds this sweep: {socket.gethostname()} pid {os.getpid()}"
+    with exclusive(locate(tmp_path / "results" / "q")):  # as `resume results/q` does
+        line = one_line(*cli("run", spec, "--storage", tmp_path / "results")[::2])
+        assert holder in line
+    with exclusive(locate(tmp_path / "results").join("q")):  # as `run --storage results` does
+        for where in (tmp_path / "results" / "q", f"file://{tmp_path}/bigdisk/q"):
+            line = one_line(*cli("resume", where)[::2])
+            assert holder in line, where
 
 
 def test_the_command_line_refuses_a_second_writer_and_force_unlock_takes_another_hosts(
@@ -346,6 +447,26 @@ def test_train_whose_checkpoint_does_not_fit_says_so_and_leaves_no_temporary_fil
         assert sorted(os.listdir(disk / "run")) == ["config.json", "metrics.jsonl"]
 
 
+def test_export_on_a_full_disk_says_what_it_needs_and_leaves_the_last_export(
+    cli, tiny_quickstart, tmp_path
+):
+    with tmpfs(tmp_path / "disk", size="2m", full=False) as disk:
+        code, _, err = cli("export", tiny_quickstart, "-o", disk / "tables")
+        assert code == 0, err
+        before = {p.name: p.read_bytes() for p in (disk / "tables").iterdir()}
+        assert sorted(before) == ["history.parquet", "trials.parquet"]
+        with contextlib.suppress(OSError), (disk / "filler").open("wb", buffering=0) as f:
+            while True:
+                f.write(b"\0" * 4096)
+        for out_dir in (disk / "tables", disk / "new" / "tables"):
+            line = one_line(*cli("export", tiny_quickstart, "-o", out_dir)[::2])
+            assert f"-o {out_dir}: cannot write there (No space left on device: " in line
+            assert re.search(r"[0-9.]+ kB needed, [0-9.]+ (B|kB) free\)", line), line
+        # The export before is whole, nothing half-written beside it, no folder made.
+        assert {p.name: p.read_bytes() for p in (disk / "tables").iterdir()} == before
+        assert sorted(p.name for p in disk.iterdir()) == ["filler", "tables"]
+
+
 def _address() -> tuple[str, str]:
     return ("--address", f"127.0.0.1:{_unused_port()}")
 
@@ -375,6 +496,132 @@ def test_run_on_a_full_disk_is_one_line_leaves_no_temporary_file_and_fresh_then_
             assert prepare_folder(load_spec(spec), experiment, fresh=True) is None
 
 
+def test_disk_room_counts_the_running_trials_next_checkpoints(tmp_path):
+    with tmpfs(tmp_path / "disk", size="2m", full=False) as disk:
+        experiment = locate(disk / "tiny")
+        trial = disk / "tiny" / "train_trial_1a2b3_00000_batch_size=32" / "checkpoint_000000"
+        trial.mkdir(parents=True)
+        (trial / "state.pt").write_bytes(b"\0" * 300_000)  # 2 MB disk: ~1.7 MB free
+        assert disk_room(experiment, running=2, unfinished=3) is None
+        full = disk_room(experiment, running=3, unfinished=3)  # 0.9 MB + 1 MB reserve
+        assert str(full) == (
+            f"{disk}/tiny: the disk is full ({size_text(shutil.disk_usage(disk).free)} free; this "
+            "sweep needs about 1.9 MB more for its 3 trials to go); free some space and run the "
+            "same command again: it goes on where it stopped"
+        )
+        # A checkpoint size known beforehand decides without reading the folder.
+        assert disk_room(experiment, 2, 3, checkpoint_bytes=300_000) is None
+
+
+@pytest.mark.ray
+def test_a_sweep_that_fills_its_disk_stops_in_one_line_and_then_runs_exactly(
+    cli, ray_cluster, tmp_path
+):
+    """A tuned sweep on a 3 MB disk: it stops with one line that says how much it needs, exit
+    2, no traceback; on a grown disk the same command finishes every study exactly."""
+    from test_tuned import QUICKSTART_TUNED, TINY_TUNED, check_studies
+
+    sets = [arg for override in TINY_TUNED for arg in ("--set", override)]
+    with tmpfs(tmp_path / "disk", size="3m", full=False) as disk:
+        command = ("run", QUICKSTART_TUNED, "--storage", disk / "results", *sets)
+        code, _, err = cli(*command, "--address", ray_cluster.address)
+        assert code == 2 and "Traceback" not in err, err
+        (line,) = [ln for ln in err.splitlines() if ln.startswith("lbs-tune: error: ")]
+        assert line.startswith(f"lbs-tune: error: {disk}/results/quickstart_tuned: the disk is")
+        assert re.search(r"\(\S+ .?B free; this sweep needs about \S+ .?B more for its", line)
+        assert line.endswith("run the same command again: it goes on where it stopped"), line
+        json.loads((disk / "results" / "quickstart_tuned" / "lbs_sweep.json").read_text())
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        code, out, err = cli(*command, "--address", ray_cluster.address)
+        assert code == 0 and "6 of 6 trials: " in out, err
+        check_studies(disk / "results" / "quickstart_tuned")
+
+
+@pytest.mark.ray
+def test_a_local_sweep_killed_then_finished_leaves_nothing_in_tmpdir(tmp_path, data_dir):
+    """Its own Ray, started with TMPDIR set: killed once a checkpoint is made, then run again
+    to its end. $TMPDIR keeps Ray's folders (its session's logs, its file locks) and torch's
+    compile cache, nothing else: no forkserver folder of Ray's dashboard, no checkpoint."""
+    from test_restart import kill_when
+
+    # Short: Ray's sockets live below it, and a socket's path has at most 107 bytes.
+    tmp = Path(tempfile.mkdtemp(prefix="lbs-", dir="/tmp"))
+    spec = write_spec(tmp_path / "local.yaml", tiny_base(epochs=2), {"seed": [0, 1]})
+    storage = tmp_path / "results"
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "lbs_tune.cli", "run", str(spec), "--storage",
+               str(storage), "--cpus", "1"]  # fmt: skip
+    try:
+        kill_when(command, lambda: any(storage.glob("local/*/checkpoint_*")), env=env)
+        rerun = subprocess.run(command, env=env, capture_output=True, text=True)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert "2 of 2 trials: 2 finished" in rerun.stdout
+        ours = [p for p in os.listdir(tmp) if p not in ("ray", "_ray_lockfiles")]
+        assert [p for p in ours if not p.startswith("torchinductor_")] == []
+        assert _running_below(tmp) == [], "a Ray process of the sweeps lives on"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _running_below(folder: Path) -> list[int]:
+    """The processes whose command line names a path below `folder`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if str(folder).encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+    return found
+
+
+# ============================================================================ Resources
+
+
+@pytest.mark.parametrize(
+    "resources, flags, line",
+    [
+        ({"gpu": 0.25}, ["--gpus", "0"],
+         "resources.gpu: a trial of batch size 32 asks for 0.25 GPU, but the local Ray has 0 "
+         "(--gpus): it would wait forever; run with --set resources.gpu=0 to train on the CPU, "
+         "or join a cluster that has them with --address"),
+        ({"gpu": {"32": 0, "64": 1}}, ["--gpus", "0"],
+         "resources.gpu: a trial of batch size 64 asks for 1 GPU, but the local Ray has 0"),
+        ({"cpu": 4096}, [], "resources.cpu: a trial of batch size 32 asks for 4096 CPU, but "
+         f"this machine has {os.cpu_count()}: it would wait forever; run with --set "
+         f"resources.cpu={os.cpu_count()} (or less)"),
+        ({"cpu": 3}, ["--cpus", "2"], "but the local Ray has 2 (--cpus)"),
+    ],
+    ids=["gpu-fraction", "gpu-by-batch", "cpu", "cpus-flag"],
+)  # fmt: skip
+def test_a_local_sweep_that_asks_for_more_than_the_machine_has_is_refused_before_ray(
+    cli, tmp_path, resources, flags, line
+):
+    spec = write_spec(tmp_path / "tiny.yaml", tiny_base(), {"batch_size": [32, 64]},
+                      resources=resources)  # fmt: skip
+    error = one_line(*cli("run", spec, "--storage", tmp_path / "results", *flags)[::2])
+    assert line in error
+    assert sorted(os.listdir(tmp_path)) == ["tiny.yaml"], "nothing is left behind"
+
+
+@pytest.mark.ray
+def test_a_cluster_that_lacks_what_a_trial_asks_for_is_said_once(ray_cluster, tmp_path, capsys):
+    from lbs_tune.runner import _waiting_for
+
+    gpu = {"32": 1, "64": ray_cluster.gpus + 1}
+    spec = write_spec(
+        tmp_path / "big.yaml", tiny_base(), {"batch_size": [32, 64]}, resources={"gpu": gpu}
+    )
+    _waiting_for(load_spec(spec))
+    assert capsys.readouterr().err == (
+        "lbs-tune: waiting for the cluster to grow: a trial of batch size 64 asks for "
+        f"{ray_cluster.gpus + 1} GPU (resources.gpu) and the cluster has {ray_cluster.gpus} now; "
+        "an autoscaler may add nodes; if none will, stop this run and run it with less\n"
+    )
+    _waiting_for(load_spec(spec, ["resources.gpu=1"]))
+    assert capsys.readouterr().err == "", "it fits: nothing to say"
+
+
 # ============================================================================ Damaged files
 
 
@@ -384,6 +631,38 @@ def test_status_and_report_of_a_sweep_record_that_is_a_json_list(cli, copy, tmp_
     args = ("-o", tmp_path / "report.html") if command == "report" else ()
     line = one_line(*cli(command, copy, *args)[::2])
     assert f"{copy}/lbs_sweep.json" in line
+
+
+def _damage_study_storage(db: Path, damage: str) -> None:
+    """Make `db` a damaged study storage: `damage` is 'zero bytes', 'garbage' or 'truncated'
+    (the first pages of a real one)."""
+    if damage == "zero bytes":
+        db.write_bytes(b"")
+    elif damage == "garbage":
+        db.write_bytes(bytes(range(256)) * 40)
+    else:
+        create_storage(db)
+        db.write_bytes(db.read_bytes()[:8192])
+
+
+@pytest.mark.parametrize("damage", ["zero bytes", "garbage", "truncated"])
+def test_every_reader_of_a_damaged_study_storage_says_so_in_one_line_and_leaves_it(
+    cli, copy, tmp_path, damage
+):
+    db = copy / "optuna.db"
+    _damage_study_storage(db, damage)
+    before = db.read_bytes()
+    for args in (
+        ("status", copy),
+        ("report", copy, "-o", tmp_path / "report.html"),
+        ("export", copy, "-o", tmp_path / "tables"),
+    ):
+        line = one_line(*cli(*args)[::2])
+        assert f"{db}: damaged study storage (" in line and "--fresh" in line, (args, line)
+    # A reader never writes to the experiment's studies: no schema, no journal.
+    assert db.read_bytes() == before
+    assert sorted(p.name for p in copy.glob("optuna.db*")) == ["optuna.db"]
+    assert not (tmp_path / "report.html").exists() and not (tmp_path / "tables").exists()
 
 
 def test_report_of_a_recorded_metric_it_does_not_know(cli, copy, tmp_path):
@@ -659,3 +938,19 @@ def test_a_cifar_archive_that_is_not_torchvisions_is_refused(tmp_path):
         read_torchvision("cifar10", tmp_path / "data", download=False)
     message = str(info.value)
     assert f"{archive}: MD5 " in message and "c58f30108f718f92721af3b95e74349a" in message
+
+
+# ============================================================================ The README
+
+
+def test_every_test_the_readmes_reliability_section_names_exists():
+    root = Path(__file__).parent.parent
+    text = (root / "README.md").read_text()
+    section = text.split("### Reliability")[1].split("\n### ")[0]
+    named = set(re.findall(r"`(?:test_\w+\.py::)?(test_\w+)`", section))
+    defined = {
+        name
+        for test_file in (root / "tests").glob("test_*.py")
+        for name in re.findall(r"^def (test_\w+)\(", test_file.read_text(), re.MULTILINE)
+    }
+    assert len(named) >= 15 and sorted(named - defined) == []

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import HOSTILE, raw_trials
 
@@ -791,6 +792,16 @@ def answer_text(text: str) -> str:
     """The text of the page's answer section."""
     section = text[text.index('<section id="answer">') : text.index("</section>")]
     return " ".join(" ".join(Page(section).text).split())
+
+
+def test_a_tuned_sweeps_export_adds_every_study_trial(tuned, tmp_path):
+    from analysis import export
+    from analysis.summary import study_trials_table
+
+    folder, _ = tuned
+    written = export(folder, tmp_path / "export")
+    assert [Path(p).name for p in written][-1] == "studies.parquet"
+    assert pq.read_table(written[-1]).equals(study_trials_table(folder))
 
 
 def test_a_tuned_page_opens_with_the_answer_in_numbers(tuned):

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import pytest
 
 from analysis.budget import best_of_k
@@ -26,7 +25,6 @@ from analysis.summary import (
     summary_json,
     summary_path,
     trial_steps,
-    write_study_trials,
     write_summary,
 )
 from lbs_tune.space import SearchSpec
@@ -549,11 +547,7 @@ def test_the_studies_of_a_real_storage_summarise_and_export(tmp_path):
         assert dict(zip(r["report_steps"], r["report_values"], strict=True)) == t["values"]
         assert r["diverged"] == (t["params"]["lr.base"] > 0.5)
 
-    written = write_study_trials(folder, tmp_path / "export")
-    assert written == str(tmp_path / "export" / "studies.parquet")
-    assert pq.read_table(written).equals(table)
     assert study_trials_table(tmp_path) is None
-    assert write_study_trials(tmp_path, tmp_path / "export2") is None
     assert read_summary(locate(tmp_path)) is None
 
 

@@ -1,0 +1,105 @@
+"""What a sweep's processes leave in the temporary folder ($TMPDIR), found and removed.
+
+Ray's dashboard starts its modules through a multiprocessing forkserver, whose socket lives in
+a `pymp-*` folder of the temporary folder. Python removes that folder when the process exits
+normally; Ray stops its dashboard with a signal, so every local sweep (finished or killed) left
+one behind. `forkserver_folders` finds those whose sockets no live process listens on; they are
+removed when a local sweep starts and once its Ray has stopped.
+
+The driver's own temporary files (W&B, which Ray imports to count the callbacks it is given,
+makes two folders at import and removes them at exit) go to a folder of its own while a sweep
+runs (`driver_folder`), removed at exit, or by the next sweep once its process is gone.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import re
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from lbs_tune.experiment import alive
+
+# The bound Unix sockets of every process of this machine (Linux).
+UNIX_SOCKETS = Path("/proc/net/unix")
+
+
+def _listening() -> set[str] | None:
+    """The paths of the Unix sockets bound now; None where the system does not say."""
+    try:
+        lines = UNIX_SOCKETS.read_text().splitlines()[1:]
+    except OSError:
+        return None
+    # Num RefCount Protocol Flags Type St Inode [Path]
+    return {fields[7] for fields in map(str.split, lines) if len(fields) >= 8}
+
+
+def pymp_folders() -> set[Path]:
+    """Every `pymp-*` folder of the temporary folder now."""
+    return set(Path(tempfile.gettempdir()).glob("pymp-*"))
+
+
+def forkserver_folders() -> list[Path]:
+    """The `pymp-*` folders of the temporary folder left by processes that are gone: each
+    holds only `listener-*` sockets, and none is bound. A folder that also holds anything else,
+    or nothing, may belong to a live process and is left alone; so is every folder where the
+    system does not list its sockets."""
+    bound = _listening()
+    if bound is None:
+        return []
+    found = []
+    for candidate in pymp_folders():
+        with contextlib.suppress(OSError):
+            entries = list(candidate.iterdir())
+            if entries and all(
+                e.name.startswith("listener-")
+                and stat.S_ISSOCK(e.lstat().st_mode)
+                and str(e) not in bound
+                for e in entries
+            ):
+                found.append(candidate)
+    return found
+
+
+def remove_forkserver_folders(wait_for: set[Path] = frozenset(), wait_s: float = 0.0) -> None:
+    """Remove the `forkserver_folders`, waiting up to `wait_s` seconds for those of `wait_for`
+    (the forkservers of a Ray just shut down, which stop a moment after it) to be left too."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        for gone in forkserver_folders():
+            with contextlib.suppress(OSError):
+                for entry in gone.iterdir():
+                    entry.unlink()
+                gone.rmdir()
+        if not (wait_for & pymp_folders()) or time.monotonic() >= deadline:
+            return
+        time.sleep(0.1)
+
+
+# A driver's temporary folder: `lbs-driver-<pid>-<random>`.
+DRIVER_FOLDER = re.compile(r"^lbs-driver-(\d+)-")
+
+
+@contextlib.contextmanager
+def driver_folder() -> Iterator[Path]:
+    """While the body runs, this process's temporary files go to a folder of its own in the
+    temporary folder; it is removed when the process exits (after the libraries that made files
+    there removed theirs). Folders of drivers that are gone (killed) are removed first."""
+    for old in Path(tempfile.gettempdir()).glob("lbs-driver-*"):
+        match = DRIVER_FOLDER.match(old.name)
+        if match and not alive(int(match.group(1))):
+            shutil.rmtree(old, ignore_errors=True)
+    folder = tempfile.mkdtemp(prefix=f"lbs-driver-{os.getpid()}-")
+    # Registered now, so it runs after the exit handlers of what the body imports.
+    atexit.register(shutil.rmtree, folder, True)
+    before, tempfile.tempdir = tempfile.tempdir, folder
+    try:
+        yield Path(folder)
+    finally:
+        tempfile.tempdir = before
