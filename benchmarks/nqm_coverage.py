@@ -6,8 +6,10 @@ Sobol learning rates and fresh gradient noise. Each replicate runs the sweep's p
 process, with the code `lbs-tune run` uses: the spec loaded and checked by `load_spec`, trial n
 of grid point i drawing `lbs_tune.samplers.sobol_point(search, i, n)` (the qmc sampler's draw),
 each trial trained by `lbs_tune.training.train`, its reports turned into the study's value by
-`lbs_tune.studies.Objective.outcome`, and the studies summarised by `analysis.summary.summarize`
-(the fit and intervals of summary.json and the report). What differs from `lbs-tune run`: no
+`lbs_tune.studies.Objective.outcome`, the best `search.confirm.top` trials of each study (by
+`lbs_tune.studies.ranked`) run again on the seeds of `lbs_tune.studies.confirmation_seeds`, as
+the searcher runs them, and the studies summarised by `analysis.summary.summarize` (the fit and
+intervals of summary.json and the report). What differs from `lbs-tune run`: no
 Ray (the trials run one after another in this process, their reports kept in memory, not in
 result.json), no Optuna storage (each study is built as the `StudyRecord` that
 `read_studies` would read back), and a trial stops at its own `target` (the sweep file's
@@ -43,7 +45,17 @@ from lbs_tune.config import TrialConfig
 from lbs_tune.names import set_dotted
 from lbs_tune.samplers import sobol_point
 from lbs_tune.spec import load_spec
-from lbs_tune.studies import Objective, StudyRecord, finite_number, objective_for, study_name
+from lbs_tune.studies import (
+    CONFIRMS,
+    SEED,
+    Objective,
+    StudyRecord,
+    confirmation_seeds,
+    finite_number,
+    objective_for,
+    ranked,
+    study_name,
+)
 
 SWEEP = Path(__file__).resolve().parent.parent / "sweeps" / "nqm_tuned.yaml"
 
@@ -78,6 +90,27 @@ def run_trial(config: TrialConfig, objective: Objective, number: int, params: di
     }
 
 
+def confirmed(record: StudyRecord, spec, config: TrialConfig, objective: Objective) -> StudyRecord:
+    """The study with its confirmation runs, as `read_studies` reads them back: run n is the
+    (n // seeds)-th best search trial on the (n % seeds)-th confirmation seed."""
+    confirm = spec.search.confirm
+    if confirm is None:
+        return record
+    best = ranked(record.trials, objective)[: confirm.top]
+    seeds = confirmation_seeds(spec.search, [t.seed for t in spec.trials])
+    runs = []
+    for n in range(len(best) * len(seeds)):
+        trial, seed = best[n // len(seeds)], seeds[n % len(seeds)]
+        tree = config.model_dump(mode="json") | {"seed": seed}
+        for key, value in trial["params"].items():
+            set_dotted(tree, key, value)
+        run = run_trial(TrialConfig.model_validate(tree), objective, n, trial["params"])
+        runs.append(run | {CONFIRMS: trial["number"], SEED: seed})
+    return record._replace(
+        confirmed=tuple(t["number"] for t in best), seeds=tuple(seeds), confirmations=tuple(runs)
+    )
+
+
 def replicate(spec_path: str, overrides: list[str], r: int) -> dict:
     """Replicate `r`: the sweep run in-process with search.seed = base.seed = r; its measured
     fit, the exact answer and whether each interval holds it."""
@@ -106,7 +139,8 @@ def replicate(spec_path: str, overrides: list[str], r: int) -> dict:
             for key, value in params.items():
                 set_dotted(tree, key, value)
             trials.append(run_trial(TrialConfig.model_validate(tree), objective, number, params))
-        records.append(StudyRecord(study_name(point), point, index, objective, trials))
+        record = StudyRecord(study_name(point), point, index, objective, trials)
+        records.append(confirmed(record, spec, config, objective))
     summary = summarize(records)
     (series,) = summary.fits
     (exact,) = exact_answer(spec)

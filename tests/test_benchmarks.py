@@ -129,3 +129,26 @@ def test_tiny_analysis_benchmark_times_both_loaders_on_the_same_rows(tmp_path):
     ]
     assert cached.split(": ") == ["PASS" if quick else "FAIL", "cached load <= 0.2 s (real folder)"]
     assert done.returncode == (0 if first.startswith("PASS") and cached.startswith("PASS") else 1)
+
+
+def test_tiny_nqm_coverage_runs_the_protocol_with_confirmation_and_counts_what_holds():
+    """benchmarks/nqm_coverage.py on a d = 100 NQM, 3 batch sizes x 3 trials, each best rate
+    confirmed on 3 fresh seeds: one line per replicate and the coverage line."""
+    script = ROOT / "benchmarks" / "nqm_coverage.py"
+    tiny = ["base.data.nqm.dim=100", "grid.batch_size=[4, 16, 64]", "search.trials_per_point=3"]
+    tiny += ["target.value=2", "base.target.value=2"]
+    argv = [sys.executable, str(script), "--replicates", "2", "--jobs", "1"]
+    for override in tiny:
+        argv += ["--set", override]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    *replicates, closing = [
+        json.loads(line) for line in without_ray_lines(done.stdout).split("\n") if line
+    ]
+    assert [r["replicate"] for r in replicates] == [0, 1] and closing["replicates"] == 2
+    for r in replicates:
+        assert len(r["measured_steps"]) == len(r["exact_steps"]) == 3
+        assert r["exact"]["b_crit"] == pytest.approx(closing["exact"]["b_crit"])
+    for name in ("s_min", "e_min", "b_crit"):
+        count = sum(bool(r["exact"]["holds"][name]) for r in replicates)
+        assert closing["coverage"]["summary"][name] == f"{count}/2 ({count / 2:.0%})"
