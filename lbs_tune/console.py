@@ -188,6 +188,14 @@ class Console(Callback):
         self.last_status = self.last_redraw = self.last_line = self.started_at
         self.last_key: tuple | None = None
 
+    # Ray pickles a Tuner's callbacks into its tuner.pkl (read only by Tuner.restore, which the
+    # runner never calls): the copy holds the settings, not the lock or the open stream.
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "lock": None, "stream": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, lock=threading.RLock())
+
     # ------------------------------------------------------------------ The runner's calls
 
     def fit(self, fit: Callable[[], T], quiet: bool) -> T:
