@@ -225,8 +225,23 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> SweepSpec:
     The returned spec's `trials` are its validated trial configs.
     """
     source = _Source(Path(path))
+    overrides = list(overrides)
     _apply(source.data, overrides, _set_in_file)
-    return check_spec(source.data, source.where)
+    return check_spec(source.data, _overridden(source.where, overrides))
+
+
+def _overridden(where: Where, overrides: list[str]) -> Where:
+    """`where` that names the `--set KEY=VALUE` that set a key (or a section above or below it)
+    instead of the file's line, which holds a value the override replaced."""
+    keys = [(parse_override(text)[0], text) for text in overrides]
+
+    def place(key: str) -> str:
+        for set_key, text in reversed(keys):  # the last override of a key wins
+            if key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + "."):
+                return f"--set {cut(text, 80)}"
+        return where(key)
+
+    return place
 
 
 def check_spec(data: dict[str, Any], where: Where) -> SweepSpec:

@@ -220,3 +220,21 @@ def test_the_sweep_metric_takes_its_own_direction(tmp_path):
 def test_a_sweep_target_needs_a_metric_with_a_direction(tmp_path):
     path = write_spec(tmp_path / "t.yaml", tiny_base(), target={"metric": "lr", "value": 0.1})
     assert error_of(path).endswith("target.metric: lr has no better direction to reach")
+
+
+def test_an_error_in_a_set_override_names_the_override_not_the_files_line(tmp_path):
+    path = write_spec(tmp_path / "s.yaml", tiny_base(), {"batch_size": [16, 32]})
+    with pytest.raises(UserError) as info:
+        load_spec(path, ["base.lr.base=nan"])
+    assert str(info.value).startswith("--set base.lr.base=nan: lr.base: Input should be a finite")
+    with pytest.raises(UserError) as info:
+        load_spec(path, ["grid.batch_size=[16, 0]"])
+    assert str(info.value).startswith("--set grid.batch_size=[16, 0]: batch_size: ")
+    with pytest.raises(UserError) as info:
+        load_spec(path, ["base.lr.base=0.1", "base.lr.scaling=linnear"])
+    assert str(info.value).startswith("--set base.lr.scaling=linnear: lr.scaling: ")
+    # A key no override touched is still placed at its line of the file.
+    bad = write_spec(tmp_path / "b.yaml", tiny_base(lr={"base": 0.1, "scaling": "linnear"}))
+    with pytest.raises(UserError) as info:
+        load_spec(bad, ["base.lr.base=0.2"])
+    assert str(info.value).startswith(f"{bad}:") and ": lr.scaling: " in str(info.value)
