@@ -867,6 +867,7 @@ def test_a_tuned_sweep_log_file_has_its_outcomes_and_no_colour_or_info_lines(ray
         "base.checkpoint_every=1",
         "grid.batch_size=[32, 128]",
         "search.trials_per_point=2",
+        "search.confirm=null",  # the search's own trials only: confirmation is test_tuned's
         "target.value=0.3",
         "max_concurrent=2",
     ]

@@ -140,7 +140,13 @@ def test_a_splits_typo_is_a_one_line_usage_error(cli, quickstart_experiment):
 def test_the_report_adds_the_checkpoints_curves(evaluated, tmp_path):
     page = Page(write_report(evaluated, out=tmp_path / "report.html").read_text())
     ids = [a.get("id") for a, _ in page.scripts if a.get("type") == "application/json"]
-    assert ids[:3] == ["fig-learning-curves", "fig-loss-curves", "fig-evaluation"]
+    # The answer's figure first (steps to target), then the curves over training.
+    at = ids.index("fig-learning-curves")
+    assert ids[0] == "fig-steps-to-target" and ids[at : at + 3] == [
+        "fig-learning-curves",
+        "fig-loss-curves",
+        "fig-evaluation",
+    ]
     figure = page.figure("evaluation")
     keys = {t.trial_id: t.key for t in raw_trials(evaluated)}
     rows = rows_of(evaluated)

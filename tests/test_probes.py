@@ -196,7 +196,10 @@ def test_a_bad_branch_section_is_one_line_at_its_key(
     code, out, err = cli("run", QUICKSTART_BRANCH, "--dry-run", "--storage", tmp_path / "st", *sets)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert "quickstart_branch.yaml:" in err and f": {key}: " in err, err
+    # Placed at the override that set the key, else at the key's line of the file.
+    placed = [f"--set {change}" for change in changes] + [f"{QUICKSTART_BRANCH}:"]
+    assert any(err.startswith(f"lbs-tune: error: {p}") for p in placed), err
+    assert f": {key}: " in err, err
     assert message in err, err
 
 

@@ -24,6 +24,7 @@ from test_sweeps import _driver, histories, metrics_only
 from test_tuned import QUICKSTART_TUNED, TINY_TUNED, check_studies, told
 
 from lbs_tune.experiment import STATE_FILE
+from lbs_tune.spec import load_spec
 
 
 def files(folder: Path) -> dict[str, str]:
@@ -99,7 +100,8 @@ def test_a_tuned_sweep_killed_before_ray_saves_then_copied_and_cut_short_runs_ev
     code, out, err = cli("resume", copy, "--address", ray_cluster.address)
     assert files(folder) == before, "the copy's run wrote into the original"
     assert code == 0, (out, err)
-    assert "sweep quickstart_tuned: 6 of 6 trials: " in out
+    count = load_spec(QUICKSTART_TUNED, TINY_TUNED).trial_count  # 6 searched, 4 confirmations
+    assert f"sweep quickstart_tuned: {count} of {count} trials: " in out
     assert "cannot be read (cut short when the run was stopped?): its trials start again" in err
     check_studies(copy)
     db = (copy / "optuna.db").read_bytes()
@@ -172,7 +174,6 @@ def tuned_folder(tmp_path: Path, *trial_folders: str) -> tuple:
     """(spec, experiment, record) of a tiny tuned sweep recorded in tmp_path/results, whose
     folder holds the trial folders named (what a run left there), and nothing of Ray's."""
     from lbs_tune.experiment import record_start
-    from lbs_tune.spec import load_spec
     from lbs_tune.storage import locate
 
     spec = load_spec(QUICKSTART_TUNED, TINY_TUNED)

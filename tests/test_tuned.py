@@ -238,7 +238,9 @@ def test_driver_killed_three_times_then_rerun_ends_as_the_uninterrupted_run(
     second = kill_once_told(first + 1)  # later: at least one more told by the resumed sweep
     assert 1 <= first < second
     third = kill_once_told(0, confirmations=1)  # once a confirmation run is told
-    assert 1 <= third < 4
+    # Confirmation runs are short: all four may be told before the kill lands (the driver,
+    # still running then, had yet to end the sweep).
+    assert 1 <= third <= 4
     assert run(QUICKSTART_TUNED, TINY_TUNED, storage=str(storage), address=ray_cluster.address) == 0
 
     check_studies(folder)
