@@ -232,7 +232,7 @@ class WatchedSweep:
 
 @pytest.fixture(scope="session")
 def broken_sweep(ray_cluster, tmp_path_factory) -> WatchedSweep:
-    """Two trials, one at a time, with a data folder whose path holds HOSTILE: 720 steps on
+    """Two trials, one at a time, with a data folder whose path holds HOSTILE: 2,880 steps on
     synthetic data finish, then a CIFAR-10 trial fails for real (no CIFAR-10 files there) and
     ends in ERROR. A thread asks `status` and `where` every 0.1 s while the sweep runs."""
     from analysis.status import status, where
@@ -324,7 +324,7 @@ def broken_overrides(data: Path) -> list[str]:
         "name=broken",
         f"base.data.dir={data}",
         "base.data.shape=[40]",
-        "base.examples=11520",
+        "base.examples=46080",  # 2,880 steps: long enough that status sees it mid-run
         "grid.batch_size=[16]",
         "grid.lr.scaling=[none]",
         "grid.seed=[0]",

@@ -112,7 +112,7 @@ def test_status_shows_an_errored_trial_and_its_error(cli, tiny_broken):
     assert (failed["trial"], failed["state"]) == (raw["cifar10"].trial_id, "ERROR")
     # The step budget is what a trial reported (total_steps): one that never did shows no budget.
     assert (failed["step"], failed["failures"], failed["last checkpoint"]) == ("0", "1", "-")
-    assert rows["synthetic"]["state"] == "TERMINATED" and rows["synthetic"]["step"] == "720/720"
+    assert rows["synthetic"]["state"] == "TERMINATED" and rows["synthetic"]["step"] == "2880/2880"
     message = (raw["cifar10"].folder / "error.txt").read_text().strip().splitlines()[-1]
     errors = out[out.index("\nerrors:\n") :].splitlines()
     assert errors[2:] == [f"  {raw['cifar10'].trial_id}: {message}"]
@@ -130,7 +130,7 @@ def test_status_and_where_answer_while_the_sweep_runs(broken_sweep):
     ]
     states = [(row["state"], row["step"]) for out, _ in running for row in table_or_none(out)]
     assert ("PENDING", "0") in states, states
-    middle = [s for s in states if s[0] == "RUNNING" and s[1] not in ("0", "720/720")]
+    middle = [s for s in states if s[0] == "RUNNING" and s[1] not in ("0", "2880/2880")]
     assert middle, states
     # The CIFAR-10 grid point is not a trial yet while the first one runs (max_concurrent 1).
     assert any("1 more trials not started" in out for out, _ in running)
