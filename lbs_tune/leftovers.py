@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from lbs_tune.experiment import alive
+from lbs_tune.lock import alive
 
 # The bound Unix sockets of every process of this machine (Linux).
 UNIX_SOCKETS = Path("/proc/net/unix")

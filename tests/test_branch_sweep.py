@@ -183,7 +183,8 @@ def main() -> int:
     import ray
     from make_tiny_experiment import copy_text_files
 
-    from lbs_tune.runner import run, start_ray
+    from lbs_tune.cluster import start_ray
+    from lbs_tune.runner import run
 
     with tempfile.TemporaryDirectory(prefix="lbs-branch-") as scratch:
         storage = Path(scratch)

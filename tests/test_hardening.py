@@ -35,16 +35,9 @@ from test_sweeps import _driver, histories, metrics_only
 
 from analysis.status import status
 from lbs_tune.errors import UserError, cut, printable
-from lbs_tune.experiment import (
-    disk_room,
-    exclusive,
-    lock_location,
-    mixed_runs,
-    read_record,
-    record_start,
-    write_record,
-)
-from lbs_tune.runner import check_writable, prepare_folder
+from lbs_tune.experiment import disk_room, mixed_runs, read_record, record_start, write_record
+from lbs_tune.lock import exclusive, lock_location
+from lbs_tune.preflight import check_writable, prepare_folder
 from lbs_tune.spec import load_spec
 from lbs_tune.storage import locate, size_text
 from lbs_tune.studies import create_storage
@@ -607,19 +600,19 @@ def test_a_local_sweep_that_asks_for_more_than_the_machine_has_is_refused_before
 
 @pytest.mark.ray
 def test_a_cluster_that_lacks_what_a_trial_asks_for_is_said_once(ray_cluster, tmp_path, capsys):
-    from lbs_tune.runner import _waiting_for
+    from lbs_tune.preflight import waiting_for
 
     gpu = {"32": 1, "64": ray_cluster.gpus + 1}
     spec = write_spec(
         tmp_path / "big.yaml", tiny_base(), {"batch_size": [32, 64]}, resources={"gpu": gpu}
     )
-    _waiting_for(load_spec(spec))
+    waiting_for(load_spec(spec))
     assert capsys.readouterr().err == (
         "lbs-tune: waiting for the cluster to grow: a trial of batch size 64 asks for "
         f"{ray_cluster.gpus + 1} GPU (resources.gpu) and the cluster has {ray_cluster.gpus} now; "
         "an autoscaler may add nodes; if none will, stop this run and run it with less\n"
     )
-    _waiting_for(load_spec(spec, ["resources.gpu=1"]))
+    waiting_for(load_spec(spec, ["resources.gpu=1"]))
     assert capsys.readouterr().err == "", "it fits: nothing to say"
 
 

@@ -14,7 +14,7 @@ from lbs_tune.config import DataConfig, TrialConfig, data_dir
 from lbs_tune.datasets import DATASETS, Dataset, dataset_info, register_dataset
 from lbs_tune.errors import UserError
 from lbs_tune.formats import RawData
-from lbs_tune.runner import prepare_data
+from lbs_tune.preflight import prepare_data
 from lbs_tune.spec import load_spec
 
 ROOT = Path(__file__).parent.parent

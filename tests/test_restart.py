@@ -207,7 +207,7 @@ def test_studies_left_mid_write_are_refused_by_readers_and_undone_by_the_next_ru
     import sys
 
     from lbs_tune.errors import UserError
-    from lbs_tune.runner import resume_point
+    from lbs_tune.preflight import resume_point
     from lbs_tune.studies import create_storage, read_studies
 
     spec, experiment, record = tuned_folder(tmp_path)
