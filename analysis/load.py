@@ -63,7 +63,7 @@ def export(source: Any, out_dir: str | Path) -> list[str]:
     # Here, not at the top: a plain load needs neither Optuna nor the fit's scipy.
     from analysis.branches import branch_table
     from analysis.exported import for_export
-    from analysis.summary import study_trials_table
+    from analysis.studies_table import study_trials_table
 
     results = load(source)
     tables = dict(zip(TABLES, for_export(results), strict=True))

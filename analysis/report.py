@@ -26,7 +26,8 @@ from analysis.branches import branches_json
 from analysis.known import known_answer
 from analysis.load import experiment_location, load, load_evaluation
 from analysis.page import Context, build_figures, distinct_batch_sizes, render_html
-from analysis.summary import read_summary, summary_path, write_summary
+from analysis.summary import read_summary
+from analysis.summary_json import summary_path, write_summary
 from lbs_tune.errors import UserError, cut, did_you_mean
 from lbs_tune.experiment import REPORT_FILE, SWEEP_FILE
 from lbs_tune.names import METRICS

@@ -12,7 +12,8 @@ import pytest
 from analysis.figures import exact_steps
 from analysis.known import compare, exact_answer, holds
 from analysis.scaling import fit_scaling
-from analysis.summary import summarize, summary_json
+from analysis.summary import summarize
+from analysis.summary_json import summary_json
 from lbs_tune import nqm
 from lbs_tune.studies import Objective, StudyRecord
 from lbs_tune.sweep import SweepSpec

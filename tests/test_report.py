@@ -796,7 +796,7 @@ def answer_text(text: str) -> str:
 
 def test_a_tuned_sweeps_export_adds_every_study_trial(tuned, tmp_path):
     from analysis import export
-    from analysis.summary import study_trials_table
+    from analysis.studies_table import study_trials_table
 
     folder, _ = tuned
     written = export(folder, tmp_path / "export")

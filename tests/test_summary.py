@@ -17,16 +17,9 @@ import pytest
 
 from analysis.budget import best_of_k
 from analysis.scaling import fit_scaling
-from analysis.summary import (
-    read_summary,
-    study_trials_table,
-    summarize,
-    summarize_point,
-    summary_json,
-    summary_path,
-    trial_steps,
-    write_summary,
-)
+from analysis.studies_table import study_trials_table
+from analysis.summary import read_summary, summarize, summarize_point, trial_steps
+from analysis.summary_json import summary_json, summary_path, write_summary
 from lbs_tune.space import SearchSpec
 from lbs_tune.storage import Location, locate
 from lbs_tune.studies import Objective, StudyRecord
