@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lbs_tune.config import TrialConfig
-from lbs_tune.measure import untouched
+from lbs_tune.measuring import untouched
 from lbs_tune.models import model_task
 from lbs_tune.optim import capture_problem as optimizer_capture_problem
 from lbs_tune.optim import state_copies

@@ -1,4 +1,5 @@
-"""Measurements inside a trial: the gradient noise scale and the sharpness. Torch only, no I/O.
+"""The gradient noise scale, measured inside a trial (the sharpness is `lbs_tune.sharpness`).
+Torch only, no I/O.
 
 Gradient noise scale (McCandlish et al. 2018, "An empirical model of large-batch training").
 With G the gradient of the training loss, Σ the covariance of the per-example gradients and H the
@@ -34,11 +35,6 @@ counts the examples' interactions through the statistics again (+12-14% there), 
 the statistics counts noise along directions that batch norm makes the loss flat in (a bias
 before a batch norm, whose gradient is exactly zero, gets some; +20% on an MLP).
 
-Sharpness: the largest eigenvalue of the Hessian of the training loss on a fixed batch, as the
-step computes the loss (train mode), by Lanczos on Hessian-vector products; for Adam(W) also
-that of P⁻¹H with P Adam's preconditioner (`adam_preconditioner`, Cohen et al. 2022). The
-optimizer's stability limit to compare them with is `lbs_tune.rules.stability_limit`.
-
 Every measurement leaves the model exactly as it found it: parameters, `.grad`, buffers (batch
 norm's running statistics), train/eval modes and every random state, so a trial's trajectory is
 bit-identical with the measurements on or off. Dropout and other random layers draw from
@@ -57,8 +53,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-# loss_fn(outputs, labels) -> the mean loss of the batch, a scalar tensor.
-LossFn = Callable[[Any, Tensor], Tensor]
+from lbs_tune.measuring import (
+    LossFn,
+    dot,
+    seed_torch,
+    squared_norm,
+    trainable_params,
+    untouched,
+)
 
 # Groups whose influence one batched forward-mode pass takes (memory: that many passes' worth).
 TANGENTS_AT_ONCE = 16
@@ -205,7 +207,7 @@ def noise_moments(
         raise ValueError(f"micro_batch must be at least 1, got {micro_batch}")
     if hessian_units and hessian_batch is None:
         raise ValueError("hessian_units needs a hessian_batch")
-    params = _trainable(model)
+    params = trainable_params(model)
     total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
     square_sum = torch.zeros((), dtype=torch.float64, device=params[0].device)
     kept: list[list[Tensor]] = []  # the first `hessian_units` units, one list per unit
@@ -217,7 +219,7 @@ def noise_moments(
             )
         else:
             size = 1
-            _seed_torch(seed)
+            seed_torch(seed)
             units = _example_gradients(model, inputs, labels, loss_fn, params, micro_batch or n)
         count = 0
         for values in units:
@@ -229,17 +231,17 @@ def noise_moments(
                 kept.append([v[j] for v in values])
         mean = [(t / count).to(p.dtype) for t, p in zip(total, params, strict=True)]
         grad_sq, trace_cov = gradient_moments(
-            square_sum.item(), _squared_norm(mean).item(), count, size
+            square_sum.item(), squared_norm(mean).item(), count, size
         )
         if not kept:
             return NoiseMoments(grad_sq, trace_cov)
-        product = _hessian_products(model, *hessian_batch, loss_fn, params, seed)
+        product = hessian_products(model, *hessian_batch, loss_fn, params, seed)
         quad_sum = 0.0
         for unit in kept:
             deviation = torch._foreach_sub(unit, mean)
-            quad_sum += _dot(deviation, product(deviation))
+            quad_sum += dot(deviation, product(deviation))
         grad_hgrad, trace_hcov = hessian_moments(
-            quad_sum, len(kept), _dot(mean, product(mean)), count, size
+            quad_sum, len(kept), dot(mean, product(mean)), count, size
         )
     return NoiseMoments(grad_sq, trace_cov, grad_hgrad, trace_hcov)
 
@@ -321,7 +323,7 @@ def _influence_values(
         return torch.func.grad(loss)(values, w)
 
     def replay() -> None:
-        _seed_torch(seed)
+        seed_torch(seed)
         for g, state in starts:
             g.set_state(state)
 
@@ -381,7 +383,7 @@ def _weighted_norm(module: _BatchNorm, x: Tensor, weights: Tensor) -> Tensor:
     return out
 
 
-def _hessian_products(
+def hessian_products(
     model: nn.Module,
     inputs: Tensor,
     labels: Tensor,
@@ -391,7 +393,7 @@ def _hessian_products(
 ) -> Callable[[list[Tensor]], list[Tensor]]:
     """v -> H v for the Hessian of `loss_fn(model(inputs), labels)`: one forward and backward
     (torch seeded with `seed`, so dropout's masks are drawn once), one more backward per product."""
-    _seed_torch(seed)
+    seed_torch(seed)
     grads = torch.autograd.grad(
         loss_fn(model(inputs), labels), params, create_graph=True, allow_unused=True
     )
@@ -407,163 +409,3 @@ def _hessian_products(
         )
 
     return product
-
-
-# --------------------------------------------------------------------------- Sharpness
-
-
-@torch.enable_grad()
-def top_hessian_eigenvalue(
-    model: nn.Module,
-    inputs: Tensor,
-    labels: Tensor,
-    loss_fn: LossFn,
-    iterations: int,
-    seed: int = 0,
-    max_batch: int | None = None,
-    generators: Sequence[torch.Generator] = (),
-    preconditioner: Sequence[Tensor] | None = None,
-) -> float:
-    """The largest eigenvalue of the Hessian H of `loss_fn(model(inputs), labels)` with respect
-    to the trainable parameters, by `iterations` steps of Lanczos on Hessian-vector products;
-    with a `preconditioner` P (positive, one tensor per parameter, a diagonal) that of P⁻¹H,
-    found as that of the symmetric P^-1/2 H P^-1/2, which has the same eigenvalues.
-
-    The model runs in its current modes, so in train mode the loss is the one a training step
-    descends: batch norm normalises each chunk of `max_batch` examples by its own statistics,
-    as a step normalises each of its micro-batches, and dropout is on. Every product replays
-    the same random draws (torch's generator seeded with `seed`, `generators` reset), so the
-    Hessian is that of one fixed function. The start vector is drawn on the CPU from a generator
-    seeded with `seed`, the same on every device. The batch goes through the model `max_batch`
-    examples at a time (all at once when None); each iteration costs one forward and two
-    backward passes per chunk. Lanczos's top Ritz value is the algebraically largest eigenvalue
-    of the Krylov space, so a large negative eigenvalue does not mask it. The model and the
-    random states are left as they were (see `noise_moments`).
-    """
-    if iterations < 1:
-        raise ValueError(f"iterations must be at least 1, got {iterations}")
-    params = _trainable(model)
-    size = len(inputs)
-    step = max_batch or size
-    chunks = list(zip(inputs.split(step), labels.split(step), strict=True))
-    scale = None if preconditioner is None else [p.rsqrt() for p in preconditioner]
-    starts = [(g, g.get_state()) for g in generators]
-
-    def hvp(vector: list[Tensor]) -> list[Tensor]:
-        _seed_torch(seed)
-        for g, state in starts:
-            g.set_state(state)
-        if scale is not None:
-            vector = torch._foreach_mul(vector, scale)
-        product = [torch.zeros_like(p) for p in params]
-        for x, y in chunks:
-            loss = loss_fn(model(x), y) * (len(x) / size)
-            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-            dot = sum((g * v).sum() for g, v in zip(grads, vector, strict=True) if g is not None)
-            if isinstance(dot, Tensor) and dot.requires_grad:
-                parts = torch.autograd.grad(dot, params, allow_unused=True, materialize_grads=True)
-                torch._foreach_add_(product, parts)
-        if scale is not None:
-            torch._foreach_mul_(product, scale)
-        return product
-
-    generator = torch.Generator().manual_seed(seed)
-    vector = [torch.randn(p.shape, generator=generator).to(p) for p in params]
-    torch._foreach_div_(vector, math.sqrt(_squared_norm(vector).item()))
-    # Below this relative size the Krylov space is invariant and T's eigenvalues are exact.
-    tolerance = torch.finfo(params[0].dtype).eps ** 0.5
-    previous, beta = None, 0.0
-    alphas: list[float] = []
-    betas: list[float] = []
-    with untouched(model, generators):
-        for i in range(iterations):
-            residual = hvp(vector)
-            alpha = _dot(residual, vector)
-            alphas.append(alpha)
-            if i == iterations - 1:
-                break
-            torch._foreach_add_(residual, vector, alpha=-alpha)
-            if previous is not None:
-                torch._foreach_add_(residual, previous, alpha=-beta)
-            beta = math.sqrt(_squared_norm(residual).item())
-            if beta <= tolerance * max(abs(a) for a in alphas):
-                break
-            betas.append(beta)
-            previous, vector = vector, torch._foreach_div(residual, beta)
-    diagonal = torch.tensor(alphas, dtype=torch.float64)
-    off = torch.tensor(betas, dtype=torch.float64)
-    tridiagonal = torch.diag(diagonal) + torch.diag(off, 1) + torch.diag(off, -1)
-    return float(torch.linalg.eigvalsh(tridiagonal)[-1])
-
-
-def adam_preconditioner(
-    optimizer: torch.optim.Optimizer, params: Sequence[Tensor]
-) -> list[Tensor] | None:
-    """Adam(W)'s preconditioner P for `params` from `optimizer`'s state, as its next update
-    applies it: θ ← θ − lr·P⁻¹m with P = (1 − β₁ᵗ)(√(v/(1 − β₂ᵗ)) + ε), m and v the moment
-    estimates after t steps (PyTorch's bias corrections; Cohen et al. 2022 fold the first
-    moment's into P too). None before the first step (no second moment yet)."""
-    groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-    found = []
-    for p in params:
-        state = optimizer.state.get(p)
-        if not state or "exp_avg_sq" not in state:
-            return None
-        steps = float(state["step"])
-        beta1, beta2 = groups[id(p)]["betas"]
-        root = (state["exp_avg_sq"] / (1 - beta2**steps)).sqrt()
-        found.append((1 - beta1**steps) * (root + groups[id(p)]["eps"]))
-    return found
-
-
-# --------------------------------------------------------------------------- Shared
-
-
-@contextlib.contextmanager
-def untouched(model: nn.Module, generators: Sequence[torch.Generator] = ()) -> Iterator[None]:
-    """Inside, `model`'s buffers and modes and the random states may change; on leaving they are
-    put back exactly: every module's train/eval mode, every buffer's values, torch's CPU and
-    (if initialised) CUDA random states, and the states of `generators`."""
-    modes = [(module, module.training) for module in model.modules()]
-    buffers = [(buffer, buffer.clone()) for buffer in model.buffers()]
-    cpu_state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    generator_states = [(g, g.get_state()) for g in generators]
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
-        torch.set_rng_state(cpu_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-        for g, state in generator_states:
-            g.set_state(state)
-
-
-def _seed_torch(seed: int) -> None:
-    """Seed torch's CPU generator and, if CUDA is initialised, the GPUs' (as `untouched`
-    restores them); not `torch.manual_seed`, which queues a lazy CUDA seeding at every call
-    before CUDA is initialised."""
-    torch.default_generator.manual_seed(seed)
-    if torch.cuda.is_initialized():
-        torch.cuda.manual_seed_all(seed)
-
-
-def _trainable(model: nn.Module) -> list[nn.Parameter]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    return params
-
-
-def _squared_norm(tensors: Sequence[Tensor]) -> Tensor:
-    """Σ ||t||² over the tensors, as a float64 scalar on their device (no host sync)."""
-    return torch.stack(torch._foreach_norm(tensors)).double().square().sum()
-
-
-def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
-    return torch.stack([(x * y).sum() for x, y in zip(a, b, strict=True)]).double().sum().item()

@@ -24,15 +24,11 @@ from lbs_tune.checkpoints import read_state, rng_states, set_rng_states
 from lbs_tune.compiled import WARMUP_STEPS, CapturedStep, fitting_micro_batch, resolve_compile
 from lbs_tune.config import TrialConfig, epoch_steps, every_steps
 from lbs_tune.data import TokenStreams
-from lbs_tune.measure import (
-    NoiseScale,
-    adam_preconditioner,
-    noise_moments,
-    top_hessian_eigenvalue,
-)
+from lbs_tune.measure import NoiseScale, noise_moments
 from lbs_tune.names import direction, meets
 from lbs_tune.optim import build_optimizer, load_optimizer_state, set_hyperparameters
 from lbs_tune.rules import lr_at, moved_optimizer, peak_lr
+from lbs_tune.sharpness import adam_preconditioner, top_hessian_eigenvalue
 from lbs_tune.storage import locate
 from lbs_tune.tasks import Task, autocast, budget_steps
 

@@ -17,16 +17,15 @@ from lbs_tune.measure import (
     NoiseMoments,
     NoiseScale,
     _influence_values,
-    _trainable,
     _weighted_norm,
-    adam_preconditioner,
     gradient_moments,
     hessian_moments,
     noise_moments,
-    top_hessian_eigenvalue,
 )
+from lbs_tune.measuring import trainable_params
 from lbs_tune.models import GhostBatchNorm
 from lbs_tune.rules import stability_limit
+from lbs_tune.sharpness import adam_preconditioner, top_hessian_eigenvalue
 from lbs_tune.training import ListReporter, train
 
 
@@ -299,7 +298,7 @@ def test_batch_norm_groups_with_dropout_average_to_the_batch_gradient():
         nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3)
     )
     x, y = _teacher_task(64, torch.Generator().manual_seed(0))
-    params = _trainable(net)
+    params = trainable_params(net)
     units = list(_influence_values(net, x, y, F.cross_entropy, params, 2, 5, []))
     torch.manual_seed(5)
     whole = torch.autograd.grad(F.cross_entropy(net(x), y), params)
