@@ -197,6 +197,13 @@ def prepared(trials: pa.Table) -> pa.Table:
     return trials
 
 
+def distinct_batch_sizes(trials: pa.Table) -> int:
+    """How many batch sizes the trials have (0 without the column)."""
+    if BATCH not in trials.column_names:
+        return 0
+    return len(set(trials[BATCH].to_pylist()) - {None})
+
+
 def varying_keys(trials: pa.Table) -> list[str]:
     """The config keys whose value differs between trials."""
     return [k for k in config_columns(trials) if len({repr(v) for v in trials[k].to_pylist()}) > 1]

@@ -23,9 +23,11 @@ import plotly.graph_objects as go
 import plotly.io
 
 from analysis.branches import branches_json
+from analysis.html import render_html
 from analysis.known import known_answer
 from analysis.load import experiment_location, load, load_evaluation
-from analysis.page import Context, build_figures, distinct_batch_sizes, render_html
+from analysis.metrics import distinct_batch_sizes
+from analysis.page import Context, build_figures
 from analysis.summary import read_summary
 from analysis.summary_json import summary_path, write_summary
 from lbs_tune.errors import UserError, cut, did_you_mean

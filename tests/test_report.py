@@ -47,7 +47,7 @@ from analysis.figures import (
 )
 from analysis.figures._draw import SERIES_COLOURS, batch_colour, contrast, log_ticks
 from analysis.figures.tuned_steps import REGIME_NAMES
-from analysis.page import script_json, trial_counts
+from analysis.html import script_json, trial_counts
 from analysis.report import STATIC_FORMATS, parse_target, write_report
 from analysis.scaling import fit_scaling
 from lbs_tune.errors import UserError

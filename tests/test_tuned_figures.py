@@ -22,7 +22,8 @@ from analysis.figures import (
     study_objective,
     tuned_steps,
 )
-from analysis.page import Context, answer_html
+from analysis.html import answer_html
+from analysis.page import Context
 from analysis.scaling import REGIME_FACTOR
 from analysis.summary import PointSummary, summarize
 from analysis.tables import Results
