@@ -53,7 +53,7 @@ from analysis.metrics import BATCH, SEED, seed_spread
 from analysis.scaling import RESAMPLES, ScalingFit, fit_scaling
 from lbs_tune.names import comparison, first_reached
 from lbs_tune.storage import Location
-from lbs_tune.studies import STUDY_FILE, Objective, StudyRecord, read_studies
+from lbs_tune.studies import STUDY_FILE, Objective, StudyRecord, ran_out, read_studies, told
 
 STEPS = "steps_to_target"
 FORMAT = 2  # summary.json's layout version
@@ -221,7 +221,7 @@ def confirmed_configs(
     found = []
     for rank, number in enumerate(study.confirmed):
         runs = sorted(
-            (c for c in study.confirmations if c["confirms"] == number and _told(c)),
+            (c for c in study.confirmations if c["confirms"] == number and told(c)),
             key=lambda c: c["seed"],
         )
         steps = [trial_steps(c, study.objective, target) for c in runs]
@@ -239,22 +239,18 @@ def confirmed_configs(
     return found
 
 
-def _told(trial: dict[str, Any]) -> bool:
-    return trial["state"] in ("COMPLETE", "FAIL", "PRUNED")
-
-
 def search_budget(
     trials: Sequence[dict[str, Any]], objective: Objective, target: tuple[str, float] | None
 ) -> Budget | None:
     """The search-budget curve of a study's told trials (see `Budget`); None when no trial
     reached the target in a study whose reports hold no steps to target (a `metric` study
     without a target on its metric) or when none is told."""
-    told = [t for t in trials if _told(t)]
-    if not told or (objective.kind != STEPS and (target is None or target[0] != objective.metric)):
+    ended = [t for t in trials if told(t)]
+    if not ended or (objective.kind != STEPS and (target is None or target[0] != objective.metric)):
         return None
-    pruned = [t["pruned_at"] for t in told if t["state"] == "PRUNED" and t["pruned_at"] is not None]
+    pruned = [t["pruned_at"] for t in ended if not ran_out(t) and t["pruned_at"] is not None]
     values = []
-    for t in told:
+    for t in ended:
         steps = trial_steps(t, objective, target)
         if steps is None and t["state"] == "PRUNED" and t["pruned_at"] is not None:
             steps = t["pruned_at"] + 1  # its steps to target are more than where it stopped
@@ -274,7 +270,7 @@ def trial_censoring(
     rows = [
         (batch_size, trial_steps(t, objective, target), t["total_steps"], bool(t["diverged"]))
         for t in trials
-        if t["state"] in ("COMPLETE", "FAIL") and t.get("total_steps") is not None
+        if ran_out(t) and t.get("total_steps") is not None
     ]
     return censoring(rows)[0] if rows else None
 
@@ -302,7 +298,7 @@ def summarize_point(
         "infeasible": sum(t["state"] == "FAIL" for t in trials),
         "diverged": sum(bool(t["diverged"]) for t in trials),
         "pruned": sum(t["state"] == "PRUNED" for t in trials),
-        "unfinished": sum(not _told(t) for t in trials),
+        "unfinished": sum(not told(t) for t in trials),
     }
     best = study.best()
     steps = trial_steps(best, study.objective, target) if best else None

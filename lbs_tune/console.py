@@ -187,6 +187,12 @@ class Console(Callback):
         self.first_start: float | None = None  # when the first trial started
         self.last_status = self.last_redraw = self.last_line = self.started_at
         self.last_key: tuple | None = None
+        # A resumed searched sweep's trials that its studies were told before this run.
+        self.earlier: list[lines.TrialState] = []
+        if spec.search is not None and experiment.is_local:
+            from lbs_tune.studies import read_studies
+
+            self.earlier = lines.told_before(read_studies(experiment.path), self.plan)
 
     # Ray pickles a Tuner's callbacks into its tuner.pkl (read only by Tuner.restore, which the
     # runner never calls): the copy holds the settings, not the lock or the open stream.
@@ -281,8 +287,11 @@ class Console(Callback):
                 self._draw()
 
     def states(self) -> list[lines.TrialState]:
-        """Every trial Ray knows, as TrialStates."""
-        return [self._state(t) for t in self.trials]
+        """Every trial Ray knows, as TrialStates, and those its studies were told before this
+        run that Ray's restored state lacks."""
+        known = [self._state(t) for t in self.trials]
+        ids = {t.id for t in known}
+        return known + [t for t in self.earlier if t.id not in ids]
 
     def _state(self, trial) -> lines.TrialState:
         return trial_state(trial, self.plan, self.events.reached.get(trial.trial_id))

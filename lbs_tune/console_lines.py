@@ -18,8 +18,8 @@ from typing import Any, NamedTuple
 from lbs_tune.config import BRANCH_KEY
 from lbs_tune.errors import cut, printable
 from lbs_tune.experiment import count_outcomes
-from lbs_tune.names import Mode, comparison, direction, get_dotted, hashable
-from lbs_tune.studies import Objective, objective_for
+from lbs_tune.names import Mode, comparison, direction, get_dotted, hashable, set_dotted
+from lbs_tune.studies import Objective, StudyRecord, objective_for, told
 from lbs_tune.sweep import SweepSpec
 
 ERROR_CHARS = 200  # the error line of a failed trial is cut to this length
@@ -106,6 +106,30 @@ def plan_of(spec: SweepSpec, costs: Sequence[float] | None = None) -> Plan:
         tuned=objective_for(search, spec.metric, spec.target) if search else None,
         max_failures=spec.max_failures,
     )
+
+
+def told_before(studies: Sequence[StudyRecord], plan: Plan) -> list[TrialState]:
+    """The trials and confirmation runs that a searched sweep's studies (`read_studies`) were
+    told before this run, as ended trials at their grid point (a steps-to-target one that
+    COMPLETEd reached the target at its steps). Ray's state lacks those told after Ray last
+    saved it: `Console.states` adds the ones Ray does not know."""
+    found = []
+    for study in studies:
+        config: dict[str, Any] = {"search": {"point": study.index}}
+        for key, value in study.point.items():
+            set_dotted(config, key, value)
+        for trial in study.runs():
+            if not told(trial):
+                continue
+            reached = None
+            steps = plan.tuned is not None and plan.tuned.kind == "steps_to_target"
+            if steps and trial["state"] == "COMPLETE":
+                reached = Reached(int(trial["value"]), trial.get("at_value") or plan.tuned.target)
+            result = {"diverged": bool(trial.get("diverged"))}
+            found.append(
+                TrialState(trial["ray_trial_id"], "TERMINATED", config, result, reached=reached)
+            )
+    return found
 
 
 def point_of(config: dict[str, Any], plan: Plan) -> int | None:

@@ -17,6 +17,7 @@ names of 150 characters) is not.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import posixpath
@@ -47,8 +48,8 @@ EXTRAS = {"mlflow": ("mlflow", "lbs-tune[mlflow]"), "wandb": ("wandb", "lbs-tune
 
 def callbacks(spec: SweepSpec, experiment: Location) -> list[LoggerCallback]:
     """The logger callbacks of a sweep in `experiment`: Ray's JSON and CSV loggers, then those
-    of its `loggers` section. Turns Ray's automatic loggers off for this process (see the
-    module's docstring). A missing optional package is a UserError that names its extra."""
+    of its `loggers` section; fit the Tuner inside `without_auto_loggers` (see the module's
+    docstring). A missing optional package is a UserError that names its extra."""
     loggers = spec.loggers
     for name, (package, extra) in EXTRAS.items():
         if getattr(loggers, name) is not None and importlib.util.find_spec(package) is None:
@@ -56,7 +57,6 @@ def callbacks(spec: SweepSpec, experiment: Location) -> list[LoggerCallback]:
                 f"sweep {spec.name}: loggers.{name} needs the {package} package, which is not "
                 f"installed; pip install '{extra}' (or remove loggers.{name})"
             )
-    os.environ[AUTO_LOGGERS_OFF] = "1"
     found: list[LoggerCallback] = [JsonLoggerCallback(), CSVLoggerCallback()]
     searched = list(spec.search.space) if spec.search else []
     if loggers.tensorboard:
@@ -70,6 +70,21 @@ def callbacks(spec: SweepSpec, experiment: Location) -> list[LoggerCallback]:
 
         found.append(wandb_callback(spec, experiment))
     return found
+
+
+@contextlib.contextmanager
+def without_auto_loggers() -> Iterator[None]:
+    """Ray adds none of its own loggers to a Tuner fitted in the body (`callbacks` gives the
+    ones a sweep keeps); the process's setting is as it was after it."""
+    before = os.environ.get(AUTO_LOGGERS_OFF)
+    os.environ[AUTO_LOGGERS_OFF] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(AUTO_LOGGERS_OFF, None)
+        else:
+            os.environ[AUTO_LOGGERS_OFF] = before
 
 
 def varying_keys(spec: SweepSpec) -> list[str]:

@@ -83,17 +83,14 @@ def prepare_data(spec: SweepSpec) -> None:
 
 
 def told_trials(spec: SweepSpec, experiment: Location) -> list[dict[str, Any]]:
-    """The trials of a searched sweep's studies that were told their outcome (read-only)."""
+    """The trials and confirmation runs of a searched sweep's studies that were told their
+    outcome (`studies.told`; read-only): Ray runs none of them again."""
     if spec.search is None or not experiment.is_local:
         return []
-    from lbs_tune.studies import read_studies
+    from lbs_tune.studies import read_studies, told
 
-    return [
-        trial
-        for study in read_studies(experiment.path)
-        for trial in study.trials
-        if trial["state"] in ("COMPLETE", "FAIL")
-    ]
+    studies = read_studies(experiment.path)
+    return [trial for study in studies for trial in study.runs() if told(trial)]
 
 
 def resume_point(spec: SweepSpec, experiment: Location, recorded: dict | None) -> bool:

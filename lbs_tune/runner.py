@@ -260,7 +260,8 @@ def _fit(
 
     from lbs_tune.console import Console
     from lbs_tune.leftovers import driver_folder
-    from lbs_tune.trainable import DiskWatch, HereScheduler, placement, train_trial
+    from lbs_tune.loggers import without_auto_loggers
+    from lbs_tune.trainable import DiskWatch, HereScheduler, KeepReports, placement, train_trial
 
     console = Console(spec, experiment, table=table, costs=trial_costs(spec))
     if ray_address:
@@ -284,12 +285,14 @@ def _fit(
     )
     # Each trial's config comes whole from the search algorithm: a point of the resolved list
     # `trial_configs` (within the param space that Ray asks for), or a study's suggestion.
+    reports = KeepReports()
     if spec.branch is not None:
         space, (options, stop) = {}, (_branched(spec, experiment), None)
     elif spec.search is None:
         space, (options, stop) = param_space(spec, tune.grid_search), (_order(spec), None)
     else:
         space, (options, stop) = {}, _searched(spec, experiment)
+        options["search_alg"].keep = reports.keep
     # A new Tuner every run, also to resume: a restored one (Tuner.restore) would bring the
     # search algorithm, scheduler and callbacks pickled by the first run, with its folder. Ray
     # resumes the trials of its saved state in this folder (`resume_config`, Tuner's own way
@@ -325,13 +328,14 @@ def _fit(
                 *loggers,
                 *([console] if quiet else []),
                 DiskWatch(experiment, spec.trial_count),
+                reports,
             ],
             verbose=0 if quiet else None,
         ),
         _tuner_kwargs={"resume_config": resume_config} if resume else None,
     )
     try:
-        with driver_folder():
+        with driver_folder(), without_auto_loggers():
             results = console.fit(tuner.fit, quiet=quiet)
     except DiskFull as full:
         raise UserError(str(full)) from None

@@ -30,13 +30,16 @@ anything new: every study ends with exactly trials_per_point finished trials and
 confirmation study with top x seeds; with the qmc sampler an interrupted sweep asks exactly the
 parameters and the confirmation runs of an uninterrupted one (pruning never stops one of the
 top trials, so the confirmed trials do not depend on when a trial was stopped). The studies are
-the searcher's whole state: Ray's checkpoint of the searcher is a pointer.
+the searcher's whole state: Ray's checkpoint of the searcher is a pointer. A trial's reports
+reach the experiment folder before its study is told (`keep`, the runner's
+`trainable.KeepReports`): a told trial, which no run makes again, has its reports there.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -219,11 +222,13 @@ class StudySearcher(Searcher):
         self.seeds = confirmation_seeds(search, [c.get("seed", 0) for c in self.configs])
         self.restored = False
         self._run: _Run | None = None
+        # Called with a Ray trial id before its study is told (trainable.KeepReports.keep).
+        self.keep: Callable[[str], None] | None = None
 
     # Ray pickles the searcher into tuner.pkl when the Tuner is made, and unpickles that copy on
     # Tuner.restore: keep only the plain settings; the studies are opened again from the storage.
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_run": None}
+        return {**self.__dict__, "_run": None, "keep": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -333,6 +338,8 @@ class StudySearcher(Searcher):
         if error:
             trial.set_user_attr(ERRORS, trial.user_attrs.get(ERRORS, 0) + 1)
             return
+        if self.keep is not None:  # its reports reach the folder before its study is told
+            self.keep(trial_id)
         if result:
             self._record(trial, run.values[trial_id], result)
             if result.get("total_steps") is not None:

@@ -208,6 +208,22 @@ def ranked(trials: list[dict[str, Any]], objective: Objective) -> list[dict[str,
     return done + rest
 
 
+TOLD = ("COMPLETE", "FAIL", "PRUNED")
+
+
+def told(trial: dict[str, Any]) -> bool:
+    """Whether a trial of `read_studies` (a search trial or a confirmation run) was told its
+    outcome: COMPLETE, FAIL (infeasible) or PRUNED (stopped when it could no longer win). One
+    that was not (RUNNING) runs again when the sweep is resumed."""
+    return trial["state"] in TOLD
+
+
+def ran_out(trial: dict[str, Any]) -> bool:
+    """Whether a told trial ran until it ended on its own (COMPLETE or FAIL), not stopped by the
+    search (PRUNED): its outcome is that of its whole budget."""
+    return trial["state"] in ("COMPLETE", "FAIL")
+
+
 class StudyRecord(NamedTuple):
     """One study as read back from the storage (see `read_studies`), with its confirmation
     runs (none without `search.confirm`, or before the study has all its trials)."""
@@ -223,8 +239,12 @@ class StudyRecord(NamedTuple):
 
     @property
     def finished(self) -> int:
-        """Trials told to the study (COMPLETE, FAIL or PRUNED)."""
-        return sum(t["state"] in ("COMPLETE", "FAIL", "PRUNED") for t in self.trials)
+        """Search trials told to the study (`told`)."""
+        return sum(told(t) for t in self.trials)
+
+    def runs(self) -> tuple[dict[str, Any], ...]:
+        """Its search trials, then its confirmation runs."""
+        return (*self.trials, *self.confirmations)
 
     def best(self) -> dict[str, Any] | None:
         """The best COMPLETE trial (first in `ranked`), None if there is none."""

@@ -114,6 +114,42 @@ class DiskWatch(Callback):
         self._check(trials)
 
 
+class KeepReports(Callback):
+    """Copies a trial's report files (Ray's result.json, progress.csv, params) from the driver's
+    staging folder, where Ray's loggers write them, into the experiment folder: `keep(trial_id)`.
+    Ray uploads that folder only every sync period, so a driver killed in between loses the
+    reports of the trials that ended since. The searcher keeps a trial's reports before it tells
+    its study the outcome: a trial that its study was told has its reports in the folder."""
+
+    FILES = ("result.json", "progress.csv", "params.json", "params.pkl")
+
+    def __init__(self):
+        self.trials: dict[str, Any] = {}  # Ray trial id -> its Trial, once started
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled into tuner.pkl without its trials
+        return {"trials": {}}
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self.trials[trial.trial_id] = trial
+
+    def keep(self, trial_id: str) -> None:
+        trial = self.trials.get(trial_id)
+        if trial is None:
+            return
+        storage = trial.storage
+        staged = Path(storage.trial_driver_staging_path)
+        fs = storage.storage_filesystem
+        fs.create_dir(storage.trial_fs_path, recursive=True)
+        for name in self.FILES:
+            if not (staged / name).is_file():
+                continue
+            # Whole or not at all: a kill mid-copy leaves the folder's earlier copy.
+            target = f"{storage.trial_fs_path}/{name}"
+            with (staged / name).open("rb") as src, fs.open_output_stream(f"{target}.tmp") as out:
+                shutil.copyfileobj(src, out)
+            fs.move(f"{target}.tmp", target)
+
+
 class RayReporter:
     """Sends the loop's reports to Ray Tune, with checkpoints, host/GPU facts and gauges."""
 

@@ -1,8 +1,12 @@
-"""Shared fixtures: one data folder per test run, tiny sweep files, the CLI in-process."""
+"""Shared fixtures and helpers (the one module tests import them from): one data folder per
+test run, tiny sweep files, the CLI in-process, the shared Ray cluster, synthetic studies, the
+report page parsed, killed drivers and full disks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -10,9 +14,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -22,6 +29,7 @@ from lbs_tune.cli import main
 from lbs_tune.cluster import start_ray
 from lbs_tune.errors import UserError
 from lbs_tune.names import METRICS, set_dotted
+from lbs_tune.studies import Objective, StudyRecord, read_studies
 
 # Small enough to generate in a second or two, large enough for batches of 256.
 TINY_MNIST1D = 2000
@@ -65,9 +73,12 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+TIMING = {"images_per_s", "time_s"}  # the report's keys that measure time
+
+
 def without_timing(row: dict) -> dict:
     """A report's metrics without the ones that measure time."""
-    return {k: row.get(k) for k in METRICS if k not in ("images_per_s", "time_s")}
+    return {k: row.get(k) for k in METRICS if k not in TIMING}
 
 
 # A line that Ray's driver prints on behalf of a process of the shared cluster, e.g.
@@ -370,3 +381,239 @@ def reference(ray_cluster, tmp_path_factory):
     spec = sweep_spec(folder, "tiny")
     assert run(spec, storage=str(folder / "results"), address=ray_cluster.address) == 0
     return folder / "results" / "tiny"
+
+
+# ============================================================================ Shared by test files
+# Helpers that several test files use: the one place they are imported from.
+
+
+def histories(experiment: Path) -> dict[tuple, list[dict]]:
+    """Per trial (keyed by its grid values): its reports, a re-made step replacing the earlier."""
+    found = {}
+    for params in experiment.glob("*/params.json"):
+        config = json.loads(params.read_text())
+        key = (config["batch_size"], config["lr"]["scaling"], config["seed"])
+        rows = {}
+        for line in (params.parent / "result.json").read_text().splitlines():
+            row = json.loads(line)
+            rows[row["step"]] = row
+        found[key] = [rows[s] for s in sorted(rows)]
+    return found
+
+
+def driver_command(spec: Path, storage: Path, address: str, *extra: str) -> list[str]:
+    """`lbs-tune run` of `spec` on the Ray at `address` as its own process (to kill it)."""
+    return [
+        *(sys.executable, "-m", "lbs_tune.cli", "run", str(spec)),
+        *("--storage", str(storage), "--address", address, *extra),
+    ]
+
+
+def kill_when(
+    command: list[str], ready: Callable[[], bool], wait_s: float = 240, env: dict | None = None
+) -> None:
+    """Start the driver `command` (environment `env`, os.environ by default), SIGKILL it and
+    its process group once `ready()`."""
+    # Ray saves its experiment state every second.
+    env = {**(env or os.environ), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    with tempfile.TemporaryFile("w+") as log:
+        driver = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
+        try:
+            deadline = time.monotonic() + wait_s
+            while not ready():
+                if driver.poll() is not None:
+                    log.seek(0)
+                    pytest.fail(
+                        f"the driver ended before it could be killed:\n{log.read()[-3000:]}"
+                    )
+                assert time.monotonic() < deadline, "the driver never got there"
+                time.sleep(0.02)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, size: str = "64k", full: bool = True) -> Iterator[Path]:
+    """A real tmpfs of `size` at `folder`, filled up unless not `full` (its filler is
+    `folder/filler`); skips the test where mounting is not permitted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root or CAP_SYS_ADMIN): {mount.stderr.strip()}")
+    try:
+        if full:
+            with contextlib.suppress(OSError), (folder / "filler").open("wb", buffering=0) as f:
+                while True:
+                    f.write(b"\0" * 4096)
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def same_results(a: list[dict], b: list[dict]) -> bool:
+    """Equal reports, bit for bit, apart from the timing fields."""
+    strip = [{k: v for k, v in row.items() if k not in TIMING} for row in a]
+    return strip == [{k: v for k, v in row.items() if k not in TIMING} for row in b]
+
+
+class Page(HTMLParser):
+    """Every script element (attributes and text) and all text outside scripts."""
+
+    def __init__(self, text: str):
+        super().__init__(convert_charrefs=True)
+        self.scripts: list[tuple[dict, str]] = []
+        self.text: list[str] = []
+        self._script: dict | None = None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "script":
+            self._script = dict(attrs)
+            self.scripts.append((self._script, ""))
+
+    def handle_endtag(self, tag):
+        if tag == "script":
+            self._script = None
+
+    def handle_data(self, data):
+        if self._script is not None:
+            attrs, body = self.scripts[-1]
+            self.scripts[-1] = (attrs, body + data)
+        else:
+            self.text.append(data)
+
+    def figure(self, name: str) -> dict:
+        (body,) = [b for a, b in self.scripts if a.get("id") == f"fig-{name}"]
+        return json.loads(body)
+
+
+def trace(figure: dict, name: str, axis: str = "x") -> dict:
+    (found,) = [t for t in figure["data"] if t.get("name") == name and t.get("xaxis", "x") == axis]
+    return found
+
+
+QUICKSTART_TUNED = Path(__file__).parent.parent / "sweeps" / "quickstart_tuned.yaml"
+# quickstart_tuned.yaml, tiny: 2 batch sizes x 3 trials of at most 4 epochs of 1440 examples,
+# evaluated every quarter epoch (every 11 steps at batch 32, every 3 at 128), to 30%; the best
+# of each study again on seeds 1 and 2.
+TINY_TUNED = [
+    f"base.data.samples={TINY_MNIST1D}",
+    "base.epochs=4",
+    "base.min_steps=null",
+    "base.eval_every=0.25",
+    "base.checkpoint_every=1",
+    "grid.batch_size=[32, 128]",
+    "search.trials_per_point=3",
+    "search.confirm={top: 1, seeds: 2}",
+    "target.value=0.3",
+    "max_concurrent=2",
+]
+STUDIES = ["batch_size=32", "batch_size=128"]
+
+
+def told(folder: Path) -> int:
+    """Trials told to their study (COMPLETE, FAIL or PRUNED) so far, over all studies."""
+    return sum(r.finished for r in read_studies(folder))
+
+
+def check_studies(folder: Path) -> None:
+    """Each study: trials 0..n-1, each asked once and told once, each by a Ray trial of its own
+    whose reports are in the folder; its best trial confirmed on seeds 1 and 2, once each. Ray's
+    newest state holds no trial of its own beside them (it may lack one told just before a
+    kill, before Ray saved its state: the study keeps it)."""
+    found = {r.name: r for r in read_studies(folder)}
+    assert list(found) == STUDIES
+    ray_ids = []
+    for name, r in found.items():
+        trials = sorted(r.trials, key=lambda t: t["number"])
+        assert [t["number"] for t in trials] == [0, 1, 2], name
+        assert all(t["state"] in ("COMPLETE", "FAIL", "PRUNED") for t in trials), (name, trials)
+        assert r.confirmed == (r.best()["number"],) and r.seeds == (1, 2)
+        runs = sorted(r.confirmations, key=lambda c: c["number"])
+        assert [(c["number"], c["seed"], c["state"] != "RUNNING") for c in runs] == [
+            (0, 1, True),
+            (1, 2, True),
+        ]
+        ray_ids += [t["ray_trial_id"] for t in [*trials, *runs]]
+    assert len(set(ray_ids)) == 10
+    for ray_id in ray_ids:
+        (trial,) = folder.glob(f"train_trial_{ray_id}_*")
+        assert (trial / "result.json").read_text(), ray_id
+    state = max(folder.glob("experiment_state-*.json"))  # the newest: Tuner.restore's
+    saved = {json.loads(t)["trial_id"] for t, _ in json.loads(state.read_text())["trial_data"]}
+    assert saved <= set(ray_ids)
+
+
+STEPS = Objective("steps_to_target", "val/accuracy", "max", 0.5)
+# McCandlish et al.'s form with S_min = 100, B_noise = 200: S(B) = 100 (1 + 200 / B).
+S_MIN, B_NOISE = 100.0, 200.0
+SIZES = [16, 32, 64, 128, 256, 512, 1024, 2048]
+
+
+def steps_at(batch: int) -> float:
+    return S_MIN * (1 + B_NOISE / batch)
+
+
+def trial(
+    number: int,
+    value: float | None,
+    lr: float = 0.1,
+    state: str | None = None,
+    diverged: bool = False,
+    at_value: float | None = None,
+    values: dict[int, float] | None = None,
+    total_steps: int | None = None,
+    pruned_at: int | None = None,
+) -> dict:
+    """A trial as `read_studies` gives it: COMPLETE with a value, else FAIL (or `state`)."""
+    state = state or ("COMPLETE" if value is not None else "FAIL")
+    return {
+        "number": number,
+        "state": state,
+        "value": value,
+        "at_value": at_value if at_value is not None else (0.5 if value is not None else None),
+        "params": {"lr.base": lr, "optimizer.momentum": 0.9},
+        "ray_trial_id": f"r{number}-{lr}",
+        "reason": None if state != "FAIL" else ("diverged" if diverged else "not reached"),
+        "diverged": diverged,
+        "ray_errors": 0,
+        "pruned_at": pruned_at,
+        "total_steps": total_steps,
+        "values": values or ({int(value): 0.5} if value is not None else {}),
+    }
+
+
+def study(point: dict, index: int, trials: list[dict], objective=STEPS) -> StudyRecord:
+    name = ",".join(f"{k}={v}" for k, v in point.items())
+    return StudyRecord(name, point, index, objective, trials)
+
+
+def formula_studies(seeds=(0,), scale=(1.0,), never=()) -> list[StudyRecord]:
+    """One study per batch size (x seed) whose best trial needs steps_at(B) x scale[seed] steps
+    (rounded), with a worse and an infeasible trial beside it; batch sizes in `never` reach the
+    target in no trial."""
+    found = []
+    for batch in SIZES:
+        for seed, factor in zip(seeds, scale, strict=True):
+            best = None if batch in never else round(steps_at(batch) * factor)
+            point = {"batch_size": batch, "seed": seed} if len(seeds) > 1 else {"batch_size": batch}
+            found.append(
+                study(
+                    point,
+                    len(found),
+                    [
+                        trial(0, None if best is None else best * 2, lr=0.01),
+                        trial(1, best, lr=0.1 * math.sqrt(batch / 16)),
+                        trial(2, None, lr=5.0, diverged=True),
+                    ],
+                )
+            )
+    return found

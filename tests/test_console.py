@@ -54,9 +54,11 @@ from lbs_tune.console_lines import (
     progress,
     status_block,
     status_line,
+    told_before,
     where,
 )
 from lbs_tune.storage import locate
+from lbs_tune.studies import StudyRecord
 from lbs_tune.sweep import SweepSpec
 
 STAMP = r"\d\d:\d\d:\d\d"
@@ -325,6 +327,46 @@ def test_a_tuned_metric_sweep_shows_the_best_value_leaving_out_diverged_trials()
     )
     states = tuned_states()[3:]
     assert best_by_size(states, plan).endswith("16: - (0/3), 64: 0.55 (2/3)")
+
+
+def test_a_resumed_tuned_sweep_counts_the_trials_its_studies_were_told_before_this_run():
+    """Told to its study after Ray last saved its state, a trial is not in Ray's restored list:
+    the status counts it from the studies (a reached one at its steps), not as pending."""
+
+    def run(number, state, ray, value=None):
+        return {
+            "number": number,
+            "state": state,
+            "value": value,
+            "at_value": 0.52,
+            "ray_trial_id": ray,
+            "diverged": False,
+        }
+
+    studies = [  # tuned_states' trials as their studies hold them, and one more told at 64
+        StudyRecord("batch_size=16", {"batch_size": 16}, 0, TUNED.tuned, [
+            run(0, "COMPLETE", "c0ffe_00000", 45.0), run(1, "PRUNED", "c0ffe_00001"),
+            run(2, "RUNNING", "c0ffe_00002")]),
+        StudyRecord("batch_size=64", {"batch_size": 64}, 1, TUNED.tuned, [
+            run(0, "COMPLETE", "c0ffe_00003", 12.0), run(1, "FAIL", "c0ffe_00004"),
+            run(2, "COMPLETE", "told", 9.0)]),
+    ]  # fmt: skip
+    earlier = told_before(studies, TUNED)
+    assert [(t.id, t.config["batch_size"], t.reached) for t in earlier] == [
+        ("c0ffe_00000", 16, Reached(45, 0.52)),
+        ("c0ffe_00001", 16, None),
+        ("c0ffe_00003", 64, Reached(12, 0.52)),
+        ("c0ffe_00004", 64, None),
+        ("told", 64, Reached(9, 0.52)),
+    ]
+    assert {t.state for t in earlier} == {"TERMINATED"}
+    # As Console.states adds them: those Ray's list lacks.
+    ids = {t.id for t in tuned_states()}
+    states = tuned_states() + [t for t in earlier if t.id not in ids]
+    assert (
+        counts(states, TUNED) == "3 reached, 1 missed, 1 running, 0 pending, 0 errored, 1 diverged"
+    )
+    assert best_by_size(states, TUNED).endswith("16: 45 (2/3), 64: 9 (3/3)")
 
 
 # ============================================================================ Status and pace

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import raw_trials, without_ray_lines
-from test_report import Page, trace
+from conftest import Page, raw_trials, trace, without_ray_lines
 
 import lbs_tune.evaluate
 from analysis.report import write_report
@@ -168,4 +167,4 @@ def test_the_report_adds_the_checkpoints_curves(evaluated, tmp_path):
                 assert line["y"] == pytest.approx(medians)
     titles = [a["text"] for a in figure["layout"]["annotations"]]
     assert titles == [f"{s}/{k}" for k in ("loss", "accuracy") for s in SPLITS]
-    assert figure["layout"]["xaxis4"]["title"]["text"] == "checkpoint step"
+    assert figure["layout"]["xaxis4"]["title"]["text"] == "checkpoint (steps)"

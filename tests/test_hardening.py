@@ -25,13 +25,23 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import sweep_spec, tiny_base, write_spec
+from conftest import (
+    QUICKSTART_TUNED,
+    TINY_TUNED,
+    check_studies,
+    driver_command,
+    histories,
+    kill_when,
+    sweep_spec,
+    tiny_base,
+    tmpfs,
+    without_timing,
+    write_spec,
+)
 from fixtures_formats import write_cifar10
-from test_sweeps import _driver, histories, metrics_only
 
 from analysis.status import status
 from lbs_tune.errors import UserError, cut, printable
@@ -304,7 +314,7 @@ def test_a_second_run_while_the_first_runs_is_refused_and_the_first_runs_as_alon
     lock = Path(lock_location(locate(experiment)).path)
     log = (tmp_path / "driver.log").open("w")
     driver = subprocess.Popen(
-        _driver(spec, storage, ray_cluster.address),
+        driver_command(spec, storage, ray_cluster.address),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -346,7 +356,7 @@ def test_a_second_run_while_the_first_runs_is_refused_and_the_first_runs_as_alon
     expected, found = histories(reference), histories(experiment)
     assert sorted(found) == sorted(expected)
     for key, rows in expected.items():
-        assert [metrics_only(r) for r in found[key]] == [metrics_only(r) for r in rows], key
+        assert [without_timing(r) for r in found[key]] == [without_timing(r) for r in rows], key
     assert len(read_record(locate(experiment))["runs"]) == 1
 
 
@@ -384,28 +394,6 @@ def test_two_writers_of_the_sweep_record_leave_valid_json_and_no_temporary_file(
     assert problems == []
     assert os.listdir(tmp_path / "tiny") == ["lbs_sweep.json"]
     assert json.loads((tmp_path / "tiny" / "lbs_sweep.json").read_text())["n"] == 299
-
-
-@contextlib.contextmanager
-def tmpfs(folder: Path, size: str = "64k", full: bool = True) -> Iterator[Path]:
-    """A real tmpfs of `size` at `folder`, filled up unless not `full` (its filler is
-    `folder/filler`); skips the test where mounting is not permitted."""
-    folder.mkdir(parents=True, exist_ok=True)
-    mount = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-        capture_output=True,
-        text=True,
-    )
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root or CAP_SYS_ADMIN): {mount.stderr.strip()}")
-    try:
-        if full:
-            with contextlib.suppress(OSError), (folder / "filler").open("wb", buffering=0) as f:
-                while True:
-                    f.write(b"\0" * 4096)
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
 # Smaller than the file's buffer (closing flushes it again and fails again) and larger.
@@ -512,7 +500,6 @@ def test_a_sweep_that_fills_its_disk_stops_in_one_line_and_then_runs_exactly(
 ):
     """A tuned sweep on a 3 MB disk: it stops with one line that says how much it needs, exit
     2, no traceback; on a grown disk the same command finishes every study exactly."""
-    from test_tuned import QUICKSTART_TUNED, TINY_TUNED, check_studies
 
     sets = [arg for override in TINY_TUNED for arg in ("--set", override)]
     with tmpfs(tmp_path / "disk", size="3m", full=False) as disk:
@@ -536,7 +523,6 @@ def test_a_local_sweep_killed_then_finished_leaves_nothing_in_tmpdir(tmp_path, d
     """Its own Ray, started with TMPDIR set: killed once a checkpoint is made, then run again
     to its end. $TMPDIR keeps Ray's folders (its session's logs, its file locks) and torch's
     compile cache, nothing else: no forkserver folder of Ray's dashboard, no checkpoint."""
-    from test_restart import kill_when
 
     # Short: Ray's sockets live below it, and a socket's path has at most 107 bytes.
     tmp = Path(tempfile.mkdtemp(prefix="lbs-", dir="/tmp"))

@@ -5,6 +5,7 @@ and W&B from its offline run files, each checked against Ray's result.json."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 import sys
 from pathlib import Path
@@ -18,7 +19,14 @@ from tensorboardX.proto.event_pb2 import Event
 from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
 
 from lbs_tune.errors import UserError
-from lbs_tune.loggers import BY_EXAMPLES, TensorBoard, callbacks, run_name
+from lbs_tune.loggers import (
+    AUTO_LOGGERS_OFF,
+    BY_EXAMPLES,
+    TensorBoard,
+    callbacks,
+    run_name,
+    without_auto_loggers,
+)
 from lbs_tune.names import own_metrics
 from lbs_tune.spec import load_spec
 from lbs_tune.storage import locate
@@ -122,6 +130,18 @@ def test_a_missing_logger_package_is_one_line_naming_the_extra(tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "mlflow", None)  # as if it were not installed
     with pytest.raises(UserError, match=r"loggers.mlflow .*pip install 'lbs-tune\[mlflow\]'"):
         callbacks(load_spec(spec), locate(tmp_path / "results" / "s"))
+
+
+def test_ray_adds_no_logger_of_its_own_only_while_a_sweep_fits(monkeypatch):
+    """A plain Tuner fitted later in the same process (a notebook's) gets Ray's own loggers."""
+    monkeypatch.delenv(AUTO_LOGGERS_OFF, raising=False)
+    with without_auto_loggers():
+        assert os.environ[AUTO_LOGGERS_OFF] == "1"
+    assert AUTO_LOGGERS_OFF not in os.environ
+    monkeypatch.setenv(AUTO_LOGGERS_OFF, "0")
+    with pytest.raises(KeyboardInterrupt), without_auto_loggers():
+        raise KeyboardInterrupt
+    assert os.environ[AUTO_LOGGERS_OFF] == "0"
 
 
 def test_loggers_are_no_part_of_the_digest(tmp_path):

@@ -10,7 +10,7 @@ import math
 import plotly.graph_objects as go
 import pyarrow as pa
 import pytest
-from test_summary import formula_studies, steps_at
+from conftest import formula_studies, steps_at
 
 from analysis.figures import noise_scale, sharpness
 from analysis.figures._common import Curve

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import read_jsonl, write_spec
+from conftest import read_jsonl, same_results, write_spec
 
 from lbs_tune import nqm
 from lbs_tune.checks import check_sweep_target
@@ -21,7 +21,6 @@ from lbs_tune.sweep import Target
 from lbs_tune.training import ListReporter, train
 
 SWEEP = Path(__file__).parent.parent / "sweeps" / "nqm_tuned.yaml"
-TIMING = {"images_per_s", "time_s"}
 # A small problem of given values: curvatures, noise variances and start unlike one another.
 SMALL = {"values": [1.0, 0.5, 0.25, 0.1], "noise": [1.0, 2.0, 0.5, 1.0], "theta0": 0.5}
 
@@ -174,10 +173,7 @@ def test_resume_is_bit_for_bit(cli, tmp_path):
     code, stdout, _ = cli("train", spec, "--out", out)
     assert code == 0 and "resuming from the checkpoint of step 16" in stdout
 
-    def strip(rows):
-        return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-
-    assert strip(read_jsonl(out / "metrics.jsonl")) == strip(expected)
+    assert same_results(read_jsonl(out / "metrics.jsonl"), expected)
 
 
 def test_past_the_stability_limit_the_trial_diverges(cli, tmp_path):

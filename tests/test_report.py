@@ -17,14 +17,13 @@ import re
 import shutil
 import statistics
 import subprocess
-from html.parser import HTMLParser
 from pathlib import Path
 
 import plotly.graph_objects as go
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import HOSTILE, raw_trials
+from conftest import HOSTILE, Page, raw_trials, tmpfs, trace
 
 from analysis import load
 from analysis import page as page_module
@@ -64,42 +63,6 @@ FIGURES = [
 BATCH_SIZES = [16, 64, 256]
 RULES = ["linear", "none"]
 TARGET = 0.3
-
-
-class Page(HTMLParser):
-    """Every script element (attributes and text) and all text outside scripts."""
-
-    def __init__(self, text: str):
-        super().__init__(convert_charrefs=True)
-        self.scripts: list[tuple[dict, str]] = []
-        self.text: list[str] = []
-        self._script: dict | None = None
-        self.feed(text)
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "script":
-            self._script = dict(attrs)
-            self.scripts.append((self._script, ""))
-
-    def handle_endtag(self, tag):
-        if tag == "script":
-            self._script = None
-
-    def handle_data(self, data):
-        if self._script is not None:
-            attrs, body = self.scripts[-1]
-            self.scripts[-1] = (attrs, body + data)
-        else:
-            self.text.append(data)
-
-    def figure(self, name: str) -> dict:
-        (body,) = [b for a, b in self.scripts if a.get("id") == f"fig-{name}"]
-        return json.loads(body)
-
-
-def trace(figure: dict, name: str, axis: str = "x") -> dict:
-    (found,) = [t for t in figure["data"] if t.get("name") == name and t.get("xaxis", "x") == axis]
-    return found
 
 
 def spread(values: list[float | None], mode: str) -> tuple:
@@ -1032,7 +995,6 @@ def test_a_description_with_bidirectional_controls_reaches_the_page_as_plain_tex
 
 
 def test_a_full_disk_keeps_the_earlier_report_whole_and_is_one_line(cli, tiny_quickstart, tmp_path):
-    from test_hardening import tmpfs
 
     with tmpfs(tmp_path / "disk", size="1m", full=False) as disk:
         earlier = disk / "report.html"

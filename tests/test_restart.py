@@ -6,22 +6,25 @@ from. Drivers are real processes, SIGKILLed; the sweeps join the shared Ray clus
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
-import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import sweep_spec
-from test_sweeps import _driver, histories, metrics_only
-from test_tuned import QUICKSTART_TUNED, TINY_TUNED, check_studies, told
+from conftest import (
+    QUICKSTART_TUNED,
+    TINY_TUNED,
+    check_studies,
+    driver_command,
+    histories,
+    kill_when,
+    sweep_spec,
+    told,
+    without_timing,
+)
 
 from lbs_tune.experiment import STATE_FILE
 from lbs_tune.spec import load_spec
@@ -41,33 +44,6 @@ def states(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if STATE_FILE.match(p.name))
 
 
-def kill_when(
-    command: list[str], ready: Callable[[], bool], wait_s: float = 240, env: dict | None = None
-) -> None:
-    """Start the driver `command` (environment `env`, os.environ by default), SIGKILL it and
-    its process group once `ready()`."""
-    # Ray saves its experiment state every second.
-    env = {**(env or os.environ), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    with tempfile.TemporaryFile("w+") as log:
-        driver = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
-        )
-        try:
-            deadline = time.monotonic() + wait_s
-            while not ready():
-                if driver.poll() is not None:
-                    log.seek(0)
-                    pytest.fail(
-                        f"the driver ended before it could be killed:\n{log.read()[-3000:]}"
-                    )
-                assert time.monotonic() < deadline, "the driver never got there"
-                time.sleep(0.02)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(driver.pid, signal.SIGKILL)
-            driver.wait()
-
-
 def cut_short(state: Path) -> None:
     """What a kill leaves while Ray rewrites its state in place: the file's first part."""
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 3])
@@ -83,7 +59,7 @@ def test_a_tuned_sweep_killed_before_ray_saves_then_copied_and_cut_short_runs_ev
     storage's name holds `?`, `%41` and a space."""
     storage = tmp_path / "results?v=1%41 x"
     folder = storage / "quickstart_tuned"
-    command = _driver(
+    command = driver_command(
         QUICKSTART_TUNED,
         storage,
         ray_cluster.address,
@@ -127,7 +103,7 @@ def test_a_grid_sweep_whose_ray_state_is_cut_short_reruns_without_duplicates(
     folder = storage / "tiny"
     # Killed once two trials' reports reached the experiment folder (with Ray's state).
     kill_when(
-        _driver(spec, storage, ray_cluster.address),
+        driver_command(spec, storage, ray_cluster.address),
         lambda: len(list(folder.glob("*/result.json"))) >= 2 and states(folder),
     )
     cut_short(states(folder)[-1])
@@ -136,7 +112,7 @@ def test_a_grid_sweep_whose_ray_state_is_cut_short_reruns_without_duplicates(
     expected, found = histories(reference), histories(folder)
     assert sorted(found) == sorted(expected)
     for key, rows in expected.items():
-        assert [metrics_only(r) for r in found[key]] == [metrics_only(r) for r in rows], key
+        assert [without_timing(r) for r in found[key]] == [without_timing(r) for r in rows], key
 
 
 @pytest.mark.ray
@@ -150,7 +126,7 @@ def test_a_copied_grid_sweep_resumes_in_its_new_place_and_leaves_the_old(
     storage = tmp_path / "results"
     folder = storage / "tiny"
     kill_when(
-        _driver(spec, storage, ray_cluster.address),
+        driver_command(spec, storage, ray_cluster.address),
         lambda: len({p.parent for p in folder.glob("*/checkpoint_*")}) >= 2 and states(folder),
     )
     before = files(folder)
@@ -163,7 +139,7 @@ def test_a_copied_grid_sweep_resumes_in_its_new_place_and_leaves_the_old(
     expected, found = histories(reference), histories(copy)
     assert sorted(found) == sorted(expected)
     for key, rows in expected.items():
-        assert [metrics_only(r) for r in found[key]] == [metrics_only(r) for r in rows], key
+        assert [without_timing(r) for r in found[key]] == [without_timing(r) for r in rows], key
     assert json.loads((copy / "lbs_sweep.json").read_text())["ended"]
 
 

@@ -8,12 +8,12 @@ the real searcher (driven as Ray Tune drives it, without a cluster)."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
+from conftest import B_NOISE, S_MIN, SIZES, STEPS, formula_studies, steps_at, study, trial
 
 from analysis.budget import best_of_k
 from analysis.scaling import fit_scaling
@@ -24,76 +24,10 @@ from lbs_tune.space import SearchSpec
 from lbs_tune.storage import Location, locate
 from lbs_tune.studies import Objective, StudyRecord
 
-STEPS = Objective("steps_to_target", "val/accuracy", "max", 0.5)
-# McCandlish et al.'s form with S_min = 100, B_noise = 200: S(B) = 100 (1 + 200 / B).
-S_MIN, B_NOISE = 100.0, 200.0
-SIZES = [16, 32, 64, 128, 256, 512, 1024, 2048]
-
-
-def steps_at(batch: int) -> float:
-    return S_MIN * (1 + B_NOISE / batch)
-
-
-def trial(
-    number: int,
-    value: float | None,
-    lr: float = 0.1,
-    state: str | None = None,
-    diverged: bool = False,
-    at_value: float | None = None,
-    values: dict[int, float] | None = None,
-    total_steps: int | None = None,
-    pruned_at: int | None = None,
-) -> dict:
-    """A trial as `read_studies` gives it: COMPLETE with a value, else FAIL (or `state`)."""
-    state = state or ("COMPLETE" if value is not None else "FAIL")
-    return {
-        "number": number,
-        "state": state,
-        "value": value,
-        "at_value": at_value if at_value is not None else (0.5 if value is not None else None),
-        "params": {"lr.base": lr, "optimizer.momentum": 0.9},
-        "ray_trial_id": f"r{number}-{lr}",
-        "reason": None if state != "FAIL" else ("diverged" if diverged else "not reached"),
-        "diverged": diverged,
-        "ray_errors": 0,
-        "pruned_at": pruned_at,
-        "total_steps": total_steps,
-        "values": values or ({int(value): 0.5} if value is not None else {}),
-    }
-
 
 def confirm_run(number: int, confirms: int, seed: int, steps: float | None) -> dict:
     """A confirmation run as `read_studies` gives it."""
     return {**trial(number, steps), "confirms": confirms, "seed": seed}
-
-
-def study(point: dict, index: int, trials: list[dict], objective=STEPS) -> StudyRecord:
-    name = ",".join(f"{k}={v}" for k, v in point.items())
-    return StudyRecord(name, point, index, objective, trials)
-
-
-def formula_studies(seeds=(0,), scale=(1.0,), never=()) -> list[StudyRecord]:
-    """One study per batch size (x seed) whose best trial needs steps_at(B) x scale[seed] steps
-    (rounded), with a worse and an infeasible trial beside it; batch sizes in `never` reach the
-    target in no trial."""
-    found = []
-    for batch in SIZES:
-        for seed, factor in zip(seeds, scale, strict=True):
-            best = None if batch in never else round(steps_at(batch) * factor)
-            point = {"batch_size": batch, "seed": seed} if len(seeds) > 1 else {"batch_size": batch}
-            found.append(
-                study(
-                    point,
-                    len(found),
-                    [
-                        trial(0, None if best is None else best * 2, lr=0.01),
-                        trial(1, best, lr=0.1 * math.sqrt(batch / 16)),
-                        trial(2, None, lr=5.0, diverged=True),
-                    ],
-                )
-            )
-    return found
 
 
 # ============================================================================ Per grid point

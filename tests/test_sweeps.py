@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -20,7 +19,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import sweep_spec, tiny_base, without_ray_lines, without_timing, write_spec
+from conftest import (
+    driver_command,
+    histories,
+    sweep_spec,
+    tiny_base,
+    without_ray_lines,
+    without_timing,
+    write_spec,
+)
 from fixtures_formats import write_cifar10
 
 from analysis.status import status
@@ -31,21 +38,6 @@ from lbs_tune.training import ListReporter, train
 
 SWEEPS = sorted(Path(__file__).parent.parent.joinpath("sweeps").glob("*.yaml"))
 QUICKSTART_FILE = Path(__file__).parent.parent / "sweeps" / "quickstart.yaml"
-TIMING = {"images_per_s", "time_s"}
-
-
-def histories(experiment: Path) -> dict[tuple, list[dict]]:
-    """Per trial (keyed by its grid values): its reports, a re-made step replacing the earlier."""
-    found = {}
-    for params in experiment.glob("*/params.json"):
-        config = json.loads(params.read_text())
-        key = (config["batch_size"], config["lr"]["scaling"], config["seed"])
-        rows = {}
-        for line in (params.parent / "result.json").read_text().splitlines():
-            row = json.loads(line)
-            rows[row["step"]] = row
-        found[key] = [rows[s] for s in sorted(rows)]
-    return found
 
 
 def raw_steps(experiment: Path) -> dict[str, list[int]]:
@@ -53,12 +45,6 @@ def raw_steps(experiment: Path) -> dict[str, list[int]]:
         p.parent.name: [json.loads(line)["step"] for line in p.read_text().splitlines()]
         for p in experiment.glob("*/result.json")
     }
-
-
-def metrics_only(row: dict) -> dict:
-    from lbs_tune.names import METRICS
-
-    return {k: row.get(k) for k in METRICS if k not in TIMING}
 
 
 @pytest.mark.ray
@@ -127,19 +113,12 @@ def test_cifar_files_run_tiny_on_real_cifar_files(ray_cluster, tmp_path, name):
     assert rows[-1]["step"] == 1 and rows[-1]["gpu_ids"] != "", "the 0.25/0.5 GPU request is kept"
 
 
-def _driver(spec: Path, storage: Path, address: str, *extra: str) -> list[str]:
-    return [
-        *(sys.executable, "-m", "lbs_tune.cli", "run", str(spec)),
-        *("--storage", str(storage), "--address", address, *extra),
-    ]
-
-
 @pytest.mark.ray
 def test_driver_killed_with_sigkill_then_rerun_completes_exactly(ray_cluster, reference, tmp_path):
     spec = sweep_spec(tmp_path, "tiny")
     storage = tmp_path / "results"
     driver = subprocess.Popen(
-        _driver(spec, storage, ray_cluster.address),
+        driver_command(spec, storage, ray_cluster.address),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -160,7 +139,7 @@ def test_driver_killed_with_sigkill_then_rerun_completes_exactly(ray_cluster, re
     expected, found = histories(reference), histories(storage / "tiny")
     assert sorted(found) == sorted(expected)
     for key, rows in expected.items():
-        assert [metrics_only(r) for r in found[key]] == [metrics_only(r) for r in rows], key
+        assert [without_timing(r) for r in found[key]] == [without_timing(r) for r in rows], key
     # Reports made after the last checkpoint were made again: result.json may hold a step twice
     # (the analysis keeps the last); none of them is lost and none is missing.
     for trial, steps in raw_steps(storage / "tiny").items():
@@ -298,7 +277,7 @@ def test_trial_killed_mid_run_is_retried_from_its_checkpoint(ray_cluster, refere
     assert killed, "no trial was killed"
     expected, found = histories(reference), histories(storage / "tiny")
     for key, rows in expected.items():
-        assert [metrics_only(r) for r in found[key]] == [metrics_only(r) for r in rows], key
+        assert [without_timing(r) for r in found[key]] == [without_timing(r) for r in rows], key
     state = json.loads(sorted((storage / "tiny").glob("experiment_state-*.json"))[-1].read_text())
     failures = {
         json.loads(t)["trial_id"]: json.loads(m)["num_failures"] for t, m in state["trial_data"]

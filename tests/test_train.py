@@ -13,20 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import read_jsonl, tiny_base, without_timing, write_spec
+from conftest import read_jsonl, same_results, tiny_base, without_timing, write_spec
 
 from lbs_tune.checkpoints import load_checkpoint
 from lbs_tune.config import TrialConfig
 from lbs_tune.experiment import run_checkpoints
 from lbs_tune.training import ListReporter, train
-
-TIMING = {"images_per_s", "time_s"}
-
-
-def same_results(a: list[dict], b: list[dict]) -> bool:
-    """Equal reports, bit for bit, apart from the timing fields."""
-    strip = [{k: v for k, v in row.items() if k not in TIMING} for row in a]
-    return strip == [{k: v for k, v in row.items() if k not in TIMING} for row in b]
 
 
 @pytest.fixture

@@ -20,16 +20,20 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_MNIST1D
-from test_sweeps import _driver
+from conftest import (
+    QUICKSTART_TUNED,
+    STUDIES,
+    TINY_TUNED,
+    check_studies,
+    driver_command,
+    told,
+)
 
 from analysis.summary import read_summary
 from lbs_tune.runner import run
 from lbs_tune.space import KINDS
 from lbs_tune.storage import locate
 from lbs_tune.studies import read_studies
-
-QUICKSTART_TUNED = Path(__file__).parent.parent / "sweeps" / "quickstart_tuned.yaml"
 
 # ---------------------------------------------------------------------------- Bad input
 
@@ -99,32 +103,10 @@ def test_a_bad_search_is_one_line_at_its_key_and_nothing_starts(
 
 # ---------------------------------------------------------------------------- On Ray
 
-# quickstart_tuned.yaml, tiny: 2 batch sizes x 3 trials of at most 4 epochs of 1440 examples,
-# evaluated every quarter epoch (every 11 steps at batch 32, every 3 at 128), to 30%; the best
-# of each study again on seeds 1 and 2.
-TINY_TUNED = [
-    f"base.data.samples={TINY_MNIST1D}",
-    "base.epochs=4",
-    "base.min_steps=null",
-    "base.eval_every=0.25",
-    "base.checkpoint_every=1",
-    "grid.batch_size=[32, 128]",
-    "search.trials_per_point=3",
-    "search.confirm={top: 1, seeds: 2}",
-    "target.value=0.3",
-    "max_concurrent=2",
-]
-STUDIES = ["batch_size=32", "batch_size=128"]
-
 
 def studies(folder: Path) -> dict[str, list[dict]]:
     """{study: its trials in number order} (what read_studies finds now)."""
     return {r.name: sorted(r.trials, key=lambda t: t["number"]) for r in read_studies(folder)}
-
-
-def told(folder: Path) -> int:
-    """Trials told to their study (COMPLETE, FAIL or PRUNED) so far, over all studies."""
-    return sum(r.finished for r in read_studies(folder))
 
 
 def confirmed(folder: Path) -> int:
@@ -144,34 +126,6 @@ def confirmations(folder: Path) -> dict[str, list[tuple]]:
                  for c in r.confirmations]
         for r in read_studies(folder)
     }  # fmt: skip
-
-
-def check_studies(folder: Path) -> None:
-    """Each study: trials 0..n-1, each asked once and told once, each by a Ray trial of its own
-    whose reports are in the folder; its best trial confirmed on seeds 1 and 2, once each. Ray's
-    newest state holds no trial of its own beside them (it may lack one told just before a
-    kill, before Ray saved its state: the study keeps it)."""
-    found = {r.name: r for r in read_studies(folder)}
-    assert list(found) == STUDIES
-    ray_ids = []
-    for name, r in found.items():
-        trials = sorted(r.trials, key=lambda t: t["number"])
-        assert [t["number"] for t in trials] == [0, 1, 2], name
-        assert all(t["state"] in ("COMPLETE", "FAIL", "PRUNED") for t in trials), (name, trials)
-        assert r.confirmed == (r.best()["number"],) and r.seeds == (1, 2)
-        runs = sorted(r.confirmations, key=lambda c: c["number"])
-        assert [(c["number"], c["seed"], c["state"] != "RUNNING") for c in runs] == [
-            (0, 1, True),
-            (1, 2, True),
-        ]
-        ray_ids += [t["ray_trial_id"] for t in [*trials, *runs]]
-    assert len(set(ray_ids)) == 10
-    for ray_id in ray_ids:
-        (trial,) = folder.glob(f"train_trial_{ray_id}_*")
-        assert (trial / "result.json").read_text(), ray_id
-    state = max(folder.glob("experiment_state-*.json"))  # the newest: Tuner.restore's
-    saved = {json.loads(t)["trial_id"] for t, _ in json.loads(state.read_text())["trial_data"]}
-    assert saved <= set(ray_ids)
 
 
 def same_outcome(found: dict, expected: dict) -> bool:
@@ -209,7 +163,7 @@ def test_driver_killed_three_times_then_rerun_ends_as_the_uninterrupted_run(
 ):
     storage = tmp_path / "results"
     folder = storage / "quickstart_tuned"
-    command = _driver(
+    command = driver_command(
         QUICKSTART_TUNED,
         storage,
         ray_cluster.address,

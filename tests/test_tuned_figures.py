@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from test_summary import B_NOISE, S_MIN, SIZES, formula_studies, steps_at, study, trial
+from conftest import B_NOISE, S_MIN, SIZES, formula_studies, steps_at, study, trial
 
 from analysis.answer import number, tuned_answer, tuned_sentence
 from analysis.figures import (

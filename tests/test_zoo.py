@@ -14,10 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import read_jsonl, tiny_base, write_spec
+from conftest import histories, read_jsonl, same_results, tiny_base, write_spec
 from fixtures_formats import WIKITEXT2_TRAIN, write_cityscapes, write_wikitext2
-from test_sweeps import histories
-from test_train import same_results
 
 import lbs_tune.cityscapes
 from lbs_tune.checkpoints import load_checkpoint

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from analysis.figures._draw import colour_scale, finish, log_ticks
 from analysis.metrics import BATCH, RULE, SEED, prepared, varying_keys
+from lbs_tune.studies import ran_out
 
 if TYPE_CHECKING:
     from analysis.summary import Summary
@@ -83,7 +84,7 @@ def extract_studies(summary: Summary, space: dict[str, Any] | None = None) -> Pa
     steps = summary.objective.kind == "steps_to_target"
     rows, colours = [], []
     for p in summary.points:
-        done = [t for t in p.trials if t["state"] in ("COMPLETE", "FAIL")]
+        done = [t for t in p.trials if ran_out(t)]
         values = [t["value"] for t in done if t["state"] == "COMPLETE"]
         for t in done:
             value = t["value"] if t["state"] == "COMPLETE" else None

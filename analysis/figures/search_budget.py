@@ -15,6 +15,7 @@ from analysis.answer import field
 from analysis.budget import QUANTILES, best_of_k
 from analysis.figures._common import Curve
 from analysis.figures._draw import batch_colour, curve_traces, finish, log_axis
+from lbs_tune.studies import ran_out
 
 if TYPE_CHECKING:
     from analysis.summary import Summary
@@ -35,7 +36,7 @@ def extract(summary: Summary) -> SearchBudget:
     for p in summary.points:
         curve = field(p, "budget")
         if curve is None:
-            done = [t for t in p.trials if t["state"] in ("COMPLETE", "FAIL")]
+            done = [t for t in p.trials if ran_out(t)]
             if not done:
                 continue
             curve = best_of_k([t["value"] if t["state"] == "COMPLETE" else None for t in done])

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import plotly.graph_objects as go
 
 from analysis.figures._draw import DIVERGED_MARKER, batch_colour, finish, log_axis
+from lbs_tune.studies import ran_out
 
 if TYPE_CHECKING:
     from analysis.summary import Summary
@@ -44,11 +45,7 @@ def extract(summary: Summary, param: str = PARAM) -> StudyObjective:
     objective yet)."""
     found = []
     for p in summary.points:
-        done = [
-            t
-            for t in p.trials
-            if t["state"] in ("COMPLETE", "FAIL") and t["params"].get(param) is not None
-        ]
+        done = [t for t in p.trials if ran_out(t) and t["params"].get(param) is not None]
         found.append(
             StudyTrials(
                 p.study,
