@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 from analysis.scaling import ScalingFit, fit_scaling
 from lbs_tune import nqm
 from lbs_tune.config import TrialConfig, epoch_steps, every_steps, total_steps
-from lbs_tune.experiment import read_record
+from lbs_tune.record import read_record
 from lbs_tune.rules import peak_lr
 from lbs_tune.space import LogUniform, Uniform, Values
 from lbs_tune.storage import Location, locate
@@ -54,7 +54,7 @@ class Exact(NamedTuple):
 def known_answer(where: Location | str | Path) -> list[Exact] | None:
     """The exact answer of the sweep in experiment folder `where`, one `Exact` per series; None
     unless the sweep trains on the noisy quadratic model. A damaged sweep record is a
-    UserError (`lbs_tune.experiment.read_record`)."""
+    UserError (`lbs_tune.record.read_record`)."""
     record = read_record(where if isinstance(where, Location) else locate(where))
     return exact_answer(SweepSpec.model_validate(record["spec"]))
 

@@ -21,7 +21,7 @@ from analysis.load import experiment_location, load
 from analysis.tables import FINISHED
 from lbs_tune.config import SEARCH_KEY
 from lbs_tune.errors import UserError, cut, did_you_mean, printable
-from lbs_tune.experiment import has_record, mixed_runs, read_record
+from lbs_tune.record import has_record, mixed_runs, read_record
 from lbs_tune.studies import STUDY_FILE, Objective, finite_number, objective_for
 from lbs_tune.sweep import SweepSpec
 

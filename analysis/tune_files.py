@@ -30,9 +30,9 @@ from lbs_tune.experiment import (
     STATE_FILE,
     SWEEP_FILE,
     TRIAL_FILES,
-    parse_record,
 )
 from lbs_tune.names import METRICS
+from lbs_tune.record import parse_record
 from lbs_tune.storage import Location
 
 # One read_json call parses up to this many bytes; bigger sweeps are parsed in chunks of it.
@@ -125,7 +125,7 @@ def read_bytes(where: Location, paths: list[str]) -> list[bytes]:
 
 
 def read_sweep(where: Location) -> bytes:
-    """lbs_sweep.json as bytes, checked by `lbs_tune.experiment.parse_record` (a damaged record
+    """lbs_sweep.json as bytes, checked by `lbs_tune.record.parse_record` (a damaged record
     is the same one-line UserError here as in every other command)."""
     raw = read_bytes(where, [SWEEP_FILE])[0]
     parse_record(raw, where.join(SWEEP_FILE).uri)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lbs_tune.errors import UserError
-from lbs_tune.experiment import now_iso
+from lbs_tune.record import now_iso
 from lbs_tune.storage import Location
 
 # The longest a lock may stay empty while its holder writes who it is (one small write).

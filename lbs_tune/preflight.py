@@ -22,12 +22,12 @@ from lbs_tune.errors import UserError
 from lbs_tune.experiment import (
     SWEEP_FILE,
     TRIAL_DIR_PREFIX,
-    read_record,
     read_state,
     run_files,
     set_aside,
     state_files,
 )
+from lbs_tune.record import read_record
 from lbs_tune.storage import Location, scaffolding
 from lbs_tune.studies import STUDY_FILE
 from lbs_tune.sweep import SweepSpec

@@ -1,6 +1,6 @@
 """Where and with what a run of a sweep ran: the versions of Python and of the libraries that
 decide the results (torch, torchvision, Ray, Optuna, CUDA, cuDNN), the CPU, the GPUs and the
-host of the driver. The sweep record keeps one per run (lbs_tune.experiment.record_start); where
+host of the driver. The sweep record keeps one per run (lbs_tune.record.record_start); where
 each trial ran (host, Ray node, GPU ids, device name) is in its reports.
 """
 

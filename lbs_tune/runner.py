@@ -25,18 +25,7 @@ from typing import Any
 from lbs_tune.cluster import start_ray
 from lbs_tune.config import BRANCH_KEY, SEARCH_KEY, changes, data_dir
 from lbs_tune.errors import UserError
-from lbs_tune.experiment import (
-    SWEEP_FILE,
-    TRIAL_DIR_PREFIX,
-    DiskFull,
-    count_outcomes,
-    disk_room,
-    finished_sweep,
-    has_record,
-    read_record,
-    record_end,
-    record_start,
-)
+from lbs_tune.experiment import SWEEP_FILE, TRIAL_DIR_PREFIX, DiskFull, count_outcomes, disk_room
 from lbs_tune.lock import exclusive
 from lbs_tune.names import get_dotted, hashable, set_dotted
 from lbs_tune.preflight import (
@@ -48,6 +37,7 @@ from lbs_tune.preflight import (
     waiting_for,
 )
 from lbs_tune.provenance import provenance
+from lbs_tune.record import finished_sweep, has_record, read_record, record_end, record_start
 from lbs_tune.spec import check_spec, load_spec
 from lbs_tune.storage import Location, locate, scaffolding
 from lbs_tune.sweep import SweepSpec

@@ -801,7 +801,7 @@ def test_tiny_sweep_through_a_tuner_prints_its_events_and_no_ray_tables(
     are retried once and end in ERROR. Ray's tables and tracebacks are gone, its warnings and
     errors still logged."""
     from analysis.status import status
-    from lbs_tune.experiment import record_start
+    from lbs_tune.record import record_start
 
     base = {**tiny_base(data__dir=str(tmp_path / "empty")), "examples": 960}
     del base["epochs"]

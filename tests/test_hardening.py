@@ -45,9 +45,10 @@ from fixtures_formats import write_cifar10
 
 from analysis.status import status
 from lbs_tune.errors import UserError, cut, printable
-from lbs_tune.experiment import disk_room, mixed_runs, read_record, record_start, write_record
+from lbs_tune.experiment import disk_room
 from lbs_tune.lock import exclusive, lock_location
 from lbs_tune.preflight import check_writable, prepare_folder
+from lbs_tune.record import mixed_runs, read_record, record_start, write_record
 from lbs_tune.spec import load_spec
 from lbs_tune.storage import locate, size_text
 from lbs_tune.studies import create_storage
@@ -519,24 +520,37 @@ def test_a_sweep_that_fills_its_disk_stops_in_one_line_and_then_runs_exactly(
 
 
 @pytest.mark.ray
-def test_a_local_sweep_killed_then_finished_leaves_nothing_in_tmpdir(tmp_path, data_dir):
-    """Its own Ray, started with TMPDIR set: killed once a checkpoint is made, then run again
-    to its end. $TMPDIR keeps Ray's folders (its session's logs, its file locks) and torch's
-    compile cache, nothing else: no forkserver folder of Ray's dashboard, no checkpoint."""
+def test_a_local_sweep_killed_then_finished_listens_on_the_loopback_only_and_leaves_nothing(
+    tmp_path, data_dir
+):
+    """Its own Ray, started with TMPDIR set and token authentication off: killed once a
+    checkpoint is made, then run again to its end while every listening socket of its process
+    tree is watched. Ray listens on 127.0.0.0/8 only, its dashboard answers without a token and
+    the line under it says so (it said "on" whatever the mode). $TMPDIR keeps Ray's folders (its
+    session's logs, its file locks) and torch's compile cache, nothing else: no forkserver
+    folder of Ray's dashboard, no checkpoint."""
 
     # Short: Ray's sockets live below it, and a socket's path has at most 107 bytes.
     tmp = Path(tempfile.mkdtemp(prefix="lbs-", dir="/tmp"))
     spec = write_spec(tmp_path / "local.yaml", tiny_base(epochs=2), {"seed": [0, 1]})
     storage = tmp_path / "results"
-    env = {**os.environ, "TMPDIR": str(tmp)}
+    env = {**os.environ, "TMPDIR": str(tmp), "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     command = [sys.executable, "-m", "lbs_tune.cli", "run", str(spec), "--storage",
                str(storage), "--cpus", "1"]  # fmt: skip
     try:
         kill_when(command, lambda: any(storage.glob("local/*/checkpoint_*")), env=env)
-        rerun = subprocess.run(command, env=env, capture_output=True, text=True)
-        assert rerun.returncode == 0, rerun.stderr[-3000:]
-        assert "2 of 2 trials: 2 finished" in rerun.stdout
+        log = tmp_path / "rerun.log"
+        code, seen, answered = _run_watching_sockets(command, env, log)
+        text = log.read_text()
+        assert code == 0, text[-3000:]
+        assert "2 of 2 trials: 2 finished" in text
+        assert len(seen) >= 2, f"saw too few listening sockets to judge: {seen}"
+        outside = [key for key in seen if not _loopback(ipaddress.ip_address(key[1]))]
+        assert outside == [], f"listening outside 127.0.0.0/8: {outside}"
+        assert answered == 200, f"the dashboard answered {answered} without a token"
+        (line,) = [ln for ln in text.splitlines() if "token authentication is" in ln]
+        assert "token authentication is OFF" in line, line
         ours = [p for p in os.listdir(tmp) if p not in ("ray", "_ray_lockfiles")]
         assert [p for p in ours if not p.startswith("torchinductor_")] == []
         assert _running_below(tmp) == [], "a Ray process of the sweeps lives on"
@@ -784,22 +798,15 @@ def _loopback(address) -> bool:
     return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
-@pytest.mark.ray
-def test_a_local_sweeps_ray_listens_on_the_loopback_only_and_says_its_auth_mode(tmp_path, data_dir):
-    base = tiny_base(steps=30, eval_every=0.25, checkpoint_every=0.25, batch_size=16)
-    spec = write_spec(tmp_path / "local.yaml", base, {"seed": [0, 1]})
-    log = tmp_path / "driver.log"
-    # Token authentication off: the line must say so (it said "on" whatever the mode).
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, "-m", "lbs_tune.cli", "run", str(spec), "--storage",
-               str(tmp_path / "results"), "--cpus", "1"]  # fmt: skip
+def _run_watching_sockets(command: list[str], env: dict, log: Path) -> tuple[int, set, int | None]:
+    """Run the driver `command` to its end, logging to `log`, while watching every listening
+    socket of its process tree (the driver, the GCS, the raylet, the dashboard and its agents,
+    the workers): (its exit code, {(process name, address, port)}, the HTTP status with which
+    its dashboard answered a request without a token)."""
     with log.open("w") as out:
         driver = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-    # (process name, address, port) of every listening socket of the driver's process tree:
-    # the driver, the GCS, the raylet, the dashboard and its agents, the workers.
     seen: set[tuple[str, str, int]] = set()
     answered = None
     try:
@@ -824,15 +831,7 @@ def test_a_local_sweeps_ray_listens_on_the_loopback_only_and_says_its_auth_mode(
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-    text = log.read_text()
-    assert driver.returncode == 0, text[-3000:]
-    assert len(seen) >= 2, f"saw too few listening sockets to judge: {seen}"
-    outside = [key for key in seen if not _loopback(ipaddress.ip_address(key[1]))]
-    assert outside == [], f"listening outside 127.0.0.0/8: {outside}"
-    # The line under the dashboard's says the mode the dashboard really runs in.
-    assert answered == 200, f"the dashboard answered {answered} without a token"
-    (line,) = [ln for ln in text.splitlines() if "token authentication is" in ln]
-    assert "token authentication is OFF" in line, line
+    return driver.returncode, seen, answered
 
 
 # ============================================================================ Mixed code

@@ -18,8 +18,9 @@ import torch
 from conftest import QUICKSTART, QUICKSTART_TINY, TINY_EXPERIMENTS
 
 from analysis.html import machines_html
-from lbs_tune.experiment import STATE_FILE, finished_sweep, read_record, record_start
+from lbs_tune.experiment import STATE_FILE
 from lbs_tune.provenance import cpu_model, cudnn_version, provenance, summary_lines
+from lbs_tune.record import finished_sweep, read_record, record_start
 from lbs_tune.spec import load_spec
 from lbs_tune.storage import locate
 

@@ -149,7 +149,7 @@ def test_a_copied_grid_sweep_resumes_in_its_new_place_and_leaves_the_old(
 def tuned_folder(tmp_path: Path, *trial_folders: str) -> tuple:
     """(spec, experiment, record) of a tiny tuned sweep recorded in tmp_path/results, whose
     folder holds the trial folders named (what a run left there), and nothing of Ray's."""
-    from lbs_tune.experiment import record_start
+    from lbs_tune.record import record_start
     from lbs_tune.storage import locate
 
     spec = load_spec(QUICKSTART_TUNED, TINY_TUNED)

@@ -3,17 +3,15 @@ samplers and searcher).
 
 The searcher is driven as Ray Tune drives it (suggest, on_trial_result, on_trial_complete, save,
 pickling into tuner.pkl and restore), with reports from a closed-form stand-in for training;
-one Ray test runs it in a real Tuner, once through and once with the driver SIGKILLed mid-way.
+a Ray test runs it in a real Tuner and checks that Ray ends a trial where the searcher stopped
+it (test_tuned and test_restart kill the real driver).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -102,16 +100,6 @@ def restored(pickled: bytes, folder: Path) -> StudySearcher:
     s = pickle.loads(pickled)
     s.restore(str(folder / "searcher-state.pkl"))
     return s
-
-
-def saved_trial_ids(folder: Path) -> set[str]:
-    """The trial ids in Ray's experiment state in `folder` ({} while there is none, or while
-    it is half copied)."""
-    try:
-        (state,) = folder.glob("experiment_state-*.json")
-        return {json.loads(t)["trial_id"] for t, _ in json.loads(state.read_text())["trial_data"]}
-    except ValueError:
-        return set()
 
 
 def params_by_trial(folder: Path) -> dict[tuple[str, int], dict]:
@@ -797,12 +785,9 @@ def closed_form_trial(config: dict) -> None:
         tune.report({**row, "total_steps": 100})
 
 
-def tune_sweep(
-    address: str, storage: str, name: str, delay: str, restore: str = "", concurrent: str = "0"
-) -> None:
-    """Run (or, with `restore`, resume) the 2 x 3 qmc sweep in a Ray Tune experiment, with the
-    searcher's stop condition as the runner gives it (`concurrent`: at most that many trials
-    at once, 0: no limit)."""
+def tune_sweep(address: str, storage: str, name: str, delay: str, concurrent: str = "0") -> None:
+    """Run the 2 x 3 qmc sweep in a Ray Tune experiment, with the searcher's stop condition as
+    the runner gives it (`concurrent`: at most that many trials at once, 0: no limit)."""
     import ray
     from ray import tune
 
@@ -811,91 +796,20 @@ def tune_sweep(
     start_ray(address=address)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # for Ray's workers
     base = configs(float(delay))
-    if restore:
-        tuner = tune.Tuner.restore(
-            str(Path(storage, name)),
-            closed_form_trial,
-            resume_unfinished=True,
-            resume_errored=True,
-            param_space=base[0],
-        )
-    else:
-        search = StudySearcher(spec(sampler="qmc"), POINTS, base, Path(storage, name), TARGET)
-        tuner = tune.Tuner(
-            closed_form_trial,
-            param_space=base[0],
-            tune_config=tune.TuneConfig(
-                search_alg=search,
-                num_samples=6,
-                reuse_actors=True,
-                max_concurrent_trials=int(concurrent) or None,
-            ),
-            run_config=tune.RunConfig(name=name, storage_path=storage, stop=search.stop),
-        )
+    search = StudySearcher(spec(sampler="qmc"), POINTS, base, Path(storage, name), TARGET)
+    tuner = tune.Tuner(
+        closed_form_trial,
+        param_space=base[0],
+        tune_config=tune.TuneConfig(
+            search_alg=search,
+            num_samples=6,
+            reuse_actors=True,
+            max_concurrent_trials=int(concurrent) or None,
+        ),
+        run_config=tune.RunConfig(name=name, storage_path=storage, stop=search.stop),
+    )
     results = tuner.fit()
     assert not results.errors
-
-
-DRIVER = "import sys; sys.path.insert(0, sys.argv[1]); import test_search as t; t.tune_sweep(*sys.argv[2:])"  # noqa: E501
-
-
-@pytest.mark.ray
-def test_ray_tune_resumes_the_studies_of_a_killed_driver(ray_cluster, tmp_path):
-    # What an unbroken run asks: with qmc, a function of the seed, the point and the number.
-    unbroken = searcher(tmp_path / "unbroken", sampler="qmc")
-    for i, config in enumerate([unbroken.suggest(f"u{i}") for i in range(6)]):
-        run(unbroken, f"u{i}", config)
-
-    storage, folder = str(tmp_path), tmp_path / "killed"
-    # Ray saves its experiment state at its first step (one trial made) and then not for
-    # 1000 s: the trials asked later are unknown to the restored experiment.
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1000"}
-    tests = str(Path(__file__).parent)
-    log = tmp_path / "driver.log"
-    with log.open("w") as out:
-        driver = subprocess.Popen(
-            [sys.executable, "-c", DRIVER, tests, ray_cluster.address, storage, "killed", "0.4"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            studies = read_studies(folder) if (folder / "optuna.db").exists() else []
-            running = {
-                (r.name, t["number"]): t["ray_trial_id"]
-                for r in studies
-                for t in r.trials
-                if t["state"] == "RUNNING"
-            }
-            told, saved = sum(r.finished for r in studies), saved_trial_ids(folder)
-            if told >= 2 and saved and set(running.values()) - saved:
-                break
-            if driver.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"no mid-way to kill the driver at; its log:\n{log.read_text()}")
-            time.sleep(0.05)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
-    assert 2 <= told < 6
-
-    tune_sweep(ray_cluster.address, storage, "killed", "0", restore="yes")
-    studies = read_studies(folder)
-    assert [(r.name, r.finished, len(r.trials)) for r in studies] == [
-        (NAMES[0], 3, 3),
-        (NAMES[1], 3, 3),
-    ]
-    assert params_by_trial(folder) == params_by_trial(tmp_path / "unbroken")
-    now = {(r.name, t["number"]): t["ray_trial_id"] for r in studies for t in r.trials}
-    unknown = {key for key, ray_id in running.items() if ray_id not in saved}
-    assert unknown and all(now[key] != running[key] for key in unknown)  # offered again
-    for r in studies:
-        for t in r.trials:
-            if t["state"] == "COMPLETE":  # stopped at its first report that reaches the target
-                assert max(t["values"]) == t["value"] and t["at_value"] >= 0.9
 
 
 @pytest.mark.ray

@@ -343,7 +343,7 @@ def test_dashboard_is_on_and_needs_the_token(ray_cluster):
 
 
 def test_git_commit_of_the_working_directory_or_of_the_image(tmp_path, monkeypatch):
-    from lbs_tune.experiment import git_commit
+    from lbs_tune.record import git_commit
 
     monkeypatch.delenv("LBS_GIT_COMMIT", raising=False)
     assert git_commit(tmp_path) is None
