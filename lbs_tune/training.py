@@ -266,24 +266,16 @@ def train(
         reporter.step(step, budget)
         if sharp_interval and step % sharp_interval == 0:
             paused = time.perf_counter()
-            # In fp32: Hessian-vector products in bf16 are too noisy to find an eigenvalue.
-            measured["sharpness/top_eig"] = top_hessian_eigenvalue(
-                model,
-                task.inputs(probe[0]),
-                probe[1],
-                loss_fn,
-                config.sharpness.iterations,
-                seed=config.seed,
-                max_batch=micro,
-                generators=task.generators,
-            )
-            preconditioner = (
-                adam_preconditioner(optimizer, [p for p in model.parameters() if p.requires_grad])
-                if config.optimizer.name == "adamw"
-                else None
-            )
-            if preconditioner is not None:
-                measured["sharpness/precond_top_eig"] = top_hessian_eigenvalue(
+            # The Hessian's top eigenvalue, and for AdamW also that of P^-1 H (its preconditioned
+            # sharpness). In fp32: Hessian-vector products in bf16 are too noisy for either.
+            kinds = [("sharpness/top_eig", None)]
+            if config.optimizer.name == "adamw":
+                trained = [p for p in model.parameters() if p.requires_grad]
+                preconditioner = adam_preconditioner(optimizer, trained)  # None before a step
+                if preconditioner is not None:
+                    kinds.append(("sharpness/precond_top_eig", preconditioner))
+            for key, preconditioner in kinds:
+                measured[key] = top_hessian_eigenvalue(
                     model,
                     task.inputs(probe[0]),
                     probe[1],

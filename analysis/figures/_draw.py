@@ -152,6 +152,21 @@ def log_axis(fig: go.Figure, axis: str, values: Iterable[float | None], **where:
     update(type="log", tickvals=ticks or None, ticktext=text or None, **where)
 
 
+def footnote(fig: go.Figure, text: str) -> None:
+    """A line under the plot, at its right (e.g. which batch sizes never reached the target)."""
+    fig.add_annotation(
+        text=text,
+        xref="paper",
+        yref="paper",
+        x=1,
+        y=-0.2,
+        xanchor="right",
+        yanchor="top",
+        showarrow=False,
+    )
+    fig.update_layout(margin={"b": 110})
+
+
 def finish(fig: go.Figure, title: str, rows: int = 1, legend: str | None = None) -> go.Figure:
     """The page's look: white template, `rows` panels of PANEL_HEIGHT each, the title, and a
     legend title where given."""

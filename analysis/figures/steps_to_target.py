@@ -16,6 +16,7 @@ from analysis.figures._draw import (
     axis_title,
     batch_axis,
     finish,
+    footnote,
     line_trace,
     log_axis,
     rule_colour,
@@ -102,17 +103,7 @@ def render(data: StepsToTarget) -> go.Figure:
         if (never := [b for b, m in zip(line.batch_sizes, line.median, strict=True) if m is None])
     ]
     if missed:
-        fig.add_annotation(
-            text="target not reached (median seed): " + "; ".join(missed),
-            xref="paper",
-            yref="paper",
-            x=1,
-            y=-0.2,
-            xanchor="right",
-            yanchor="top",
-            showarrow=False,
-        )
-        fig.update_layout(margin={"b": 110})
+        footnote(fig, "target not reached (median seed): " + "; ".join(missed))
     batch_axis(fig, data.lines)
     shown = [v for line in data.lines for v in line.low + line.high + line.median]
     shown += data.reference.median if data.reference else []

@@ -22,6 +22,7 @@ from analysis.figures._draw import (
     axis_title,
     batch_axis,
     finish,
+    footnote,
     line_trace,
     log_axis,
     rule_colour,
@@ -139,18 +140,8 @@ def render(data: TunedSteps) -> go.Figure:
         fig.add_trace(line_trace(line, rule_colour(line.name, names)))
     for missing in data.not_reached:
         if missing.batch_sizes:
-            fig.add_annotation(
-                text=f"{missing.name}: target not reached at B = "
-                + ", ".join(str(b) for b in missing.batch_sizes),
-                xref="paper",
-                yref="paper",
-                x=1,
-                y=-0.2,
-                xanchor="right",
-                yanchor="top",
-                showarrow=False,
-            )
-            fig.update_layout(margin={"b": 110})
+            sizes = ", ".join(str(b) for b in missing.batch_sizes)
+            footnote(fig, f"{missing.name}: target not reached at B = {sizes}")
     for c in data.critical:
         interval = "" if c.low is None else f" [{number(c.low)}, {number(c.high)}]"
         outside = "" if c.bracketed else ", outside the batch sizes fitted"
