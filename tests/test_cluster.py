@@ -135,17 +135,23 @@ def test_node_lost_mid_sweep_trials_continue_on_the_others(ray_cluster, workers,
     trials = [(json.loads(t), json.loads(m)) for t, m in state["trial_data"]]
     assert all(t["status"] == "TERMINATED" for t, _ in trials)
     retried = [t["relative_logdir"] for t, m in trials if m["num_failures"]]
-    assert set(killed) <= set(retried), "the lost node's trials failed and were retried"
+    assert retried, "no trial of the lost node failed and was retried"
+
+    def raw(folder: str) -> list[dict]:
+        lines = (experiment / folder / "result.json").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    for folder in killed:
+        # Mid-way on the lost node when it was chosen: retried, unless it ended there in the
+        # moment before the node went down (on a loaded machine, tiny trials end fast).
+        assert folder in retried or raw(folder)[-1]["node_id"] == lost.node_id, folder
     for folder in retried:
-        raw = [
-            json.loads(line)
-            for line in (experiment / folder / "result.json").read_text().splitlines()
-        ]
         # Finished elsewhere; those checkpointed on the lost node resumed from their checkpoint
         # (its reports were sent again). A trial still starting there when the node went down
         # had none, and started over.
-        assert raw[-1]["node_id"] != lost.node_id
-        assert any(row.get("replayed") for row in raw) or folder not in killed, folder
+        rows = raw(folder)
+        assert rows[-1]["node_id"] != lost.node_id
+        assert any(row.get("replayed") for row in rows) or folder not in killed, folder
 
     found = reports_by_trial(experiment)
     # status and the report read the sweep at its storage URI; status says where each trial
