@@ -5,6 +5,7 @@ report page parsed, killed drivers and full disks."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -617,3 +618,25 @@ def formula_studies(seeds=(0,), scale=(1.0,), never=()) -> list[StudyRecord]:
                 )
             )
     return found
+
+
+class KeepingReporter:
+    """Keeps every report and a copy of every checkpoint state (the loop's state shares the
+    live tensors, so it is copied through torch.save as a checkpoint file would be)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self.states: dict[int, dict] = {}
+
+    def step(self, step: int, total: int) -> None:
+        pass
+
+    def report(self, metrics: dict, checkpoint: dict | None) -> None:
+        self.rows.append(metrics)
+        if checkpoint is not None:
+            import torch
+
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            buffer.seek(0)
+            self.states[metrics["step"]] = torch.load(buffer, weights_only=True)

@@ -4,12 +4,11 @@ the budget and the reports counted in examples, and resume across a switch bit f
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
-from conftest import tiny_base, without_timing
+from conftest import KeepingReporter, tiny_base, without_timing
 
 from lbs_tune.branching import batch_at, examples_after, steps_to
 from lbs_tune.checkpoints import save_checkpoint
@@ -22,23 +21,6 @@ from lbs_tune.training import train
 SCHEDULE = [[0, 32], [480, 64], [1200, 128]]
 
 
-class Keeper:
-    """A Reporter that keeps every report and a copy of every checkpoint state (by step: the
-    state holds the live model's tensors, as a checkpoint file would not)."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict] = []
-        self.states: dict[int, dict] = {}
-
-    def step(self, step: int, total: int) -> None:
-        pass
-
-    def report(self, metrics: dict, checkpoint: dict | None) -> None:
-        self.rows.append(metrics)
-        if checkpoint is not None:
-            self.states[metrics["step"]] = copy.deepcopy(checkpoint)
-
-
 def scheduled(**changes) -> TrialConfig:
     base = tiny_base(
         batch_schedule=SCHEDULE, epochs=2, eval_every=0.125, checkpoint_every=0.25, **changes
@@ -48,9 +30,9 @@ def scheduled(**changes) -> TrialConfig:
 
 
 @pytest.fixture(scope="module")
-def linear_run(data_dir) -> tuple[TrialConfig, Keeper]:
+def linear_run(data_dir) -> tuple[TrialConfig, KeepingReporter]:
     config = scheduled(lr__scaling="linear")
-    keeper = Keeper()
+    keeper = KeepingReporter()
     train(config, keeper)
     return config, keeper
 
@@ -80,13 +62,13 @@ def test_resume_from_a_checkpoint_after_a_switch_is_bit_identical(linear_run):
     # The first checkpoint at batch 128: after both switches, before the end.
     step = min(s for s in keeper.states if 27 < s < 40)
     assert batch_at(config.batch_schedule, examples_after(config.batch_schedule, step)) == 128
-    resumed = Keeper()
+    resumed = KeepingReporter()
     train(config, resumed, resume=keeper.states[step])
     after = [without_timing(r) for r in keeper.rows if r["step"] > step]
     assert [without_timing(r) for r in resumed.rows] == after and after
     # Between the switches too (batch 64): a resume must move the LR and optimizer itself.
     middle = min(s for s in keeper.states if 15 < s < 27)
-    again = Keeper()
+    again = KeepingReporter()
     train(config, again, resume=keeper.states[middle])
     after = [without_timing(r) for r in keeper.rows if r["step"] > middle]
     assert [without_timing(r) for r in again.rows] == after
@@ -97,7 +79,7 @@ def test_the_sde_rule_moves_adams_betas_and_eps_at_each_switch(data_dir):
         optimizer={"name": "adamw", "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.0},
         lr={"base": 1e-3, "base_batch_size": 32, "scaling": "sde"},
     )
-    keeper = Keeper()
+    keeper = KeepingReporter()
     train(config, keeper)
     for row in keeper.rows:
         k = row["batch"] / 32
@@ -106,7 +88,7 @@ def test_the_sde_rule_moves_adams_betas_and_eps_at_each_switch(data_dir):
         assert row["optimizer/eps"] == eps
         assert row["peak_lr"] == pytest.approx(1e-3 * math.sqrt(k))
     step = min(s for s in keeper.states if 27 < s < 40)
-    resumed = Keeper()
+    resumed = KeepingReporter()
     train(config, resumed, resume=keeper.states[step])
     after = [without_timing(r) for r in keeper.rows if r["step"] > step]
     assert [without_timing(r) for r in resumed.rows] == after
@@ -119,7 +101,7 @@ def test_a_trial_started_from_a_checkpoint_takes_its_weights_and_optimizer(tmp_p
     first = TrialConfig.model_validate(
         tiny_base(optimizer=adam, lr={"base": 1e-3, "base_batch_size": 32}, steps=10)
     )
-    keeper = Keeper()
+    keeper = KeepingReporter()
     train(first, keeper)
     path = tmp_path / "state.pt"
     save_checkpoint({**keeper.states[10], "reports": keeper.rows}, path)
@@ -136,7 +118,7 @@ def test_a_trial_started_from_a_checkpoint_takes_its_weights_and_optimizer(tmp_p
             start_from=str(path),
         )
     )
-    moved = Keeper()
+    moved = KeepingReporter()
     train(branch, moved)
     assert [r["step"] for r in moved.rows] == [3]
     state = moved.states[3]
@@ -146,7 +128,7 @@ def test_a_trial_started_from_a_checkpoint_takes_its_weights_and_optimizer(tmp_p
     steps = {float(s["step"]) for s in state["optimizer"]["state"].values()}
     assert steps == {13.0}
     # From scratch (no start_from) the weights differ: the start was used.
-    fresh = Keeper()
+    fresh = KeepingReporter()
     train(branch.model_copy(update={"start_from": None}), fresh)
     weights = next(iter(state["model"].values()))
     assert not torch.equal(weights, next(iter(fresh.states[3]["model"].values())))

@@ -8,13 +8,12 @@ The CUDA paths (the captured step, the memory probe) need a GPU and are not run 
 from __future__ import annotations
 
 import copy
-import io
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICKSTART, QUICKSTART_TINY, read_jsonl, tiny_base, write_spec
+from conftest import QUICKSTART, QUICKSTART_TINY, KeepingReporter, read_jsonl, tiny_base, write_spec
 
 from lbs_tune.checkpoints import load_checkpoint
 from lbs_tune.compiled import largest_fitting, micro_batch_candidates, resolve_compile
@@ -25,26 +24,6 @@ from lbs_tune.training import train
 
 # The reports' figures that must agree across modes (timing aside).
 FIGURES = ("train/loss", "train/accuracy", "val/loss", "val/accuracy", "test/loss", "test/accuracy")
-
-
-class KeepingReporter:
-    """Keeps every report and a copy of every checkpoint state (the loop's state shares the
-    live tensors, so it is copied through torch.save as a checkpoint file would be)."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict] = []
-        self.states: dict[int, dict] = {}
-
-    def step(self, step: int, total: int) -> None:
-        pass
-
-    def report(self, metrics: dict, checkpoint: dict | None) -> None:
-        self.rows.append(metrics)
-        if checkpoint is not None:
-            buffer = io.BytesIO()
-            torch.save(checkpoint, buffer)
-            buffer.seek(0)
-            self.states[metrics["step"]] = torch.load(buffer, weights_only=True)
 
 
 def run(config: dict, resume: dict | None = None) -> KeepingReporter:
