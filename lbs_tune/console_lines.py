@@ -38,6 +38,7 @@ class Plan(NamedTuple):
     keys: tuple[str, ...]  # what tells the trials apart in their lines: grid, then searched keys
     grid: tuple[str, ...]  # the grid keys, whose values place a trial at its grid point
     points: dict[tuple, int]  # a trial's values of the grid keys -> its grid point
+    sizes: tuple[int, ...]  # each grid point's batch size
     per_point: int  # trials per grid point
     total: int  # SweepSpec.trial_count
     per_size: dict[int, int]  # batch size -> trials of that batch size
@@ -98,6 +99,7 @@ def plan_of(spec: SweepSpec, costs: Sequence[float] | None = None) -> Plan:
         ),
         grid=grid,
         points=points,
+        sizes=tuple(trial.batch_size for trial in spec.trials),
         per_point=spec.trials_per_point,
         total=spec.trial_count,
         per_size={size: n * spec.trials_per_point for size, n in sorted(sizes.items())},
@@ -115,9 +117,11 @@ def told_before(studies: Sequence[StudyRecord], plan: Plan) -> list[TrialState]:
     saved it: `Console.states` adds the ones Ray does not know."""
     found = []
     for study in studies:
-        config: dict[str, Any] = {"search": {"point": study.index}}
+        # Its batch size from the plan: the grid point holds it only where the grid varies it.
+        config: dict[str, Any] = {"batch_size": plan.sizes[study.index]}
         for key, value in study.point.items():
             set_dotted(config, key, value)
+        config["search"] = {"point": study.index}
         for trial in study.runs():
             if not told(trial):
                 continue

@@ -369,6 +369,19 @@ def test_a_resumed_tuned_sweep_counts_the_trials_its_studies_were_told_before_th
     assert best_by_size(states, TUNED).endswith("16: 45 (2/3), 64: 9 (3/3)")
 
 
+def test_trials_told_before_this_run_keep_a_batch_size_set_outside_the_grid():
+    space = {"lr.base": {"log_uniform": [0.001, 1.0]}}
+    search = {"space": space, "trials_per_point": 1, "objective": "steps_to_target"}
+    plan = plan_of(sweep(grid={"seed": [0, 1]}, search=search))
+    told = {"number": 0, "state": "COMPLETE", "value": 30.0, "at_value": 0.52,
+            "ray_trial_id": "told", "diverged": False}  # fmt: skip
+    studies = [StudyRecord("seed=1", {"seed": 1}, 1, plan.tuned, [told])]
+    (state,) = told_before(studies, plan)
+    size = tiny_base()["batch_size"]
+    assert state.config == {"batch_size": size, "seed": 1, "search": {"point": 1}}
+    assert best_by_size([state], plan).endswith(f"by batch size {size}: 30 (1/2)")
+
+
 # ============================================================================ Status and pace
 
 
