@@ -131,14 +131,12 @@ class NoisyQuadraticTask:
         self.epoch_examples = config.data.samples
         self.noise = torch.Generator(device=device).manual_seed(order_seed)
         self.generators = [self.noise]
-        self.scale = data.std / math.sqrt(config.batch_size)
-        self.examples = torch.zeros(config.batch_size, device=device)
 
-    def batch(self, step: int) -> tuple[Tensor, Tensor]:
-        xi = torch.randn(
-            (1, *self.data.input_shape), generator=self.noise, device=self.scale.device
-        )
-        return xi * self.scale, self.examples
+    def batch(self, step: int, start: int, size: int) -> tuple[Tensor, Tensor]:
+        # The noise of a batch of `size` (a batch schedule's own size at this step).
+        std = self.data.std
+        xi = torch.randn((1, *self.data.input_shape), generator=self.noise, device=std.device)
+        return xi * (std / math.sqrt(size)), torch.zeros(size, device=std.device)
 
     def inputs(self, x: Tensor) -> Tensor:
         return x
@@ -157,7 +155,8 @@ class NoisyQuadraticTask:
 
     def probe(self, n: int) -> tuple[Tensor, Tensor]:
         # Without noise: the sharpness is that of L itself, max h.
-        return torch.zeros((1, *self.data.input_shape), device=self.scale.device), self.examples[:1]
+        zero = torch.zeros((1, *self.data.input_shape), device=self.data.std.device)
+        return zero, zero.new_zeros(1)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str, batch_size: int) -> dict[str, float] | None:

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lbs_tune.branching import batch_at, examples_after
 from lbs_tune.config import TrialConfig, total_steps
 from lbs_tune.data import BatchSampler, DeviceData, Split, TokenStreams
 from lbs_tune.models import detach_hidden, model_task
@@ -45,8 +44,11 @@ class Task(Protocol):
     epoch_examples: int  # examples in one epoch
     generators: list[torch.Generator]  # the data's own generators, which measurements restore
 
-    def batch(self, step: int) -> tuple[Tensor, Tensor]:
-        """The (inputs, targets) of 0-based optimizer step `step`, augmented; steps in order."""
+    def batch(self, step: int, start: int, size: int) -> tuple[Tensor, Tensor]:
+        """The (inputs, targets) of 0-based optimizer step `step`, augmented; steps in order.
+        The step takes examples `start` .. `start + size - 1` of the training stream: `size`
+        is the batch size at that step (a batch schedule's steps each start where the one
+        before ended, at their own size)."""
 
     def inputs(self, x: Tensor) -> Tensor:
         """What the model takes for batch inputs `x` (images normalised)."""
@@ -145,15 +147,9 @@ class Classification:
         self.sampler = BatchSampler(len(data.train), config.batch_size, order_seed, device)
         self.augment = torch.Generator(device=device).manual_seed(augment_seed)
         self.generators = [self.augment]
-        self.schedule = config.batch_schedule
 
-    def batch(self, step: int) -> tuple[Tensor, Tensor]:
-        if self.schedule is None:
-            return self.data.train_batch(self.sampler.batch(step), self.augment)
-        # A batch schedule: the step starts where the steps before it ended, at its own size.
-        start = examples_after(self.schedule, step)
-        rows = self.sampler.rows(start, batch_at(self.schedule, start))
-        return self.data.train_batch(rows, self.augment)
+    def batch(self, step: int, start: int, size: int) -> tuple[Tensor, Tensor]:
+        return self.data.train_batch(self.sampler.rows(start, size), self.augment)
 
     def inputs(self, x: Tensor) -> Tensor:
         return self.data.normalise(x)
@@ -271,11 +267,12 @@ class LanguageModel:
         self.hidden: list[tuple[Tensor, Tensor] | None] = [None] * self.chunks  # None: zeros
         self.generators: list[torch.Generator] = []
 
-    def batch(self, step: int) -> tuple[Tensor, Tensor]:
-        start = step % self.epoch_steps * self.bptt
-        if start == 0:
+    def batch(self, step: int, start: int, size: int) -> tuple[Tensor, Tensor]:
+        # A window of every row of the token stream (a language model has no batch schedule).
+        first = step % self.epoch_steps * self.bptt
+        if first == 0:
             self.hidden = [None] * self.chunks
-        window = self.stream[:, start : start + self.bptt + 1]
+        window = self.stream[:, first : first + self.bptt + 1]
         return window[:, :-1], window[:, 1:]
 
     def inputs(self, x: Tensor) -> Tensor:

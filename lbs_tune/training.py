@@ -237,7 +237,7 @@ def train(
             moved = moved_optimizer(config.optimizer, config.lr, batch_size)
             set_hyperparameters(optimizer, moved)
         lr = lr_at(step, config.lr, batch_size, budget, per_epoch)
-        inputs, targets = task.batch(step)
+        inputs, targets = task.batch(step, examples // per_row, batch_size)
         if noise and noise.due(step):
             paused = time.perf_counter()
             size, hessian = config.noise_scale.batch, config.noise_scale.hessian_examples

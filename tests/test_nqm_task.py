@@ -229,3 +229,16 @@ def test_the_tuned_sweep_cut_small_writes_summary_able_studies(cli, ray_cluster,
     (known,) = known_answer(folder)
     assert known.batch_sizes == (8, 64) and len(known.steps) == 2
     assert known.reason is None and known.fit.s_min is not None
+
+
+def test_a_steps_noise_is_that_of_its_own_batch_size():
+    """Under a batch schedule the loop hands each step its batch size: the noise of the mean
+    gradient scales as 1 / sqrt(B) of that size, and the batch holds B examples."""
+    from lbs_tune.build import build_trial
+
+    config = TrialConfig.model_validate(nqm_base())
+    small, large = build_trial(config).task, build_trial(config).task
+    x8, y8 = small.batch(0, 0, 8)
+    x32, y32 = large.batch(0, 0, 32)  # the same draw of the same stream, at 4x the batch
+    assert (len(y8), len(y32)) == (8, 32)
+    assert np.allclose(x8.numpy(), 2 * x32.numpy(), rtol=1e-6)

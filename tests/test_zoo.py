@@ -92,7 +92,7 @@ def test_language_model_reads_rows_of_the_stream_window_by_window():
     rows = torch.arange(48).view(3, 16)
     for step in range(7):
         start = step % 3 * 4
-        x, y = task.batch(step)
+        x, y = task.batch(step, step * task.examples_per_step, 3)
         assert torch.equal(x, rows[:, start : start + 4]), step
         assert torch.equal(y, rows[:, start + 1 : start + 5]), step
 
@@ -103,7 +103,7 @@ def test_language_model_carries_the_hidden_state_and_restarts_it_each_epoch():
     task = LanguageModel(config, streams(torch.randint(0, 20, (60,)), 20), "fp32")
     model = build_model("lstm", 20, (4,), **TINY_LSTM)
     for step in range(task.epoch_steps + 1):
-        x, _ = task.batch(step)
+        x, _ = task.batch(step, step * task.examples_per_step, 4)
         if step % task.epoch_steps == 0:
             assert task.hidden == [None, None], "an epoch starts from the zero state"
         for chunk, rows in enumerate(x.split(2)):
