@@ -92,6 +92,7 @@ class Confirmed(NamedTuple):
     params: dict[str, Any]
     search_steps: float | None  # its steps to target in the search (None: never reached)
     runs: list[dict[str, Any]]  # its told confirmation runs (read_studies' dicts), by seed
+    run_steps: list[float | None]  # each run's steps to the target (None: not reached)
     steps: Steps | None  # over `runs` (None before any is told)
 
 
@@ -233,6 +234,7 @@ def confirmed_configs(
                 dict(searched["params"]) if searched else {},
                 trial_steps(searched, study.objective, target) if searched else None,
                 runs,
+                steps,
                 spread_of(steps, CONFIRMED) if runs else None,
             )
         )
@@ -330,8 +332,7 @@ def _observations(point: PointSummary) -> tuple[list[float | None], str]:
     """A point's observations of its batch size's steps: its rank-0 configuration's told
     confirmation runs, else its search's best (one)."""
     if point.confirmations and point.confirmations[0].runs:
-        first = point.confirmations[0]
-        return [trial_steps(r, point.objective) for r in first.runs], CONFIRMED
+        return list(point.confirmations[0].run_steps), CONFIRMED
     return [point.steps_to_target], SEARCH
 
 

@@ -25,11 +25,9 @@ from analysis.summary import (
     SeriesFit,
     Steps,
     Summary,
-    trial_steps,
 )
 from lbs_tune.experiment import REPORT_FILE, SUMMARY_FILE
 from lbs_tune.storage import locate
-from lbs_tune.studies import Objective
 
 
 def _number(value: Any) -> Any:
@@ -75,17 +73,17 @@ def _steps_json(steps: Steps | None) -> dict[str, Any] | None:
     }
 
 
-def _confirmed_json(c: Confirmed, objective: Objective) -> dict[str, Any]:
+def _confirmed_json(c: Confirmed) -> dict[str, Any]:
     runs = [
         {
             "seed": r["seed"],
             "number": r["number"],
-            STEPS: _number(trial_steps(r, objective)),
+            STEPS: _number(steps),
             "state": r["state"],
             "diverged": r["diverged"],
             "reason": r["reason"],
         }
-        for r in c.runs
+        for r, steps in zip(c.runs, c.run_steps, strict=True)
     ]
     spread = _steps_json(c.steps)
     return {
@@ -199,7 +197,7 @@ def summary_json(summary: Summary, exact: Sequence[Exact] | None = None) -> dict
                     "best_value": _number(best["value"]) if best else None,
                     STEPS: _number(p.steps_to_target),
                 },
-                "confirmations": [_confirmed_json(c, o) for c in p.confirmations],
+                "confirmations": [_confirmed_json(c) for c in p.confirmations],
                 "confirm_seeds": p.seeds,
                 "censoring": _censoring_json(p.censoring, p.counts["pruned"]),
                 "search_budget": _budget_json(p.budget),

@@ -290,6 +290,26 @@ def test_a_points_steps_are_its_best_configuration_confirmed_on_fresh_seeds():
     assert summarize_point(waiting).steps == (100.0, 100.0, 100.0, 1, "search")
 
 
+def test_a_metric_studys_confirmation_runs_count_their_steps_to_the_sweeps_target():
+    """A study that maximises val/accuracy, under a target on it: its confirmation runs' steps
+    to the target are the same numbers in the point, in summary.json and in what the fit takes."""
+    metric = Objective("metric", "val/accuracy", "max")
+
+    def run(number, seed, reached_at):
+        values = {10: 0.3, reached_at: 0.6}
+        return {**trial(number, 0.6, values=values), "confirms": 0, "seed": seed}
+
+    searched = [trial(0, 0.6, values={10: 0.3, 40: 0.6})]
+    s = study({"batch_size": 64}, 0, searched, objective=metric)._replace(
+        confirmed=(0,), seeds=(1, 2, 3), confirmations=(run(0, 1, 40), run(1, 2, 50), run(2, 3, 60))
+    )
+    target = ("val/accuracy", 0.5)
+    p = summarize_point(s, target=target)
+    assert p.confirmations[0].run_steps == [40, 50, 60] and p.steps.median == 50
+    runs = summary_json(summarize([s], target=target))["points"][0]["confirmations"][0]["runs"]
+    assert [r["steps_to_target"] for r in runs] == [40, 50, 60]
+
+
 def test_the_fit_takes_the_confirmed_steps_not_the_lucky_search_seed():
     # The search's best is 20% luckier than its configuration (the winner's curse); on fresh
     # seeds it needs the formula's steps x 1.1, 1.0 and 0.9: their median is the formula.
