@@ -31,7 +31,7 @@ from ray.tune.search import Searcher
 from lbs_tune.checkpoints import read_state
 from lbs_tune.config import trial_config
 from lbs_tune.errors import UserError
-from lbs_tune.experiment import BRANCH_STATE_FILE, trial_checkpoints
+from lbs_tune.experiment import BRANCH_STATE_FILE, is_trial_folder, trial_checkpoints
 from lbs_tune.probes import (
     Point,
     Slot,
@@ -236,13 +236,12 @@ class BranchSearcher(Searcher):
             return
         # The trial's folder by its name (runner.trial_dirname): it may hold checkpoints before
         # the driver has written its params.json there.
-        prefix = f"train_trial_{state['slots'][0]['trial']}"
+        reference = state["slots"][0]["trial"]
         experiment = locate(self.folder)
         folders = [
             experiment.join(info.base_name)
             for info in experiment.listdir()
-            if info.type == pafs.FileType.Directory
-            and (info.base_name == prefix or info.base_name.startswith(prefix + "_"))
+            if info.type == pafs.FileType.Directory and is_trial_folder(info.base_name, reference)
         ]
         batch = self.reference["batch_size"]
         found = []

@@ -31,6 +31,7 @@ from typing import Any, TextIO, TypeVar
 from ray.tune import Callback
 
 from lbs_tune import console_lines as lines
+from lbs_tune.environ import environ
 from lbs_tune.errors import UserError, cut
 from lbs_tune.experiment import ERROR_FILE
 from lbs_tune.storage import Location
@@ -95,16 +96,10 @@ def quiet_logs() -> Iterator[None]:
         logger.setLevel(max(level, logging.WARNING))
     slow, note = logging.getLogger(SLOW_LOGGER), _NotSlow()
     slow.addFilter(note)
-    before = {k: os.environ.get(k) for k in QUIET_RAY_ENV}
-    os.environ.update(QUIET_RAY_ENV)
     try:
-        yield
+        with environ(QUIET_RAY_ENV):
+            yield
     finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         slow.removeFilter(note)
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)

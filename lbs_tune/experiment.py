@@ -68,6 +68,13 @@ RUN_CONFIG_FILE = "config.json"
 RUN_METRICS_FILE = "metrics.jsonl"
 
 
+def is_trial_folder(name: str, trial_id: str) -> bool:
+    """Whether the folder `name` is Ray trial `trial_id`'s (runner.trial_dirname names it by
+    the id, then the keys that tell it apart)."""
+    prefix = f"{TRIAL_DIR_PREFIX}{trial_id}"
+    return name == prefix or name.startswith(f"{prefix}_")
+
+
 def checkpoint_folder(number: int) -> str:
     """The folder of checkpoint `number` (Ray numbers a trial's in order; a run of `lbs-tune
     train` by the step): 'checkpoint_000044'."""

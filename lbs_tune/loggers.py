@@ -31,6 +31,7 @@ import pyarrow.fs as pafs
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, LoggerCallback
 
 from lbs_tune.config import SEARCH_KEY
+from lbs_tune.environ import environ
 from lbs_tune.errors import UserError
 from lbs_tune.names import flatten, own_metrics
 from lbs_tune.storage import Location
@@ -76,15 +77,8 @@ def callbacks(spec: SweepSpec, experiment: Location) -> list[LoggerCallback]:
 def without_auto_loggers() -> Iterator[None]:
     """Ray adds none of its own loggers to a Tuner fitted in the body (`callbacks` gives the
     ones a sweep keeps); the process's setting is as it was after it."""
-    before = os.environ.get(AUTO_LOGGERS_OFF)
-    os.environ[AUTO_LOGGERS_OFF] = "1"
-    try:
+    with environ({AUTO_LOGGERS_OFF: "1"}):
         yield
-    finally:
-        if before is None:
-            os.environ.pop(AUTO_LOGGERS_OFF, None)
-        else:
-            os.environ[AUTO_LOGGERS_OFF] = before
 
 
 def varying_keys(spec: SweepSpec) -> list[str]:

@@ -217,9 +217,14 @@ def stability_limit(
     """The learning rate at which SGD stops being stable on a quadratic of top curvature `h_max`:
     2 / h for plain SGD, 2 (1 + mu) / h for heavy ball, 2 (1 + mu) / ((1 + 2 mu) h) for
     Nesterov, with h = h_max + weight_decay. Stable rates lie strictly below it."""
+    return sgd_stability_factor(momentum, nesterov) / (h_max + weight_decay)
+
+
+def sgd_stability_factor(momentum: float = 0.0, nesterov: bool = False) -> float:
+    """The largest lr x curvature on which PyTorch's SGD is stable on a quadratic: 2 plain,
+    2 (1 + mu) with heavy-ball momentum mu, 2 (1 + mu) / (1 + 2 mu) with Nesterov's."""
     mu = float(momentum)
-    factor = 2 * (1 + mu) / (1 + 2 * mu) if nesterov else 2 * (1 + mu)
-    return factor / (h_max + weight_decay)
+    return 2 * (1 + mu) / (1 + 2 * mu) if nesterov else 2 * (1 + mu)
 
 
 def exact_problem(optimizer: str, decay: str = "constant", warmup: float = 0.0) -> str | None:

@@ -22,6 +22,7 @@ from lbs_tune.errors import UserError
 from lbs_tune.experiment import (
     SWEEP_FILE,
     TRIAL_DIR_PREFIX,
+    is_trial_folder,
     read_state,
     run_files,
     set_aside,
@@ -129,8 +130,8 @@ def resume_point(spec: SweepSpec, experiment: Location, recorded: dict | None) -
         # (this run holds the lock), which readers, opening the studies read-only, cannot do.
         with contextlib.closing(sqlite3.connect(studies.path)) as db:
             db.execute("SELECT count(*) FROM sqlite_master").fetchall()
-    told = {f"{TRIAL_DIR_PREFIX}{t['ray_trial_id']}_" for t in told_trials(spec, experiment)}
-    strays = [f for f in folders if f not in known and not any(f.startswith(t) for t in told)]
+    told = {t["ray_trial_id"] for t in told_trials(spec, experiment)}
+    strays = [f for f in folders if f not in known and not any(is_trial_folder(f, t) for t in told)]
     files = [i.base_name for i in experiment.listdir() if i.type == pafs.FileType.File]
     aside = [f for name in damaged for f in files if run_files(name).match(f)] + strays
     if not aside:

@@ -17,6 +17,7 @@ import math
 from collections.abc import Sequence
 
 from lbs_tune.config import KeyedError, LRConfig, OptimizerConfig
+from lbs_tune.nqm import sgd_stability_factor
 
 
 def peak_lr(rule: LRConfig, batch_size: int) -> float:
@@ -134,11 +135,7 @@ def stability_limit(
         return 2 * (1 + beta) / ((1 - beta) * lr)
     if optimizer != "sgd":
         return None
-    if momentum == 0:
-        return 2 / lr
-    if nesterov:
-        return 2 * (1 + momentum) / ((1 + 2 * momentum) * lr)
-    return 2 * (1 + momentum) / lr
+    return sgd_stability_factor(momentum, nesterov) / lr
 
 
 def scheduled_lrs(schedule: Sequence[tuple[int, int]], rule: LRConfig) -> tuple[float, ...]:

@@ -25,7 +25,14 @@ from typing import Any
 from lbs_tune.cluster import start_ray
 from lbs_tune.config import BRANCH_KEY, SEARCH_KEY, changes, data_dir
 from lbs_tune.errors import UserError
-from lbs_tune.experiment import SWEEP_FILE, TRIAL_DIR_PREFIX, DiskFull, count_outcomes, disk_room
+from lbs_tune.experiment import (
+    SWEEP_FILE,
+    TRIAL_DIR_PREFIX,
+    DiskFull,
+    count_outcomes,
+    disk_room,
+    is_trial_folder,
+)
 from lbs_tune.lock import exclusive
 from lbs_tune.names import get_dotted, hashable, set_dotted
 from lbs_tune.preflight import (
@@ -165,9 +172,9 @@ def _summary(spec: SweepSpec, experiment: Location, results, started: float) -> 
         for r in results
     }
     for trial in told_trials(spec, experiment):
-        folder = f"{TRIAL_DIR_PREFIX}{trial['ray_trial_id']}_"
-        if not any(name.startswith(folder) for name in outcomes):
-            outcomes[folder] = ("TERMINATED", bool(trial["diverged"]))
+        ray_id = trial["ray_trial_id"]
+        if not any(is_trial_folder(name, ray_id) for name in outcomes):
+            outcomes[f"{TRIAL_DIR_PREFIX}{ray_id}"] = ("TERMINATED", bool(trial["diverged"]))
     counts = count_outcomes(outcomes.values())
     wall = time.monotonic() - started
     ran, asked = len(outcomes), spec.trial_count

@@ -49,10 +49,11 @@ from ray.tune.search import Searcher
 
 from lbs_tune.config import SEARCH_KEY
 from lbs_tune.errors import UserError
-from lbs_tune.experiment import STATE_FILE
+from lbs_tune.experiment import read_state, state_files
 from lbs_tune.names import set_dotted
 from lbs_tune.samplers import FixedSampler, make_sampler
 from lbs_tune.space import SearchSpec
+from lbs_tune.storage import locate
 from lbs_tune.studies import (
     CONFIRM,
     CONFIRMS,
@@ -80,17 +81,15 @@ RUNNING = optuna.trial.TrialState.RUNNING
 
 
 def _ray_trial_ids(folder: str) -> set[str]:
-    """The trial ids of Ray Tune's newest experiment state in `folder`: the state that
-    Tuner.restore restores (it takes the newest by name too), so these are the trials that Ray
-    runs again or keeps; none if there is no state yet. A newer state that this run's driver
-    is copying there right now (half a file) is passed over for the one before it."""
-    states = sorted(p for p in Path(folder).iterdir() if STATE_FILE.match(p.name))
-    for path in reversed(states):
-        try:
-            state = json.loads(path.read_text())
-        except ValueError:
-            continue
-        return {json.loads(trial)["trial_id"] for trial, _ in state["trial_data"]}
+    """The trial ids of Ray Tune's newest readable experiment state in `folder`: the state that
+    the run resumes (`preflight.resume_point`), so these are the trials that Ray runs again or
+    keeps; none if there is no state yet. A newer state that this run's driver is copying there
+    right now (half a file) is passed over for the one before it."""
+    experiment = locate(folder)
+    for name in state_files(experiment):
+        trials = read_state(experiment.join(name))
+        if trials is not None:
+            return {t.trial_id for t in trials}
     return set()
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.air.integrations.wandb import WandbLoggerCallback
 
+from lbs_tune.environ import environ
 from lbs_tune.names import own_metrics
 from lbs_tune.storage import Location
 from lbs_tune.sweep import SweepSpec
@@ -55,15 +56,8 @@ class Wandb(_OwnSteps, WandbLoggerCallback):
         if mode not in ("offline", "disabled") or os.environ.get("WANDB_MODE") == mode:
             super().setup(*args, **kwargs)
             return
-        before = os.environ.get("WANDB_MODE")
-        os.environ["WANDB_MODE"] = mode
-        try:
+        with environ({"WANDB_MODE": mode}):
             super().setup(*args, **kwargs)
-        finally:
-            if before is None:
-                os.environ.pop("WANDB_MODE")
-            else:
-                os.environ["WANDB_MODE"] = before
 
     def _log(self, trial, metrics: dict[str, float], step: int) -> None:
         WandbLoggerCallback.log_trial_result(self, 0, trial, {**metrics, "step": step})

@@ -25,6 +25,7 @@ from lbs_tune.compiled import WARMUP_STEPS, CapturedStep, fitting_micro_batch, r
 from lbs_tune.config import TrialConfig, epoch_steps, every_steps
 from lbs_tune.data import TokenStreams
 from lbs_tune.measure import NoiseScale, noise_moments
+from lbs_tune.measuring import trainable_params
 from lbs_tune.names import direction, meets
 from lbs_tune.optim import build_optimizer, load_optimizer_state, set_hyperparameters
 from lbs_tune.rules import lr_at, moved_optimizer, peak_lr
@@ -270,8 +271,8 @@ def train(
             # sharpness). In fp32: Hessian-vector products in bf16 are too noisy for either.
             kinds = [("sharpness/top_eig", None)]
             if config.optimizer.name == "adamw":
-                trained = [p for p in model.parameters() if p.requires_grad]
-                preconditioner = adam_preconditioner(optimizer, trained)  # None before a step
+                # None before the first step (no second moment yet)
+                preconditioner = adam_preconditioner(optimizer, trainable_params(model))
                 if preconditioner is not None:
                     kinds.append(("sharpness/precond_top_eig", preconditioner))
             for key, preconditioner in kinds:
@@ -385,7 +386,7 @@ def _measurement_batch(
 
 def _interval(block, per_epoch: float) -> int:
     """Steps between measurements of a block with `every` epochs; 0 for no block."""
-    return max(1, round(block.every * per_epoch)) if block else 0
+    return every_steps(block.every, per_epoch) if block else 0
 
 
 def _reached(config: TrialConfig, metrics: dict[str, Any], step: int) -> int | None:

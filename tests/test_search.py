@@ -90,8 +90,12 @@ def run(s: StudySearcher, trial_id: str, config: dict) -> None:
 
 
 def ray_knows(folder: Path, trial_ids: list[str]) -> None:
-    """Ray's experiment state as Tuner.restore finds it: the trials it saved, by id."""
-    state = {"trial_data": [[json.dumps({"trial_id": t}), {}] for t in trial_ids]}
+    """Ray's experiment state as a resumed run finds it: the trials it saved, by id (each a
+    trial's JSON and its runtime's JSON, as Ray writes them)."""
+    trial = {"status": "PENDING", "relative_logdir": None}
+    state = {
+        "trial_data": [[json.dumps({**trial, "trial_id": t}), json.dumps({})] for t in trial_ids]
+    }
     (folder / "experiment_state-2025-01-01_00-00-00.json").write_text(json.dumps(state))
 
 
