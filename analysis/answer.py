@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from analysis.metrics import BATCH, RULE, best_configs, prepared, reached_at
 from analysis.scaling import regimes
-from lbs_tune.names import comparison
+from lbs_tune.names import target_label
 
 if TYPE_CHECKING:
     from analysis.summary import PointSummary, SeriesFit, Summary
@@ -42,11 +42,6 @@ def field(record: Any, name: str, default: Any = None) -> Any:
     if isinstance(record, dict):
         return record.get(name, default)
     return getattr(record, name, default)
-
-
-def target_label(metric: str, value: float) -> str:
-    """'val/accuracy ≥ 0.5'."""
-    return f"{metric} {comparison(metric)} {value:g}"
 
 
 def number(value: float | None, digits: int = 3) -> str:

@@ -24,7 +24,7 @@ from analysis.metrics import reached_at, varying_keys
 from analysis.page import Context, answer_figure
 from lbs_tune.errors import printable
 from lbs_tune.experiment import count_outcomes
-from lbs_tune.names import comparison
+from lbs_tune.names import target_label
 from lbs_tune.provenance import summary_lines
 
 _JSON_ESCAPES = {ord("<"): "\\u003c", ord(">"): "\\u003e", ord("&"): "\\u0026"}
@@ -122,7 +122,7 @@ def _about(context: Context, experiment: str) -> str:
         "started": sweep.get("started"),
         "ended": sweep.get("ended") or ("running (not ended)" if sweep else None),
         "runs": len(sweep["runs"]) if sweep.get("runs") else None,
-        "target": target and f"{target[0]} {comparison(target[0])} {target[1]:g}",
+        "target": target and target_label(*target),
         "report written": datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     rows = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts.items() if v is not None)
@@ -283,7 +283,7 @@ def _table(context: Context) -> str:
     columns += [c for c in (f"final/{context.metric}", f"best/{context.metric}")]
     table = trials
     if target is not None and target[0] in history.column_names:
-        label = f"{x} to reach {target[0]} {comparison(target[0])} {target[1]:g}"
+        label = f"{x} to reach {target_label(*target)}"
         table = table.append_column(label, reached_at(trials, history, *target, x))
         columns.append(label)
     columns += ["reports", "final/time_s", "final/device", "error"]

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from analysis.scaling import ScalingFit, fit_scaling
+from analysis.metrics import BATCH, SEED
+from analysis.scaling import PARAMETERS, ScalingFit, fit_scaling
 from lbs_tune import nqm
 from lbs_tune.config import TrialConfig, epoch_steps, every_steps, total_steps
 from lbs_tune.record import read_record
@@ -30,10 +31,9 @@ from lbs_tune.space import LogUniform, Uniform, Values
 from lbs_tune.storage import Location, locate
 from lbs_tune.sweep import SweepSpec
 
-BATCH, SEED = "batch_size", "seed"
 # The searched keys whose every value the exact answer searches too.
 SEARCHED = ("lr.base", "optimizer.momentum")
-COMPARED = ("s_min", "e_min", "b_crit")
+COMPARED = PARAMETERS  # the fit's parameters, each compared with its exact value
 
 
 class Exact(NamedTuple):

@@ -51,15 +51,13 @@ from analysis._arrow import rows_to_table
 from analysis.budget import Censoring, best_of_k, censoring
 from analysis.metrics import BATCH, SEED, seed_spread
 from analysis.scaling import RESAMPLES, ScalingFit, fit_scaling
-from lbs_tune.names import comparison, first_reached
+from lbs_tune.names import first_reached, target_label
 from lbs_tune.storage import Location
 from lbs_tune.studies import STUDY_FILE, Objective, StudyRecord, ran_out, read_studies, told
 
 STEPS = "steps_to_target"
 FORMAT = 2  # summary.json's layout version
 CONFIRMED, SEARCH = "confirmed", "search"  # where a point's steps come from
-# The fit's parameters in summary.json: B_crit = E_min / S_min (no second name for it).
-FIT_PARAMETERS = ("s_min", "e_min", "b_crit")
 
 
 class Spread(NamedTuple):
@@ -184,7 +182,7 @@ class Summary(NamedTuple):
         o = self.objective
         if o.target is None:
             return o.metric
-        return f"{o.metric} {comparison(o.metric)} {o.target:g}"
+        return target_label(o.metric, o.target)
 
 
 # ============================================================================ Pure parts

@@ -15,9 +15,9 @@ import numpy as np
 
 from analysis.budget import Censoring
 from analysis.known import Exact, compare
+from analysis.scaling import PARAMETERS
 from analysis.summary import (
     BATCH,
-    FIT_PARAMETERS,
     FORMAT,
     STEPS,
     Budget,
@@ -130,8 +130,8 @@ def _fit_json(series: SeriesFit) -> dict[str, Any]:
     fit = series.fit
     return {
         "group": series.group,
-        **{name: _number(getattr(fit, name)) for name in FIT_PARAMETERS},
-        "intervals": {k: _numbers(fit.intervals[k]) for k in FIT_PARAMETERS if k in fit.intervals},
+        **{name: _number(getattr(fit, name)) for name in PARAMETERS},
+        "intervals": {k: _numbers(fit.intervals[k]) for k in PARAMETERS if k in fit.intervals},
         "level": fit.level,
         "method": fit.method if fit.intervals else None,
         "residual_sd": _number(fit.residual_sd),

@@ -19,7 +19,7 @@ from lbs_tune.config import BRANCH_KEY
 from lbs_tune.errors import cut, printable
 from lbs_tune.experiment import count_outcomes
 from lbs_tune.names import Mode, comparison, direction, get_dotted, hashable, set_dotted
-from lbs_tune.studies import Objective, StudyRecord, objective_for, told
+from lbs_tune.studies import Objective, StudyRecord, finite_number, objective_for, told
 from lbs_tune.sweep import SweepSpec
 
 ERROR_CHARS = 200  # the error line of a failed trial is cut to this length
@@ -209,8 +209,8 @@ def failure(error: str, error_file: str) -> str:
 
 def reaches(target: Objective, result: dict[str, Any]) -> Reached | None:
     """The Reached of a report that meets `target`, else None."""
-    value = result.get(target.metric)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not target.meets(value):
+    value = finite_number(result.get(target.metric))
+    if value is None or not target.meets(value):
         return None
     return Reached(result.get("step"), value)
 

@@ -88,6 +88,11 @@ def comparison(metric: str, ascii: bool = False) -> str:
     return "≤" if below else "≥"
 
 
+def target_label(metric: str, value: float) -> str:
+    """A target as the report writes it: 'val/accuracy ≥ 0.5'."""
+    return f"{metric} {comparison(metric)} {value:g}"
+
+
 def own_metrics(result: dict[str, Any]) -> dict[str, float]:
     """The trial's own finite numbers of a report (names in METRICS; no Ray keys, no flags such
     as `diverged` or `replayed`): what the TensorBoard, MLflow and W&B loggers write."""

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import plotly.graph_objects as go
 import pyarrow as pa
 
-from analysis.answer import FACTOR, fixed_steps, scaling_limit, target_label
+from analysis.answer import FACTOR, fixed_steps, scaling_limit
 from analysis.figures._common import Line, lines, most_seeds
 from analysis.figures._draw import (
     axis_title,
@@ -24,6 +24,7 @@ from analysis.figures._draw import (
     spread_note,
 )
 from analysis.metrics import perfect_scaling
+from lbs_tune.names import target_label
 
 
 class StepsToTarget(NamedTuple):
