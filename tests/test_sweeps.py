@@ -251,11 +251,12 @@ def test_trial_killed_mid_run_is_retried_from_its_checkpoint(ray_cluster, refere
     ended = threading.Event()
 
     def kill_one_worker():
-        # Checkpoints reach the storage as they are made: kill the process of a trial that has
-        # one and is still training. A trial's process works in its trial's folder (Ray Tune's
-        # working directory per trial): its cwd names the trial.
+        # Checkpoints reach the storage as they are made, a moment before Ray's driver takes
+        # the report that registers one: kill the process of a trial that has two (its first
+        # surely registered) and is still training. A trial's process works in its trial's
+        # folder (Ray Tune's working directory per trial): its cwd names the trial.
         while not ended.is_set():
-            made = {p.parent.name for p in (storage / "tiny").glob("*/checkpoint_*")}
+            made = {p.parent.name for p in (storage / "tiny").glob("*/checkpoint_000001")}
             for actor, pid in trial_actors().items() if made else ():
                 try:
                     trial = Path(os.readlink(f"/proc/{pid}/cwd")).name
