@@ -87,7 +87,7 @@ def reports_by_trial(experiment: Path) -> dict[int, list[dict]]:
     return found
 
 
-def _mid_trial_on(trial: Path, node_id: str, epochs: float = 4) -> bool:
+def _mid_trial_on(trial: Path, node_id: str, epochs: float = 2) -> bool:
     """Whether the trial's newest checkpoint was made on `node_id` before `epochs` epochs."""
     newest = sorted(trial.glob("checkpoint_*/state.pt"))[-1:]
     try:
@@ -99,7 +99,9 @@ def _mid_trial_on(trial: Path, node_id: str, epochs: float = 4) -> bool:
 
 @pytest.mark.ray
 def test_node_lost_mid_sweep_trials_continue_on_the_others(ray_cluster, workers, tmp_path):
-    base = tiny_base(epochs=8, eval_every=0.5, checkpoint_every=0.5)
+    # Trials long enough (12 epochs, a checkpoint every half) that one seen in its first 2 epochs
+    # on a node is still running there when the node is lost a moment later.
+    base = tiny_base(epochs=12, eval_every=0.5, checkpoint_every=0.5)
     # CPU trials: a GPU placement group bundle on a node that dies can outlive it in Ray and hold
     # the shared head's fake GPUs that later tests count on.
     spec = write_spec(tmp_path / "nodes.yaml", base, {"seed": list(range(8))}, resources={"cpu": 1})
@@ -110,7 +112,7 @@ def test_node_lost_mid_sweep_trials_continue_on_the_others(ray_cluster, workers,
 
     def lose_a_node():
         # Checkpoints reach the storage as they are made, and carry the reports sent so far:
-        # once one says its trial runs on a worker node and is not yet half done, that node is
+        # once one says its trial runs on a worker node and is in its first 2 epochs, that node is
         # lost. (Which worker nodes get trials first is Ray's choice: trials start one by one
         # and the head's CPUs free up as the first ones finish.)
         deadline = time.monotonic() + 240

@@ -170,17 +170,24 @@ def test_driver_killed_three_times_then_rerun_ends_as_the_uninterrupted_run(
         *(arg for override in TINY_TUNED for arg in ("--set", override)),
     )
 
+    def runs() -> int:
+        record = folder / "lbs_sweep.json"
+        return len(json.loads(record.read_text())["runs"]) if record.exists() else 0
+
     def kill_once_told(at_least: int, confirmations: int = 0) -> int:
-        """Start the driver, SIGKILL it once `at_least` trials and `confirmations` confirmation
-        runs are told; return those told (the confirmation runs, when asked for)."""
+        """Start the driver, SIGKILL it once it has entered its run in the sweep's record and
+        `at_least` trials and `confirmations` confirmation runs are told; return those told (the
+        confirmation runs, when asked for)."""
         count = confirmed if confirmations else told
         at_least = confirmations or at_least
+        before = runs()
         driver = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
         deadline = time.monotonic() + 240
+        # (The driver before may have told as many already: this one is then killed early on.)
         while time.monotonic() < deadline and driver.poll() is None:
-            if count(folder) >= at_least:
+            if runs() > before and count(folder) >= at_least:
                 break
             time.sleep(0.05)
         assert driver.poll() is None, "the driver finished before it could be killed"
