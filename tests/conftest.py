@@ -367,10 +367,14 @@ def tiny_broken(tmp_path_factory) -> Path:
 
 
 def sweep_spec(tmp_path: Path, name: str, **changes) -> Path:
-    """Four tiny MNIST-1D trials: batch 32/64 x none/linear, 4 epochs, reports every half epoch."""
+    """Four tiny MNIST-1D trials: batch 32/64 x none/linear, 4 epochs, reports every half epoch.
+    Two at a time: on a 2-core machine more only adds trial processes to start (each imports
+    torch), and Ray makes the last two trials after the first two."""
     base = tiny_base(epochs=4, checkpoint_every=1, **changes)
     grid = {"batch_size": [32, 64], "lr.scaling": ["none", "linear"]}
-    return write_spec(tmp_path / f"{name}.yaml", base, grid, resources={"cpu": 0.5})
+    return write_spec(
+        tmp_path / f"{name}.yaml", base, grid, resources={"cpu": 0.5}, max_concurrent=2
+    )
 
 
 @pytest.fixture(scope="session")

@@ -885,7 +885,7 @@ def test_24_trial_quickstart_prints_at_most_120_lines_without_a_tty(ray_cluster,
         "grid.batch_size=[16, 32, 64, 256]",
         "grid.lr.scaling=[none, linear, sqrt]",
         "grid.seed=[0, 1]",
-        "max_concurrent=4",
+        "max_concurrent=2",
     ]
     command = [sys.executable, "-m", "lbs_tune.cli", "run", str(QUICKSTART)]
     command += ["--storage", str(tmp_path), "--address", ray_cluster.address]

@@ -119,10 +119,9 @@ def test_a_grid_sweep_whose_ray_state_is_cut_short_reruns_without_duplicates(
 def test_a_copied_grid_sweep_resumes_in_its_new_place_and_leaves_the_old(
     cli, ray_cluster, reference, tmp_path
 ):
-    """Two trials at a time, so that Ray makes the last two after the copy resumes: they too
-    are filed in the copy."""
+    """Two trials at a time (`sweep_spec`), so that Ray makes the last two after the copy
+    resumes: they too are filed in the copy."""
     spec = sweep_spec(tmp_path, "tiny")
-    spec.write_text(spec.read_text() + "max_concurrent: 2\n")
     storage = tmp_path / "results"
     folder = storage / "tiny"
     kill_when(

@@ -302,8 +302,8 @@ def test_gauges_reach_the_prometheus_endpoint(ray_cluster, tmp_path):
     """A sweep's gauges, scraped while it runs and until they show (Ray exports them on its
     report interval, and drops a series a few exports after its worker stops sending it);
     those of earlier sweeps may still be there, under another `sweep` tag."""
-    # About 10 s of reports: longer than an export interval even on a loaded machine.
-    base = tiny_base(steps=12000, eval_every=100, checkpoint_every=12000)
+    # About 4 s of reports: several of the test cluster's 1 s export intervals, even loaded.
+    base = tiny_base(steps=5000, eval_every=100, checkpoint_every=5000)
     spec = write_spec(tmp_path / "gauges.yaml", base, {"batch_size": [32]}, resources={"cpu": 1})
     url = f"http://127.0.0.1:{ray_cluster.metrics_port}/metrics"
     wanted = {"ray_lbs_step", "ray_lbs_train_loss", "ray_lbs_images_per_s"}
