@@ -9,6 +9,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -48,6 +49,12 @@ def seed_torch(seed: int) -> None:
     torch.default_generator.manual_seed(seed)
     if torch.cuda.is_initialized():
         torch.cuda.manual_seed_all(seed)
+
+
+def child_seed(seed: int, key: int) -> int:
+    """A seed of its own for the stream `key` under `seed` (numpy's SeedSequence spawn): its
+    draws are independent of those of `seed` and of every other key's."""
+    return int(np.random.SeedSequence(seed, spawn_key=(key,)).generate_state(1)[0])
 
 
 def trainable_params(model: nn.Module) -> list[nn.Parameter]:
