@@ -307,9 +307,10 @@ def _read_studies(storage) -> list[StudyRecord]:
         if attrs is None and confirm is None:  # made this instant: its attrs follow
             continue
         objective = Objective(*(attrs or confirm)["objective"])
-        trials = [trial_record(t, objective) for t in study.get_trials(deepcopy=False)]
+        stored = study.get_trials(deepcopy=False)
+        trials = [trial_record(t, objective) for t in stored]
         if confirm is not None:
-            for t, frozen in zip(trials, study.get_trials(deepcopy=False), strict=True):
+            for t, frozen in zip(trials, stored, strict=True):
                 t[CONFIRMS] = frozen.user_attrs.get(CONFIRMS)
                 t[SEED] = frozen.user_attrs.get(SEED)
             confirms[confirm["study"]] = (confirm, trials)
