@@ -117,7 +117,9 @@ def branch_rows(results: Results) -> list[dict[str, Any]]:
                 "k": t[_key("k")],
                 "batch_size": t["batch_size"],
                 "seed": t[_key("seed")],
-                "smoothed_loss": _finite(branch_loss(values, smoothing(spec))),
+                "smoothed_loss": _finite(
+                    branch_loss(values, smoothing(spec), t["state"] == "ERROR")
+                ),
                 "final_loss": last.get("value"),
                 "steps": last.get("step"),
                 "examples": last.get("examples"),

@@ -279,7 +279,8 @@ class BranchSearcher(Searcher):
         for s in branches:
             reported = state["values"].get(str(s.index), {})
             values = [reported[step] for step in sorted(reported, key=int)]
-            losses.setdefault(s.point, {}).setdefault(s.k, []).append(branch_loss(values, alpha))
+            loss = branch_loss(values, alpha, state["slots"][s.index]["errored"])
+            losses.setdefault(s.point, {}).setdefault(s.k, []).append(loss)
         batch = self.reference["batch_size"]
         sizes = point_sizes(losses, batch, tolerance(self.spec))
         points = [Point(*p) for p in state["points"]]

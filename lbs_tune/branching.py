@@ -13,8 +13,9 @@ largest k that passes, whether or not every k below it passed.
 
 Seeds (the paper has one branch per k): `local_cbs` applies the rule to the mean over seeds of
 each k's smoothed losses, and to each seed alone (seed i of every k, paired) for the spread. A
-branch whose loss is NaN or infinite (diverged) counts as infinitely bad: it fails the rule and
-holds no larger k back.
+branch whose loss is NaN or infinite (diverged, or failed) counts as infinitely bad: it fails the
+rule and holds no larger k back; but when the smallest k's (the reference's) is, nothing can be
+measured against it, and k* is the smallest k (no larger batch is certified).
 
 Batch-size schedules. A schedule is the batch size as a step function of examples seen, in the
 list form ((0, 64), (200_000, 128), (600_000, 256)): from each example count on, its batch size.
@@ -70,11 +71,15 @@ def _bad_as_inf(loss: float) -> float:
 def critical_multiple(losses: Mapping[float, float], tolerance: float = TOLERANCE) -> float:
     """Merrill et al.'s k*: the largest multiple k of `losses` (k -> smoothed loss L_k) with
     L_k <= L_j + tolerance for every smaller j in the table. The smallest k always passes, so
-    there is always an answer; NaN and inf losses count as inf. ValueError for an empty table."""
+    there is always an answer; NaN and inf losses count as inf. A smallest k that failed (inf)
+    is no reference to keep up with: k* is then the smallest k, not whatever beats inf.
+    ValueError for an empty table."""
     if not losses:
         raise ValueError("no branches: the table of losses is empty")
     ks = sorted(losses)
     loss = {k: _bad_as_inf(losses[k]) for k in ks}
+    if loss[ks[0]] == math.inf:
+        return ks[0]
     passing = [k for i, k in enumerate(ks) if all(loss[k] <= loss[j] + tolerance for j in ks[:i])]
     return passing[-1]
 

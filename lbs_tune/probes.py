@@ -233,11 +233,11 @@ def arm_config(
 # ============================================================================ Results
 
 
-def branch_loss(values: Sequence[float | None], alpha: float) -> float:
+def branch_loss(values: Sequence[float | None], alpha: float, errored: bool = False) -> float:
     """A branch's loss: the exponential average (`branching.smoothed`) of its reported values in
     step order; a value that is missing (not finite: diverged) is inf, so is a branch without
-    reports (it failed)."""
-    if not values:
+    reports or that `errored` (it failed: what it reported before is no loss after Δ)."""
+    if errored or not values:
         return math.inf
     return smoothed([math.inf if v is None or not math.isfinite(v) else v for v in values], alpha)
 

@@ -71,6 +71,37 @@ def test_the_local_critical_batch_sizes_are_the_plans(results, state):
         assert p.low == min(p.per_seed) and p.high == max(p.per_seed)
 
 
+def test_a_reference_branch_that_errored_half_way_certifies_no_larger_batch(results):
+    """Point 0's k = 1 branches (both seeds) cut after 2 of their 4 reports and left in ERROR
+    (Ray gave up on them): what they reported is no loss after Δ. Scored on those early
+    (higher) losses they let k = 2 pass, and the local CBS doubled from 32 to 64."""
+    import pyarrow as pa
+
+    from analysis.tables import Results
+
+    rows = branch_rows(results)
+    failed = {r["trial_id"] for r in rows if r["point"] == 0 and r["k"] == 1}
+    history = results.history
+    ids, steps = history["trial_id"].to_pylist(), history["step"].to_pylist()
+    first_two = {t: sorted(s for i, s in zip(ids, steps, strict=True) if i == t)[1] for t in failed}
+    keep = [t not in failed or s <= first_two[t] for t, s in zip(ids, steps, strict=True)]
+    trials = results.trials
+    states = [
+        "ERROR" if t in failed else s
+        for t, s in zip(trials["trial_id"].to_pylist(), trials["state"].to_pylist(), strict=True)
+    ]
+    column = trials.schema.get_field_index("state")
+    cut = Results(
+        trials.set_column(column, "state", pa.array(states)), history.filter(pa.array(keep))
+    )
+    found = {(r["point"], r["k"], r["seed"]): r["smoothed_loss"] for r in branch_rows(cut)}
+    assert [found[(0, 1, seed)] for seed in (0, 1)] == [None, None]
+    before = {p.point: (p.batch, p.per_seed) for p in local_sizes(results)}
+    after = {p.point: (p.batch, p.per_seed) for p in local_sizes(cut)}
+    assert before[0] == (32, [32, 32]) and after[0] == (32, [32, 32])
+    assert after[1] == before[1]
+
+
 def test_the_comparison_by_hand(results, state):
     runs = {r.arm: r for r in comparison(results)}
     assert sorted(runs) == ["large", "schedule", "small"]

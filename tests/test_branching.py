@@ -98,6 +98,12 @@ def test_diverged_branches_fail_and_hold_nothing_back():
     assert local_cbs({1: [3.0, 3.0], 2: [3.0, math.nan]}, 16) == LocalCBS(16, 32, (32, 16))
     # A diverged smaller k does not count against a larger one.
     assert critical_multiple({1: 3.0, 2: math.nan, 4: 3.005}) == 4
+    # But a failed reference (the smallest k) is no loss to keep up with: every larger k beat
+    # its inf, and k* was the largest tried.
+    assert critical_multiple({1: math.inf, 2: 3.0, 4: 3.0}) == 1
+    assert local_cbs({1: [3.0, math.inf], 2: [3.0, 3.0], 4: [3.0, 3.0]}, 32) == LocalCBS(
+        32, 64, (128, 32)
+    )
 
 
 def test_bad_tables():
