@@ -190,6 +190,9 @@ def test_gpu_fraction_by_batch_size():
         ({"sharpness": {"every": -1}}, "sharpness.every", "greater than 0"),
         ({"sharpness": {"every": 1, "batch": 5000}}, "sharpness.batch", "1440 training"),
         ({"max_device_batch": 8, "ghost_batch_size": 16}, "ghost_batch_size", "at most 8"),
+        # A report carries one measurement of each: two before it, and one would be lost.
+        ({"noise_scale": {"every": 0.25}}, "noise_scale.every", "less than eval_every 0.5"),
+        ({"sharpness": {"every": 0.25}}, "sharpness.every", "or eval_every to at most 0.25"),
     ],
 )
 def test_measurement_blocks_and_batch_norm_sizes_are_checked_before_anything_runs(
