@@ -33,6 +33,15 @@ def check_trial(config: TrialConfig) -> None:
     info = dataset_info(config)
     if info.check is not None:
         info.check(config)
+    if info.task == "segmentation" and config.noise_scale is not None:
+        # Its loss is the mean over the batch's scored pixels (ignored ones left out), which no
+        # example's own gradient is a term of: units of the estimators are not defined yet.
+        raise KeyedError(
+            "noise_scale",
+            "a segmentation loss is the mean over the batch's scored pixels, not over its "
+            "examples, so the noise scale's per-example estimators do not apply: remove "
+            "noise_scale (sharpness is measured)",
+        )
     if config.data.nqm is not None and config.dataset != "nqm":
         raise KeyedError("data.nqm", "only dataset nqm reads data.nqm; remove it or use nqm")
     try:

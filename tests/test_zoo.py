@@ -202,6 +202,23 @@ def test_segmentation_loss_is_per_scored_pixel_and_zero_for_none():
     assert task.loss(logits, nothing).item() == 0.0, "not 0 / 0, which would read as divergence"
 
 
+def test_a_segmentation_trial_with_a_noise_scale_is_refused_in_one_line(cli, tmp_path):
+    """Its loss averages the batch's scored pixels: an example's own gradient is no unit of
+    the noise scale's estimators (B_simple came out 4x too large on a 1x1 conv with half the
+    images scoring one pixel). The sharpness is that of the loss as it is: measured."""
+    changes = {"data__shape": [3, 16, 24], "eval_every": 1}
+    spec = write_spec(
+        tmp_path / "drn.yaml", synthetic("drn_d_22", noise_scale={"every": 1}, **changes)
+    )
+    code, out, err = cli("train", spec, "--out", tmp_path / "run")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert f"{spec}:" in err and "noise_scale: a segmentation loss is the mean over" in err
+    assert "remove noise_scale" in err and not (tmp_path / "run").exists()
+    sharp = synthetic("drn_d_22", sharpness={"every": 1, "batch": 4, "iterations": 2}, **changes)
+    code, _, err = cli("train", write_spec(tmp_path / "s.yaml", sharp), "--out", tmp_path / "s")
+    assert code == 0, err
+
+
 def test_segmentation_evaluation_pools_pixels_over_the_split():
     torch.manual_seed(0)
     images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
