@@ -133,24 +133,44 @@ class NoiseScale:
 
     Windows of `window` consecutive steps start every `interval` steps (at step 0, interval,
     ...; a window is at most `interval` long); the last one ends at the budget's last step.
+    `by_examples` (a batch schedule, whose steps are not of one size): a window starts at step 0
+    and wherever the loop calls `open` (the step after one that crossed a multiple of the
+    interval in examples), `window` steps long, a start inside an open window ignored.
     `generator` is the measurement's own random stream (batches, augmentation, dropout) on
     `device`, seeded from the trial's `seed` apart from the trial's other streams.
     `state_dict()` holds numbers and the generator's state, for checkpoints.
     """
 
-    def __init__(self, interval: int, window: int, budget: int, seed: int, device: torch.device):
+    def __init__(
+        self,
+        interval: int,
+        window: int,
+        budget: int,
+        seed: int,
+        device: torch.device,
+        by_examples: bool = False,
+    ):
         if interval < 1 or window < 1:
             raise ValueError(f"need interval and window >= 1, got {interval} and {window}")
-        self.interval, self.span, self.budget = interval, min(window, interval), budget
+        self.interval, self.budget, self.by_examples = interval, budget, by_examples
+        self.span = window if by_examples else min(window, interval)
         # A child of the trial seed's SeedSequence: independent of the init, order and augment
         # seeds that the loop derives from it.
         self.generator = torch.Generator(device).manual_seed(child_seed(seed, 1))
         self.count = 0
         self.sums = [0.0] * len(NoiseMoments._fields)
+        self.left = self.span if by_examples else 0  # steps left in the open window (by examples)
 
     def due(self, step: int) -> bool:
         """Whether 0-based step `step` is measured (before its update)."""
+        if self.by_examples:
+            return self.left > 0
         return step % self.interval < self.span
+
+    def open(self) -> None:
+        """By examples: the next step starts a window (unless one is open)."""
+        if self.by_examples and self.left == 0:
+            self.left = self.span
 
     def seed(self) -> int:
         """A seed for torch's generator during one measurement (dropout), from the stream."""
@@ -161,7 +181,12 @@ class NoiseScale:
         """Fold in the moments of step `step`; at a window's last step return its estimate."""
         self.count += 1
         self.sums = [s + v for s, v in zip(self.sums, moments, strict=True)]
-        if step % self.interval != self.span - 1 and step != self.budget - 1:
+        if self.by_examples:
+            self.left = 0 if step == self.budget - 1 else self.left - 1
+            ends = self.left == 0
+        else:
+            ends = step % self.interval == self.span - 1 or step == self.budget - 1
+        if not ends:
             return None
         mean = NoiseMoments(*(s / self.count for s in self.sums))
         self.count, self.sums = 0, [0.0] * len(self.sums)
@@ -170,10 +195,16 @@ class NoiseScale:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "sums": list(self.sums), "rng": self.generator.get_state()}
+        return {
+            "count": self.count,
+            "sums": list(self.sums),
+            "rng": self.generator.get_state(),
+            "left": self.left,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.count = int(state["count"])
+        self.left = int(state.get("left", 0))  # (checkpoints of before it: no schedule's)
         self.sums = [float(s) for s in state["sums"]]
         self.generator.set_state(state["rng"])
 

@@ -123,8 +123,10 @@ def train(
     noise = None
     if config.noise_scale:
         window, interval = config.noise_scale.window, _interval(config.noise_scale, per_epoch)
-        noise = NoiseScale(interval, window, budget, config.seed, device)
+        noise = NoiseScale(interval, window, budget, config.seed, device, schedule is not None)
+        noise_examples = config.noise_scale.every * task.epoch_examples
     sharp_interval = _interval(config.sharpness, per_epoch)
+    sharp_examples = config.sharpness.every * task.epoch_examples if config.sharpness else 0
     if config.sharpness:
         probe = task.probe(config.sharpness.batch)
     measured: dict[str, float] = {}
@@ -265,7 +267,9 @@ def train(
         seen += batch_size
         before, examples = examples, examples + batch_size * per_row
         reporter.step(step, budget)
-        if sharp_interval and step % sharp_interval == 0:
+        if noise and schedule is not None and due(interval, noise_examples, before):
+            noise.open()  # the next step starts past a multiple of the interval's examples
+        if sharp_interval and due(sharp_interval, sharp_examples, before):
             paused = time.perf_counter()
             # The Hessian's top eigenvalue, and for AdamW also that of P^-1 H (its preconditioned
             # sharpness). In fp32: Hessian-vector products in bf16 are too noisy for either.

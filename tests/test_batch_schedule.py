@@ -74,6 +74,32 @@ def test_resume_from_a_checkpoint_after_a_switch_is_bit_identical(linear_run):
     assert [without_timing(r) for r in again.rows] == after
 
 
+def test_measurements_follow_the_examples_across_switches_and_resume_bit_for_bit(data_dir):
+    """Noise-scale windows every quarter epoch (360 examples) and the sharpness every half (720),
+    as the evaluations: counted in examples, not in steps of the first batch (at batch 32 a
+    quarter epoch is 11 steps, which after the switches to 64 and 128 spanned an epoch: 4
+    windows of the 8 asked)."""
+    config = scheduled(
+        noise_scale={"every": 0.25, "window": 2, "batch": 64, "hessian_examples": 0},
+        sharpness={"every": 0.5, "batch": 64, "iterations": 2},
+    )
+    keeper = KeepingReporter()
+    train(config, keeper)
+    noise = [r for r in keeper.rows if "noise/b_simple" in r]
+    sharp = [r for r in keeper.rows if "sharpness/top_eig" in r]
+    # Windows start at step 0 and after each step that crosses 360, 720, ..., 2520 examples;
+    # the sharpness after each that crosses 720, ..., 2880: one report each.
+    assert len(noise) == 8 and len(sharp) == 4
+    assert [math.floor(r["examples"] / 720) for r in sharp] == [1, 2, 3, 4]
+    assert all(r["noise/b_simple"] is None or r["noise/b_simple"] > 0 for r in noise)
+    # A checkpoint at batch 128 inside a window, resumed: the same numbers, measurements too.
+    step = min(s for s in keeper.states if 27 < s < 40)
+    resumed = KeepingReporter()
+    train(config, resumed, resume=keeper.states[step])
+    after = [without_timing(r) for r in keeper.rows if r["step"] > step]
+    assert [without_timing(r) for r in resumed.rows] == after and after
+
+
 def test_the_sde_rule_moves_adams_betas_and_eps_at_each_switch(data_dir):
     config = scheduled(
         optimizer={"name": "adamw", "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.0},
