@@ -33,6 +33,18 @@ def check_trial(config: TrialConfig) -> None:
     info = dataset_info(config)
     if info.check is not None:
         info.check(config)
+    for name in ("noise_scale", "sharpness"):
+        block = getattr(config, name)
+        if block is not None and block.every < config.eval_every:
+            # A report carries one value per key: a second measurement before it would replace
+            # the first, unseen. (Checked for new sweeps: a stored trial config still loads.)
+            raise KeyedError(
+                f"{name}.every",
+                f"{name}.every {block.every:g} is less than eval_every {config.eval_every:g}: "
+                f"each report carries one measurement, the others would be lost; set "
+                f"{name}.every to at least {config.eval_every:g}, or eval_every to at most "
+                f"{block.every:g}",
+            )
     if info.task == "segmentation" and config.noise_scale is not None:
         # Its loss is the mean over the batch's scored pixels (ignored ones left out), which no
         # example's own gradient is a term of: units of the estimators are not defined yet.

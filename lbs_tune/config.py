@@ -355,18 +355,6 @@ class TrialConfig(Strict):
                 f"ghost_batch_size {ghost} is larger than max_device_batch "
                 f"{self.max_device_batch}; use at most {self.max_device_batch}",
             )
-        for name in ("noise_scale", "sharpness"):
-            block = getattr(self, name)
-            if block is not None and block.every < self.eval_every:
-                # A report carries one value per key: a second measurement before it would
-                # replace the first, unseen.
-                raise KeyedError(
-                    f"{name}.every",
-                    f"{name}.every {block.every:g} is less than eval_every {self.eval_every:g}: "
-                    f"each report carries one measurement, the others would be lost; set "
-                    f"{name}.every to at least {self.eval_every:g}, or eval_every to at most "
-                    f"{block.every:g}",
-                )
         if self.target is not None and direction(self.target.metric) is None:
             raise KeyedError(
                 "target.metric", f"{self.target.metric} has no better direction to reach"

@@ -135,7 +135,8 @@ class NoiseScale:
     ...; a window is at most `interval` long); the last one ends at the budget's last step.
     `by_examples` (a batch schedule, whose steps are not of one size): a window starts at step 0
     and wherever the loop calls `open` (the step after one that crossed a multiple of the
-    interval in examples), `window` steps long, a start inside an open window ignored.
+    interval in examples), `window` steps long, but no longer than to the next start: a window
+    still open there ends, and `open` returns its estimate.
     `generator` is the measurement's own random stream (batches, augmentation, dropout) on
     `device`, seeded from the trial's `seed` apart from the trial's other streams.
     `state_dict()` holds numbers and the generator's state, for checkpoints.
@@ -167,10 +168,14 @@ class NoiseScale:
             return self.left > 0
         return step % self.interval < self.span
 
-    def open(self) -> None:
-        """By examples: the next step starts a window (unless one is open)."""
-        if self.by_examples and self.left == 0:
-            self.left = self.span
+    def open(self) -> NoiseEstimate | None:
+        """By examples: the next step starts a window; the estimate of one still open (it
+        ends here), else None."""
+        if not self.by_examples:
+            return None
+        cut = self._close() if self.count else None
+        self.left = self.span
+        return cut
 
     def seed(self) -> int:
         """A seed for torch's generator during one measurement (dropout), from the stream."""
@@ -186,8 +191,10 @@ class NoiseScale:
             ends = self.left == 0
         else:
             ends = step % self.interval == self.span - 1 or step == self.budget - 1
-        if not ends:
-            return None
+        return self._close() if ends else None
+
+    def _close(self) -> NoiseEstimate:
+        """The open window's estimate; the window's sums start again."""
         mean = NoiseMoments(*(s / self.count for s in self.sums))
         self.count, self.sums = 0, [0.0] * len(self.sums)
         return NoiseEstimate(
@@ -204,7 +211,11 @@ class NoiseScale:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.count = int(state["count"])
-        self.left = int(state.get("left", 0))  # (checkpoints of before it: no schedule's)
+        self.left = int(state.get("left", 0))
+        if "left" not in state and self.by_examples:
+            # A checkpoint of a schedule's trial from before windows followed examples: its open
+            # window, counted in steps, cannot go on; it is dropped, not folded into the next.
+            self.count, state = 0, {**state, "sums": [0.0] * len(self.sums)}
         self.sums = [float(s) for s in state["sums"]]
         self.generator.set_state(state["rng"])
 
@@ -268,7 +279,7 @@ def noise_moments(
             return NoiseMoments(grad_sq, trace_cov)
         # The second batch's dropout masks are drawn apart from the first's: with `seed` both
         # passes would draw the same masks for their first examples, and H' would not be
-        # independent of the g_j (tr(HΣ) came out 1.7x too large on a dropout model).
+        # independent of the g_j (tr(HΣ) came out 1.8x too large on a dropout model).
         product = hessian_products(model, *hessian_batch, loss_fn, params, child_seed(seed, 1))
         quad_sum = 0.0
         for unit in kept:

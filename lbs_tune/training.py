@@ -80,8 +80,8 @@ def train(
     `start_from` takes that checkpoint's model and optimizer state and starts at step 0.
     With a `batch_schedule` each step trains on the schedule's batch at the examples seen
     before it, the LR (and under sde the optimizer) moved to that batch by the LR rule, and
-    evaluations and checkpoints fall every `eval_every` and `checkpoint_every` epochs of
-    examples.
+    evaluations, checkpoints and measurements (noise-scale windows, the sharpness) fall every
+    `eval_every`, `checkpoint_every` and their own `every` epochs of examples.
     """
     if resume is not None and resume["finished"]:
         return {}
@@ -268,7 +268,10 @@ def train(
         before, examples = examples, examples + batch_size * per_row
         reporter.step(step, budget)
         if noise and schedule is not None and due(interval, noise_examples, before):
-            noise.open()  # the next step starts past a multiple of the interval's examples
+            # The next step starts past a multiple of the interval's examples: a window opens
+            # there (one still open ends: with larger batches, an interval has fewer steps).
+            cut = noise.open()
+            measured.update(cut.metrics() if cut else {})
         if sharp_interval and due(sharp_interval, sharp_examples, before):
             paused = time.perf_counter()
             # The Hessian's top eigenvalue, and for AdamW also that of P^-1 H (its preconditioned

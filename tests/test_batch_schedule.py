@@ -78,9 +78,10 @@ def test_measurements_follow_the_examples_across_switches_and_resume_bit_for_bit
     """Noise-scale windows every quarter epoch (360 examples) and the sharpness every half (720),
     as the evaluations: counted in examples, not in steps of the first batch (at batch 32 a
     quarter epoch is 11 steps, which after the switches to 64 and 128 spanned an epoch: 4
-    windows of the 8 asked)."""
+    windows of the 8 asked). A window (10 steps by default) ends where the next one starts:
+    at batch 128 a quarter epoch is under 3 steps."""
     config = scheduled(
-        noise_scale={"every": 0.25, "window": 2, "batch": 64, "hessian_examples": 0},
+        noise_scale={"every": 0.25, "batch": 64, "hessian_examples": 0},
         sharpness={"every": 0.5, "batch": 64, "iterations": 2},
     )
     keeper = KeepingReporter()
@@ -90,6 +91,7 @@ def test_measurements_follow_the_examples_across_switches_and_resume_bit_for_bit
     # Windows start at step 0 and after each step that crosses 360, 720, ..., 2520 examples;
     # the sharpness after each that crosses 720, ..., 2880: one report each.
     assert len(noise) == 8 and len(sharp) == 4
+    assert [math.floor(r["examples"] / 360) for r in noise] == list(range(1, 9))
     assert [math.floor(r["examples"] / 720) for r in sharp] == [1, 2, 3, 4]
     assert all(r["noise/b_simple"] is None or r["noise/b_simple"] > 0 for r in noise)
     # A checkpoint at batch 128 inside a window, resumed: the same numbers, measurements too.

@@ -71,6 +71,31 @@ def test_hessian_moments_by_hand():
     assert hessian_moments(2.0, 1, 8.0, 2) == pytest.approx((6.0, 4.0))
 
 
+def test_windows_by_examples_end_where_the_next_starts_and_at_the_budget():
+    """Under a batch schedule the loop opens windows (`open`): one still open ends there, its
+    estimate returned; the last ends at the budget; `left` goes with the checkpoint."""
+    scale = NoiseScale(interval=5, window=3, budget=7, seed=0, device=torch.device("cpu"),
+                       by_examples=True)  # fmt: skip
+    ones, twos = NoiseMoments(1.0, 4.0, 1.0, 2.0), NoiseMoments(3.0, 8.0, 1.0, 2.0)
+    assert scale.due(0) and scale.add(0, ones) is None and scale.due(1)
+    cut = scale.open()  # after step 1: the window of steps 0 and 1 ends, one of 3 starts
+    assert cut.moments == ones and cut.b_simple == 4.0
+    assert scale.add(2, twos) is None and scale.add(3, twos) is None
+    state = scale.state_dict()
+    assert state["left"] == 1 and state["count"] == 2
+    again = NoiseScale(5, 3, 7, 0, torch.device("cpu"), by_examples=True)
+    again.load_state_dict(state)
+    assert again.due(4) and again.add(4, ones).moments == NoiseMoments(7 / 3, 20 / 3, 1.0, 2.0)
+    assert not again.due(5) and again.open() is None  # nothing open: nothing to end
+    assert again.add(5, ones) is None and again.add(6, twos).b_simple == 6.0 / 2.0  # budget
+    # A schedule's checkpoint from before `left`: its open window is dropped, not folded in.
+    old = NoiseScale(5, 3, 7, 0, torch.device("cpu"), by_examples=True)
+    old.load_state_dict({k: v for k, v in state.items() if k != "left"})
+    assert not old.due(4) and old.open() is None
+    assert old.add(4, ones) is None and old.add(5, ones) is None
+    assert old.add(6, ones).moments == ones
+
+
 def test_window_schedule_averages_and_state_round_trip():
     # Windows of 2 steps every 5, budget 12: steps 0-1, 5-6, 10-11.
     scale = NoiseScale(interval=5, window=2, budget=12, seed=0, device=torch.device("cpu"))

@@ -203,6 +203,13 @@ def test_measurement_blocks_and_batch_norm_sizes_are_checked_before_anything_run
     assert f"{path}:" in message and f"{key}:" in message and words in message, message
 
 
+def test_a_stored_trial_config_measuring_between_evaluations_still_loads():
+    """The check of `every` against `eval_every` refuses new sweeps only (`check_trial`): the
+    trial configs of an experiment run before it still load, for evaluate and the report."""
+    stored = {**tiny_base(), "noise_scale": {"every": 0.25}, "sharpness": {"every": 0.25}}
+    assert TrialConfig.model_validate(stored).noise_scale.every == 0.25
+
+
 def test_the_sweep_metric_takes_its_own_direction(tmp_path):
     path = write_spec(tmp_path / "loss.yaml", tiny_base(), metric={"name": "val/loss"})
     assert load_spec(path).metric.mode == "min"
