@@ -170,6 +170,8 @@ def test_a_branch_loss_is_the_smoothed_series_and_a_diverged_one_is_infinite():
     assert branch_loss([2.0, None], 0.5) == math.inf
     assert branch_loss([2.0, math.nan], 0.5) == math.inf
     assert branch_loss([], 0.5) == math.inf
+    # One that errored: what it reported before failing is no loss after Δ.
+    assert branch_loss([2.0, 1.0, 0.8, 0.6], 0.5, errored=True) == math.inf
 
 
 @pytest.mark.parametrize(
