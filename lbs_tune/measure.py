@@ -211,13 +211,13 @@ class NoiseScale:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.count = int(state["count"])
+        self.sums = [float(s) for s in state["sums"]]
         self.left = int(state.get("left", 0))
+        self.generator.set_state(state["rng"])
         if "left" not in state and self.by_examples:
             # A checkpoint of a schedule's trial from before windows followed examples: its open
             # window, counted in steps, cannot go on; it is dropped, not folded into the next.
-            self.count, state = 0, {**state, "sums": [0.0] * len(self.sums)}
-        self.sums = [float(s) for s in state["sums"]]
-        self.generator.set_state(state["rng"])
+            self.count, self.sums = 0, [0.0] * len(self.sums)
 
 
 @torch.enable_grad()
