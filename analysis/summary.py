@@ -48,7 +48,7 @@ import numpy as np
 import pyarrow as pa
 
 from analysis._arrow import rows_to_table
-from analysis.budget import Censoring, best_of_k, censoring
+from analysis.budget import BudgetCurve, Censoring, best_of_k, censoring
 from analysis.metrics import BATCH, SEED, seed_spread
 from analysis.scaling import RESAMPLES, ScalingFit, fit_scaling
 from lbs_tune.names import first_reached, target_label
@@ -95,19 +95,13 @@ class Confirmed(NamedTuple):
 
 
 class Budget(NamedTuple):
-    """The search-budget curve of a study (`analysis.budget.BudgetCurve`'s fields, by
-    `best_of_k`) over its told trials' steps to target. A PRUNED trial enters at one step past
-    where it stopped, a lower bound of its steps: a quantile (`median`, `low`, `high`) at or
-    below `exact_up_to` (the first step a pruned trial stopped at; None: none was pruned, all
-    exact) is exact, one above it a lower bound; `infeasible` is then a lower bound too, and
-    `expected` neither."""
+    """The search-budget curve of a study (`analysis.budget.best_of_k`) over its told trials'
+    steps to target. A PRUNED trial enters at one step past where it stopped, a lower bound of
+    its steps: a quantile of the curve (`median`, `low`, `high`) at or below `exact_up_to` (the
+    first step a pruned trial stopped at; None: none was pruned, all exact) is exact, one above
+    it a lower bound; `infeasible` is then a lower bound too, and `expected` neither."""
 
-    k: np.ndarray
-    expected: np.ndarray
-    median: np.ndarray
-    low: np.ndarray
-    high: np.ndarray
-    infeasible: np.ndarray
+    curve: BudgetCurve
     exact_up_to: float | None
     pruned: int  # the PRUNED trials among them
 
@@ -255,7 +249,7 @@ def search_budget(
         if steps is None and t["state"] == "PRUNED" and t["pruned_at"] is not None:
             steps = t["pruned_at"] + 1  # its steps to target are more than where it stopped
         values.append(steps)
-    return Budget(*best_of_k(values), float(min(pruned)) if pruned else None, len(pruned))
+    return Budget(best_of_k(values), float(min(pruned)) if pruned else None, len(pruned))
 
 
 def trial_censoring(

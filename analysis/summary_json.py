@@ -115,12 +115,13 @@ def _censoring_json(c: Censoring | None, pruned: int) -> dict[str, Any] | None:
 def _budget_json(b: Budget | None) -> dict[str, Any] | None:
     if b is None:
         return None
+    curve = b.curve
     return {
-        "k": b.k.tolist(),
-        "median": _numbers(b.median),
-        "low": _numbers(b.low),
-        "high": _numbers(b.high),
-        "p_none": _numbers(b.infeasible),
+        "k": curve.k.tolist(),
+        "median": _numbers(curve.median),
+        "low": _numbers(curve.low),
+        "high": _numbers(curve.high),
+        "p_none": _numbers(curve.infeasible),
         "exact_up_to": _number(b.exact_up_to),
         "pruned": b.pruned,
     }

@@ -395,10 +395,10 @@ def test_the_search_budget_curve_of_a_point_with_a_pruned_trial():
     # The pruned trial enters one step past where it stopped: a lower bound of its steps.
     expected = best_of_k([20.0, 10.0, None, 26.0])
     for field in ("median", "low", "high", "infeasible"):
-        assert getattr(budget, field).tolist() == getattr(expected, field).tolist()
+        assert getattr(budget.curve, field).tolist() == getattr(expected, field).tolist()
     assert (budget.exact_up_to, budget.pruned) == (25.0, 1)
     # With one trial, the median is the second-best ranked of 4 (20): exact, below 25.
-    assert budget.median[0] == 20.0
+    assert budget.curve.median[0] == 20.0
 
 
 def test_summary_json_beside_the_report():

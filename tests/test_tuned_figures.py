@@ -301,6 +301,16 @@ def test_the_search_budget_is_the_best_of_k_of_each_studys_finished_trials():
     assert figure.layout.yaxis.type == "log"
 
 
+def test_a_metric_study_without_steps_to_target_draws_no_search_budget():
+    # Its values are accuracies, not steps: a curve of them under "best steps to ..." would
+    # show the worst accuracy as the best (best_of_k takes the least).
+    metric = Objective("metric", "val/accuracy", "max")
+    s = study({"batch_size": 64}, 0, [trial(0, 0.8), trial(1, 0.6, lr=0.3), trial(2, None)], metric)
+    summary = summarize([s], resamples=0)
+    assert summary.points[0].budget is None
+    assert search_budget.extract(summary).studies == []
+
+
 # ============================================================================ Parallel coordinates
 
 

@@ -1,8 +1,7 @@
 """Is the search budget enough? Per study, the best steps to target of a search of k of its
 trials against k (Shallue et al. 2018's search-budget curve, `analysis.budget.best_of_k`: exact
 over all k-subsets): the median and the 10–90% band. A curve that still falls at the last k says
-more trials per point would find fewer steps. A study's `budget` field is drawn where the
-summary carries it; otherwise the curve is computed here from the study's finished trials."""
+more trials per point would find fewer steps. The curves are the summary's (`budget`)."""
 
 from __future__ import annotations
 
@@ -11,11 +10,9 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import plotly.graph_objects as go
 
-from analysis.answer import field
-from analysis.budget import QUANTILES, best_of_k
+from analysis.budget import QUANTILES
 from analysis.figures._common import Curve
 from analysis.figures._draw import batch_colour, curve_traces, finish, log_axis
-from lbs_tune.studies import ran_out
 
 if TYPE_CHECKING:
     from analysis.summary import Summary
@@ -31,15 +28,13 @@ def _finite(values) -> list[float | None]:
 
 
 def extract(summary: Summary) -> SearchBudget:
-    """One curve per study with a finished trial (unfinished trials are no draws yet)."""
+    """One curve per study whose summary has one: a told trial and steps to target (a metric
+    study without a target on its metric has none: its values are no steps)."""
     found = []
     for p in summary.points:
-        curve = field(p, "budget")
-        if curve is None:
-            done = [t for t in p.trials if ran_out(t)]
-            if not done:
-                continue
-            curve = best_of_k([t["value"] if t["state"] == "COMPLETE" else None for t in done])
+        if p.budget is None:
+            continue
+        curve = p.budget.curve
         found.append(
             Curve(
                 p.study,
