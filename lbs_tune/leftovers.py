@@ -9,19 +9,30 @@ removed when a local sweep starts and once its Ray has stopped.
 The driver's own temporary files (W&B, which Ray imports to count the callbacks it is given,
 makes two folders at import and removes them at exit) go to a folder of its own while a sweep
 runs (`driver_folder`), removed at exit, or by the next sweep once its process is gone.
+
+Ray Tune's driver writes the trials' report files (result.json, params.json) in a staging
+folder of its Ray session (`<session>/artifacts/<stamp>/<name>/driver_artifacts`) and copies it
+to the storage now and then. A sweep resumed on the same Ray session takes up the staging folder
+of the run it resumes (the trials Ray restores carry its stamp), with what a killed driver wrote
+there and never copied: a trial that Ray starts again from scratch had its old reports there
+before its new ones, and a trial that Ray's saved state does not know found a folder of its name
+and was filed under another (`..._f564`), the old one copied to the storage beside it.
+`remove_dead_staging` removes those folders before such a run, so that it resumes from the
+storage alone, as on any other machine.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import glob
 import os
 import re
 import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from lbs_tune.lock import alive
@@ -103,3 +114,20 @@ def driver_folder() -> Iterator[Path]:
         yield Path(folder)
     finally:
         tempfile.tempdir = before
+
+
+def dead_staging(name: str, states: Iterable[str]) -> list[Path]:
+    """The driver staging folders of experiment `name` in the Ray session this process has
+    joined that hold one of `states` (the names of the experiment's saved Ray states): those of
+    earlier runs of the sweep, whose drivers are gone (the sweep's lock is held)."""
+    from ray.train.constants import _get_ray_train_session_dir  # where Ray's storage puts them
+
+    artifacts = Path(_get_ray_train_session_dir())
+    pattern = f"*/{glob.escape(name)}/driver_artifacts"
+    return [f for f in artifacts.glob(pattern) if any((f / state).is_file() for state in states)]
+
+
+def remove_dead_staging(name: str, states: Iterable[str]) -> None:
+    """Remove the `dead_staging` folders: call it when resuming, before Ray restores."""
+    for folder in dead_staging(name, list(states)):
+        shutil.rmtree(folder, ignore_errors=True)

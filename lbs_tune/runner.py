@@ -32,6 +32,7 @@ from lbs_tune.experiment import (
     count_outcomes,
     disk_room,
     is_trial_folder,
+    state_files,
 )
 from lbs_tune.lock import exclusive
 from lbs_tune.names import get_dotted, hashable, set_dotted
@@ -256,7 +257,7 @@ def _fit(
     from ray import tune
 
     from lbs_tune.console import Console
-    from lbs_tune.leftovers import driver_folder
+    from lbs_tune.leftovers import driver_folder, remove_dead_staging
     from lbs_tune.loggers import without_auto_loggers
     from lbs_tune.trainable import DiskWatch, HereScheduler, KeepReports, placement, train_trial
 
@@ -296,6 +297,7 @@ def _fit(
     # in: it passes _tuner_kwargs to tune.run).
     if resume:
         print(f"resuming sweep {spec.name} in {experiment.uri}")
+        remove_dead_staging(experiment.name, state_files(experiment))
     resume_config = tune.ResumeConfig(errored=tune.ResumeConfig.ResumeType.RESUME)
     searched = (f"{SEARCH_KEY}.number", f"{SEARCH_KEY}.confirm") if spec.search else ()
     keys = (*spec.grid, *searched, *((f"{BRANCH_KEY}.label",) if spec.branch else ()))

@@ -136,6 +136,7 @@ def test_driver_killed_with_sigkill_then_rerun_completes_exactly(ray_cluster, re
 
     # The same command again resumes and completes the sweep.
     assert run(spec, storage=str(storage), address=ray_cluster.address) == 0
+    assert len(list((storage / "tiny").glob("train_trial_*"))) == 4, "a trial folder twice"
     expected, found = histories(reference), histories(storage / "tiny")
     assert sorted(found) == sorted(expected)
     for key, rows in expected.items():
