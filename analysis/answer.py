@@ -30,18 +30,10 @@ from analysis.scaling import regimes
 from lbs_tune.names import target_label
 
 if TYPE_CHECKING:
-    from analysis.summary import PointSummary, SeriesFit, Summary
+    from analysis.summary import PointSummary, SeriesFit, Steps, Summary
 
 FACTOR = 2.0  # a batch size scales while its steps are within this factor of perfect scaling
 STEPS = "target/step"  # the steps-to-target column that `fixed_steps` adds to the trials
-
-
-def field(record: Any, name: str, default: Any = None) -> Any:
-    """`record.name` or `record[name]` (a named tuple, an object or a dict), `default` where
-    it has none: fields that a newer summary carries are read by name, so an older one reads."""
-    if isinstance(record, dict):
-        return record.get(name, default)
-    return getattr(record, name, default)
 
 
 def number(value: float | None, digits: int = 3) -> str:
@@ -173,8 +165,8 @@ class TunedPoint(NamedTuple):
     examples: float | None
     feasible: int  # trials that reached the target, over the seeds' studies
     asked: int
-    confirmed: Any  # `field(point, "confirmed")` of the first study that has one, else None
-    cap_hits: int | None  # sum of `field(point, "cap_hits")` where present, else None
+    confirmed: Steps | None  # `PointSummary.confirmed` of the first study that has one
+    cap_hits: int | None  # the sum of the studies' `PointSummary.cap_hits` (None: none has one)
 
 
 class TunedSeries(NamedTuple):
@@ -190,20 +182,11 @@ class TunedAnswer(NamedTuple):
     series: list[TunedSeries]
 
 
-def _count(value: Any) -> int | None:
-    """A count from a field: an int as is, a sized collection by its length."""
-    if value is None:
-        return None
-    if isinstance(value, int | float):
-        return int(value)
-    return len(value) if hasattr(value, "__len__") else None
-
-
 def _tuned_point(series: SeriesFit, i: int, points: list[PointSummary]) -> TunedPoint:
     batch = series.batch_sizes[i]
     mine = [p for p in points if p.batch_size == batch and p.series == series.name]
-    confirmed = next((c for p in mine if (c := field(p, "confirmed")) is not None), None)
-    hits = [h for p in mine if (h := _count(field(p, "cap_hits"))) is not None]
+    confirmed = next((p.confirmed for p in mine if p.confirmed is not None), None)
+    hits = [p.cap_hits for p in mine if p.cap_hits is not None]
     steps = series.median[i]
     return TunedPoint(
         batch,

@@ -13,7 +13,7 @@ import json
 import math
 import shlex
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import plotly.graph_objects as go
 import plotly.offline
@@ -26,6 +26,9 @@ from lbs_tune.errors import printable
 from lbs_tune.experiment import count_outcomes
 from lbs_tune.names import target_label
 from lbs_tune.provenance import summary_lines
+
+if TYPE_CHECKING:
+    from analysis.summary import Steps
 
 _JSON_ESCAPES = {ord("<"): "\\u003c", ord(">"): "\\u003e", ord("&"): "\\u0026"}
 
@@ -262,13 +265,11 @@ def _tuned_series_html(series: numbers.TunedSeries, target: str) -> str:
     )
 
 
-def _confirmed(value: Any) -> str:
-    """A confirmation's steps as median (low–high, n seeds), read by field name."""
-    if value is None:
+def _confirmed(steps: Steps | None) -> str:
+    """A point's confirmed steps as median (low–high, n seeds)."""
+    if steps is None:
         return ""
-    median = numbers.field(value, "median")
-    count = numbers.field(value, "count") or numbers.field(value, "seeds") or 0
-    return _spread(median, numbers.field(value, "low"), numbers.field(value, "high"), count)
+    return _spread(steps.median, steps.low, steps.high, steps.count)
 
 
 # ---------------------------------------------------------------------------- The trials

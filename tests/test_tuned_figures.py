@@ -14,6 +14,7 @@ import pytest
 from conftest import B_NOISE, S_MIN, SIZES, formula_studies, steps_at, study, trial
 
 from analysis.answer import number, tuned_answer, tuned_sentence
+from analysis.budget import Censoring
 from analysis.figures import (
     best_lr,
     parallel_coordinates,
@@ -25,7 +26,7 @@ from analysis.figures import (
 from analysis.html import answer_html
 from analysis.page import Context
 from analysis.scaling import REGIME_FACTOR
-from analysis.summary import PointSummary, summarize
+from analysis.summary import CONFIRMED, Steps, summarize
 from analysis.tables import Results
 from lbs_tune.studies import Objective
 
@@ -256,27 +257,23 @@ def test_the_tuned_answer_is_the_fit_and_each_batch_sizes_best_steps():
     )
 
 
-def test_no_fit_is_said_and_what_newer_summaries_add_is_shown_by_name():
+def test_no_fit_is_said_and_the_confirmed_steps_and_cap_hits_are_shown():
     one = summarize([study({"batch_size": 16}, 0, [trial(0, 100.0)])], resamples=0)
     assert tuned_sentence(tuned_answer(one)) == (
         "No critical batch size: 1 batch size(s) reached the target; the fit needs 2."
     )
-
-    class Confirmed(PointSummary):
-        """A point as a summary that runs confirmations and counts cap hits gives it."""
-
-        @property
-        def confirmed(self) -> dict:
-            return {"median": 120.0, "low": 110.0, "high": 130.0, "count": 3}
-
-        @property
-        def cap_hits(self) -> int:
-            return 2
-
     summary = summarize(formula_studies(), resamples=0)
-    points = [Confirmed(*p) for p in summary.points]
+    # Each point as if confirmed on 3 seeds, with 2 trials that ran to their step cap.
+    confirmed = Steps(120.0, 110.0, 130.0, 3, CONFIRMED)
+    points = [
+        p._replace(
+            steps=confirmed,
+            censoring=Censoring(p.batch_size, 3, 1, 0, 2, 100.0, 400, 0.25, False),
+        )
+        for p in summary.points
+    ]
     found = tuned_answer(summary._replace(points=points))
-    assert {(p.confirmed["median"], p.cap_hits) for p in found.series[0].points} == {(120.0, 2)}
+    assert {(p.confirmed, p.cap_hits) for p in found.series[0].points} == {(confirmed, 2)}
     html = answer_html(
         Context(Results(*fixed_rule_sweep()), summary=summary._replace(points=points)), None
     )
