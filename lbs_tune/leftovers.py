@@ -116,18 +116,40 @@ def driver_folder() -> Iterator[Path]:
         tempfile.tempdir = before
 
 
-def dead_staging(name: str, states: Iterable[str]) -> list[Path]:
-    """The driver staging folders of experiment `name` in the Ray session this process has
-    joined that hold one of `states` (the names of the experiment's saved Ray states): those of
-    earlier runs of the sweep, whose drivers are gone (the sweep's lock is held)."""
-    from ray.train.constants import _get_ray_train_session_dir  # where Ray's storage puts them
+def open_below(folder: Path) -> bool | None:
+    """Whether a process of this machine has a file open below `folder` (a live driver keeps
+    its trials' report files open in its staging folder); None where the system does not say."""
+    prefix = f"{folder}/"
+    try:
+        pids = [entry for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to read
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
+                        return True
+    return False
 
-    artifacts = Path(_get_ray_train_session_dir())
-    pattern = f"*/{glob.escape(name)}/driver_artifacts"
-    return [f for f in artifacts.glob(pattern) if any((f / state).is_file() for state in states)]
+
+def dead_staging(artifacts: Path, name: str, states: Iterable[str]) -> list[Path]:
+    """The driver staging folders of experiment `name` below a Ray session's `artifacts` that
+    hold one of `states` (the names of the experiment's saved Ray states) and in which no
+    process has a file open: those of earlier runs of the sweep whose drivers are gone. (A copy
+    of a sweep has its original's states; the original may still run: its folder is left.)"""
+    states = list(states)
+    return [
+        folder
+        for folder in artifacts.glob(f"*/{glob.escape(name)}/driver_artifacts")
+        if any((folder / state).is_file() for state in states) and open_below(folder) is False
+    ]
 
 
 def remove_dead_staging(name: str, states: Iterable[str]) -> None:
-    """Remove the `dead_staging` folders: call it when resuming, before Ray restores."""
-    for folder in dead_staging(name, list(states)):
+    """Remove the `dead_staging` folders of the Ray session this process has joined: call it
+    when resuming, before Ray restores."""
+    from ray.train.constants import _get_ray_train_session_dir  # where Ray's storage puts them
+
+    for folder in dead_staging(Path(_get_ray_train_session_dir()), name, states):
         shutil.rmtree(folder, ignore_errors=True)

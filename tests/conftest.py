@@ -406,6 +406,28 @@ def histories(experiment: Path) -> dict[tuple, list[dict]]:
     return found
 
 
+def plant_in_dead_staging(folder: Path, reference: Path) -> None:
+    """What a killed driver may have written in its Ray staging folder and never copied to the
+    experiment `folder`, planted for every trial of `reference` (the same sweep uninterrupted):
+    a params.json and a report at step 1. Ray's driver writes its report files in a staging
+    folder of its Ray session, `<session>/artifacts/<stamp>/<name>/driver_artifacts`, found
+    here by the saved state it holds (session_latest links to the session: each folder once)."""
+    state = max(p for p in folder.iterdir() if p.name.startswith("experiment_state-"))
+    (staged,) = {
+        p.parent.resolve()
+        for p in Path("/tmp/ray").glob(f"session_*/artifacts/*/{folder.name}/*/{state.name}")
+    }
+    first = json.loads(json.loads(state.read_text())["trial_data"][0][0])["trial_id"]
+    prefix = first.split("_")[0]
+    for trial in reference.glob("train_trial_*"):
+        index_and_tag = trial.name.removeprefix("train_trial_").partition("_")[2]
+        planted = staged / f"train_trial_{prefix}_{index_and_tag}"
+        planted.mkdir(exist_ok=True)
+        shutil.copy(trial / "params.json", planted / "params.json")
+        with (planted / "result.json").open("a") as result:
+            result.write(json.dumps({"step": 1, "planted": True}) + "\n")
+
+
 def driver_command(spec: Path, storage: Path, address: str, *extra: str) -> list[str]:
     """`lbs-tune run` of `spec` on the Ray at `address` as its own process (to kill it)."""
     return [

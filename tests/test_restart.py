@@ -27,6 +27,7 @@ from conftest import (
 )
 
 from lbs_tune.experiment import STATE_FILE
+from lbs_tune.leftovers import dead_staging
 from lbs_tune.spec import load_spec
 
 
@@ -115,46 +116,25 @@ def test_a_grid_sweep_whose_ray_state_is_cut_short_reruns_without_duplicates(
         assert [without_timing(r) for r in found[key]] == [without_timing(r) for r in rows], key
 
 
-@pytest.mark.ray
-def test_a_sweep_resumed_on_the_same_ray_ignores_what_its_killed_driver_left_in_staging(
-    ray_cluster, reference, tmp_path
+def test_a_dead_runs_staging_folder_is_the_one_of_this_sweep_with_its_state_and_no_open_file(
+    tmp_path,
 ):
-    """Ray's driver writes the report files in a staging folder of its Ray session and copies
-    them to the storage now and then; a rerun on the same Ray takes that folder up again. What
-    the killed driver wrote there and never copied is planted here, for every trial: a report at
-    step 1. The rerun reads the storage alone: one folder a trial, the uninterrupted run's
-    reports. (Before, a trial unknown to Ray's saved state was filed under a second name beside
-    the planted one, and one that started again kept the planted report.)"""
-    from lbs_tune.runner import run
+    artifacts = tmp_path / "artifacts"  # a Ray session's: <stamp>/<name>/driver_artifacts
+    state = "experiment_state-2026-12-07_21-27-59.json"
 
-    spec = sweep_spec(tmp_path, "tiny")
-    storage = tmp_path / "results"
-    folder = storage / "tiny"
-    kill_when(
-        driver_command(spec, storage, ray_cluster.address),
-        lambda: folder.is_dir() and states(folder),
-    )
-    state = states(folder)[-1]
-    # The killed driver's staging folder: the one in Ray's temporary folder that holds its state.
-    # (session_latest links to the session: each folder once.)
-    (staged,) = {
-        p.parent.resolve()
-        for p in Path("/tmp/ray").glob(f"session_*/artifacts/*/tiny/*/{state.name}")
-    }
-    prefix = json.loads(json.loads(state.read_text())["trial_data"][0][0])["trial_id"].split("_")[0]
-    for trial in reference.glob("train_trial_*"):
-        index_and_tag = trial.name.removeprefix("train_trial_").partition("_")[2]
-        planted = staged / f"train_trial_{prefix}_{index_and_tag}"
-        planted.mkdir(exist_ok=True)
-        shutil.copy(trial / "params.json", planted / "params.json")
-        with (planted / "result.json").open("a") as result:
-            result.write(json.dumps({"step": 1, "planted": True}) + "\n")
-    assert run(spec, storage=str(storage), address=ray_cluster.address) == 0
-    assert len(list(folder.glob("train_trial_*"))) == 4, "a trial folder twice"
-    expected, found = histories(reference), histories(folder)
-    assert sorted(found) == sorted(expected)
-    for key, rows in expected.items():
-        assert [without_timing(r) for r in found[key]] == [without_timing(r) for r in rows], key
+    def staging(stamp: str, name: str, saved: str) -> Path:
+        folder = artifacts / stamp / name / "driver_artifacts"
+        folder.mkdir(parents=True)
+        (folder / saved).write_text("{}")
+        return folder
+
+    dead = staging("2026-12-07_21-27-58", "tiny[1]", state)
+    staging("2026-12-07_21-30-00", "tiny[1]", "experiment_state-2026-12-07_21-30-01.json")
+    staging("2026-12-07_21-27-58", "tiny1", state)  # another sweep's name ([1] is no pattern)
+    live = staging("2026-12-07_21-31-00", "tiny[1]", state)  # its copy's original, running
+    with (live / "result.json").open("w"):
+        assert dead_staging(artifacts, "tiny[1]", [state]) == [dead]
+    assert sorted(dead_staging(artifacts, "tiny[1]", [state])) == [dead, live]
 
 
 @pytest.mark.ray

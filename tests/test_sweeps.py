@@ -22,6 +22,7 @@ import torch
 from conftest import (
     driver_command,
     histories,
+    plant_in_dead_staging,
     sweep_spec,
     tiny_base,
     without_ray_lines,
@@ -123,16 +124,24 @@ def test_driver_killed_with_sigkill_then_rerun_completes_exactly(ray_cluster, re
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    # Kill once two trials have checkpoints (they reach the storage as they are made).
+    # Kill once two trials have checkpoints (they reach the storage as they are made) and Ray
+    # has saved its state there.
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and driver.poll() is None:
-        if len({p.parent for p in (storage / "tiny").glob("*/checkpoint_*")}) >= 2:
+        folder = storage / "tiny"
+        if len({p.parent for p in folder.glob("*/checkpoint_*")}) >= 2 and any(
+            folder.glob("experiment_state-*.json")
+        ):
             break
         time.sleep(0.05)
     assert driver.poll() is None, "the driver finished before it could be killed"
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     killed_at = raw_steps(storage / "tiny")
+    # The rerun joins the same Ray, where Ray takes up the killed driver's staging folder: what
+    # the driver wrote there and never copied must not reach the rerun's files. (It did: a trial
+    # unknown to Ray's saved state was filed twice, one that started again kept old reports.)
+    plant_in_dead_staging(storage / "tiny", reference)
 
     # The same command again resumes and completes the sweep.
     assert run(spec, storage=str(storage), address=ray_cluster.address) == 0
