@@ -136,8 +136,10 @@ def open_below(folder: Path) -> bool | None:
 def dead_staging(artifacts: Path, name: str, states: Iterable[str]) -> list[Path]:
     """The driver staging folders of experiment `name` below a Ray session's `artifacts` that
     hold one of `states` (the names of the experiment's saved Ray states) and in which no
-    process has a file open: those of earlier runs of the sweep whose drivers are gone. (A copy
-    of a sweep has its original's states; the original may still run: its folder is left.)"""
+    process has a file open: those of earlier runs of the sweep, whose drivers are gone (the
+    sweep's lock is held). A copy of a sweep has its original's states: where the original
+    still runs on the same Ray with a trial under way, its folder is left (Ray would stage the
+    copy's files in it too, whatever this does: resume a copy once its original has stopped)."""
     states = list(states)
     return [
         folder
@@ -148,8 +150,12 @@ def dead_staging(artifacts: Path, name: str, states: Iterable[str]) -> list[Path
 
 def remove_dead_staging(name: str, states: Iterable[str]) -> None:
     """Remove the `dead_staging` folders of the Ray session this process has joined: call it
-    when resuming, before Ray restores."""
+    when resuming, before Ray restores. Through Ray Client (`ray://`) Tune stages on the
+    cluster, out of reach from here: nothing is removed."""
     from ray.train.constants import _get_ray_train_session_dir  # where Ray's storage puts them
+    from ray.util.client import ray as client
 
+    if client.is_connected():
+        return
     for folder in dead_staging(Path(_get_ray_train_session_dir()), name, states):
         shutil.rmtree(folder, ignore_errors=True)
