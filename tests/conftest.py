@@ -29,6 +29,7 @@ import yaml
 from lbs_tune.cli import main
 from lbs_tune.cluster import start_ray
 from lbs_tune.errors import UserError
+from lbs_tune.experiment import STATE_FILE
 from lbs_tune.names import METRICS, set_dotted
 from lbs_tune.studies import Objective, StudyRecord, read_studies
 
@@ -406,13 +407,18 @@ def histories(experiment: Path) -> dict[tuple, list[dict]]:
     return found
 
 
+def states(folder: Path) -> list[Path]:
+    """Ray's experiment states in `folder`, newest last."""
+    return sorted(p for p in folder.iterdir() if STATE_FILE.match(p.name))
+
+
 def plant_in_dead_staging(folder: Path, reference: Path) -> None:
     """What a killed driver may have written in its Ray staging folder and never copied to the
     experiment `folder`, planted for every trial of `reference` (the same sweep uninterrupted):
     a params.json and a report at step 1. Ray's driver writes its report files in a staging
     folder of its Ray session, `<session>/artifacts/<stamp>/<name>/driver_artifacts`, found
     here by the saved state it holds (session_latest links to the session: each folder once)."""
-    state = max(p for p in folder.iterdir() if p.name.startswith("experiment_state-"))
+    state = states(folder)[-1]
     (staged,) = {
         p.parent.resolve()
         for p in Path("/tmp/ray").glob(f"session_*/artifacts/*/{folder.name}/*/{state.name}")

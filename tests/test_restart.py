@@ -21,12 +21,12 @@ from conftest import (
     driver_command,
     histories,
     kill_when,
+    states,
     sweep_spec,
     told,
     without_timing,
 )
 
-from lbs_tune.experiment import STATE_FILE
 from lbs_tune.leftovers import dead_staging
 from lbs_tune.spec import load_spec
 
@@ -38,11 +38,6 @@ def files(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
-
-
-def states(folder: Path) -> list[Path]:
-    """Ray's experiment states in `folder`, newest last."""
-    return sorted(p for p in folder.iterdir() if STATE_FILE.match(p.name))
 
 
 def cut_short(state: Path) -> None:

@@ -23,6 +23,7 @@ from conftest import (
     driver_command,
     histories,
     plant_in_dead_staging,
+    states,
     sweep_spec,
     tiny_base,
     without_ray_lines,
@@ -129,9 +130,7 @@ def test_driver_killed_with_sigkill_then_rerun_completes_exactly(ray_cluster, re
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and driver.poll() is None:
         folder = storage / "tiny"
-        if len({p.parent for p in folder.glob("*/checkpoint_*")}) >= 2 and any(
-            folder.glob("experiment_state-*.json")
-        ):
+        if len({p.parent for p in folder.glob("*/checkpoint_*")}) >= 2 and states(folder):
             break
         time.sleep(0.05)
     assert driver.poll() is None, "the driver finished before it could be killed"
