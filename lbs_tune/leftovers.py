@@ -133,29 +133,49 @@ def open_below(folder: Path) -> bool | None:
     return False
 
 
-def dead_staging(artifacts: Path, name: str, states: Iterable[str]) -> list[Path]:
+def staging_folders(artifacts: Path, name: str, states: Iterable[str]) -> list[Path]:
     """The driver staging folders of experiment `name` below a Ray session's `artifacts` that
-    hold one of `states` (the names of the experiment's saved Ray states) and in which no
-    process has a file open: those of earlier runs of the sweep, whose drivers are gone (the
-    sweep's lock is held). A copy of a sweep has its original's states: where the original
-    still runs on the same Ray with a trial under way, its folder is left (Ray would stage the
-    copy's files in it too, whatever this does: resume a copy once its original has stopped)."""
+    hold one of `states` (the names of the experiment's saved Ray states): those of this sweep's
+    runs (their `<stamp>/<name>/driver_artifacts`)."""
     states = list(states)
     return [
         folder
         for folder in artifacts.glob(f"*/{glob.escape(name)}/driver_artifacts")
-        if any((folder / state).is_file() for state in states) and open_below(folder) is False
+        if any((folder / state).is_file() for state in states)
     ]
 
 
-def remove_dead_staging(name: str, states: Iterable[str]) -> None:
-    """Remove the `dead_staging` folders of the Ray session this process has joined: call it
-    when resuming, before Ray restores. Through Ray Client (`ray://`) Tune stages on the
-    cluster, out of reach from here: nothing is removed."""
-    from ray.train.constants import _get_ray_train_session_dir  # where Ray's storage puts them
+def dead_staging(artifacts: Path, name: str, states: Iterable[str]) -> list[Path]:
+    """The `staging_folders` in which no process has a file open: those of earlier runs of the
+    sweep, whose drivers are gone (the sweep's lock is held). A copy of a sweep has its
+    original's states: where the original still runs on the same Ray with a trial under way,
+    its folder is left (Ray would stage the copy's files in it too, whatever this does: resume a
+    copy once its original has stopped)."""
+    return [f for f in staging_folders(artifacts, name, states) if open_below(f) is False]
+
+
+def _session_artifacts() -> Path | None:
+    """Where Ray's storage stages the driver's files in the Ray session this process has
+    joined; None through Ray Client (`ray://`): Tune stages on the cluster, out of reach."""
+    from ray.train.constants import _get_ray_train_session_dir
     from ray.util.client import ray as client
 
-    if client.is_connected():
-        return
-    for folder in dead_staging(Path(_get_ray_train_session_dir()), name, states):
+    return None if client.is_connected() else Path(_get_ray_train_session_dir())
+
+
+def remove_dead_staging(name: str, states: Iterable[str]) -> None:
+    """Remove the `dead_staging` folders of the joined Ray session: call it when resuming,
+    before Ray restores."""
+    artifacts = _session_artifacts()
+    for folder in dead_staging(artifacts, name, states) if artifacts else []:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_staged(name: str, states: Iterable[str], file: str) -> None:
+    """Remove `file` from this sweep's staging folders in the joined Ray session. On resume Ray
+    copies the experiment's .json files into its staging folder, then back over the storage's
+    at every sync, in place: a file of lbs-tune's there (the sweep record) would be rewritten
+    under its readers, empty for a moment, and a newer write of it undone."""
+    artifacts = _session_artifacts()
+    for folder in staging_folders(artifacts, name, states) if artifacts else []:
+        (folder / file).unlink(missing_ok=True)

@@ -259,7 +259,14 @@ def _fit(
     from lbs_tune.console import Console
     from lbs_tune.leftovers import driver_folder, remove_dead_staging
     from lbs_tune.loggers import without_auto_loggers
-    from lbs_tune.trainable import DiskWatch, HereScheduler, KeepReports, placement, train_trial
+    from lbs_tune.trainable import (
+        DiskWatch,
+        HereScheduler,
+        KeepReports,
+        RecordOutOfSync,
+        placement,
+        train_trial,
+    )
 
     console = Console(spec, experiment, table=table, costs=trial_costs(spec))
     if ray_address:
@@ -295,9 +302,10 @@ def _fit(
     # search algorithm, scheduler and callbacks pickled by the first run, with its folder. Ray
     # resumes the trials of its saved state in this folder (`resume_config`, Tuner's own way
     # in: it passes _tuner_kwargs to tune.run).
+    states = state_files(experiment) if resume else []
     if resume:
         print(f"resuming sweep {spec.name} in {experiment.uri}")
-        remove_dead_staging(experiment.name, state_files(experiment))
+        remove_dead_staging(experiment.name, states)
     resume_config = tune.ResumeConfig(errored=tune.ResumeConfig.ResumeType.RESUME)
     searched = (f"{SEARCH_KEY}.number", f"{SEARCH_KEY}.confirm") if spec.search else ()
     keys = (*spec.grid, *searched, *((f"{BRANCH_KEY}.label",) if spec.branch else ()))
@@ -328,6 +336,7 @@ def _fit(
                 *([console] if quiet else []),
                 DiskWatch(experiment, spec.trial_count),
                 reports,
+                RecordOutOfSync(experiment.name, states),
             ],
             verbose=0 if quiet else None,
         ),

@@ -30,6 +30,7 @@ from lbs_tune.config import TrialConfig, trial_config
 from lbs_tune.errors import out_of_memory
 from lbs_tune.experiment import (
     CHECKPOINT_FILE,
+    SWEEP_FILE,
     checkpoint_number,
     disk_room,
     trial_checkpoints,
@@ -112,6 +113,22 @@ class DiskWatch(Callback):
 
     def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
         self._check(trials)
+
+
+class RecordOutOfSync(Callback):
+    """Keeps the sweep record (lbs_sweep.json) out of Ray's syncs: once Ray has restored a run
+    (it copied the experiment's .json files into its staging folder), the record's staged copy
+    is removed (`leftovers.remove_staged`), so Ray never copies it back over the storage's.
+    `states`: the names of the experiment's saved Ray states before the run."""
+
+    def __init__(self, name: str, states: list[str]):
+        self.name, self.states = name, states
+
+    def setup(self, **info) -> None:
+        from lbs_tune.leftovers import remove_staged
+
+        if self.states:
+            remove_staged(self.name, self.states, SWEEP_FILE)
 
 
 class KeepReports(Callback):

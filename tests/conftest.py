@@ -412,17 +412,20 @@ def states(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if STATE_FILE.match(p.name))
 
 
+def staged_folders(folder: Path, state: Path) -> set[Path]:
+    """The Ray staging folders of the experiment `folder` that hold its saved state `state`:
+    Ray's driver writes its files in `<session>/artifacts/<stamp>/<name>/driver_artifacts` of
+    its Ray session (session_latest links to the session: each folder once)."""
+    pattern = f"session_*/artifacts/*/{folder.name}/*/{state.name}"
+    return {p.parent.resolve() for p in Path("/tmp/ray").glob(pattern)}
+
+
 def plant_in_dead_staging(folder: Path, reference: Path) -> None:
     """What a killed driver may have written in its Ray staging folder and never copied to the
     experiment `folder`, planted for every trial of `reference` (the same sweep uninterrupted):
-    a params.json and a report at step 1. Ray's driver writes its report files in a staging
-    folder of its Ray session, `<session>/artifacts/<stamp>/<name>/driver_artifacts`, found
-    here by the saved state it holds (session_latest links to the session: each folder once)."""
+    a params.json and a report at step 1."""
     state = states(folder)[-1]
-    (staged,) = {
-        p.parent.resolve()
-        for p in Path("/tmp/ray").glob(f"session_*/artifacts/*/{folder.name}/*/{state.name}")
-    }
+    (staged,) = staged_folders(folder, state)
     first = json.loads(json.loads(state.read_text())["trial_data"][0][0])["trial_id"]
     prefix = first.split("_")[0]
     for trial in reference.glob("train_trial_*"):

@@ -23,6 +23,7 @@ from conftest import (
     driver_command,
     histories,
     plant_in_dead_staging,
+    staged_folders,
     states,
     sweep_spec,
     tiny_base,
@@ -141,9 +142,31 @@ def test_driver_killed_with_sigkill_then_rerun_completes_exactly(ray_cluster, re
     # the driver wrote there and never copied must not reach the rerun's files. (It did: a trial
     # unknown to Ray's saved state was filed twice, one that started again kept old reports.)
     plant_in_dead_staging(storage / "tiny", reference)
+    killed_state = states(storage / "tiny")[-1]
 
-    # The same command again resumes and completes the sweep.
-    assert run(spec, storage=str(storage), address=ray_cluster.address) == 0
+    # The same command again resumes and completes the sweep. Meanwhile the sweep record stays
+    # whole for its readers: Ray copies the experiment's .json files into its staging folder on
+    # resume and back over the storage's at each sync, in place (a reader once found it empty).
+    record, broken, stop = storage / "tiny" / "lbs_sweep.json", [], threading.Event()
+
+    def read_record():
+        while not stop.is_set():
+            try:
+                json.loads(record.read_text())
+            except ValueError as exc:
+                broken.append(exc)
+            time.sleep(0.002)
+
+    reader = threading.Thread(target=read_record, daemon=True)
+    reader.start()
+    try:
+        assert run(spec, storage=str(storage), address=ray_cluster.address) == 0
+    finally:
+        stop.set()
+        reader.join()
+    assert broken == []
+    (staged,) = staged_folders(storage / "tiny", killed_state)
+    assert not (staged / "lbs_sweep.json").exists(), "Ray would copy it back over the record"
     assert len(list((storage / "tiny").glob("train_trial_*"))) == 4, "a trial folder twice"
     expected, found = histories(reference), histories(storage / "tiny")
     assert sorted(found) == sorted(expected)
