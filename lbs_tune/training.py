@@ -93,7 +93,10 @@ def train(
         micro = _auto_micro_batch(config, model, task, device, precision, resume)
         config = config.model_copy(update={"max_device_batch": micro})
         task = task_for(config, data, precision)  # split by it
-    batch_size, micro = config.batch_size, config.micro_batch_size
+    # The config at the batch trained now (a batch schedule switches it): its micro-batch and
+    # batch-norm batch are the config's own rules, not retyped here.
+    now = config
+    batch_size, micro = now.batch_size, now.micro_batch_size
     mode, why = resolve_compile(config, device, precision)
     if why:
         print(f"lbs-tune: warning: {why}", file=sys.stderr, flush=True)
@@ -235,8 +238,8 @@ def train(
     while step < budget:
         if schedule is not None and batch_at(schedule, examples) != batch_size:
             # A switch (or a resumed run after one): the batch, its micro-batch and optimizer.
-            batch_size = batch_at(schedule, examples)
-            micro = min(batch_size, config.max_device_batch or batch_size)
+            now = config.model_copy(update={"batch_size": batch_at(schedule, examples)})
+            batch_size, micro = now.batch_size, now.micro_batch_size
             moved = moved_optimizer(config.optimizer, config.lr, batch_size)
             set_hyperparameters(optimizer, moved)
         lr = lr_at(step, config.lr, batch_size, budget, per_epoch)
@@ -313,7 +316,7 @@ def train(
             "total_steps": budget,
             "lr": lr,
             "peak_lr": peak_lr(config.lr, batch_size),
-            "bn_batch": min(config.ghost_batch_size or micro, micro),
+            "bn_batch": now.bn_batch,
             "micro_batch": micro,
             "train/loss": train_loss,
             "train/accuracy": right / count if count else None,
