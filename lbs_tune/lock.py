@@ -98,6 +98,25 @@ def _busy(experiment: Location, holder: dict[str, Any], host: str) -> UserError:
     )
 
 
+def _take_over(
+    experiment: Location, holder: dict[str, Any], host: str, dead: bool, force: bool
+) -> None:
+    """The lock left by `holder`: taken over, with a warning, when its run is of this `host`
+    and `dead`, or of another host with --force-unlock (`force`); else the run is refused."""
+    if holder.get("host") == host and dead:
+        print(
+            f"lbs-tune: warning: taking over the lock of a dead run: {_who(holder)}",
+            file=sys.stderr,
+        )
+    elif holder.get("host") != host and force:
+        print(
+            f"lbs-tune: warning: --force-unlock: taking over the lock of {_who(holder)}",
+            file=sys.stderr,
+        )
+    else:
+        raise _busy(experiment, holder, host)
+
+
 def _take(experiment: Location, path: str, mine: dict[str, Any], force: bool) -> int:
     """Hold the flock of the lock file at `path` and write `mine` into it; return its fd."""
     os.makedirs(posixpath.dirname(path), exist_ok=True)
@@ -118,19 +137,12 @@ def _take(experiment: Location, path: str, mine: dict[str, Any], force: bool) ->
             os.close(fd)
             continue
         left = _content(fd)
-        if left and left.get("host") == mine["host"]:
-            print(
-                f"lbs-tune: warning: taking over the lock of a dead run: {_who(left)}",
-                file=sys.stderr,
-            )
-        elif left and force:
-            print(
-                f"lbs-tune: warning: --force-unlock: taking over the lock of {_who(left)}",
-                file=sys.stderr,
-            )
-        elif left:
-            os.close(fd)
-            raise _busy(experiment, left, mine["host"])
+        if left:
+            try:  # its holder let go of the flock: that run is gone
+                _take_over(experiment, left, mine["host"], dead=True, force=force)
+            except UserError:
+                os.close(fd)
+                raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(mine).encode(), 0)
         os.fsync(fd)
@@ -165,19 +177,8 @@ def _object_store_lock(
         except (ValueError, UnicodeDecodeError):
             holder = {}
         holder = holder if isinstance(holder, dict) else {}
-        here = holder.get("host") == mine["host"]
-        if here and not alive(holder.get("pid")):
-            print(
-                f"lbs-tune: warning: taking over the lock of a dead run: {_who(holder)}",
-                file=sys.stderr,
-            )
-        elif not here and force:
-            print(
-                f"lbs-tune: warning: --force-unlock: taking over the lock of {_who(holder)}",
-                file=sys.stderr,
-            )
-        else:
-            raise _busy(experiment, holder, mine["host"])
+        dead = not alive(holder.get("pid"))  # said only of a process of this host
+        _take_over(experiment, holder, mine["host"], dead=dead, force=force)
     with lock.fs.open_output_stream(lock.path) as f:
         f.write(json.dumps(mine).encode())
     try:

@@ -140,6 +140,44 @@ def test_the_lock_of_another_host_is_refused_and_taken_with_force(tmp_path, caps
     assert "elsewhere.example" in line
 
 
+def test_an_object_stores_lock_is_refused_and_taken_over_as_a_disks(tmp_path, capsys):
+    """No flock there: a holder of this host is dead when its pid is. A live run of this host
+    and another host's are refused; a dead one's is taken over, another host's with force."""
+    import pyarrow.fs as pafs
+
+    from lbs_tune.storage import Location
+
+    bucket = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    experiment = Location(bucket, "results/tiny", "s3://b/results/tiny")
+    file = tmp_path / "results" / ".tiny.lbs-lock"
+    file.parent.mkdir()
+
+    def left_by(host: str, pid: int) -> None:
+        file.write_text(
+            json.dumps({"host": host, "pid": pid, "started": "2026-01-01T00:00:00+00:00"})
+        )
+
+    refused = "the lock of {} was taken".format
+    left_by(socket.gethostname(), os.getpid())  # this process: a live run of this host
+    with pytest.raises(UserError, match="wait for it to end or stop it"), exclusive(experiment):
+        pytest.fail(refused("a live run"))
+    left_by("elsewhere.example", 1)
+    with pytest.raises(UserError, match="--force-unlock"), exclusive(experiment):
+        pytest.fail(refused("another host without force"))
+    assert capsys.readouterr().err == ""
+    for host, pid, force in (
+        (socket.gethostname(), _dead_pid(), False),
+        ("elsewhere.example", 1, True),
+    ):
+        left_by(host, pid)
+        with exclusive(experiment, force=force):
+            assert json.loads(file.read_text())["pid"] == os.getpid()
+        assert not file.exists()
+    dead, forced = capsys.readouterr().err.splitlines()
+    assert dead.startswith("lbs-tune: warning: taking over the lock of a dead run: ")
+    assert forced.startswith("lbs-tune: warning: --force-unlock: taking over the lock of ")
+
+
 # A process that holds the lock file's flock and writes who it is only after DELAY seconds.
 HOLDER = """
 import fcntl, json, os, socket, sys, time
