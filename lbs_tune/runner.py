@@ -379,11 +379,7 @@ def _studies(spec: SweepSpec, experiment: Location) -> dict[str, str]:
         return {}
     from lbs_tune.studies import study_storage
 
-    if not experiment.is_local:
-        raise UserError(
-            f"--storage {experiment.parent().uri}: a sweep with a `search` keeps its Optuna "
-            "studies in SQLite, which needs a local or shared folder, not an object store"
-        )
+    _local_only(experiment, "a sweep with a `search` keeps its Optuna studies in SQLite")
     url, dashboard = study_storage(experiment.path)
     print(f"Optuna studies: {url}\n  watch them with: {dashboard}")
     return {"optuna_storage": url}
@@ -401,14 +397,9 @@ def _searched(spec: SweepSpec, experiment: Location) -> tuple[dict, Any]:
     searcher = StudySearcher(
         spec.search, spec.points(), trial_configs(spec), experiment.path, objective
     )
-    options = {
-        "search_alg": searcher,
-        "num_samples": spec.trial_count,
-        "max_concurrent_trials": spec.max_concurrent,
-    }
     # One object: Ray pickles the searcher and its bound method into tuner.pkl together, so a
     # restored sweep's stop condition asks the restored searcher.
-    return options, searcher.stop
+    return _asked_by(searcher, spec), searcher.stop
 
 
 def _branched(spec: SweepSpec, experiment: Location) -> dict[str, Any]:
@@ -417,11 +408,9 @@ def _branched(spec: SweepSpec, experiment: Location) -> dict[str, Any]:
     from lbs_tune.branch_searcher import BranchSearcher
     from lbs_tune.data import dataset_info
 
-    if not experiment.is_local:
-        raise UserError(
-            f"--storage {experiment.parent().uri}: a branched sweep reads its reference's "
-            "checkpoints and Ray's state from a local or shared folder, not an object store"
-        )
+    _local_only(
+        experiment, "a branched sweep reads its reference's checkpoints and Ray's state from files"
+    )
     reference = spec.trials[0]
     searcher = BranchSearcher(
         spec.branch,
@@ -429,11 +418,26 @@ def _branched(spec: SweepSpec, experiment: Location) -> dict[str, Any]:
         experiment.path,
         dataset_info(reference).train_size(reference.data),
     )
+    return _asked_by(searcher, spec)
+
+
+def _asked_by(searcher, spec: SweepSpec) -> dict[str, Any]:
+    """TuneConfig arguments of a sweep whose trials `searcher` makes: all of its trials
+    (`trial_count`), `max_concurrent` at once."""
     return {
         "search_alg": searcher,
         "num_samples": spec.trial_count,
         "max_concurrent_trials": spec.max_concurrent,
     }
+
+
+def _local_only(experiment: Location, why: str) -> None:
+    """Refuse an object store for a sweep that needs files: `why` says what it keeps there."""
+    if not experiment.is_local:
+        raise UserError(
+            f"--storage {experiment.parent().uri}: {why}, which needs a local or shared "
+            "folder, not an object store"
+        )
 
 
 def _gpu_for_batch(resources, batch_size: int) -> float:

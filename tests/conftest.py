@@ -110,7 +110,8 @@ def cli(capsys):
 # ---------------------------------------------------------------------------- Ray
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that is free now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -146,7 +147,7 @@ def ray_cluster(data_dir, tmp_path_factory):
     ray_cli = str(Path(sys.executable).with_name("ray"))
     if not (Path.home() / ".ray" / "auth_token").exists():
         subprocess.run([ray_cli, "get-auth-token", "--generate"], check=True, capture_output=True)
-    ports = {name: _free_port() for name in ("gcs", "dashboard", "metrics")}
+    ports = {name: free_port() for name in ("gcs", "dashboard", "metrics")}
     cluster = RayCluster(
         address=f"127.0.0.1:{ports['gcs']}",
         dashboard=f"http://127.0.0.1:{ports['dashboard']}",
@@ -256,29 +257,21 @@ def broken_sweep(ray_cluster, tmp_path_factory) -> WatchedSweep:
     data = storage / f"data {HOSTILE}"
     data.mkdir(parents=True)
     overrides = broken_overrides(data)
-    snapshots, failures, stop = [], [], threading.Event()
+    snapshots, failures = [], []
 
-    def watch():
-        while not stop.is_set():
-            if (folder / "lbs_sweep.json").exists():
-                # An exception raised in this thread would vanish: keep it for the tests.
-                try:
-                    snapshots.append((status(str(folder)), where(str(folder), ["batch_size=16"])))
-                except Exception as exc:
-                    failures.append(exc)
-            time.sleep(0.1)
+    def watch() -> None:
+        if (folder / "lbs_sweep.json").exists():
+            # Kept for the tests that read them, not raised at the end of the sweep.
+            try:
+                snapshots.append((status(str(folder)), where(str(folder), ["batch_size=16"])))
+            except Exception as exc:
+                failures.append(exc)
 
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, polling(watch, every_s=0.1):
         # Ray copies trial results and states into the experiment folder when it saves the
         # experiment state, every 10 s or more by default: every second here, for a short sweep.
         patch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "1")
-        try:
-            code = run(QUICKSTART, overrides, storage=str(storage), address=ray_cluster.address)
-        finally:
-            stop.set()
-            watcher.join()
+        code = run(QUICKSTART, overrides, storage=str(storage), address=ray_cluster.address)
     assert code == 1
     return WatchedSweep(folder, snapshots, failures)
 
@@ -470,6 +463,31 @@ def kill_when(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(driver.pid, signal.SIGKILL)
             driver.wait()
+
+
+@contextlib.contextmanager
+def polling(poll: Callable[[], bool | None], every_s: float) -> Iterator[None]:
+    """Call `poll` every `every_s` seconds in a thread while the body runs (a sweep, mostly),
+    until it returns True. What it raises is raised again once the body has ended, instead of
+    ending the thread unseen."""
+    stop, raised = threading.Event(), []
+
+    def loop() -> None:
+        try:
+            while not stop.is_set() and not poll():
+                stop.wait(every_s)
+        except BaseException as exc:  # raised in the test's thread below
+            raised.append(exc)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    if raised:
+        raise raised[0]
 
 
 @contextlib.contextmanager

@@ -14,13 +14,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_base, without_timing, write_spec
+from conftest import polling, tiny_base, without_timing, write_spec
 
 from analysis.report import write_report
 from analysis.status import status
@@ -110,26 +109,22 @@ def test_node_lost_mid_sweep_trials_continue_on_the_others(ray_cluster, workers,
     lost_nodes: list[WorkerNode] = []  # the worker node that is lost: the first to run a trial
     killed = []
 
-    def lose_a_node():
+    def lose_a_node() -> bool:
         # Checkpoints reach the storage as they are made, and carry the reports sent so far:
         # once one says its trial runs on a worker node and is in its first 2 epochs, that node is
         # lost. (Which worker nodes get trials first is Ray's choice: trials start one by one
         # and the head's CPUs free up as the first ones finish.)
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            for node in workers:
-                mid = [f.name for f in experiment.glob("*/") if _mid_trial_on(f, node.node_id)]
-                if mid:
-                    killed.extend(mid)
-                    lost_nodes.append(node)
-                    node.kill()
-                    return
-            time.sleep(0.1)
+        for node in workers:
+            mid = [f.name for f in experiment.glob("*/") if _mid_trial_on(f, node.node_id)]
+            if mid:
+                killed.extend(mid)
+                lost_nodes.append(node)
+                node.kill()
+                return True
+        return False
 
-    killer = threading.Thread(target=lose_a_node, daemon=True)
-    killer.start()
-    assert run(spec, storage=storage, address=ray_cluster.address) == 0
-    killer.join()
+    with polling(lose_a_node, every_s=0.1):
+        assert run(spec, storage=storage, address=ray_cluster.address) == 0
     assert killed, "no worker node ran a trial to lose"
     (lost,) = lost_nodes
 

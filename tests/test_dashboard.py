@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -16,14 +15,9 @@ import urllib.request
 from pathlib import Path
 
 import optuna
+from conftest import free_port
 
 from lbs_tune.studies import study_storage
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_printed_optuna_dashboard_command_lists_the_studies(tmp_path):
@@ -37,7 +31,7 @@ def test_the_printed_optuna_dashboard_command_lists_the_studies(tmp_path):
     command = shlex.split(storage.dashboard)
     # The console script of this environment, as `pip install 'lbs-tune[dashboard]'` makes it.
     command[0] = str(Path(sys.executable).with_name(command[0]))
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [*command, "--host", "127.0.0.1", "--port", str(port)],
         stdout=subprocess.DEVNULL,
