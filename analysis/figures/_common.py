@@ -3,11 +3,19 @@ batch sizes, single trials as points) and how rows of the prepared tables become
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+import numpy as np
 import pyarrow as pa
 
 from analysis.metrics import BATCH, RULE
+from analysis.scaling import fitted_curve
+
+if TYPE_CHECKING:
+    from analysis.scaling import ScalingFit
+
+FIT_POINTS = 100  # a fitted S(B) drawn over the batch sizes swept
 
 
 class Curve(NamedTuple):
@@ -40,6 +48,21 @@ class Points(NamedTuple):
     x: list[float]
     y: list[float | None]
     text: list[str]
+
+
+class FitCurve(NamedTuple):
+    """A fitted S(B) = S_min (1 + B_crit / B), sampled over the batch sizes swept."""
+
+    name: str
+    batch_sizes: list[float]
+    steps: list[float]
+
+
+def fit_curve(name: str, fit: ScalingFit, batch_sizes: Sequence[float]) -> FitCurve:
+    """`fit` over the range of `batch_sizes`, geometrically spaced."""
+    span = np.geomspace(min(batch_sizes), max(batch_sizes), FIT_POINTS)
+    curve = fitted_curve(fit, span)
+    return FitCurve(name, curve.batch_sizes.tolist(), curve.steps.tolist())
 
 
 def curves(spread: pa.Table, x: str) -> list[Curve]:

@@ -15,7 +15,7 @@ import plotly.colors
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analysis.figures._common import Curve, Line, Points
+from analysis.figures._common import Curve, FitCurve, Line, Points
 from analysis.metrics import RULE
 
 DIVERGED_MARKER = {"symbol": "x", "size": 11, "color": "crimson"}
@@ -229,6 +229,17 @@ def line_trace(line: Line, colour: str, show: bool = True, name: str | None = No
             if bars
             else None
         ),
+    )
+
+
+def fit_trace(fit: FitCurve, colour: str, name: str) -> go.Scatter:
+    """A fitted S(B) as a dotted line."""
+    return go.Scatter(
+        x=fit.batch_sizes,
+        y=fit.steps,
+        mode="lines",
+        name=name,
+        line={"dash": "dot", "color": colour, "width": 2},
     )
 
 

@@ -12,11 +12,10 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import plotly.graph_objects as go
 
-from analysis.figures._common import Line
-from analysis.figures._draw import batch_axis, line_trace, rule_colour
-from analysis.figures.tuned_steps import FIT_POINTS, Critical, FitCurve
+from analysis.figures._common import FitCurve, Line, fit_curve
+from analysis.figures._draw import batch_axis, fit_trace, line_trace, rule_colour
+from analysis.figures.tuned_steps import Critical
 from analysis.known import Exact, holds
-from analysis.scaling import fitted_curve
 
 if TYPE_CHECKING:
     from analysis.summary import Summary
@@ -55,9 +54,7 @@ def extract(summary: Summary, exact: Sequence[Exact]) -> ExactSteps:
         steps = [s if np.isfinite(s) else None for s in mine.steps]
         lines.append(Line("", f"{name} exact", list(mine.batch_sizes), steps, steps, steps))
         if mine.fit is not None and mine.fit.s_min is not None:
-            span = np.geomspace(min(mine.batch_sizes), max(mine.batch_sizes), FIT_POINTS)
-            curve = fitted_curve(mine.fit, span)
-            curves.append(FitCurve(name, curve.batch_sizes.tolist(), curve.steps.tolist()))
+            curves.append(fit_curve(name, mine.fit, mine.batch_sizes))
             interval = fit.intervals.get("b_crit") if fit.s_min is not None else None
             exact_critical.append(
                 ExactCritical(name, mine.fit.b_crit, holds(interval, mine.fit.b_crit))
@@ -86,15 +83,8 @@ def render(data: ExactSteps) -> go.Figure:
             )
         )
     for fit in data.fits:
-        fig.add_trace(
-            go.Scatter(
-                x=fit.batch_sizes,
-                y=fit.steps,
-                mode="lines",
-                name=f"{fit.name} exact: S_min (1 + B_crit / B)",
-                line={"dash": "dot", "color": rule_colour(fit.name, names)},
-            )
-        )
+        colour = rule_colour(fit.name, names)
+        fig.add_trace(fit_trace(fit, colour, f"{fit.name} exact: S_min (1 + B_crit / B)"))
     for c in data.critical:
         interval = "" if c.low is None else f" [{c.low:.3g}, {c.high:.3g}]"
         fig.add_vline(

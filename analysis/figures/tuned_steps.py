@@ -10,37 +10,30 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
-import numpy as np
 import plotly.graph_objects as go
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from analysis.answer import number
 from analysis.figures import steps_to_target
-from analysis.figures._common import Line
+from analysis.figures._common import FitCurve, Line, fit_curve
 from analysis.figures._draw import (
     axis_title,
     batch_axis,
     finish,
+    fit_trace,
     footnote,
     line_trace,
     log_axis,
     rule_colour,
     spread_note,
 )
-from analysis.scaling import Regimes, fitted_curve, regimes
+from analysis.scaling import Regimes, regimes
 
 if TYPE_CHECKING:
     from analysis.summary import Summary
 
 SEARCH_COLUMN = "search.study"  # set in every searched trial's config (lbs_tune.searcher)
-FIT_POINTS = 100
-
-
-class FitCurve(NamedTuple):
-    name: str
-    batch_sizes: list[float]
-    steps: list[float]
 
 
 class Critical(NamedTuple):
@@ -92,9 +85,7 @@ def extract(summary: Summary, fixed: Sequence[tuple[str, pa.Table, pa.Table]] = 
         fit = series.fit
         if fit.s_min is None:
             continue
-        span = np.geomspace(min(series.batch_sizes), max(series.batch_sizes), FIT_POINTS)
-        curve = fitted_curve(fit, span)
-        curves.append(FitCurve(name, curve.batch_sizes.tolist(), curve.steps.tolist()))
+        curves.append(fit_curve(name, fit, series.batch_sizes))
         low, high = fit.intervals.get("b_crit", (None, None))
         critical.append(Critical(name, fit.b_crit, low, high, fit.bracketed, 2 * fit.s_min))
     shade = regimes(critical[0].b_crit) if len(summary.fits) == 1 and critical else None
@@ -127,15 +118,8 @@ def render(data: TunedSteps) -> go.Figure:
         colour = rule_colour(line.name, names)
         fig.add_trace(line_trace(line, colour, name=f"{line.name}: best trial of each batch size"))
     for fit in data.fits:
-        fig.add_trace(
-            go.Scatter(
-                x=fit.batch_sizes,
-                y=fit.steps,
-                mode="lines",
-                name=f"{fit.name}: fit S_min (1 + B_crit / B)",
-                line={"dash": "dot", "color": rule_colour(fit.name, names), "width": 2},
-            )
-        )
+        colour = rule_colour(fit.name, names)
+        fig.add_trace(fit_trace(fit, colour, f"{fit.name}: fit S_min (1 + B_crit / B)"))
     for line in data.fixed:
         fig.add_trace(line_trace(line, rule_colour(line.name, names)))
     for missing in data.not_reached:
