@@ -36,7 +36,6 @@ from analysis.figures import (
     throughput,
     tuned_steps,
 )
-from analysis.figures._draw import PANEL_HEIGHT, TEMPLATE
 
 if TYPE_CHECKING:
     from analysis.known import Exact
@@ -241,15 +240,14 @@ SECTIONS: tuple[Section, ...] = (
 
 def build_figures(context: Context) -> dict[str, go.Figure]:
     """The page's figures by section id, in page order: every section of SECTIONS that
-    applies and has something to draw, each in the page's look (white, panels of at least
-    PANEL_HEIGHT px)."""
+    applies and has something to draw (each in the page's look: `_draw.finish`)."""
     drawn = {}
     for section in SECTIONS:
         if not section.applies(context):
             continue
         figure = section.draw(context)
         if figure is not None:
-            drawn[section.id] = styled(figure)
+            drawn[section.id] = figure
     return drawn
 
 
@@ -257,8 +255,3 @@ def answer_figure(drawn: dict[str, go.Figure]) -> str | None:
     """The id of the figure shown in the answer: the first drawn section marked `answer`."""
     marked = [s.id for s in SECTIONS if s.answer]
     return next((i for i in drawn if i in marked), None)
-
-
-def styled(figure: go.Figure) -> go.Figure:
-    """The page's look on every figure: the white template, and a height where it set none."""
-    return figure.update_layout(template=TEMPLATE, height=figure.layout.height or PANEL_HEIGHT + 80)

@@ -355,6 +355,12 @@ def tiny_quickstart(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_branch(tmp_path_factory) -> Path:
+    """The committed folder of the tiny branched sweep (tests/test_branch_sweep.py makes it)."""
+    return _committed("quickstart_branch", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def tiny_broken(tmp_path_factory) -> Path:
     """The committed folder of the sweep with an errored trial (as `broken_experiment`)."""
     return _committed("broken", tmp_path_factory)

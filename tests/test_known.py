@@ -123,6 +123,9 @@ def test_the_figure_puts_the_measured_fit_against_the_exact_one():
     assert critical.held == (low <= exact.fit.b_crit <= high)
     figure = exact_steps.render(data)
     assert len(figure.data) == 3 and np.isfinite(figure.data[2].y).all()
+    # In the page's look, as every figure (analysis.figures._draw.finish): white, a panel's height.
+    assert figure.layout.template.layout.plot_bgcolor == "white"
+    assert figure.layout.height >= 300 and figure.layout.title.x == 0.02
     assert any("exact B_crit" in (shape.name or "") for shape in figure.layout.shapes)
     verdict = compare(exact, summary.fits[0].fit)
     assert verdict["b_crit"] == pytest.approx(exact.fit.b_crit)

@@ -848,8 +848,10 @@ def axes(figure: dict) -> dict[str, dict]:
     return {k: v for k, v in figure["layout"].items() if re.fullmatch(r"[xy]axis\d*", k)}
 
 
-def test_every_figure_has_units_readable_log_ticks_and_room(page, tuned):
-    for parsed in (page[1], tuned[1]):
+def test_every_figure_has_units_readable_log_ticks_and_room(page, tuned, tiny_branch, tmp_path):
+    branched = Page(write_report(tiny_branch, out=tmp_path / "branched.html").read_text())
+    assert "local-cbs" in figures_of(branched)
+    for parsed in (page[1], tuned[1], branched):
         for name, figure in figures_of(parsed).items():
             layout = figure["layout"]
             assert layout["template"]["layout"]["plot_bgcolor"] == "white", name
@@ -871,6 +873,7 @@ def test_every_figure_has_units_readable_log_ticks_and_room(page, tuned):
                 assert axes(figure)["xaxis"]["title"]["text"] in (
                     "batch size (examples)",
                     "examples",
+                    "examples seen by the reference run",  # a branched sweep's probes
                     "steps S (steps)",
                 ), name
 

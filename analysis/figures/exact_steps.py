@@ -13,7 +13,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from analysis.figures._common import FitCurve, Line, fit_curve
-from analysis.figures._draw import batch_axis, fit_trace, line_trace, rule_colour
+from analysis.figures._draw import batch_axis, finish, fit_trace, line_trace, rule_colour
 from analysis.figures.tuned_steps import Critical
 from analysis.known import Exact, holds
 
@@ -123,5 +123,4 @@ def render(data: ExactSteps) -> go.Figure:
         )
     batch_axis(fig, data.measured + data.exact)
     fig.update_yaxes(type="log", title_text="steps")
-    fig.update_layout(title=f"steps to reach {data.target}: measured against the exact answer")
-    return fig
+    return finish(fig, f"steps to reach {data.target}: measured against the exact answer")

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 
 from analysis._arrow import strings
 from analysis.branches import local_sizes, phase_trials
+from analysis.figures._draw import finish, log_axis
 from analysis.tables import Results
 
 if TYPE_CHECKING:
@@ -136,8 +137,8 @@ def render(data: LocalCBSData) -> go.Figure:
             go.Scatter(x=x, y=y, mode="lines", line={"shape": "hv"}, name="planned batch schedule")
         )
     fig.update_xaxes(title_text="examples seen by the reference run")
-    fig.update_yaxes(type="log", title_text="batch size")
-    fig.update_layout(
-        title="the critical batch size over training: branched probes, noise scale, fit"
-    )
-    return fig
+    shown = [*data.low, *data.high, *(v for m in data.measured for v in m.values)]
+    shown += [data.b_crit, *(data.b_crit_interval or ()), *(b for _, b in data.schedule or ())]
+    log_axis(fig, "y", shown)
+    fig.update_yaxes(title_text="batch size")
+    return finish(fig, "the critical batch size over training: branched probes, noise scale, fit")
