@@ -337,5 +337,7 @@ def create_storage(db: Path) -> None:
 
     db.parent.mkdir(parents=True, exist_ok=True)
     building = db.with_name(f".{db.name}.{os.getpid()}")
-    optuna.storages.RDBStorage(f"sqlite:///{quote(str(building))}").engine.dispose()
+    # Made by this Optuna now: nothing to check its schema against.
+    url = f"sqlite:///{quote(str(building))}"
+    optuna.storages.RDBStorage(url, skip_compatibility_check=True).engine.dispose()
     os.replace(building, db)
