@@ -110,6 +110,19 @@ def test_sharpness_beside_the_optimizers_own_limit_at_the_same_reports():
     ]
 
 
+def test_adams_limit_is_that_of_the_beta1_each_report_trained_with():
+    """The SDE rule moves beta1 with the batch (the loop reports it): at k = 4 from 0.9 it is
+    1 - 4 x 0.1 = 0.6, and the limit 2 (1 + 0.6) / ((1 - 0.6) lr) = 8 / lr, not the config's
+    38 / lr. A report without the column keeps the config's."""
+    trials, history = measured_sweep()
+    rows = zip(history["trial_id"].to_pylist(), history["epoch"].to_pylist(), strict=True)
+    moved = [0.6 if t in ("c", "e") and epoch != 1.5 else None for t, epoch in rows]
+    history = history.append_column(sharpness.MOVED_BETA1, pa.array(moved, pa.float64()))
+    (_, adam) = sharpness.extract(trials, history, "epoch").threshold
+    # lr 0.4 at epoch 1 (moved beta1: 8 / 0.4), 0.2 at epoch 1.5 (no column value: 38 / 0.2).
+    assert (adam.batch_size, adam.x, adam.median) == (64, [1.0, 1.5], pytest.approx([20.0, 190.0]))
+
+
 def test_each_trials_limit_from_its_optimizer_settings_or_the_defaults():
     trials, _ = measured_sweep()
     rows = trials.to_pylist()

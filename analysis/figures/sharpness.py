@@ -28,6 +28,7 @@ SHOWN = "sharpness"  # the top eigenvalue, or for AdamW that of P⁻¹H: what th
 THRESHOLD = "stability limit"
 # The trial's optimizer settings that the limit depends on.
 OPTIMIZER_KEYS = ("optimizer.name", "optimizer.momentum", "optimizer.nesterov", "optimizer.betas")
+MOVED_BETA1 = "optimizer/beta1"  # reported where the SDE rule moved it (lbs_tune.training)
 
 
 class Sharpness(NamedTuple):
@@ -74,6 +75,14 @@ def extract(
     ids = history["trial_id"].to_pylist()
     factor = np.array([per_trial.get(i, (math.nan, False))[0] for i in ids], dtype=float)
     adam = np.array([per_trial.get(i, (math.nan, False))[1] for i in ids], dtype=bool)
+    if MOVED_BETA1 in history.column_names:
+        # The SDE rule moves Adam's beta1 with the batch: its limit is that of the beta1 each
+        # report trained with (the loop reports it), not the config's.
+        from lbs_tune.rules import stability_limit
+
+        moved = to_numpy(history[MOVED_BETA1], np.nan).astype(float)
+        for i in np.flatnonzero(adam & np.isfinite(moved)):
+            factor[i] = stability_limit("adamw", 1.0, betas=(moved[i], math.nan))
     top = to_numpy(history[COLUMN], np.nan).astype(float)
     if PRECONDITIONED in history.column_names:
         preconditioned = to_numpy(history[PRECONDITIONED], np.nan).astype(float)
