@@ -78,7 +78,12 @@ def _series(spec: SweepSpec, members: list[tuple[dict[str, Any], TrialConfig]]) 
     sizes = tuple(sorted(configs))
     first = configs[sizes[0]]
     reason = nqm.exact_problem(
-        first.optimizer.name, first.lr.decay, first.lr.warmup_epochs
+        first.optimizer.name,
+        first.lr.decay,
+        first.lr.warmup_epochs,
+        first.clip_grad_norm,
+        first.batch_schedule is not None,
+        first.start_from is not None,
     ) or _search_problem(spec)
     if reason is None and spec.target is None:
         reason = "the sweep has no target: the exact answer is steps to a target"

@@ -227,13 +227,30 @@ def sgd_stability_factor(momentum: float = 0.0, nesterov: bool = False) -> float
     return 2 * (1 + mu) / (1 + 2 * mu) if nesterov else 2 * (1 + mu)
 
 
-def exact_problem(optimizer: str, decay: str = "constant", warmup: float = 0.0) -> str | None:
-    """Why the NQM has no exact answer for this optimizer and schedule (say "simulated only"),
-    or None when it has: SGD (plain, heavy ball, Nesterov) at a constant learning rate."""
+def exact_problem(
+    optimizer: str,
+    decay: str = "constant",
+    warmup: float = 0.0,
+    clip: float | None = None,
+    schedule: bool = False,
+    start: bool = False,
+) -> str | None:
+    """Why the NQM has no exact answer for this training (say "simulated only"), or None when
+    it has: SGD (plain, heavy ball, Nesterov) at a constant learning rate, from theta0, at one
+    batch size, unclipped. `clip`: the gradient norm clipped to; `schedule`: the batch changes
+    during the run; `start`: it starts from another run's weights."""
     if optimizer != "sgd":
         return f"{optimizer} has no closed form on the noisy quadratic (simulated only)"
     if decay != "constant" or warmup:
         return "the exact answer is for a constant learning rate, without warmup or decay"
+    if clip is not None:
+        return "a clipped gradient norm has no closed form on the noisy quadratic (simulated only)"
+    if schedule:
+        return (
+            "the exact answer is for one batch size per run, not a batch schedule (simulated only)"
+        )
+    if start:
+        return "the exact answer starts from theta0, not from another run's weights (start_from)"
     return None
 
 

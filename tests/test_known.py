@@ -76,6 +76,15 @@ def test_no_exact_answer_says_why():
     assert "without warmup" in exact_answer(warm)[0].reason
     wide = spec(search={"space": {"optimizer.weight_decay": {"uniform": [0, 0.1]}}})
     assert "not optimizer.weight_decay" in exact_answer(wide)[0].reason
+    # Clipped, a batch that changes during the run, weights of another run: none is the NQM's
+    # closed form, which the exact answer would be taken for.
+    clipped = spec(base={**spec().base, "clip_grad_norm": 1e-3})
+    assert "clipped gradient" in exact_answer(clipped)[0].reason
+    switched = spec(base={**spec().base, "batch_size": 4, "batch_schedule": [[0, 4], [64, 32]]},
+                    grid={}, search=None)  # fmt: skip
+    assert "batch schedule" in exact_answer(switched)[0].reason
+    started = spec(base={**spec().base, "start_from": "/runs/warm"})
+    assert "start_from" in exact_answer(started)[0].reason
     other = spec(base={**spec().base, "dataset": "mnist1d", "model": "mlp", "data": {}})
     assert exact_answer(other) is None
 
