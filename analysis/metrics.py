@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from analysis._arrow import from_numpy, group_ids, groups, strings, to_numpy, valid
 from analysis.columns import config_columns
-from lbs_tune.names import Mode, direction, meets
+from lbs_tune.names import Mode, direction, is_bookkeeping, meets
 
 # The config keys that the figures arrange trials by.
 RULE = "lr.scaling"
@@ -210,8 +210,13 @@ def varying_keys(trials: pa.Table) -> list[str]:
 
 
 def searched_keys(trials: pa.Table) -> list[str]:
-    """Config keys that vary across the trials, other than rule, batch size and seed."""
-    return [k for k in varying_keys(trials) if k not in (RULE, BATCH, SEED)]
+    """Config keys that vary across the trials, other than rule, batch size, seed and the
+    search's and branches' bookkeeping (`names.is_bookkeeping`): what tells configurations
+    apart, so that a configuration's runs on several seeds (a search trial and its
+    confirmation runs) are one."""
+    return [
+        k for k in varying_keys(trials) if k not in (RULE, BATCH, SEED) and not is_bookkeeping(k)
+    ]
 
 
 def best_configs(trials: pa.Table, value: str, mode: Mode) -> pa.Table:

@@ -23,7 +23,7 @@ from pydantic import (
 
 from lbs_tune.branching import parse_schedule, steps_to
 from lbs_tune.errors import short
-from lbs_tune.names import BUDGET_KEYS, METRICS, direction, flatten
+from lbs_tune.names import BRANCH_KEY, BUDGET_KEYS, METRICS, SEARCH_KEY, direction, flatten
 from lbs_tune.nqm import problems as nqm_problems
 
 MetricName = Literal[METRICS]
@@ -425,13 +425,6 @@ def resolved(config: TrialConfig) -> TrialConfig:
         return config
     folder = str(Path(config.data.dir).expanduser().resolve())
     return config.model_copy(update={"data": config.data.model_copy(update={"dir": folder})})
-
-
-# The key of a searched trial's params that names its study and Optuna trial
-# ({study, point, number}); it is no knob of the run, so `trial_config` leaves it out.
-SEARCH_KEY = "search"
-# The same for a trial of a branched sweep: its phase and place (lbs_tune.probes).
-BRANCH_KEY = "branch"
 
 
 def trial_config(params: dict[str, Any]) -> TrialConfig:

@@ -118,6 +118,20 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 BUDGET_KEYS = ("epochs", "steps", "examples")
 
+# The key of a searched trial's params that names its study and Optuna trial
+# ({study, point, number, confirm}); it is no knob of the run, so `config.trial_config` leaves
+# it out.
+SEARCH_KEY = "search"
+# The same for a trial of a branched sweep: its phase and place (lbs_tune.probes).
+BRANCH_KEY = "branch"
+
+
+def is_bookkeeping(key: str) -> bool:
+    """Whether the dotted config key is one the searcher or the branch planner sets (a trial's
+    study, number, confirmation, branch label): the trial's place in the sweep, not a setting
+    of its training. Trials that differ only in these are one configuration."""
+    return key.split(".", 1)[0] in (SEARCH_KEY, BRANCH_KEY)
+
 
 def get_dotted(tree: Any, key: str) -> Any:
     """`tree['a']['b']` for key 'a.b'; None where a part is missing."""

@@ -6,6 +6,7 @@ import pyarrow as pa
 import pytest
 
 from analysis.metrics import (
+    best_configs,
     best_per_batch_size,
     final_and_best,
     perfect_scaling,
@@ -120,6 +121,33 @@ def test_seed_spread_is_median_and_range_with_null_as_worst():
     # Never reaching counts as infinitely many steps: (100, never) has no median.
     assert out[0] == {"rule": "a", "median": None, "low": 100.0, "high": None, "seeds": 2}
     assert out[1] == {"rule": "b", "median": 50.0, "low": 40.0, "high": 60.0, "seeds": 2}
+
+
+def test_a_search_trial_and_its_confirmation_runs_are_one_configuration_over_seeds():
+    """Search trial 0 (lr 0.1) scored 0.90 on seed 0; run again on seeds 1 and 2 it scored
+    0.50 and 0.52: the configuration's median is 0.52, below trial 1 (lr 0.05, 0.80 on its one
+    seed), which is the best. The search's bookkeeping (study, number, confirm) tells runs
+    apart, not configurations."""
+    trials = pa.table(
+        {
+            "trial_id": ["s0", "s1", "c1", "c2"],
+            "lr.scaling": ["none"] * 4,
+            "batch_size": [64] * 4,
+            "seed": [0, 0, 1, 2],
+            "lr.base": [0.1, 0.05, 0.1, 0.1],
+            "search.study": ["batch_size=64"] * 4,
+            "search.number": [0, 1, None, None],
+            "search.confirm": [None, None, 0, 0],
+            "final/val/accuracy": [0.90, 0.80, 0.50, 0.52],
+        }
+    )
+    (best,) = best_configs(trials, "final/val/accuracy", "max").to_pylist()
+    assert (best["lr.base"], best["median"], best["seeds"]) == (0.05, 0.80, 1)
+    configurations = seed_spread(trials, "final/val/accuracy", ["lr.base"], "max").to_pylist()
+    assert sorted((r["lr.base"], r["median"], r["seeds"]) for r in configurations) == [
+        (0.05, 0.80, 1),
+        (0.1, 0.52, 3),
+    ]
 
 
 def test_best_per_batch_size_picks_the_best_median_of_each_group():

@@ -18,12 +18,12 @@ import pyarrow.compute as pc
 
 from analysis.figures._draw import colour_scale, finish, log_ticks
 from analysis.metrics import BATCH, RULE, SEED, prepared, varying_keys
+from lbs_tune.names import is_bookkeeping
 from lbs_tune.studies import ran_out
 
 if TYPE_CHECKING:
     from analysis.summary import Summary
 
-BOOKKEEPING = "search."  # the searcher's study, point and number in every searched trial
 # Relative steps are coloured up to this multiple of the study's best (and beyond, alike).
 WORST_RATIO = 8.0
 GREY = "rgb(150, 150, 150)"
@@ -49,7 +49,7 @@ class ParallelCoordinates(NamedTuple):
 def shown_keys(trials: pa.Table) -> list[str]:
     """The config keys that vary across `trials`, rule and batch size first, without the seed
     and the search's bookkeeping."""
-    keys = [k for k in varying_keys(trials) if k != SEED and not k.startswith(BOOKKEEPING)]
+    keys = [k for k in varying_keys(trials) if k != SEED and not is_bookkeeping(k)]
     first = [k for k in (RULE, BATCH) if k in keys]
     return first + [k for k in keys if k not in first]
 

@@ -29,11 +29,12 @@ from analysis.figures._draw import (
     spread_note,
 )
 from analysis.scaling import Regimes, regimes
+from lbs_tune.names import SEARCH_KEY
 
 if TYPE_CHECKING:
     from analysis.summary import Summary
 
-SEARCH_COLUMN = "search.study"  # set in every searched trial's config (lbs_tune.searcher)
+SEARCH_COLUMN = f"{SEARCH_KEY}.study"  # set in every searched trial's config (lbs_tune.searcher)
 
 
 class Critical(NamedTuple):
