@@ -411,5 +411,20 @@ def read_summary(
 ) -> Summary | None:
     """The Summary of the experiment at `where`, None unless it has studies; `sweep` is its
     lbs_sweep.json (`Results.sweep`), for the base batch size of a grid without one."""
-    base = ((sweep or {}).get("spec") or {}).get("base") or {}
-    return summarize(studies_of(where), base.get(BATCH), target, resamples)
+    return summarize(studies_of(where), base_batch_size(sweep), target, resamples)
+
+
+def base_batch_size(sweep: dict[str, Any] | None) -> int | None:
+    """The batch size of the trials of a grid without batch_size, from the spec in the sweep
+    record `sweep`: its first trial's (the spec resolved as the runner resolves it, so a base
+    without batch_size has the default, one with a batch schedule its first batch); None
+    without a spec that can be read."""
+    from lbs_tune.sweep import SweepSpec
+
+    spec = (sweep or {}).get("spec")
+    if not isinstance(spec, dict):
+        return None
+    try:
+        return SweepSpec.model_validate(spec).trials[0].batch_size
+    except (ValueError, IndexError):  # a record of another version of lbs-tune
+        return (spec.get("base") or {}).get(BATCH)

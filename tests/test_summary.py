@@ -13,12 +13,28 @@ from pathlib import Path
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
-from conftest import B_NOISE, S_MIN, SIZES, STEPS, formula_studies, steps_at, study, trial
+from conftest import (
+    B_NOISE,
+    QUICKSTART_TUNED,
+    S_MIN,
+    SIZES,
+    STEPS,
+    formula_studies,
+    steps_at,
+    study,
+    trial,
+)
 
 from analysis.budget import best_of_k
 from analysis.scaling import fit_scaling
 from analysis.studies_table import study_trials_table
-from analysis.summary import read_summary, summarize, summarize_point, trial_steps
+from analysis.summary import (
+    base_batch_size,
+    read_summary,
+    summarize,
+    summarize_point,
+    trial_steps,
+)
 from analysis.summary_json import summary_json, summary_path, write_summary
 from lbs_tune.space import SearchSpec
 from lbs_tune.storage import Location, locate
@@ -504,3 +520,25 @@ def test_studies_on_remote_storage_are_read_from_a_local_copy(tmp_path):
     remote = Location(pafs.SubTreeFileSystem(str(folder), pafs.LocalFileSystem()), "", "x://s")
     assert not remote.is_local
     assert study_trials_table(remote).equals(study_trials_table(folder))
+
+
+@pytest.mark.parametrize(
+    "base, batch",
+    [
+        ({}, 128),  # the trial config's default
+        ({"batch_schedule": [[0, 64], [2000, 256]]}, 64),  # the schedule's first batch
+        ({"batch_size": 32}, 32),
+    ],
+)
+def test_a_grid_without_batch_size_has_its_trials_batch_size(base, batch):
+    """The studies of a grid over something else run at the base trial's batch size, as the
+    runner resolves it: the record's base may not name it (it was None, and the point had no
+    examples to target and no censoring)."""
+    from lbs_tune.spec import load_spec
+
+    spec = load_spec(QUICKSTART_TUNED).model_dump(mode="json")
+    spec["grid"] = {"lr.scaling": ["none"]}
+    spec["base"] = {k: v for k, v in spec["base"].items() if k != "batch_size"} | base
+    assert base_batch_size({"spec": spec}) == batch
+    assert base_batch_size({"spec": {"base": {"batch_size": 8}, "grid": "not a grid"}}) == 8
+    assert base_batch_size(None) is None
