@@ -152,15 +152,21 @@ def finished_sweep(experiment: Location, digest: str, count: int) -> str | None:
     """One line saying that the sweep of `digest` in `experiment` is finished, if it is: its
     record has that digest, and Ray's newest experiment state holds `count` trials, each ended
     (TERMINATED; an errored one would be resumed). None otherwise, also for a folder without
-    such a state or with an unreadable one (running the sweep then tells). Reads two files;
-    needs neither Ray nor the lock."""
+    such a state or with an unreadable one (running the sweep then tells). Reads two files (and
+    a searched sweep's studies); needs neither Ray nor the lock."""
     if not has_record(experiment) or read_record(experiment).get("digest") != digest:
         return None
     names = state_files(experiment)
     trials = read_state(experiment.join(names[0])) if names else None
     if trials is None or len(trials) != count or any(t.state != "TERMINATED" for t in trials):
         return None
-    counts = count_outcomes((t.state, t.diverged) for t in trials)
+    # A searched sweep's trials count as their studies count them (read only then: pydantic).
+    from lbs_tune.studies import diverged_as_told, read_studies, told_by_ray_id
+
+    told = told_by_ray_id(read_studies(experiment.path)) if experiment.is_local else {}
+    counts = count_outcomes(
+        (t.state, diverged_as_told(t.diverged, told.get(t.trial_id))) for t in trials
+    )
     line = ", ".join(f"{n} {label}" for label, n in counts.items() if label != "running or pending")
     return (
         f"sweep {read_record(experiment).get('name')} is finished ({line}) in {experiment.uri}: "

@@ -165,17 +165,19 @@ def _summary(spec: SweepSpec, experiment: Location, results, started: float) -> 
     asks for, by outcome, and the wall time; 0 if they all ran and none errored. Ray's
     `results` lack a searched trial that was told to its study after Ray last saved its state
     before an interruption: its study counts it."""
-    outcomes = {
-        Path(r.path).name: (
-            "ERROR" if r.error is not None else "TERMINATED",
-            bool((r.metrics or {}).get("diverged")),
-        )
-        for r in results
-    }
-    for trial in told_trials(spec, experiment):
-        ray_id = trial["ray_trial_id"]
+    from lbs_tune.studies import diverged_as_told
+
+    told = {t["ray_trial_id"]: t for t in told_trials(spec, experiment)}
+    outcomes = {}
+    for r in results:
+        name = Path(r.path).name
+        study = next((t for ray_id, t in told.items() if is_trial_folder(name, ray_id)), None)
+        diverged = diverged_as_told(bool((r.metrics or {}).get("diverged")), study)
+        outcomes[name] = ("ERROR" if r.error is not None else "TERMINATED", diverged)
+    for ray_id, trial in told.items():
         if not any(is_trial_folder(name, ray_id) for name in outcomes):
-            outcomes[f"{TRIAL_DIR_PREFIX}{ray_id}"] = ("TERMINATED", bool(trial["diverged"]))
+            diverged = diverged_as_told(bool(trial["diverged"]), trial)
+            outcomes[f"{TRIAL_DIR_PREFIX}{ray_id}"] = ("TERMINATED", diverged)
     counts = count_outcomes(outcomes.values())
     wall = time.monotonic() - started
     ran, asked = len(outcomes), spec.trial_count

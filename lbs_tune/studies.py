@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from urllib.parse import quote
@@ -216,6 +217,19 @@ def told(trial: dict[str, Any]) -> bool:
     outcome: COMPLETE, FAIL (infeasible) or PRUNED (stopped when it could no longer win). One
     that was not (RUNNING) runs again when the sweep is resumed."""
     return trial["state"] in TOLD
+
+
+def diverged_as_told(diverged: bool, trial: dict[str, Any] | None) -> bool:
+    """Whether a trial counts as diverged in a sweep's counts: its last report said so, unless
+    its study recorded it COMPLETE (`trial`, its dict of `read_studies`; None for a trial of no
+    study). A steps-to-target trial whose report reached the target as its loss crossed the
+    divergence bound is reached, as its study counts it and its line says."""
+    return diverged and not (trial is not None and trial["state"] == "COMPLETE")
+
+
+def told_by_ray_id(studies: Sequence[StudyRecord]) -> dict[str, dict[str, Any]]:
+    """The told trials and confirmation runs of `studies`, by their Ray trial id."""
+    return {t["ray_trial_id"]: t for s in studies for t in s.runs() if told(t)}
 
 
 def ran_out(trial: dict[str, Any]) -> bool:

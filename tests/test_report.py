@@ -728,6 +728,44 @@ def tuned(tmp_path_factory) -> tuple[Path, Page]:
     return folder, Page(write_report(folder).read_text())
 
 
+def test_a_trial_that_reached_the_target_as_it_diverged_counts_as_its_study_counts_it(
+    tuned, tmp_path
+):
+    """Every trial's last report also says diverged (its loss crossed the bound as it reached
+    the target): the final line and the finished sweep's line count those that their studies
+    recorded COMPLETE as finished, as their trial lines say 'reached', and the rest diverged."""
+    from types import SimpleNamespace
+
+    from lbs_tune.record import finished_sweep
+    from lbs_tune.runner import _summary
+    from lbs_tune.storage import locate
+    from lbs_tune.studies import read_studies, told_by_ray_id
+    from lbs_tune.sweep import SweepSpec
+
+    folder = shutil.copytree(tuned[0], tmp_path / "quickstart_tuned")
+    (state,) = folder.glob("experiment_state-*.json")
+    content = json.loads(state.read_text())
+    for pair in content["trial_data"]:
+        pair[1] = json.dumps(json.loads(pair[1]) | {"last_result": {"diverged": True}})
+    state.write_text(json.dumps(content))
+    told = told_by_ray_id(read_studies(folder))
+    complete = sum(t["state"] == "COMPLETE" for t in told.values())
+    assert 0 < complete < len(told) == len(content["trial_data"])
+    expected = f"{complete} finished, {len(told) - complete} diverged, 0 errored"
+
+    record = json.loads((folder / "lbs_sweep.json").read_text())
+    done = finished_sweep(locate(folder), record["digest"], len(told))
+    assert f"is finished ({expected})" in done
+    spec = SweepSpec.model_validate(record["spec"])
+    results = [
+        SimpleNamespace(path=str(folder / json.loads(t)["relative_logdir"]), error=None,
+                        metrics={"diverged": True})
+        for t, _ in content["trial_data"]
+    ]  # fmt: skip
+    line, code = _summary(spec, locate(folder), results, started=0)
+    assert f"{len(told)} of {len(told)} trials: {expected}" in line and code == 0
+
+
 def toy_trials(folder: Path) -> list[tuple[dict, list[dict], int | None]]:
     """Each trial's config, reports and first step at the target (None: never), read from the
     trial folders with plain json, in the studies' order (grid point, then trial number)."""
