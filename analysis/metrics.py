@@ -26,6 +26,13 @@ BATCH = "batch_size"
 SEED = "seed"
 
 
+def better(metric: str, mode: Mode | None = None) -> Mode:
+    """The direction a figure ranks `metric` in: `mode` (the sweep's metric mode, given for a
+    metric without a direction of its own), else the metric's own (`names.direction`), else
+    'max'."""
+    return mode or direction(metric) or "max"
+
+
 def _mode(metric: str, mode: Mode | None) -> Mode:
     mode = mode or direction(metric)
     if mode is None:
@@ -235,16 +242,19 @@ def attach(history: pa.Table, trials: pa.Table, keys: Sequence[str]) -> pa.Table
     return history
 
 
-def shown_trials(trials: pa.Table, metric: str, keep: Collection[str] | None = None) -> pa.Table:
+def shown_trials(
+    trials: pa.Table, metric: str, keep: Collection[str] | None = None, mode: Mode | None = None
+) -> pa.Table:
     """The trials a figure over training draws: `keep` (trial ids) when given; else, where
     configurations other than rule, batch size and seed vary, the best one per rule and batch
-    size by `final/<metric>`; else every trial. Errored trials never (`prepared`)."""
+    size by `final/<metric>` (in direction `better(metric, mode)`); else every trial. Errored
+    trials never (`prepared`)."""
     trials = prepared(trials)
     if keep is not None:
         return trials.filter(pc.is_in(trials["trial_id"], value_set=strings(sorted(keep))))
     keys = [RULE, BATCH, *searched_keys(trials)]
     if keys[2:] and f"final/{metric}" in trials.column_names:
-        winners = best_configs(trials, f"final/{metric}", direction(metric) or "max")
+        winners = best_configs(trials, f"final/{metric}", better(metric, mode))
         chosen = {tuple(r.values()) for r in winners.select(keys).to_pylist()}
         rows = trials.select(keys).to_pylist()
         trials = trials.filter(from_numpy(np.array([tuple(r.values()) in chosen for r in rows])))

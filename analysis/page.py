@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from analysis.known import Exact
     from analysis.summary import Summary
     from analysis.tables import Results
+    from lbs_tune.names import Mode
 
 
 class Context(NamedTuple):
@@ -60,6 +61,7 @@ class Context(NamedTuple):
     space: dict[str, Any] | None = None
     exact: Sequence[Exact] | None = None  # a sweep with a known answer (analysis.known)
     branches: dict[str, Any] | None = None  # a branched sweep's numbers (analysis.branches)
+    mode: Mode | None = None  # the sweep's mode of `metric` (its spec's `metric.mode`)
 
     @property
     def trials(self) -> pa.Table:
@@ -68,6 +70,10 @@ class Context(NamedTuple):
     @property
     def history(self) -> pa.Table:
         return self.results.history
+
+    def mode_of(self, metric: str) -> Mode | None:
+        """The sweep's own mode of `metric`: given for its metric (`metrics.better`)."""
+        return self.mode if metric == self.metric else None
 
     @property
     def tuned(self) -> bool:
@@ -117,7 +123,8 @@ def _learning_curves(metric: Callable[[Context], str]) -> Callable[[Context], go
     """The learning curves of `metric(context)`: each study's best trial in a searched sweep."""
 
     def draw(c: Context) -> go.Figure:
-        data = learning_curves.extract(c.trials, c.history, metric(c), c.x, c.best)
+        shown = metric(c)
+        data = learning_curves.extract(c.trials, c.history, shown, c.x, c.best, c.mode_of(shown))
         return learning_curves.render(data, "best trial of each study" if c.tuned else "")
 
     return draw
@@ -163,7 +170,9 @@ SECTIONS: tuple[Section, ...] = (
     Section(
         "metric-vs-batch-size",
         lambda c: not _steps_objective(c) and f"final/{c.metric}" in c.trials.column_names,
-        lambda c: metric_vs_batch_size.render(metric_vs_batch_size.extract(c.trials, c.metric)),
+        lambda c: metric_vs_batch_size.render(
+            metric_vs_batch_size.extract(c.trials, c.metric, c.mode)
+        ),
         answer=True,
     ),
     Section(

@@ -90,6 +90,7 @@ def write_report(
     results = load(source)
     spec = (results.sweep or {}).get("spec") or {}
     metric = (spec.get("metric") or {}).get("name") or "val/accuracy"
+    mode = (spec.get("metric") or {}).get("mode")
     if target is None and spec.get("target"):
         target = (spec["target"]["metric"], spec["target"]["value"])
     for name in (metric, target and target[0]):
@@ -119,6 +120,7 @@ def write_report(
         (spec.get("search") or {}).get("space"),
         known_answer(where) if summary is not None else None,
         branches_json(results),
+        mode if mode in ("max", "min") else None,
     )
     drawn = build_figures(context)
     named = f"-o {out}" if out is not None else None  # as the user wrote it

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 from conftest import formula_studies, steps_at
 
-from analysis.figures import noise_scale, sharpness
+from analysis.figures import metric_vs_batch_size, noise_scale, sharpness
 from analysis.figures._common import Curve
 from analysis.metrics import prepared, shown_trials
 from analysis.page import Context, best_trial_ids, build_figures
@@ -156,6 +156,22 @@ def test_a_grid_over_lr_shows_the_best_configuration_by_the_metric():
     )
     shown = shown_trials(trials, "val/accuracy", None)
     assert shown["trial_id"].to_pylist() == ["a", "c"]
+
+
+def test_a_metric_without_a_direction_is_ranked_in_the_sweeps_mode():
+    """A sweep of `noise/b_simple` with `metric.mode: min` (a metric with no direction of its
+    own): at B=16 the configuration with the smaller final value is the best, on the figure
+    against batch size and among the trials drawn over training."""
+    trials, history = measured_sweep()
+    trials = trials.append_column("lr.base", pa.array([0.1, 0.3, 0.1, 0.1]))
+    trials = trials.append_column("final/noise/b_simple", pa.array([7.0, 3.0, 5.0, 5.0]))
+    assert shown_trials(trials, NOISE, None, "min")["trial_id"].to_pylist() == ["b", "c"]
+    assert shown_trials(trials, NOISE, None)["trial_id"].to_pylist() == ["a", "c"]  # max
+    drawn = metric_vs_batch_size.extract(trials, NOISE, "min")
+    assert [(line.batch_sizes, line.median) for line in drawn.lines] == [([16, 64], [3.0, 5.0])]
+    page = build_figures(Context(Results(trials, history), NOISE, mode="min"))
+    final = page["metric-vs-batch-size"].data[0]
+    assert (final.name, list(final.y)) == (NOISE, [3.0, 5.0])
 
 
 def versus_history(summary) -> pa.Table:

@@ -12,8 +12,8 @@ import pyarrow as pa
 
 from analysis.figures._common import Curve, curves, most_seeds
 from analysis.figures._draw import curves_figure, spread_note
-from analysis.metrics import BATCH, RULE, attach, seed_spread, shown_trials
-from lbs_tune.names import direction
+from analysis.metrics import BATCH, RULE, attach, better, seed_spread, shown_trials
+from lbs_tune.names import Mode
 
 
 class LearningCurves(NamedTuple):
@@ -30,12 +30,14 @@ def extract(
     metric: str,
     x: str = "step",
     keep: Collection[str] | None = None,
+    mode: Mode | None = None,
 ) -> LearningCurves:
     """`metric` against `x` (step, examples or epoch) of the trials shown
     (`metrics.shown_trials`): `keep` (trial ids, e.g. the studies' best trials) when given, else
-    for a searched sweep only the best configuration per rule and batch size."""
-    reports = attach(history, shown_trials(trials, metric, keep), [RULE, BATCH])
-    spread = seed_spread(reports, metric, [RULE, BATCH, x], direction(metric) or "max")
+    for a searched sweep only the best configuration per rule and batch size; `mode`: the
+    sweep's mode of `metric` (`metrics.better`)."""
+    reports = attach(history, shown_trials(trials, metric, keep, mode), [RULE, BATCH])
+    spread = seed_spread(reports, metric, [RULE, BATCH, x], better(metric, mode))
     found = curves(spread, x)
     return LearningCurves(metric, x, sorted({c.panel for c in found}), found, most_seeds(spread))
 

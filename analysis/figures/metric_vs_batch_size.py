@@ -20,8 +20,8 @@ from analysis.figures._draw import (
     series_name,
     spread_note,
 )
-from analysis.metrics import best_configs, prepared
-from lbs_tune.names import direction
+from analysis.metrics import best_configs, better, prepared
+from lbs_tune.names import Mode
 
 PANELS = {"final": "at the last report", "best": "best over training"}
 
@@ -33,11 +33,12 @@ class MetricVsBatchSize(NamedTuple):
     seeds: int = 1  # the most seeds behind one point
 
 
-def extract(trials: pa.Table, metric: str) -> MetricVsBatchSize:
+def extract(trials: pa.Table, metric: str, mode: Mode | None = None) -> MetricVsBatchSize:
     """Lines on the panels `final` and `best` (where the trials table has those columns) and
-    the diverged trials' values on each."""
+    the diverged trials' values on each; `mode`: the sweep's mode of `metric`
+    (`metrics.better`)."""
     trials = prepared(trials)
-    mode = direction(metric) or "max"
+    mode = better(metric, mode)
     found, diverged, seeds = [], [], 0
     hit = trials.filter(trials["diverged"]).to_pylist()
     for kind in ("final", "best"):
