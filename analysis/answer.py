@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pyarrow as pa
 
-from analysis.metrics import BATCH, RULE, best_configs, prepared, reached_at
+from analysis.metrics import BATCH, RULE, best_configs, perfect_scaling, prepared, reached_at
 from analysis.scaling import regimes
 from lbs_tune.names import target_label
 
@@ -70,14 +70,13 @@ def scaling_limit(
     in turn scales while steps(B) <= factor steps(B0) B0 / B; `scales_to` is the last that
     does, `stops_at` the first that does not (None: none fails). (None, None) if no batch size
     reached the target."""
-    pairs = list(zip(batch_sizes, steps, strict=True))
-    start = next((i for i, (_, s) in enumerate(pairs) if s is not None), None)
+    triples = list(zip(batch_sizes, steps, perfect_scaling(batch_sizes, steps), strict=True))
+    start = next((i for i, (_, s, _) in enumerate(triples) if s is not None), None)
     if start is None:
         return None, None
-    anchor, anchor_steps = pairs[start]
-    scales_to = anchor
-    for b, s in pairs[start + 1 :]:
-        if s is None or s > factor * anchor_steps * anchor / b:
+    scales_to = triples[start][0]
+    for b, s, perfect in triples[start + 1 :]:
+        if s is None or s > factor * perfect:
             return scales_to, b
         scales_to = b
     return scales_to, None
