@@ -18,8 +18,15 @@ from typing import Any, NamedTuple
 from lbs_tune.config import BRANCH_KEY
 from lbs_tune.errors import cut, printable
 from lbs_tune.experiment import count_outcomes
-from lbs_tune.names import Mode, comparison, direction, get_dotted, hashable, set_dotted
-from lbs_tune.studies import Objective, StudyRecord, finite_number, objective_for, told
+from lbs_tune.names import Mode, comparison, get_dotted, hashable, set_dotted
+from lbs_tune.studies import (
+    Objective,
+    StudyRecord,
+    finite_number,
+    objective_for,
+    target_objective,
+    told,
+)
 from lbs_tune.sweep import SweepSpec
 
 ERROR_CHARS = 200  # the error line of a failed trial is cut to this length
@@ -82,10 +89,7 @@ def plan_of(spec: SweepSpec, costs: Sequence[float] | None = None) -> Plan:
     grid = tuple(spec.grid)
     points = {tuple(hashable(get_dotted(c, k)) for k in grid): i for i, c in enumerate(configs)}
     sizes = Counter(trial.batch_size for trial in spec.trials)
-    target = None
-    if spec.target is not None:
-        metric = spec.target.metric
-        target = Objective("steps_to_target", metric, direction(metric), spec.target.value)
+    target = None if spec.target is None else target_objective(spec.target)
     search = spec.search
     return Plan(
         name=spec.name,

@@ -104,8 +104,13 @@ class Objective(NamedTuple):
 def objective_for(search: SearchSpec, metric: Metric, target: Target | None) -> Objective:
     """The Objective of a checked sweep (see `check_search`)."""
     if search.objective == "steps_to_target":
-        return Objective("steps_to_target", target.metric, direction(target.metric), target.value)
+        return target_objective(target)
     return Objective("metric", metric.name, metric.mode)
+
+
+def target_objective(target: Target) -> Objective:
+    """The steps to reach the sweep's `target`, in its metric's direction."""
+    return Objective("steps_to_target", target.metric, direction(target.metric), target.value)
 
 
 def finite_number(value: Any) -> float | None:
