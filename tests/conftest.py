@@ -471,6 +471,25 @@ def kill_when(
             driver.wait()
 
 
+def process_tree(root: int) -> list[int]:
+    """`root` and every process below it, from the parents in /proc/<pid>/stat."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
 @contextlib.contextmanager
 def polling(poll: Callable[[], bool | None], every_s: float) -> Iterator[None]:
     """Call `poll` every `every_s` seconds in a thread while the body runs (a sweep, mostly),

@@ -35,6 +35,7 @@ from conftest import (
     driver_command,
     histories,
     kill_when,
+    process_tree,
     sweep_spec,
     tiny_base,
     tmpfs,
@@ -786,25 +787,6 @@ def test_a_sweep_file_name_with_escape_sequences_is_printed_without_them(cli, tm
 # ============================================================================ The network
 
 
-def _tree(root: int) -> list[int]:
-    """`root` and every process below it, from the parents in /proc/<pid>/stat."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
-
-
 def _listening() -> dict[int, tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]:
     """Socket inode -> (address, port) of every TCP socket in LISTEN state."""
     found = {}
@@ -850,7 +832,7 @@ def _run_watching_sockets(command: list[str], env: dict, log: Path) -> tuple[int
     try:
         while driver.poll() is None:
             listening = _listening()
-            for pid in _tree(driver.pid):
+            for pid in process_tree(driver.pid):
                 for inode in _sockets(pid) & set(listening):
                     address, port = listening[inode]
                     with contextlib.suppress(OSError):
