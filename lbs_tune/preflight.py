@@ -83,15 +83,14 @@ def prepare_data(spec: SweepSpec) -> None:
     prepare_datasets(spec.trials)
 
 
-def told_trials(spec: SweepSpec, experiment: Location) -> list[dict[str, Any]]:
+def told_trials(spec: SweepSpec, experiment: Location) -> dict[str, dict[str, Any]]:
     """The trials and confirmation runs of a searched sweep's studies that were told their
-    outcome (`studies.told`; read-only): Ray runs none of them again."""
+    outcome (`studies.told`; read-only), by Ray trial id: Ray runs none of them again."""
     if spec.search is None or not experiment.is_local:
-        return []
-    from lbs_tune.studies import read_studies, told
+        return {}
+    from lbs_tune.studies import read_studies, told_by_ray_id
 
-    studies = read_studies(experiment.path)
-    return [trial for study in studies for trial in study.runs() if told(trial)]
+    return told_by_ray_id(read_studies(experiment.path))
 
 
 def resume_point(spec: SweepSpec, experiment: Location, recorded: dict | None) -> bool:
@@ -130,7 +129,7 @@ def resume_point(spec: SweepSpec, experiment: Location, recorded: dict | None) -
         # (this run holds the lock), which readers, opening the studies read-only, cannot do.
         with contextlib.closing(sqlite3.connect(studies.path)) as db:
             db.execute("SELECT count(*) FROM sqlite_master").fetchall()
-    told = {t["ray_trial_id"] for t in told_trials(spec, experiment)}
+    told = told_trials(spec, experiment)
     strays = [f for f in folders if f not in known and not any(is_trial_folder(f, t) for t in told)]
     files = [i.base_name for i in experiment.listdir() if i.type == pafs.FileType.File]
     aside = [f for name in damaged for f in files if run_files(name).match(f)] + strays

@@ -167,7 +167,7 @@ def _summary(spec: SweepSpec, experiment: Location, results, started: float) -> 
     before an interruption: its study counts it."""
     from lbs_tune.studies import diverged_as_told
 
-    told = {t["ray_trial_id"]: t for t in told_trials(spec, experiment)}
+    told = told_trials(spec, experiment)
     outcomes = {}
     for r in results:
         name = Path(r.path).name

@@ -82,6 +82,7 @@ def extract(
 
         moved = to_numpy(history[MOVED_BETA1], np.nan).astype(float)
         for i in np.flatnonzero(adam & np.isfinite(moved)):
+            # (beta2 does not enter Adam's limit: only beta1 is read.)
             factor[i] = stability_limit("adamw", 1.0, betas=(moved[i], math.nan))
     top = to_numpy(history[COLUMN], np.nan).astype(float)
     if PRECONDITIONED in history.column_names:
