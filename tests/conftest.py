@@ -26,6 +26,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+# One torch thread per test process and per process it starts: pytest-xdist runs one worker per
+# core, and tiny models gain nothing from more threads, only contention. (Ray's trials set their
+# threads to the CPUs Ray gave them.) Set before anything imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from lbs_tune.cli import main
 from lbs_tune.cluster import start_ray
 from lbs_tune.errors import UserError
@@ -126,6 +131,25 @@ class RayCluster:
     cpus: int
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests of the shared Ray cluster are one group (pytest-xdist's `--dist loadgroup`): one
+    worker runs them all, in file order, while the others run the rest (the fast tier, and a
+    Ray test that starts a Ray of its own).
+
+    Run without workers (`-n 0`), the fast tier comes first: the shared Ray cluster starts with
+    the first Ray test, and its daemons then take a share of the cores from every test after it.
+    """
+    for item in items:
+        if _on_the_shared_cluster(item):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+    items.sort(key=lambda item: item.get_closest_marker("ray") is not None)
+
+
+def _on_the_shared_cluster(item: pytest.Item) -> bool:
+    return "ray_cluster" in getattr(item, "fixturenames", ())
+
+
 @pytest.fixture(autouse=True)
 def _ray_tests_are_marked(request):
     """A test that starts (or joins) the shared Ray cluster must carry @pytest.mark.ray, so that
@@ -135,13 +159,26 @@ def _ray_tests_are_marked(request):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(data_dir, tmp_path_factory):
+def ray_cluster(data_dir, tmp_path_factory, request):
     """One local Ray head for the whole test run: 4 logical CPUs, 4 fake GPUs, dashboard on.
 
     Every sweep of the test run joins it (`--address`), so Ray starts once. The GPUs are only
     declared: trials get GPU ids from Ray and train on the CPU.
     """
     import ray
+
+    # Under pytest-xdist, one worker runs every test of it (pytest_collection_modifyitems), or
+    # each worker would start a cluster of its own. xdist names a test's group by a suffix of
+    # its id, which pytest 9.2 no longer takes (pytest-dev/pytest-xdist#1386).
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items = request.session.items
+        loose = [i.nodeid for i in items if _on_the_shared_cluster(i) and "@" not in i.nodeid]
+        if loose:
+            pytest.fail(
+                f"{len(loose)} Ray tests are not grouped onto one worker (e.g. {loose[0]}): run "
+                "with --dist loadgroup (setup.cfg's addopts) and pytest < 9.2, or with -n 0",
+                pytrace=False,
+            )
 
     # Token authentication stays on, as on a user's cluster: make a token if there is none.
     ray_cli = str(Path(sys.executable).with_name("ray"))
