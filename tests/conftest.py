@@ -231,7 +231,7 @@ def ray_cluster(data_dir, tmp_path_factory, request):
             ray.shutdown()
         finally:
             # Ray's processes may ignore SIGTERM while they shut down; a test run leaves none.
-            os.killpg(head.pid, signal.SIGKILL)
+            kill_tree(head.pid)
             head.wait()
             log.close()
 
@@ -525,6 +525,17 @@ def process_tree(root: int) -> list[int]:
         found.append(pid)
         todo.extend(children.get(pid, []))
     return found
+
+
+def kill_tree(root: int) -> None:
+    """SIGKILL `root` (a process that leads its own group, e.g. `ray start`) and every process
+    below it, at once: Ray gives each worker process a process group of its own, which a
+    SIGKILL to the group of `ray start` leaves running until it notices its raylet gone."""
+    below = process_tree(root)
+    os.killpg(root, signal.SIGKILL)
+    for pid in below:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import polling, process_tree, tiny_base, without_timing, write_spec
+from conftest import kill_tree, polling, process_tree, tiny_base, without_timing, write_spec
 
 from analysis.report import write_report
 from analysis.status import status
@@ -60,16 +59,11 @@ class WorkerNode:
         raise TimeoutError("the worker node did not join")
 
     def kill(self) -> None:
-        """Lose the node: SIGKILL its raylet and everything it started, at once. (Ray gives each
-        worker process a process group of its own: killing the node's group alone left its trial
-        processes running until they noticed their raylet gone, and a tiny trial could finish
-        meanwhile, so no trial failed.)"""
+        """Lose the node: SIGKILL its raylet and everything it started, at once (`kill_tree`;
+        with its group alone, a tiny trial could finish before its process noticed, and no
+        trial failed)."""
         if self.process.poll() is None:
-            below = process_tree(self.process.pid)
-            os.killpg(self.process.pid, signal.SIGKILL)
-            for pid in below:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            kill_tree(self.process.pid)
             self.process.wait()
         self.log.close()
 
